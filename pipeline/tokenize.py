@@ -1,0 +1,179 @@
+"""Stage 3, tokenize: train a sentencepiece model on train text, encode every split to tokens.
+
+The tokenizer is lossless (identity normalisation, no dummy prefix, spaces kept, newline a
+symbol of its own, byte fallback so nothing is ever unknown): decode(encode(text)) == text, and
+every token has an exact UTF-8 byte length, which makes bits per byte exact.
+
+Documents become one flat token stream per split, each followed by the end token </s>; a pair is
+rendered as <src> source <tgt> target </s>. Each split file begins with </s>, so every token of
+every document has a predecessor and is predicted. Files: data/tokens/{split}.bin (uint16 when
+the vocabulary fits, else uint32) with a JSON sidecar, tokenizer.model, and metrics/tokenize.json.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pipeline import params as P
+from pipeline.common import PipelineError, atomic_dir, read_json, read_jsonl, run_main, write_json
+
+CLEAN_DIR = Path("data/clean")
+OUT_DIR = Path("data/tokens")
+METRICS = Path("metrics/tokenize.json")
+SPLITS = ("train", "val", "test")
+SRC, TGT = "<src>", "<tgt>"
+
+
+class Tokenizer:
+    """A sentencepiece model plus the ids and byte lengths this pipeline relies on."""
+
+    def __init__(self, model_file: str | Path):
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise PipelineError(f"{model_file}: tokenizer missing (run the tokenize stage: dvc repro)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+        self.src_id = self.sp.piece_to_id(SRC)
+        self.tgt_id = self.sp.piece_to_id(TGT)
+
+    def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def render(self, record: dict, ids: dict) -> list[int]:
+        """Token ids of one document or pair, ending with </s>. `ids` maps each text field to its ids."""
+        if "src" in record:
+            return [self.src_id, *ids["src"], self.tgt_id, *ids["tgt"], self.eos_id]
+        return [*ids["text"], self.eos_id]
+
+    def pair_prompt(self, src_ids: list[int]) -> list[int]:
+        """What the model sees before it writes a target: the same context as in training."""
+        return [self.eos_id, self.src_id, *src_ids, self.tgt_id]
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for: control tokens 0, byte tokens 1."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            out[i] = 1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def training_sentences(records: list[dict], max_chars: int):
+    """Lines of train text (both sides of pairs): what sentencepiece learns its pieces from."""
+    for r in records:
+        for key in ("text", "src", "tgt"):
+            if key in r:
+                for line in r[key].split("\n"):
+                    if line and len(line) <= max_chars:
+                        yield line
+
+
+def train_tokenizer(records: list[dict], t: P.Tokenize, out: Path) -> Tokenizer:
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(records, t.max_sentence_chars),
+            model_writer=model,
+            model_type=t.model_type,
+            vocab_size=t.vocab_size,
+            character_coverage=t.character_coverage,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            control_symbols=[SRC, TGT],
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            max_sentence_length=4 * t.max_sentence_chars + 16,
+            num_threads=t.num_threads or (os.cpu_count() or 1),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if "Vocabulary size" in msg or "vocab_size" in msg:
+            raise PipelineError(f"tokenize.vocab_size: {t.vocab_size} is larger than the train text "
+                                f"supports ({msg.split(']')[-1].strip()})") from None
+        raise PipelineError(f"tokenize: sentencepiece training failed: {msg}") from None
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok = Tokenizer(out / "tokenizer.model")
+    (out / "tokenizer.vocab").write_text(
+        "".join(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)), encoding="utf-8")
+    return tok
+
+
+def encode_split(tok: Tokenizer, records: list[dict], path: Path, num_threads: int) -> dict:
+    """Write one split's token file; return its sidecar (with each source's token range)."""
+    dtype = dtype_for(tok.vocab_size)
+    fields = [k for r in records for k in ("text", "src", "tgt") if k in r]
+    flat = tok.encode([r[k] for r in records for k in ("text", "src", "tgt") if k in r], num_threads)
+    sources: dict[str, dict] = {}
+    pos = 1
+    with open(path, "wb") as f:
+        f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
+        i = 0
+        for r in records:
+            n_fields = sum(k in r for k in ("text", "src", "tgt"))
+            ids = dict(zip(fields[i:i + n_fields], flat[i:i + n_fields]))
+            i += n_fields
+            seq = tok.render(r, ids)
+            f.write(np.asarray(seq, dtype=dtype).tobytes())
+            s = sources.setdefault(r["source"], {"start": pos, "end": pos, "documents": 0, "bytes": 0})
+            s["end"] = pos + len(seq)
+            s["documents"] += 1
+            s["bytes"] += sum(len(r[k].encode("utf-8")) for k in ("text", "src", "tgt") if k in r)
+            pos += len(seq)
+    return {
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "tokens": pos,
+        "bytes": sum(s["bytes"] for s in sources.values()),
+        "documents": len(records),
+        "sources": sources,
+    }
+
+
+def load_split(name: str) -> list[dict]:
+    records = list(read_jsonl(CLEAN_DIR / f"{name}.jsonl"))
+    # Sources stay contiguous (stable sort), so each has one token range for per-source metrics.
+    order = {s: i for i, s in enumerate(dict.fromkeys(r["source"] for r in records))}
+    return sorted(records, key=lambda r: order[r["source"]])
+
+
+def main() -> None:
+    t = P.load().tokenize
+    splits = {s: load_split(s) for s in SPLITS}
+    if not splits["train"]:
+        raise PipelineError(f"{CLEAN_DIR / 'train.jsonl'}: no documents to train the tokenizer on")
+    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, "splits": {}}
+    with atomic_dir(OUT_DIR) as out:
+        tok = train_tokenizer(splits["train"], t, out)
+        for name, records in splits.items():
+            meta = encode_split(tok, records, out / f"{name}.bin", t.num_threads)
+            write_json(out / f"{name}.json", meta)
+            metrics["splits"][name] = {
+                "tokens": meta["tokens"],
+                "bytes": meta["bytes"],
+                "bytes_per_token": round(meta["bytes"] / max(meta["tokens"], 1), 4),
+            }
+    write_json(METRICS, metrics)
+    summary = ", ".join(f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items())
+    print(f"tokenize: vocab {t.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")
+
+
+if __name__ == "__main__":
+    run_main(main)
