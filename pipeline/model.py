@@ -74,6 +74,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    bounded_context = True  # learned positions: at most block_size tokens of context
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
@@ -134,6 +136,8 @@ class GPT(nn.Module):
 
 class RecurrentLM(nn.Module):
     """The classic recurrent language model: embedding, LSTM (or tanh RNN) layers, linear."""
+
+    bounded_context = False  # the state carries any length of context
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
