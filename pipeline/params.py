@@ -4,8 +4,8 @@ Each stage calls `load(path, "group", ...)` and gets typed dataclasses back. The
 validated every time (unknown or ill-typed keys anywhere are an error), but a stage only *reads*
 the groups it declares in dvc.yaml, so DVC re-runs only what a change affects.
 
-The defaults below exist so that presets (params/*.yaml) may stay partial overlays; params.yaml
-spells every key out, and tests check that it agrees with these defaults where it repeats them.
+The defaults below equal the values in params.yaml (a test checks it), so a key left out of a
+params file means what params.yaml says; params.yaml spells every key out.
 """
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ class Source:
     chunk_chars: int = 0         # merge consecutive units into documents of at least this size
     # format: sqlite (a read-only query returning (text) or (src, tgt) rows)
     query: str = ""
-    limit: int = 0               # keep at most this many documents (0: all)
 
 
 @dataclass
 class Collect:
     cache_dir: str = "~/.cache/lmpipe"
+    max_documents: int = 0        # per source, the first N documents (0: all); for quick runs
     sources: list[Source] = field(default_factory=list)
 
 
@@ -90,16 +90,16 @@ class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
+    max_steps: int = 600
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_batches: int = 20
+    eval_interval: int = 100
+    eval_batches: int = 10
     threads: int = 0              # CPU threads for torch (0: all cores)
 
 
@@ -108,7 +108,7 @@ class Evaluate:
     batch_size: int = 16
     max_pairs: int = 0            # BLEU/chrF on at most this many test pairs (0: all)
     max_new_tokens: int = 128
-    prompts: list[str] = field(default_factory=lambda: ["ROMEO:"])
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     sample_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 50
@@ -209,7 +209,8 @@ def _check(p: Params) -> None:
         else:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
-        need(s.chunk_chars >= 0 and s.limit >= 0, f"{k}: chunk_chars and limit must be >= 0")
+        need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
+    need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
@@ -262,6 +263,8 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
 
 def merge(base: Any, overlay: Any) -> Any:
     """Overlay a preset onto params: mappings merge key by key, anything else replaces."""
+    if isinstance(base, dict) and overlay is None:
+        return base  # a group whose keys are all commented out changes nothing
     if isinstance(base, dict) and isinstance(overlay, dict):
         out = dict(base)
         for k, v in overlay.items():

