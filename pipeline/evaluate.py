@@ -45,11 +45,15 @@ def nats_of_range(model, data: np.ndarray, start: int, end: int, batch_size: int
         same = [s for s, e in windows if e - s == length]
         for b in range(0, len(same), batch_size):
             rows = np.stack([data[s - 1:s + length] for s in same[b:b + batch_size]]).astype(np.int64)
-            xy = torch.from_numpy(rows)
+            xy = torch.from_numpy(rows).to(next(model.parameters()).device)
             logits, _ = model(xy[:, :-1])
             total += torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum").item()
     return total
+
+
+def _device_of(model) -> str:
+    return next(model.parameters()).device.type
 
 
 def summarize(nats: float, tokens: int, n_bytes: int) -> dict:
@@ -102,7 +106,8 @@ def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate) -> tuple[dict | N
         room = model.block_size - e.max_new_tokens if model.bounded_context else len(ids) + 3
         prompts.append(tok.pair_prompt(ids)[-max(room, 4):])
     new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
-    outputs = generate(model, prompts, new_tokens, tok.eos_id, temperature=0.0, batch_size=e.batch_size)
+    outputs = generate(model, prompts, new_tokens, tok.eos_id, temperature=0.0, batch_size=e.batch_size,
+                       device=_device_of(model), progress="translating")
     hyps = [tok.decode(o).strip() for o in outputs]
     refs = [r["tgt"] for r in pairs]
     bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
@@ -123,7 +128,8 @@ def samples_markdown(model, tok: Tokenizer, e: P.Evaluate, translations: list[di
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(e.prompts)] if e.prompts else []
     room = model.block_size - 1 if model.bounded_context else e.sample_tokens
     continuations = generate(model, [p[-room:] for p in prompts], e.sample_tokens, tok.eos_id,
-                             temperature=e.temperature, top_k=e.top_k, batch_size=1, seed=e.seed) if prompts else []
+                             temperature=e.temperature, top_k=e.top_k, batch_size=1, seed=e.seed,
+                             device=_device_of(model)) if prompts else []
     lines = ["# Samples", "",
              f"Sampled with temperature {e.temperature}, top-k {e.top_k}, seed {e.seed}, "
              f"up to {e.sample_tokens} new tokens. Each prompt is followed by the model's continuation.", ""]
@@ -143,7 +149,8 @@ def main() -> None:
     set_torch_threads(0)
     torch.manual_seed(e.seed)
     tok = Tokenizer(TOKENS_DIR / "tokenizer.model")
-    model = load_checkpoint(CHECKPOINT, tok, TOKENS_DIR / "tokenizer.model")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_checkpoint(CHECKPOINT, tok, TOKENS_DIR / "tokenizer.model", device=device)
     logp_unigram = unigram_log_probs(load_tokens("train"), tok.vocab_size)
     metrics: dict = {}
     for split in ("val", "test"):

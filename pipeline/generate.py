@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pipeline.common import PipelineError, run_main, sha256_file
 from pipeline.model import build_model
@@ -85,8 +86,12 @@ def _generate_batch(model, idx: torch.Tensor, max_new_tokens: int, eos_id: int, 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, temperature: float = 0.0,
-             top_k: int = 0, batch_size: int = 16, seed: int = 0, device: str = "cpu") -> list[list[int]]:
-    """Continue each prompt (token ids) until eos or max_new_tokens; returns the new ids (eos excluded)."""
+             top_k: int = 0, batch_size: int = 16, seed: int = 0, device: str = "cpu",
+             progress: str | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids) until eos or max_new_tokens; returns the new ids (eos excluded).
+
+    `progress`: a label for a progress bar over prompts (shown on a terminal only).
+    """
     if temperature < 0:
         raise PipelineError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -96,6 +101,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
             raise PipelineError("generate: empty prompt (give at least one token)")
         by_length[len(p)].append(i)
     results: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=None if progress else True)
     for length in sorted(by_length):
         order = by_length[length]
         for b in range(0, len(order), batch_size):
@@ -103,6 +109,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
             idx = torch.tensor([prompts[i] for i in ids], dtype=torch.long, device=device)
             for i, row in zip(ids, _generate_batch(model, idx, max_new_tokens, eos_id, temperature, top_k, gen)):
                 results[i] = row
+            bar.update(len(ids))
+    bar.close()
     return results
 
 

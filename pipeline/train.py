@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import params as P
 from pipeline.common import PipelineError, atomic_dir, read_json, run_main, set_torch_threads, sha256_file, write_json
@@ -133,6 +134,7 @@ def main() -> None:
     last_loss = float("nan")
     val_loss = train_loss = float("nan")
     with atomic_dir(OUT_DIR) as out, Live(dir=str(LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        bar = tqdm(total=t.max_steps, desc="train", unit="step", disable=None)
         for step in range(t.max_steps + 1):
             last = step == t.max_steps
             if step % t.eval_interval == 0 or last:
@@ -140,7 +142,7 @@ def main() -> None:
                 train_loss = estimate_loss(model, train_eval_batches, autocast)
                 live.log_metric("train/loss", train_loss)
                 live.log_metric("val/loss", val_loss)
-                print(f"step {step:>6}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
+                tqdm.write(f"step {step:>6}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
                 if val_loss < best["val_loss"]:
                     best = {"val_loss": val_loss, "step": step}
                     torch.save(checkpoint(model, m, vocab_size, step, val_loss, tokenizer_sha), out / "best.pt")
@@ -161,12 +163,15 @@ def main() -> None:
             train_time += time.perf_counter() - t0
             if not math.isfinite(last_loss):
                 raise PipelineError(f"train: loss became {last_loss} at step {step}; lower train.lr "
-                                    f"(now {t.lr}) or raise train.warmup_steps; the last good checkpoint is kept")
+                                    f"(now {t.lr}) or raise train.warmup_steps; {OUT_DIR} was left as it was")
             live.log_metric("train/step_loss", last_loss, plot=True)
             live.log_metric("lr", lr)
             if grad_norm is not None:
                 live.log_metric("grad_norm", float(grad_norm))
             live.next_step()
+            bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+            bar.update()
+        bar.close()
         torch.save(checkpoint(model, m, vocab_size, t.max_steps, val_loss, tokenizer_sha), out / "last.pt")
         write_json(out / "config.json", {"model": P.as_dict(m), "vocab_size": vocab_size, "parameters": n_params,
                                          "best_step": best["step"], "tokenizer_sha256": tokenizer_sha})
