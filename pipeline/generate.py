@@ -1,18 +1,23 @@
-"""Text generation from a trained checkpoint: a library function and a command.
+"""Text generation from a trained checkpoint: a library and a command.
 
-    python -m pipeline.generate "ROMEO:"                      # continue text
+    python -m pipeline.generate "ROMEO:"                      # continue text, streamed
     python -m pipeline.generate --translate "In the beginning God created the heaven and the earth."
+    python -m pipeline.generate --translate --beam-size 4 "Jesus wept."
 
-Decoding is incremental: a GPT keeps a key/value cache, a recurrent model its hidden state.
-Prompts of equal length are decoded together in batches, so no padding (and no mask) is needed
-and a batched result is identical to decoding each prompt alone.
+Decoding is incremental: a GPT keeps a key/value cache, a recurrent model its hidden state. When
+a GPT's cache reaches its context (block_size), the last half context is re-encoded and decoding
+goes on. Prompts of equal length are decoded together in batches, so no padding (and no mask)
+is needed and a batched result is identical to decoding each prompt alone.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -24,6 +29,31 @@ from pipeline.tokenize import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("data/model/best.pt")
 DEFAULT_TOKENIZER = Path("data/tokens/tokenizer.model")
+
+
+@dataclass
+class Decoding:
+    """How to pick tokens. temperature 0 is greedy; beam_size > 1 is beam search (deterministic)."""
+
+    max_new_tokens: int = 128
+    max_ratio: float = 0.0          # also at most this many new tokens per prompt token (0: no such cap)
+    temperature: float = 0.0
+    top_k: int = 0                  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0              # keep the smallest set of tokens with this much probability
+    repetition_penalty: float = 1.0 # > 1 discourages tokens already in the prompt or output
+    beam_size: int = 1
+    length_penalty: float = 1.0     # beams are ranked by log-probability / length ** length_penalty
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise PipelineError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.max_new_tokens <= 0:
+            raise PipelineError(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise PipelineError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.beam_size < 1 or self.repetition_penalty <= 0:
+            raise PipelineError("top_k must be >= 0, beam_size >= 1 and repetition_penalty > 0")
 
 
 def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None,
@@ -47,54 +77,117 @@ def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None,
     return model.to(device).eval()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> torch.Tensor:
-    if temperature == 0:
+def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, d: Decoding) -> torch.Tensor:
+    """Repetition penalty (as in CTRL): shrink the logits of tokens already present."""
+    if seen is None:
+        return logits
+    penalized = torch.where(logits > 0, logits / d.repetition_penalty, logits * d.repetition_penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _pick(logits: torch.Tensor, d: Decoding, gen: torch.Generator | None) -> torch.Tensor:
+    if d.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    logits = logits.float() / d.temperature
+    if 0 < d.top_k < logits.size(-1):
+        kth = torch.topk(logits, d.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if d.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > d.top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
 
 
+def _step(model, idx: torch.Tensor, out: torch.Tensor, nxt: torch.Tensor, state):
+    """Feed the newest tokens; re-encode the last half context when a GPT's cache is full."""
+    if model.bounded_context and model.state_length(state) >= model.block_size:
+        ctx = torch.cat([idx, out], dim=1)[:, -(model.block_size // 2):]
+        return model.decode(ctx, None)
+    return model.decode(nxt[:, None], state)
+
+
+def _prefill(model, idx: torch.Tensor):
+    return model.decode(idx[:, -model.block_size:] if model.bounded_context else idx, None)
+
+
 @torch.no_grad()
-def _generate_batch(model, idx: torch.Tensor, max_new_tokens: int, eos_id: int, temperature: float,
-                    top_k: int, gen) -> list[list[int]]:
-    block = model.block_size
-    bounded = model.bounded_context
-    ctx = idx[:, -block:] if bounded else idx
-    logits, state = model.decode(ctx, None)
+def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iterator[torch.Tensor]:
+    """Sample or pick greedily, one step at a time: yields the next token of every row.
+
+    Rows that reached eos keep yielding eos; the stream ends when all have, or at max_new_tokens.
+    """
+    logits, state = _prefill(model, idx)
     B = idx.size(0)
+    seen = None
+    if d.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device)
+        seen.scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_k, gen)
+    out = idx[:, :0]
+    for _ in range(d.max_new_tokens):
+        nxt = _pick(_adjust(logits, seen, d), d, gen)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        out.append(nxt)
+        yield nxt
         done |= nxt == eos_id
         if bool(done.all()):
-            break
-        if bounded and model.state_length(state) >= block:
-            # The cache is full: re-encode the last half context and go on from there.
-            ctx = torch.cat([idx, torch.stack(out, dim=1)], dim=1)[:, -(block // 2):]
-            logits, state = model.decode(ctx, None)
-        else:
-            logits, state = model.decode(nxt[:, None], state)
-    rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+            return
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        logits, state = _step(model, idx, out, nxt, state)
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, temperature: float = 0.0,
-             top_k: int = 0, batch_size: int = 16, seed: int = 0, device: str = "cpu",
-             progress: str | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids) until eos or max_new_tokens; returns the new ids (eos excluded).
+def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[list[int]]:
+    """Beam search for a batch of equal-length prompts.
+
+    A finished beam can only be extended by eos at no cost, so it keeps its score and competes
+    with the live beams; at the end each prompt's beams are ranked by length-normalised score.
+    """
+    B, K = idx.size(0), d.beam_size
+    logits, state = _prefill(model, idx)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    V = logp.size(-1)
+    scores, first = logp.topk(min(K, V), dim=-1)
+    K = scores.size(1)
+    rows = torch.arange(B, device=idx.device).repeat_interleave(K)
+    state = model.reorder_state(state, rows)
+    idx = idx[rows]
+    out, scores = first.reshape(B * K, 1), scores.reshape(B * K)
+    done = out[:, -1] == eos_id
+    lengths = torch.ones(B * K, device=idx.device)
+    for _ in range(d.max_new_tokens - 1):
+        if bool(done.all()):
+            break
+        logits, state = _step(model, idx, out, out[:, -1], state)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp[done] = float("-inf")
+        logp[done, eos_id] = 0.0
+        top, pos = (scores[:, None] + logp).view(B, K * V).topk(K, dim=-1)
+        parent = (torch.arange(B, device=idx.device)[:, None] * K + pos // V).view(-1)
+        token = (pos % V).view(-1)
+        lengths = lengths[parent] + (~done[parent]).float()
+        done = done[parent] | (token == eos_id)
+        out = torch.cat([out[parent], token[:, None]], dim=1)
+        scores = top.view(-1)
+        state = model.reorder_state(state, parent)
+    best = (scores / lengths.pow(d.length_penalty)).view(B, K).argmax(dim=-1)
+    chosen = out.view(B, K, -1)[torch.arange(B), best].tolist()
+    return [r[:r.index(eos_id)] if eos_id in r else r for r in chosen]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], eos_id: int, d: Decoding, batch_size: int = 16,
+             device: str = "cpu", progress: str | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids) until eos or d.max_new_tokens; returns the new ids (eos excluded).
 
     `progress`: a label for a progress bar over prompts (shown on a terminal only).
     """
-    if temperature < 0:
-        raise PipelineError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
-    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    d.check()
+    gen = torch.Generator(device=device).manual_seed(d.seed) if d.temperature > 0 and d.beam_size == 1 else None
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
         if not p:
@@ -107,7 +200,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         for b in range(0, len(order), batch_size):
             ids = order[b:b + batch_size]
             idx = torch.tensor([prompts[i] for i in ids], dtype=torch.long, device=device)
-            for i, row in zip(ids, _generate_batch(model, idx, max_new_tokens, eos_id, temperature, top_k, gen)):
+            group = d
+            if d.max_ratio > 0:  # prompts of a batch share their length, so they share this cap
+                group = replace(d, max_new_tokens=max(1, min(d.max_new_tokens, math.ceil(d.max_ratio * length))))
+            if d.beam_size > 1:
+                rows = _beam_search(model, idx, eos_id, group)
+            else:
+                steps = list(stream(model, idx, eos_id, group, gen))
+                rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in ids]
+                rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+            for i, row in zip(ids, rows):
                 results[i] = row
             bar.update(len(ids))
     bar.close()
@@ -121,29 +223,46 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy (--translate: greedy unless given)")
     ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        raise PipelineError(f"--max-new-tokens: must be > 0, got {args.max_new_tokens}")
+    temperature = 0.0 if args.translate and "--temperature" not in (argv or sys.argv) else args.temperature
+    d = Decoding(args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty, beam_size=args.beam_size, seed=args.seed)
+    d.check()
+    if not args.prompt.strip():
+        raise PipelineError("prompt: empty; give some text to continue")
     tok = Tokenizer(args.tokenizer)
     model = load_checkpoint(args.checkpoint, tok, args.tokenizer)
-    if args.translate:
-        prompt = tok.pair_prompt(tok.encode([args.prompt])[0])
-        temperature = 0.0
-    else:
-        if not args.prompt:
-            raise PipelineError("prompt: empty; give some text to continue")
-        prompt = [tok.eos_id, *tok.encode([args.prompt])[0]]
-        temperature = args.temperature
+    ids = tok.encode([args.prompt])[0]
+    prompt = tok.pair_prompt(ids) if args.translate else [tok.eos_id, *ids]
     if model.bounded_context and len(prompt) >= model.block_size:
-        print(f"note: prompt of {len(prompt)} tokens is longer than the context ({model.block_size}); "
-              f"keeping the last {model.block_size - 1}", file=sys.stderr)
-        prompt = prompt[-(model.block_size - 1):]
-    (new,) = generate(model, [prompt], args.max_new_tokens, tok.eos_id, temperature, args.top_k, seed=args.seed)
-    text = tok.decode(new)
-    print(text if args.translate else args.prompt + text)
+        keep = model.block_size - 1
+        print(f"note: the prompt has {len(prompt)} tokens, more than the context of {model.block_size}; "
+              f"using its last {keep}", file=sys.stderr)
+        prompt = prompt[-keep:]
+    if not args.translate:
+        print(args.prompt, end="", flush=True)
+    if d.beam_size > 1:
+        (new,) = generate(model, [prompt], tok.eos_id, d)
+        print(tok.decode(new))
+        return
+    # Stream: print each piece as soon as it decodes to complete characters.
+    gen = torch.Generator().manual_seed(d.seed)
+    new, shown = [], ""
+    for nxt in stream(model, torch.tensor([prompt]), tok.eos_id, d, gen):
+        if int(nxt[0]) == tok.eos_id:
+            break
+        new.append(int(nxt[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tok.decode(new)[len(shown):])
 
 
 if __name__ == "__main__":

@@ -133,6 +133,11 @@ class GPT(nn.Module):
     def state_length(state) -> int:
         return 0 if state is None else state[0][0].size(2)
 
+    @staticmethod
+    def reorder_state(state, rows: torch.Tensor):
+        """Select (and repeat) batch rows of the cache: beam search follows its parents."""
+        return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state]
+
 
 class RecurrentLM(nn.Module):
     """The classic recurrent language model: embedding, LSTM (or tanh RNN) layers, linear."""
@@ -162,6 +167,12 @@ class RecurrentLM(nn.Module):
     @staticmethod
     def state_length(state) -> int:
         return 0  # a recurrent state has no length limit
+
+    @staticmethod
+    def reorder_state(state, rows: torch.Tensor):
+        if isinstance(state, tuple):  # LSTM: (h, c), batch in dimension 1
+            return tuple(s.index_select(1, rows) for s in state)
+        return state.index_select(1, rows)
 
 
 def _logits_and_loss(head: nn.Module, x: torch.Tensor, targets):

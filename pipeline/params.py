@@ -105,13 +105,20 @@ class Train:
 
 @dataclass
 class Evaluate:
-    batch_size: int = 16
-    max_pairs: int = 0            # BLEU/chrF on at most this many test pairs (0: all)
+    batch_size: int = 32
+    max_pairs: int = 0            # BLEU/chrF/TER on at most this many test pairs (0: all)
     max_new_tokens: int = 128
+    max_target_ratio: float = 2.0  # a translation has at most this many tokens per source token
+    beam_size: int = 4            # beam search beside greedy (1: greedy only)
+    length_penalty: float = 1.0
+    bootstrap: int = 1000         # resamples for 95% confidence intervals (0: none)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
+    samples_per_prompt: int = 8
     sample_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
     seed: int = 0
 
 
@@ -234,6 +241,12 @@ def _check(p: Params) -> None:
     e = p.evaluate
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
+    need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
+    need(e.max_target_ratio >= 0, f"evaluate.max_target_ratio: must be >= 0, got {e.max_target_ratio}")
+    need(e.bootstrap >= 0 and e.samples_per_prompt >= 1 and e.sample_tokens >= 1,
+         "evaluate.bootstrap/samples_per_prompt/sample_tokens: must be >= 0 / >= 1 / >= 1")
+    need(0 < e.top_p <= 1, f"evaluate.top_p: must be in (0, 1], got {e.top_p}")
+    need(e.top_k >= 0 and e.repetition_penalty > 0, "evaluate.top_k/repetition_penalty: must be >= 0 / > 0")
 
 
 def parse(data: Any, where: str = PARAMS_FILE) -> Params:

@@ -173,7 +173,8 @@ def main() -> None:
             bar.update()
         bar.close()
         torch.save(checkpoint(model, m, vocab_size, t.max_steps, val_loss, tokenizer_sha), out / "last.pt")
-        write_json(out / "config.json", {"model": P.as_dict(m), "vocab_size": vocab_size, "parameters": n_params,
+        write_json(out / "config.json", {"model": P.as_dict(m), "train": P.as_dict(t), "vocab_size": vocab_size,
+                                         "parameters": n_params,
                                          "best_step": best["step"], "tokenizer_sha256": tokenizer_sha})
     tokens_seen = t.max_steps * tokens_per_step
     metrics = {

@@ -37,6 +37,9 @@ def repo(tmp_path_factory) -> Path:
         p = dst / f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     sh(dst, "git", "init", "-q", "-b", "main")
+    # A fresh CI machine may have no global git identity; dvc exp run commits.
+    sh(dst, "git", "config", "user.name", "lmpipe tests")
+    sh(dst, "git", "config", "user.email", "tests@lmpipe.invalid")
     sh(dst, "python", "-m", "pipeline.params", "apply", "params/tiny.yaml")
     sh(dst, "git", "add", "-A")
     sh(dst, "git", "commit", "-qm", "tiny")
@@ -51,6 +54,7 @@ def load(repo: Path, name: str) -> dict:
 def test_repro_writes_every_output_and_sane_metrics(repo):
     for out in ("data/raw/manifest.json", "data/clean/train.jsonl", "data/tokens/train.bin",
                 "data/tokens/tokenizer.model", "data/model/best.pt", "metrics/samples.md",
+                "metrics/report.md", "metrics/loss.png",
                 "metrics/train/plots/metrics/val/loss.tsv"):
         assert (repo / out).is_file(), out
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())["sources"]
@@ -68,7 +72,8 @@ def test_repro_writes_every_output_and_sane_metrics(repo):
     ev = load(repo, "eval.json")
     assert 0 < ev["test"]["bits_per_byte"] < ev["test"]["unigram_bits_per_byte"]
     assert ev["translation"]["pairs"] == 20
-    assert ev["translation"]["bleu_signature"].startswith("nrefs:1|")
+    assert ev["translation"]["signatures"]["bleu"].startswith("nrefs:1|")
+    assert ev["translation"]["beam"]["chrf"] >= 0 and ev["val"]["bigram_bits_per_byte"] > 0
 
 
 def test_repro_again_does_nothing(repo):

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import assert_clean_error, run_stage, write_params
-from pipeline.generate import generate, load_checkpoint
+from pipeline.generate import Decoding, generate, load_checkpoint
 from pipeline.tokenize import Tokenizer
 
 
@@ -85,21 +85,47 @@ def test_block_size_larger_than_token_file_is_a_clean_error(trained, tmp_path):
     assert (folder / "data/model/best.pt").read_bytes() == before
 
 
-def test_evaluate_reports_bits_per_byte_baselines_bleu_and_samples(trained):
+def test_evaluate_reports_bits_per_byte_and_baselines(trained):
     ev = json.loads((trained / "metrics/eval.json").read_text())
     for split in ("val", "test"):
         s = ev[split]
         assert s["bits_per_byte"] == pytest.approx(s["cross_entropy"] * s["tokens"] / math.log(2) / s["bytes"], rel=1e-3)
         assert s["perplexity"] == pytest.approx(math.exp(s["cross_entropy"]), rel=1e-3)
-        # The model beats the unigram baseline after 60 steps on this repetitive corpus.
+        # The model beats the unigram baseline after 60 steps on this repetitive corpus, and a
+        # bigram model of train beats the unigram one.
         assert s["bits_per_byte"] < s["unigram_bits_per_byte"]
+        assert s["bigram_bits_per_byte"] < s["unigram_bits_per_byte"]
         assert set(s["sources"]) == {"sonnets", "pairs"}
         assert sum(x["bytes"] for x in s["sources"].values()) == s["bytes"]
-    tr = ev["translation"]
-    assert tr["pairs"] == 20 and 0 <= tr["bleu"] <= 100 and 0 <= tr["chrf"] <= 100
-    assert tr["bleu_signature"].startswith("nrefs:1|") and tr["chrf_signature"].startswith("nrefs:1|")
+
+
+def test_evaluate_scores_translation_with_confidence_intervals_and_baseline(trained):
+    tr = json.loads((trained / "metrics/eval.json").read_text())["translation"]
+    assert tr["pairs"] == 20 and tr["beam_size"] == 2
+    for decoding in ("greedy", "beam", "copy_source"):
+        scores = tr[decoding]
+        for metric in ("bleu", "chrf", "ter"):
+            assert 0 <= scores[metric] and scores[f"{metric}_ci95"] >= 0, (decoding, metric)
+        assert scores["chrf"] <= 100 and scores["bleu"] <= 100
+    # Copying an English source scores near zero chrF against Russian references.
+    assert tr["copy_source"]["chrf"] < 15
+    sig = tr["signatures"]
+    assert sig["bleu"].startswith("nrefs:1|") and tr["bootstrap_samples"] == 100
+    assert "chrF" not in sig["bleu"] and set(sig) == {"bleu", "chrf", "ter"}
+
+
+def test_evaluate_writes_generation_statistics_samples_and_report(trained):
+    g = json.loads((trained / "metrics/eval.json").read_text())["generation"]
+    assert g["model"]["texts"] == 3 * 2 and g["held_out_text"]["texts"] == 6
+    for k in ("distinct_1", "distinct_2", "repeated_4gram_fraction"):
+        assert 0 <= g["model"][k] <= 1 and 0 <= g["held_out_text"][k] <= 1
     samples = (trained / "metrics/samples.md").read_text()
-    assert "## ROMEO:" in samples and "| source | reference | model |" in samples
+    assert "## ROMEO:" in samples and "| source | reference | greedy | beam |" in samples
+    report = (trained / "metrics/report.md").read_text()
+    for section in ("# Evaluation report", "## Model", "## Data", "## Metrics", "## Loss", "## Samples"):
+        assert section in report, section
+    assert "sonnets" in report and "bits per byte" in report and "| greedy |" in report
+    assert (trained / "metrics/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_generate_command_continues_and_translates(trained):
@@ -125,11 +151,91 @@ def test_batched_greedy_decoding_equals_one_at_a_time(trained):
     model = load_checkpoint(trained / "data/model/best.pt", tok)
     texts = ["Shall I compare", "Rough winds", "And summer's lease", "Thou art", "Jesus wept.", "So long"]
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(texts)]
-    batched = generate(model, prompts, 20, tok.eos_id, temperature=0.0, batch_size=4)
-    single = [generate(model, [p], 20, tok.eos_id, temperature=0.0)[0] for p in prompts]
+    greedy = Decoding(max_new_tokens=20)
+    batched = generate(model, prompts, tok.eos_id, greedy, batch_size=4)
+    single = [generate(model, [p], tok.eos_id, greedy)[0] for p in prompts]
     assert batched == single
     assert any(len(b) > 0 for b in batched)
     # Past the context (64): generation goes on by re-encoding the last half context.
-    long = generate(model, [prompts[0]], 150, eos_id=-1, temperature=1.0, top_k=0, seed=1)[0]
+    long = generate(model, [prompts[0]], -1, Decoding(max_new_tokens=150, temperature=1.0, seed=1))[0]
     assert len(long) == 150
     assert np.all(np.asarray(long) < tok.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(trained):
+    tok = Tokenizer(trained / "data/tokens/tokenizer.model")
+    model = load_checkpoint(trained / "data/model/best.pt", tok)
+    prompts = [tok.pair_prompt(ids) for ids in tok.encode(["Jesus wept.", "And God said, Let there be light."])]
+    return model, tok, prompts
+
+
+def test_beam_search_of_one_is_greedy_and_batches_exactly(model_and_prompts):
+    from pipeline.generate import _beam_search
+
+    model, tok, prompts = model_and_prompts
+    greedy = generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=30))
+    for p, g in zip(prompts, greedy):
+        assert _beam_search(model, torch.tensor([p]), tok.eos_id, Decoding(max_new_tokens=30, beam_size=1))[0] == g
+    beam = Decoding(max_new_tokens=30, beam_size=3)
+    together = generate(model, prompts + prompts, tok.eos_id, beam, batch_size=4)
+    assert together[:2] == [generate(model, [p], tok.eos_id, beam)[0] for p in prompts]
+    assert together[:2] == together[2:]
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_prompts):
+    model, tok, prompts = model_and_prompts
+
+    def logprob(prompt, new):
+        seq = torch.tensor([prompt + new + [tok.eos_id]])
+        logits, _ = model(seq[:, :-1])
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:], dim=-1)
+        return logp.gather(1, seq[0, len(prompt):, None]).sum().item()
+
+    for p in prompts:
+        g = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=40))[0]
+        b = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=40, beam_size=4, length_penalty=0.0))[0]
+        if len(g) < 40 and len(b) < 40:  # both finished: comparable complete sequences
+            assert logprob(p, b) >= logprob(p, g) - 1e-4
+
+
+def test_sampling_filters(model_and_prompts):
+    model, tok, prompts = model_and_prompts
+    greedy = generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=20))
+    # A nucleus this small holds only the most likely token: sampling becomes greedy.
+    assert generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=20, temperature=1.0, top_p=1e-6)) == greedy
+    assert generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=20, temperature=1.0, top_k=1)) == greedy
+    # A huge repetition penalty: no token of the prompt or of the output comes back.
+    out = generate(model, prompts, -1, Decoding(max_new_tokens=30, repetition_penalty=1e9))
+    for p, o in zip(prompts, out):
+        assert len(set(o)) == len(o) and not set(o) & set(p)
+    with pytest.raises(Exception, match="top_p"):
+        generate(model, prompts, tok.eos_id, Decoding(top_p=0.0))
+
+
+def test_text_statistics_on_known_text():
+    from pipeline.evaluate import text_statistics
+
+    s = text_statistics(["a b a b a b", "c d e f"])
+    assert s["distinct_1"] == pytest.approx(6 / 10)      # a b c d e f over 10 words
+    assert s["distinct_2"] == pytest.approx(5 / 8)       # ab ba (x2 each... ) cd de ef
+    assert s["repeated_4gram_fraction"] == pytest.approx(1 / 4)  # abab, baba, abab | cdef
+    assert s["mean_words"] == 5.0 and s["texts"] == 2
+
+
+def test_bootstrap_interval_agrees_with_sacrebleus_own():
+    import random
+
+    import sacrebleu
+
+    from pipeline.evaluate import corpus_scores
+
+    rnd = random.Random(0)
+    words = "the king and queen of a land far away lived in peace for many years".split()
+    refs = [" ".join(rnd.choices(words, k=12)) for _ in range(300)]
+    hyps = [" ".join(w if rnd.random() < 0.6 else rnd.choice(words) for w in r.split()) for r in refs]
+    ours, sig = corpus_scores(hyps, refs, 1000)
+    theirs = sacrebleu.BLEU().corpus_score(hyps, [refs], n_bootstrap=1000)
+    assert ours["bleu"] == pytest.approx(theirs.score, abs=0.01)
+    assert ours["bleu_ci95"] == pytest.approx(theirs._ci, rel=0.2)
+    assert ours["bleu_ci95"] > 0.5 and sig["bleu"].startswith("nrefs:1|")

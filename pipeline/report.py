@@ -1,0 +1,139 @@
+"""metrics/report.md: one page a reviewer reads in a minute (written by `evaluate`).
+
+The model and its params, the data lineage (each source's version and sha256, token counts,
+tokenizer settings), the metrics beside their baselines, the loss curve (metrics/loss.png), and
+samples: continuations of the prompts, translations beside their references.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.common import atomic_write_text, read_json
+
+REPORT = Path("metrics/report.md")
+LOSS_PNG = Path("metrics/loss.png")
+CURVES = Path("metrics/train/plots/metrics")
+
+
+def _curve(name: str) -> tuple[list[int], list[float]]:
+    path = CURVES / f"{name}.tsv"
+    if not path.is_file():
+        return [], []
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    key = name.rsplit("/", 1)[-1]
+    return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def plot_loss(path: Path = LOSS_PNG) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {label: _curve(name) for label, name in
+              (("train (per step)", "train/step_loss"), ("train", "train/loss"), ("val", "val/loss"))}
+    if not curves["val"][0]:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    steps, values = curves["train (per step)"]
+    if steps:
+        ax.plot(steps, values, color="#9ecae1", linewidth=0.8, label="train (per step)")
+    for label, color in (("train", "#3182bd"), ("val", "#e6550d")):
+        s, v = curves[label]
+        ax.plot(s, v, marker="o", markersize=3, color=color, label=f"{label} (fixed windows)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _ci(scores: dict, name: str) -> str:
+    ci = scores.get(f"{name}_ci95")
+    return f"{scores[name]} ± {ci}" if ci is not None else str(scores[name])
+
+
+def write_report(metrics: dict, samples: list[tuple[str, str]], translations: list[dict]) -> None:
+    from pipeline.evaluate import translation_table
+
+    model_info = read_json("data/model/config.json")
+    train = read_json("metrics/train.json")
+    manifest = read_json("data/raw/manifest.json")["sources"]
+    tok = read_json("metrics/tokenize.json")
+    val, test = metrics["val"], metrics["test"]
+    m = model_info["model"]
+    lines = ["# Evaluation report", "",
+             f"A {m['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
+             f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}), scores "
+             f"**{val['bits_per_byte']} bits per byte** on val against {val['unigram_bits_per_byte']} for a "
+             f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.", ""]
+    t = metrics.get("translation")
+    if t:
+        best = t.get("beam", t["greedy"])
+        lines += [f"On {t['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
+                  f"({'beam ' + str(t['beam_size']) if 'beam' in t else 'greedy'}); copying the source scores "
+                  f"BLEU {t['copy_source']['bleu']}, chrF {t['copy_source']['chrf']}.", ""]
+
+    lines += ["## Model", ""]
+    lines += _table(["key", "value"], [[k, v] for k, v in m.items()] +
+                    [["parameters", f"{model_info['parameters']:,}"],
+                     *[[f"train.{k}", v] for k, v in model_info.get("train", {}).items()],
+                     ["best checkpoint", f"step {model_info['best_step']}"]])
+
+    lines += ["## Data", ""]
+    lines += _table(["source", "version", "sha256", "license", "documents", "bytes"],
+                    [[s["name"], s.get("package", s.get("path", "")), f"`{s['sha256'][:12]}…`" if s.get("sha256") else "",
+                      s["license"], f"{s['documents']:,}", f"{s['bytes']:,}"] for s in manifest])
+    lines += [f"Tokenizer: sentencepiece {tok['model_type']}, vocabulary {tok['vocab_size']:,}, trained on the "
+              f"train split only.", ""]
+    lines += _table(["split", "tokens", "bytes", "bytes/token"],
+                    [[s, f"{v['tokens']:,}", f"{v['bytes']:,}", v["bytes_per_token"]] for s, v in tok["splits"].items()])
+
+    lines += ["## Metrics", "", "Bits per byte: total nats / ln 2 / UTF-8 bytes of the text (lower is better; "
+              "comparable across tokenizers).", ""]
+    rows = []
+    for split, res in (("val", val), ("test", test)):
+        rows.append([f"**{split}**", f"**{res['bits_per_byte']}**", res["unigram_bits_per_byte"],
+                     res["bigram_bits_per_byte"], res["perplexity"]])
+        for name, s in res["sources"].items():
+            rows.append([f"{split} / {name}", s["bits_per_byte"], s["unigram_bits_per_byte"],
+                         s["bigram_bits_per_byte"], s["perplexity"]])
+    lines += _table(["split / source", "model bits/byte", "unigram", "bigram", "perplexity"], rows)
+    if t:
+        rows = [[name, _ci(t[name], "bleu"), _ci(t[name], "chrf"), _ci(t[name], "ter")]
+                for name in ("greedy", "beam", "copy_source") if name in t]
+        lines += [f"Translation of {t['pairs']:,} test pairs (95% bootstrap intervals, {t['bootstrap_samples']} samples; "
+                  "TER: lower is better):", ""]
+        lines += _table(["decoding", "BLEU", "chrF", "TER"], rows)
+        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in t["signatures"].values()), ""]
+    g = metrics.get("generation")
+    if g:
+        keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
+        lines += ["Sampled text beside real held-out text of the same lengths (words split on spaces):", ""]
+        lines += _table(["text"] + keys, [[name] + [g[name][k] for k in keys] for name in ("model", "held_out_text")])
+
+    if plot_loss():
+        lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]
+
+    lines += ["## Samples", ""]
+    shown = set()
+    for prompt, text in samples:
+        if prompt not in shown:
+            shown.add(prompt)
+            lines += ["```", (prompt + text).strip()[:600], "```", ""]
+    if translations:
+        lines += translation_table(translations)
+    atomic_write_text(REPORT, "\n".join(lines))
