@@ -90,7 +90,7 @@ class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16
-    max_steps: int = 600
+    max_steps: int = 550
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 50
