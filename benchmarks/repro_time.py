@@ -56,9 +56,15 @@ def main() -> None:
     print(f"train: {tr['parameters']:,} parameters, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s")
     print(f"val: {val['bits_per_byte']} bits/byte, unigram {val['unigram_bits_per_byte']} "
           f"(ratio {val['bits_per_byte_vs_unigram']}), perplexity {val['perplexity']}")
-    if ev.get("translation"):
-        t = ev["translation"]
-        print(f"test translation: {t['pairs']} pairs, BLEU {t['bleu']}, chrF {t['chrf']}  [{t['bleu_signature']}]")
+    print(f"bigram baseline {val['bigram_bits_per_byte']} bits/byte; evaluate seconds: {ev.get('seconds')}")
+    t = ev.get("translation")
+    if t:
+        for name in ("greedy", "beam", "copy_source"):
+            if name in t:
+                s = t[name]
+                print(f"test translation ({name}, {t['pairs']} pairs): BLEU {s['bleu']} ± {s.get('bleu_ci95')}, "
+                      f"chrF {s['chrf']} ± {s.get('chrf_ci95')}, TER {s['ter']}")
+        print(f"  [{t['signatures']['bleu']}]")
     if args.keep:
         print(f"clone kept at {clone}")
     else:

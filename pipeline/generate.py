@@ -223,14 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy (--translate: greedy unless given)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="0: greedy; default 0.8, or 0 with --translate")
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    temperature = 0.0 if args.translate and "--temperature" not in (argv or sys.argv) else args.temperature
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.translate else 0.8)
     d = Decoding(args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                  repetition_penalty=args.repetition_penalty, beam_size=args.beam_size, seed=args.seed)
     d.check()

@@ -78,7 +78,7 @@ class Model:
     arch: Literal["gpt", "lstm", "rnn"] = "gpt"
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     n_hidden: int = 256           # lstm/rnn hidden width
     block_size: int = 256
     dropout: float = 0.0
@@ -90,9 +90,9 @@ class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16
-    max_steps: int = 550
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    max_steps: int = 1100
+    lr: float = 3e-3
+    min_lr: float = 3e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9

@@ -19,7 +19,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_json, read_jsonl, run_main, write_json
+from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, write_json
 
 CLEAN_DIR = Path("data/clean")
 OUT_DIR = Path("data/tokens")

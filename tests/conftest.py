@@ -90,6 +90,17 @@ def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subproce
     return proc
 
 
+def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
+    """Every file under the given folders/files of `root`, by relative path, with its bytes."""
+    out = {}
+    for part in parts:
+        p = root / part
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        for f in files:
+            out[str(f.relative_to(root))] = f.read_bytes()
+    return out
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """A user error: non-zero exit, one line on stderr naming the culprit, no traceback."""
     assert proc.returncode != 0, proc.stdout

@@ -5,9 +5,8 @@ import json
 import unicodedata
 from pathlib import Path
 
-import pytest
 
-from conftest import PAIRS, SONNET, assert_clean_error, run_stage, tiny_params, write_params
+from conftest import PAIRS, SONNET, assert_clean_error, run_stage, snapshot, tiny_params, write_params
 from pipeline.clean import normalize
 
 SPLITS = ("train", "val", "test")
@@ -58,16 +57,6 @@ def all_records(folder: Path) -> dict[str, list[dict]]:
 
 def metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))
-
-
-def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
-    out = {}
-    for part in parts:
-        p = root / part
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for f in files:
-            out[str(f.relative_to(root))] = f.read_bytes()
-    return out
 
 
 # --- normalisation -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import assert_clean_error, run_stage, tiny_params, write_params
+from conftest import assert_clean_error, run_stage, snapshot, tiny_params, write_params
 from pipeline.collect import split_text
 
 
@@ -42,16 +42,6 @@ def nbytes(*strings: str) -> int:
 def write_jsonl(path: Path, records: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
-    out = {}
-    for part in parts:
-        p = root / part
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for f in files:
-            out[str(f.relative_to(root))] = f.read_bytes()
-    return out
 
 
 # --- text sources -------------------------------------------------------------------------------

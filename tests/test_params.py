@@ -14,22 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, assert_clean_error, make_corpus, run_stage, tiny_params, write_params
+from conftest import REPO, assert_clean_error, make_corpus, run_stage, snapshot, tiny_params, write_params
 from pipeline import params as P
 from pipeline.common import PipelineError
 
 PRESETS = sorted((REPO / "params").glob("*.yaml"))
-
-
-def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
-    """Every file under the given folders/files of `root`, by relative path, with its bytes."""
-    out = {}
-    for part in parts:
-        p = root / part
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for f in files:
-            out[str(f.relative_to(root))] = f.read_bytes()
-    return out
 
 
 def set_key(data: dict, dotted: str, value) -> dict:

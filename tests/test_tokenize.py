@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, run_stage, write_params
+from conftest import assert_clean_error, run_stage, snapshot, write_params
 from pipeline.params import read_yaml
 from pipeline.tokenize import Tokenizer
 
@@ -42,16 +42,6 @@ def documents(ids: np.ndarray, eos: int) -> list[list[int]]:
     assert ids[0] == eos and ids[-1] == eos
     cuts = np.flatnonzero(ids == eos)
     return [ids[a + 1:b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
-    out = {}
-    for part in parts:
-        p = root / part
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for f in files:
-            out[str(f.relative_to(root))] = f.read_bytes()
-    return out
 
 
 # --- the tokenizer ------------------------------------------------------------------------------

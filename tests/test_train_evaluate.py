@@ -239,3 +239,23 @@ def test_bootstrap_interval_agrees_with_sacrebleus_own():
     assert ours["bleu"] == pytest.approx(theirs.score, abs=0.01)
     assert ours["bleu_ci95"] == pytest.approx(theirs._ci, rel=0.2)
     assert ours["bleu_ci95"] > 0.5 and sig["bleu"].startswith("nrefs:1|")
+
+
+def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(trained):
+    long_prompt = " ".join(["Shall I compare thee to a summer's day?"] * 40)  # far more than 64 tokens
+    out = run_stage("generate", trained, long_prompt, "--max-new-tokens", "5")
+    assert "longer than the context" in out.stderr or "more than the context" in out.stderr
+    assert out.stdout.startswith(long_prompt)
+
+
+def test_generate_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(trained, tmp_path):
+    other = copy_project(trained, tmp_path / "other")
+    set_params(other, tokenize={"vocab_size": 400})
+    run_stage("tokenize", other)
+    proc = run_stage("generate", trained, "x", "--tokenizer", str(other / "data/tokens/tokenizer.model"), check=False)
+    assert_clean_error(proc, "vocabulary of 512", "400")
+    # Same size, different pieces: caught by the tokenizer's digest.
+    set_params(other, tokenize={"vocab_size": 512, "model_type": "unigram"})
+    run_stage("tokenize", other)
+    proc = run_stage("generate", trained, "x", "--tokenizer", str(other / "data/tokens/tokenizer.model"), check=False)
+    assert_clean_error(proc, "sha256")
