@@ -49,7 +49,7 @@ def make_model(checkpoint: Path) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def without_cache(model, idx: torch.Tensor) -> list[int]:
     out = idx
     for _ in range(NEW):
@@ -58,7 +58,7 @@ def without_cache(model, idx: torch.Tensor) -> list[int]:
     return out[0, idx.size(1):].tolist()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def with_cache(model, idx: torch.Tensor) -> list[int]:
     # eos_id -1: never stops early, so both generate exactly NEW tokens
     return [int(t) for t in stream(model, idx, -1, Decoding(max_new_tokens=NEW))]

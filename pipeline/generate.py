@@ -101,19 +101,19 @@ def _pick(logits: torch.Tensor, d: Decoding, gen: torch.Generator | None) -> tor
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
 
 
-def _step(model, idx: torch.Tensor, out: torch.Tensor, nxt: torch.Tensor, state):
-    """Feed the newest tokens; re-encode the last half context when a GPT's cache is full."""
+def _step(model, idx: torch.Tensor, out: list[torch.Tensor], state):
+    """Feed the newest token (out[-1]); re-encode the last half context when a GPT's cache is full."""
     if model.bounded_context and model.state_length(state) >= model.block_size:
-        ctx = torch.cat([idx, out], dim=1)[:, -(model.block_size // 2):]
+        ctx = torch.cat([idx, torch.stack(out, dim=1)], dim=1)[:, -(model.block_size // 2):]
         return model.decode(ctx, None)
-    return model.decode(nxt[:, None], state)
+    return model.decode(out[-1][:, None], state)
 
 
 def _prefill(model, idx: torch.Tensor):
     return model.decode(idx[:, -model.block_size:] if model.bounded_context else idx, None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iterator[torch.Tensor]:
     """Sample or pick greedily, one step at a time: yields the next token of every row.
 
@@ -126,21 +126,21 @@ def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iter
         seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    out = idx[:, :0]
+    out: list[torch.Tensor] = []
     for _ in range(d.max_new_tokens):
         nxt = _pick(_adjust(logits, seen, d), d, gen)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        nxt = nxt.masked_fill(done, eos_id)
         yield nxt
         done |= nxt == eos_id
         if bool(done.all()):
             return
-        out = torch.cat([out, nxt[:, None]], dim=1)
+        out.append(nxt)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits, state = _step(model, idx, out, nxt, state)
+        logits, state = _step(model, idx, out, state)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[list[int]]:
     """Beam search for a batch of equal-length prompts.
 
@@ -162,7 +162,7 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[lis
     for _ in range(d.max_new_tokens - 1):
         if bool(done.all()):
             break
-        logits, state = _step(model, idx, out, out[:, -1], state)
+        logits, state = _step(model, idx, list(out.unbind(1)), state)
         logp = torch.log_softmax(logits.float(), dim=-1)
         logp[done] = float("-inf")
         logp[done, eos_id] = 0.0
@@ -179,7 +179,7 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[lis
     return [r[:r.index(eos_id)] if eos_id in r else r for r in chosen]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], eos_id: int, d: Decoding, batch_size: int = 16,
              device: str = "cpu", progress: str | None = None) -> list[list[int]]:
     """Continue each prompt (token ids) until eos or d.max_new_tokens; returns the new ids (eos excluded).

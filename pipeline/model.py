@@ -119,7 +119,7 @@ class GPT(nn.Module):
         x, _ = self._run(idx)
         return _logits_and_loss(self.lm_head, x, targets)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, idx, state=None):
         """Logits for the next token after `idx`, given the key/value cache `state`.
 
@@ -159,7 +159,7 @@ class RecurrentLM(nn.Module):
         x, _ = self.rnn(self.drop(self.embed(idx)))
         return _logits_and_loss(self.head, self.drop(x), targets)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, idx, state=None):
         x, state = self.rnn(self.embed(idx), state)
         return self.head(x[:, -1, :]), state

@@ -47,7 +47,7 @@ def params_copy(tmp_path: Path) -> Path:
 def test_repository_params_yaml_validates():
     p = P.load(REPO / "params.yaml")
     assert [s.name for s in p.collect.sources] == ["shakespeare", "bible_en_ru"]
-    assert p.train.lr == pytest.approx(2.0e-3)
+    assert isinstance(p.train.lr, float) and 0 < p.train.min_lr <= p.train.lr  # "3.0e-3" read as a number
     proc = run_stage("params", REPO, "check", str(REPO / "params.yaml"))
     assert proc.stdout == "" and proc.stderr == ""
 
