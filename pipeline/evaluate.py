@@ -90,7 +90,7 @@ def summarize(nats: float, tokens: int, n_bytes: int) -> dict:
         "bytes": n_bytes,
         "cross_entropy": round(loss, 4),
         "perplexity": round(math.exp(min(loss, 50)), 3),
-        "bits_per_byte": round(nats / math.log(2) / max(n_bytes, 1), 4),
+        "bits_per_byte": bits_per_byte(nats, n_bytes),
     }
 
 
