@@ -13,6 +13,7 @@ import dataclasses
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline import params as P  # noqa: E402
 from pipeline.common import read_json  # noqa: E402
 from pipeline.evaluate import nats_of_range  # noqa: E402
 from pipeline.model import build_model, count_parameters  # noqa: E402
-from pipeline.train import get_batch, load_tokens, lr_at, make_optimizer  # noqa: E402
+from pipeline.train import get_batch, load_tokens, lr_at, make_optimizer, train_step  # noqa: E402
 
 CONFIGS = {  # name: (model overrides, train overrides)
     "4x256 T256 B16 lr2e-3": (dict(n_layer=4, n_head=4, n_embd=256, block_size=256), dict(batch_size=16, lr=2e-3)),
@@ -45,9 +46,7 @@ def run(name: str, m: P.Model, t: P.Train, seconds: float, train, val, vocab: in
         if i == 3:
             t0 = time.perf_counter()
         x, y = get_batch(train, m.block_size, t.batch_size, gen, torch.device("cpu"))
-        model(x, y)[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x, y, t.lr, t.grad_clip, nullcontext())
     per_step = (time.perf_counter() - t0) / 5
     steps = max(10, int(seconds / per_step))
     t = dataclasses.replace(t, max_steps=steps, warmup_steps=max(1, steps // 12), min_lr=t.lr / 10)
@@ -55,14 +54,8 @@ def run(name: str, m: P.Model, t: P.Train, seconds: float, train, val, vocab: in
     opt = make_optimizer(model, t, torch.device("cpu"))
     start = time.perf_counter()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
         x, y = get_batch(train, m.block_size, t.batch_size, gen, torch.device("cpu"))
-        loss = model(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, x, y, lr_at(step, t), t.grad_clip, nullcontext())
     elapsed = time.perf_counter() - start
     model.eval()
     with torch.no_grad():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, run_main, sha256_file, write_json
+from pipeline.common import PipelineError, atomic_dir, run_main, sha256_file, utf8_bytes, write_json
 
 OUT_DIR = Path("data/raw")
 METRICS = Path("metrics/collect.json")
@@ -191,7 +191,7 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
                                     f"({rec['origin']}); split it into two sources")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             documents += 1
-            size += sum(len(rec[k].encode("utf-8")) for k in ("text", "src", "tgt") if k in rec)
+            size += utf8_bytes(rec)
             if max_documents and documents >= max_documents:
                 break
     if documents == 0:

@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 
+TEXT_FIELDS = ("text", "src", "tgt")  # a record is a document {"text"} or a pair {"src", "tgt"}
+
+
+def text_fields(record: dict) -> list[str]:
+    return [k for k in TEXT_FIELDS if k in record]
+
+
+def utf8_bytes(record: dict) -> int:
+    """Bytes of a record's text (both sides of a pair): the denominator of bits per byte."""
+    return sum(len(record[k].encode("utf-8")) for k in text_fields(record))
+
+
 class PipelineError(Exception):
     """A problem with the user's input: printed as one line, no traceback, exit status 1."""
 

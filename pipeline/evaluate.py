@@ -24,7 +24,7 @@ import torch
 from pipeline import params as P
 from pipeline.common import atomic_write_text, read_json, read_jsonl, run_main, set_torch_threads, write_json
 from pipeline.generate import Decoding, generate, load_checkpoint
-from pipeline.report import write_report
+from pipeline.report import first_per_prompt, translation_table, write_report
 from pipeline.tokenize import Tokenizer
 from pipeline.train import TOKENS_DIR, load_tokens
 
@@ -196,11 +196,10 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
     """Sample `samples_per_prompt` continuations of each prompt; their statistics beside real text's."""
     if not e.prompts:
         return [], {}
-    room = model.block_size - 1 if model.bounded_context else None
     prompts, labels = [], []
     for text, ids in zip(e.prompts, tok.encode(e.prompts)):
         p = [tok.eos_id, *ids]
-        prompts += [p[-room:] if room else p] * e.samples_per_prompt
+        prompts += [p] * e.samples_per_prompt  # generate() keeps the end of an over-long prompt
         labels += [text] * e.samples_per_prompt
     d = Decoding(e.sample_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                  repetition_penalty=e.repetition_penalty, seed=e.seed)
@@ -219,26 +218,11 @@ def samples_markdown(samples: list[tuple[str, str]], e: P.Evaluate, translations
              f"Sampled with temperature {e.temperature}, top-k {e.top_k}, top-p {e.top_p}, repetition penalty "
              f"{e.repetition_penalty}, seed {e.seed}, up to {e.sample_tokens} new tokens; the first sample of each prompt.",
              ""]
-    seen = set()
-    for prompt, text in samples:
-        if prompt not in seen:
-            seen.add(prompt)
-            lines += [f"## {prompt}", "", "```", prompt + text, "```", ""]
+    for prompt, text in first_per_prompt(samples):
+        lines += [f"## {prompt}", "", "```", prompt + text, "```", ""]
     if translations:
         lines += translation_table(translations)
     return "\n".join(lines)
-
-
-def translation_table(translations: list[dict]) -> list[str]:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    cols = [k for k in ("greedy", "beam") if k in translations[0]]
-    lines = ["## Translations", "", "| source | reference | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for t in translations:
-        lines.append(f"| {esc(t['src'])} | {esc(t['ref'])} | " + " | ".join(esc(t[c]) for c in cols) + " |")
-    return lines + [""]
 
 
 def main() -> None:

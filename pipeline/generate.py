@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -101,12 +101,12 @@ def _pick(logits: torch.Tensor, d: Decoding, gen: torch.Generator | None) -> tor
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
 
 
-def _step(model, idx: torch.Tensor, out: list[torch.Tensor], state):
-    """Feed the newest token (out[-1]); re-encode the last half context when a GPT's cache is full."""
+def _step(model, last: torch.Tensor, state, history: Callable[[], torch.Tensor]):
+    """Feed the newest tokens `last`; when a GPT's cache is full, re-encode the last half of
+    `history()` (every token so far, built only then) instead."""
     if model.bounded_context and model.state_length(state) >= model.block_size:
-        ctx = torch.cat([idx, torch.stack(out, dim=1)], dim=1)[:, -(model.block_size // 2):]
-        return model.decode(ctx, None)
-    return model.decode(out[-1][:, None], state)
+        return model.decode(history()[:, -(model.block_size // 2):], None)
+    return model.decode(last[:, None], state)
 
 
 def _prefill(model, idx: torch.Tensor):
@@ -137,7 +137,7 @@ def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iter
         out.append(nxt)
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits, state = _step(model, idx, out, state)
+        logits, state = _step(model, nxt, state, lambda: torch.cat([idx, torch.stack(out, dim=1)], dim=1))
 
 
 @torch.inference_mode()
@@ -162,7 +162,7 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[lis
     for _ in range(d.max_new_tokens - 1):
         if bool(done.all()):
             break
-        logits, state = _step(model, idx, list(out.unbind(1)), state)
+        logits, state = _step(model, out[:, -1], state, lambda: torch.cat([idx, out], dim=1))
         logp = torch.log_softmax(logits.float(), dim=-1)
         logp[done] = float("-inf")
         logp[done, eos_id] = 0.0

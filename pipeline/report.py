@@ -66,9 +66,27 @@ def _ci(scores: dict, name: str) -> str:
     return f"{scores[name]} ± {ci}" if ci is not None else str(scores[name])
 
 
-def write_report(metrics: dict, samples: list[tuple[str, str]], translations: list[dict]) -> None:
-    from pipeline.evaluate import translation_table
+def translation_table(translations: list[dict]) -> list[str]:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
 
+    cols = [k for k in ("greedy", "beam") if k in translations[0]]
+    lines = ["## Translations", "", "| source | reference | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for t in translations:
+        lines.append(f"| {esc(t['src'])} | {esc(t['ref'])} | " + " | ".join(esc(t[c]) for c in cols) + " |")
+    return lines + [""]
+
+
+def first_per_prompt(samples: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The first (prompt, continuation) of each prompt, in order."""
+    first: dict[str, str] = {}
+    for prompt, text in samples:
+        first.setdefault(prompt, text)
+    return list(first.items())
+
+
+def write_report(metrics: dict, samples: list[tuple[str, str]], translations: list[dict]) -> None:
     model_info = read_json("data/model/config.json")
     train = read_json("metrics/train.json")
     manifest = read_json("data/raw/manifest.json")["sources"]
@@ -129,11 +147,8 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
         lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]
 
     lines += ["## Samples", ""]
-    shown = set()
-    for prompt, text in samples:
-        if prompt not in shown:
-            shown.add(prompt)
-            lines += ["```", (prompt + text).strip()[:600], "```", ""]
+    for prompt, text in first_per_prompt(samples):
+        lines += ["```", (prompt + text).strip()[:600], "```", ""]
     if translations:
         lines += translation_table(translations)
     atomic_write_text(REPORT, "\n".join(lines))

@@ -19,7 +19,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, write_json
+from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, utf8_bytes, write_json
 
 CLEAN_DIR = Path("data/clean")
 OUT_DIR = Path("data/tokens")
@@ -74,11 +74,10 @@ def dtype_for(vocab_size: int) -> np.dtype:
 def training_sentences(records: list[dict], max_chars: int):
     """Lines of train text (both sides of pairs): what sentencepiece learns its pieces from."""
     for r in records:
-        for key in ("text", "src", "tgt"):
-            if key in r:
-                for line in r[key].split("\n"):
-                    if line and len(line) <= max_chars:
-                        yield line
+        for key in text_fields(r):
+            for line in r[key].split("\n"):
+                if line and len(line) <= max_chars:
+                    yield line
 
 
 def train_tokenizer(records: list[dict], t: P.Tokenize, out: Path) -> Tokenizer:
@@ -119,23 +118,20 @@ def train_tokenizer(records: list[dict], t: P.Tokenize, out: Path) -> Tokenizer:
 def encode_split(tok: Tokenizer, records: list[dict], path: Path, num_threads: int) -> dict:
     """Write one split's token file; return its sidecar (with each source's token range)."""
     dtype = dtype_for(tok.vocab_size)
-    fields = [k for r in records for k in ("text", "src", "tgt") if k in r]
-    flat = tok.encode([r[k] for r in records for k in ("text", "src", "tgt") if k in r], num_threads)
+    fields = [text_fields(r) for r in records]
+    # One batched (multithreaded) encode of every text, handed back record by record.
+    encoded = iter(tok.encode([r[k] for r, ks in zip(records, fields) for k in ks], num_threads))
     sources: dict[str, dict] = {}
     pos = 1
     with open(path, "wb") as f:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
-        i = 0
-        for r in records:
-            n_fields = sum(k in r for k in ("text", "src", "tgt"))
-            ids = dict(zip(fields[i:i + n_fields], flat[i:i + n_fields]))
-            i += n_fields
-            seq = tok.render(r, ids)
+        for r, ks in zip(records, fields):
+            seq = tok.render(r, {k: next(encoded) for k in ks})
             f.write(np.asarray(seq, dtype=dtype).tobytes())
             s = sources.setdefault(r["source"], {"start": pos, "end": pos, "documents": 0, "bytes": 0})
             s["end"] = pos + len(seq)
             s["documents"] += 1
-            s["bytes"] += sum(len(r[k].encode("utf-8")) for k in ("text", "src", "tgt") if k in r)
+            s["bytes"] += utf8_bytes(r)
             pos += len(seq)
     return {
         "dtype": dtype.name,

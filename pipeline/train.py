@@ -74,6 +74,20 @@ def make_optimizer(model: torch.nn.Module, t: P.Train, device) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
 
 
+def train_step(model, optimizer, x, y, lr: float, grad_clip: float, autocast) -> tuple[float, float | None]:
+    """One optimizer step at learning rate `lr`; returns the loss and the gradient norm (before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # .item() synchronises, so timings around this call are honest on CUDA too
+    return loss.item(), None if grad_norm is None else float(grad_norm)
+
+
 @torch.no_grad()
 def estimate_loss(model, batches, autocast) -> float:
     model.eval()
@@ -149,17 +163,9 @@ def main() -> None:
             if last:
                 break
             lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             t0 = time.perf_counter()
             x, y = get_batch(train_data, m.block_size, t.batch_size, gen, device)
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = loss.item()  # synchronises, so the timing below is honest on CUDA too
+            last_loss, grad_norm = train_step(model, optimizer, x, y, lr, t.grad_clip, autocast)
             train_time += time.perf_counter() - t0
             if not math.isfinite(last_loss):
                 raise PipelineError(f"train: loss became {last_loss} at step {step}; lower train.lr "
@@ -167,7 +173,7 @@ def main() -> None:
             live.log_metric("train/step_loss", last_loss, plot=True)
             live.log_metric("lr", lr)
             if grad_norm is not None:
-                live.log_metric("grad_norm", float(grad_norm))
+                live.log_metric("grad_norm", grad_norm)
             live.next_step()
             bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             bar.update()
