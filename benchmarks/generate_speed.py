@@ -1,6 +1,6 @@
 """Generation speed: the key/value cache against recomputing the whole context every step.
 
-    python benchmarks/generate_speed.py [--checkpoint data/model/best.pt] [--repeats 3]
+    python benchmarks/generate_speed.py [--checkpoint data/model/best.safetensors] [--repeats 3]
 
 Greedy decoding of 256 new tokens after a 64-token prompt (batch 1), on the CPU in float32:
 1. with the cache (pipeline.generate.stream: prefill once, then one token per step);
@@ -66,7 +66,7 @@ def with_cache(model, idx: torch.Tensor) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="data/model/best.pt")
+    ap.add_argument("--checkpoint", default="data/model/best.safetensors")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()

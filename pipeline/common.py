@@ -24,7 +24,11 @@ def utf8_bytes(record: dict) -> int:
 
 
 class PipelineError(Exception):
-    """A problem with the user's input: printed as one line, no traceback, exit status 1."""
+    """A problem with the user's input: printed as one line, no traceback, exit status 1 (or exit_code)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -33,7 +37,7 @@ def run_main(main: Callable[[], Any]) -> None:
         main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

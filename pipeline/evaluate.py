@@ -28,7 +28,7 @@ from pipeline.report import first_per_prompt, translation_table, write_report
 from pipeline.tokenize import Tokenizer
 from pipeline.train import TOKENS_DIR, load_tokens
 
-CHECKPOINT = Path("data/model/best.pt")
+CHECKPOINT = Path("data/model/best.safetensors")
 CLEAN_DIR = Path("data/clean")
 METRICS = Path("metrics/eval.json")
 SAMPLES = Path("metrics/samples.md")

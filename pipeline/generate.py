@@ -23,11 +23,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.common import PipelineError, run_main, sha256_file
-from pipeline.model import build_model
-from pipeline.params import Model as ModelConfig
+from pipeline.model import load_weights
 from pipeline.tokenize import Tokenizer
 
-DEFAULT_CHECKPOINT = Path("data/model/best.pt")
+DEFAULT_CHECKPOINT = Path("data/model/best.safetensors")
 DEFAULT_TOKENIZER = Path("data/tokens/tokenizer.model")
 
 
@@ -58,23 +57,21 @@ class Decoding:
 
 def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None,
                     tokenizer_path: str | Path | None = None, device: str = "cpu") -> torch.nn.Module:
-    """Load a model saved by `train`; refuse a tokenizer it was not trained with."""
+    """Load a model saved by `train` (safetensors); refuse a tokenizer it was not trained with."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no checkpoint (run the train stage: dvc repro)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        cfg = ModelConfig(**ckpt["model_config"])
-        model = build_model(cfg, ckpt["vocab_size"])
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # truncated file, foreign pickle, wrong keys: one line, no traceback
-        raise PipelineError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if tokenizer is not None and tokenizer.vocab_size != ckpt["vocab_size"]:
-        raise PipelineError(f"{path}: trained with a vocabulary of {ckpt['vocab_size']} but the tokenizer "
+        model, info = load_weights(path, device)
+    except Exception as e:  # truncated file, foreign file, wrong keys: one line, no traceback
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise PipelineError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
+    if tokenizer is not None and tokenizer.vocab_size != info["vocab_size"]:
+        raise PipelineError(f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
                             f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
-    if tokenizer_path is not None and ckpt.get("tokenizer_sha256") not in (None, sha256_file(tokenizer_path)):
+    if tokenizer_path is not None and info.get("tokenizer_sha256") not in (None, sha256_file(tokenizer_path)):
         raise PipelineError(f"{path}: was not trained with the tokenizer {tokenizer_path} (sha256 differs)")
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, d: Decoding) -> torch.Tensor:

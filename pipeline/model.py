@@ -1,4 +1,9 @@
-"""The language models: a GPT (decoder-only Transformer) and recurrent baselines (LSTM, RNN).
+"""The language models: a GPT (decoder-only Transformer) and recurrent baselines (LSTM, GRU, RNN).
+
+The GPT is GPT-2 by default (learned positions, LayerNorm, GELU MLP, tied embeddings) and takes
+the options of later models from params.yaml: rotary positions (RoPE), RMSNorm, a SwiGLU MLP,
+untied embeddings. Attention goes only through `scaled_dot_product_attention` (flash on CUDA,
+the fused flash kernel on CPU).
 
 All share one interface:
     logits, loss = model(idx, targets)      # training and scoring; loss is mean cross-entropy
@@ -7,13 +12,29 @@ where `state` is the key/value cache of a GPT or the hidden state of a recurrent
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.params import Model as ModelConfig
+
+
+def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (length, head_dim // 2): pair i turns at base^(-2i/d)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head's channels, (B, H, T, D), by the angles of its positions."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -25,10 +46,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # the angles of these T positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             # Decoding: the new positions see everything cached before them.
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
@@ -49,44 +72,67 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU: proj(gelu(fc x)), 4x wide. SwiGLU: proj(silu(gate x) * (up x)), 8/3x wide (same parameters)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = 4 * cfg.n_embd
+        if self.swiglu:  # 2/3 of 4x keeps the parameter count; rounded up to a multiple of 64
+            hidden = -(-(8 * cfg.n_embd // 3) // 64) * 64
+        self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.proj(h))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-6)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None):
-        a, cache = self.attn(self.ln1(x), cache)
+    def forward(self, x, rope=None, cache=None):
+        a, cache = self.attn(self.ln1(x), rope, cache)
         x = x + a
         return x + self.mlp(self.ln2(x)), cache
 
 
 class GPT(nn.Module):
-    bounded_context = True  # learned positions: at most block_size tokens of context
+    bounded_context = True  # at most block_size tokens of context (learned positions; the RoPE tables)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.block_size = cfg.block_size
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input/output embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied input/output embeddings
         self.apply(self._init)
         # GPT-2: scale the residual projections by depth so the residual stream stays O(1).
         for name, p in self.named_parameters():
@@ -107,11 +153,16 @@ class GPT(nn.Module):
         T = idx.size(1)
         if past + T > self.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+        x = self.drop(x)
         new = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, caches[i] if caches else None)
+            x, c = block(x, rope, caches[i] if caches else None)
             new.append(c)
         return self.ln_f(x), new
 
@@ -140,7 +191,7 @@ class GPT(nn.Module):
 
 
 class RecurrentLM(nn.Module):
-    """The classic recurrent language model: embedding, LSTM (or tanh RNN) layers, linear."""
+    """The classic recurrent language model: embedding, LSTM (or GRU, or tanh RNN) layers, linear."""
 
     bounded_context = False  # the state carries any length of context
 
@@ -149,7 +200,7 @@ class RecurrentLM(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         self.block_size = cfg.block_size
         self.embed = nn.Embedding(vocab_size, cfg.n_embd)
-        rnn = nn.LSTM if cfg.arch == "lstm" else nn.RNN
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.arch]
         self.rnn = rnn(cfg.n_embd, cfg.n_hidden, num_layers=cfg.n_layer, batch_first=True,
                        dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.drop = nn.Dropout(cfg.dropout)
@@ -189,3 +240,48 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token (forward and backward), as in the PaLM paper's appendix B.
+
+    6 per parameter that multiplies activations (embedding lookups do not; a tied embedding
+    does once, as the output layer), plus, for a GPT, 12 * layers * width * seq_len for the
+    attention scores and their weighted sum (counted over the whole square, as is customary).
+    """
+    n = count_parameters(model)
+    if isinstance(model, GPT):
+        if not model.cfg.tie_embeddings:
+            n -= model.wte.weight.numel()
+        if model.wpe is not None:
+            n -= model.wpe.weight.numel()
+        return 6 * n + 12 * model.cfg.n_layer * model.cfg.n_embd * seq_len
+    return 6 * (n - model.embed.weight.numel())
+
+
+# Weights on disk: safetensors (no pickle), with the model config in the file's metadata, so a
+# weights file alone rebuilds its model.
+def save_weights(state_dict: dict, cfg: ModelConfig, path: str | Path, **meta) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if cfg.arch == "gpt" and cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    info = {"model_config": dataclasses.asdict(cfg), **meta}
+    save_file(tensors, str(path), metadata={"lmpipe": json.dumps(info, sort_keys=True)})
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model saved in `path` and its metadata (model_config, vocab_size, ...); raises on a bad file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads((f.metadata() or {})["lmpipe"])
+    cfg = ModelConfig(**info["model_config"])
+    model = build_model(cfg, info["vocab_size"])
+    tensors = load_file(str(path))
+    if cfg.arch == "gpt" and cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["wte.weight"]
+    model.load_state_dict(tensors)
+    return model.to(device), info

@@ -75,31 +75,46 @@ class Tokenize:
 
 @dataclass
 class Model:
-    arch: Literal["gpt", "lstm", "rnn"] = "gpt"
+    arch: Literal["gpt", "lstm", "gru", "rnn"] = "gpt"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    n_hidden: int = 256           # lstm/rnn hidden width
+    n_hidden: int = 256           # lstm/gru/rnn hidden width
     block_size: int = 256
     dropout: float = 0.0
     bias: bool = False
+    # gpt only
+    positions: Literal["learned", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
 
 
 @dataclass
 class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 16
+    batch_size: int = 16          # sequences per micro-batch, per process
+    batch_tokens: int = 0         # global batch in tokens per optimizer step (0: one micro-batch per process)
     max_steps: int = 1100
+    time_budget_s: float = 0.0    # also stop after this many seconds of training (0: no limit)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2   # wsd: the final fraction of training that decays to min_lr
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    decay_embeddings: bool = True  # weight decay on embedding matrices too (never on norms or biases)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 10
+    checkpoint_interval: int = 200  # steps between resumable checkpoints (and one at the end)
+    checkpoint_dir: str = "data/checkpoints"
+    resume: Literal["auto", "strict", "never"] = "auto"
+    compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
     threads: int = 0              # CPU threads for torch (0: all cores)
 
 
@@ -232,9 +247,16 @@ def _check(p: Params) -> None:
     need(m.n_embd % m.n_head == 0,
          f"model.n_embd: {m.n_embd} is not divisible by model.n_head ({m.n_head})")
     need(0 <= m.dropout < 1, "model.dropout: must be in [0, 1)")
+    need(m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
+         f"model.positions: rope needs an even head size, got n_embd/n_head = {m.n_embd / m.n_head:g}")
     tr = p.train
     need(tr.max_steps > 0, f"train.max_steps: must be > 0, got {tr.max_steps}")
     need(tr.batch_size > 0, f"train.batch_size: must be > 0, got {tr.batch_size}")
+    need(tr.batch_tokens >= 0, f"train.batch_tokens: must be >= 0, got {tr.batch_tokens}")
+    need(tr.time_budget_s >= 0, f"train.time_budget_s: must be >= 0, got {tr.time_budget_s}")
+    need(0 < tr.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {tr.decay_fraction}")
+    need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
+    need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
     need(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr, "train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
     need(tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
          "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0")

@@ -53,7 +53,7 @@ def load(repo: Path, name: str) -> dict:
 
 def test_repro_writes_every_output_and_sane_metrics(repo):
     for out in ("data/raw/manifest.json", "data/clean/train.jsonl", "data/tokens/train.bin",
-                "data/tokens/tokenizer.model", "data/model/best.pt", "metrics/samples.md",
+                "data/tokens/tokenizer.model", "data/model/best.safetensors", "metrics/samples.md",
                 "metrics/report.md", "metrics/loss.png",
                 "metrics/train/plots/metrics/val/loss.tsv"):
         assert (repo / out).is_file(), out

@@ -11,7 +11,10 @@ import torch
 import yaml
 
 from conftest import assert_clean_error, run_stage, write_params
+from safetensors.torch import load_file
+
 from pipeline.generate import Decoding, generate, load_checkpoint
+from pipeline.model import load_weights
 from pipeline.tokenize import Tokenizer
 
 
@@ -54,20 +57,24 @@ def test_train_writes_checkpoints_metrics_and_curves(trained):
     assert m["best_val_loss"] == pytest.approx(min(val), abs=1e-4)
     lr = read_curve(trained, "lr")
     assert len(lr) == steps and max(lr) == pytest.approx(p["train"]["lr"]) and lr[-1] < lr[len(lr) // 2]
-    for name in ("best.pt", "last.pt"):
-        ckpt = torch.load(trained / "data/model" / name, weights_only=True)
-        assert ckpt["vocab_size"] == 512 and ckpt["model_config"]["arch"] == "gpt"
+    for name in ("best.safetensors", "last.safetensors"):
+        model, info = load_weights(trained / "data/model" / name)
+        assert info["vocab_size"] == 512 and info["model_config"]["arch"] == "gpt"
+    assert load_weights(trained / "data/model/last.safetensors")[1]["step"] == steps
+    assert m["flops_per_token"] > 6 * m["parameters"] * 0.5 and 0 < m["mfu"] < 1.5
+    assert len(read_curve(trained, "mfu")) == steps and len(read_curve(trained, "tokens_per_second")) == steps
 
 
 def test_train_is_deterministic_on_cpu(trained, tmp_path):
     again = copy_project(trained, tmp_path / "again")
+    shutil.rmtree(again / "data/checkpoints")  # a fresh run, not a resumed one
     run_stage("train", again)
-    a = torch.load(trained / "data/model/last.pt", weights_only=True)["model"]
-    b = torch.load(again / "data/model/last.pt", weights_only=True)["model"]
+    a = load_file(trained / "data/model/last.safetensors")
+    b = load_file(again / "data/model/last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
 def test_recurrent_baselines_train_and_evaluate(prepared, tmp_path, arch):
     folder = copy_project(prepared, tmp_path / arch)
     set_params(folder, model={"arch": arch}, train={"max_steps": 10, "eval_interval": 5})
@@ -79,10 +86,10 @@ def test_recurrent_baselines_train_and_evaluate(prepared, tmp_path, arch):
 
 def test_block_size_larger_than_token_file_is_a_clean_error(trained, tmp_path):
     folder = copy_project(trained, tmp_path / "p")
-    before = (folder / "data/model/best.pt").read_bytes()
+    before = (folder / "data/model/best.safetensors").read_bytes()
     set_params(folder, model={"block_size": 100000})
     assert_clean_error(run_stage("train", folder, check=False), "model.block_size")
-    assert (folder / "data/model/best.pt").read_bytes() == before
+    assert (folder / "data/model/best.safetensors").read_bytes() == before
 
 
 def test_evaluate_reports_bits_per_byte_and_baselines(trained):
@@ -142,13 +149,13 @@ def test_generate_rejects_bad_input(trained, tmp_path):
     assert_clean_error(run_stage("generate", trained, "x", "--temperature", "-1", check=False), "temperature")
     assert_clean_error(run_stage("generate", trained, "x", "--checkpoint", "nope.pt", check=False), "nope.pt")
     broken = tmp_path / "broken.pt"
-    broken.write_bytes((trained / "data/model/best.pt").read_bytes()[:1000])
+    broken.write_bytes((trained / "data/model/best.safetensors").read_bytes()[:1000])
     assert_clean_error(run_stage("generate", trained, "x", "--checkpoint", str(broken), check=False), "broken.pt")
 
 
 def test_batched_greedy_decoding_equals_one_at_a_time(trained):
     tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_checkpoint(trained / "data/model/best.pt", tok)
+    model = load_checkpoint(trained / "data/model/best.safetensors", tok)
     texts = ["Shall I compare", "Rough winds", "And summer's lease", "Thou art", "Jesus wept.", "So long"]
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(texts)]
     greedy = Decoding(max_new_tokens=20)
@@ -165,7 +172,7 @@ def test_batched_greedy_decoding_equals_one_at_a_time(trained):
 @pytest.fixture(scope="module")
 def model_and_prompts(trained):
     tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_checkpoint(trained / "data/model/best.pt", tok)
+    model = load_checkpoint(trained / "data/model/best.safetensors", tok)
     prompts = [tok.pair_prompt(ids) for ids in tok.encode(["Jesus wept.", "And God said, Let there be light."])]
     return model, tok, prompts
 
