@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None = None):
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None = None, use_cache: bool = False):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -68,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y)), (k, v)
+        return self.resid_dropout(self.proj(y)), (k, v) if use_cache else None
 
 
 class MLP(nn.Module):
@@ -108,8 +108,8 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None):
-        a, cache = self.attn(self.ln1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, use_cache=False):
+        a, cache = self.attn(self.ln1(x), rope, cache, use_cache)
         x = x + a
         return x + self.mlp(self.ln2(x)), cache
 
@@ -148,7 +148,7 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def _run(self, idx, caches=None):
+    def _run(self, idx, caches=None, use_cache=False):
         past = caches[0][0].size(2) if caches else 0
         T = idx.size(1)
         if past + T > self.block_size:
@@ -162,7 +162,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         new = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, rope, caches[i] if caches else None)
+            x, c = block(x, rope, caches[i] if caches else None, use_cache)
             new.append(c)
         return self.ln_f(x), new
 
@@ -177,7 +177,7 @@ class GPT(nn.Module):
         The cache holds at most block_size positions; the caller re-encodes a shorter context
         when it is full (see pipeline.generate).
         """
-        x, caches = self._run(idx, state)
+        x, caches = self._run(idx, state, use_cache=True)
         return self.lm_head(x[:, -1, :]), caches
 
     @staticmethod

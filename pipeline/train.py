@@ -413,14 +413,20 @@ def main() -> None:
     p = P.load()
     m, t = p.model, p.train
     d, device = init_distributed(t)
+    # SIGTERM/SIGINT only set a flag: the loop checkpoints and stops at the end of the step.
+    stop_signal: list[int] = []
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        train(m, t, d, device)
+        train(m, t, d, device, stop_signal)
     finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(m: P.Model, t: P.Train, d: Dist, device: torch.device) -> None:
+def train(m: P.Model, t: P.Train, d: Dist, device: torch.device, stop_signal: list[int]) -> None:
     train_data, val_data = load_tokens("train"), load_tokens("val")
     vocab_size = read_json(TOKENS_DIR / "train.json")["vocab_size"]
     for name, data in (("train", train_data), ("val", val_data)):
@@ -475,6 +481,9 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device) -> None:
             best_weights = None
             if d.main:
                 print(f"train: not resuming {found[0]}: it was made with {why}; starting fresh", flush=True)
+    if progress.step == 0 and d.main:  # a fresh start replaces whatever checkpoints were there
+        for old in checkpoints(ckpt_dir):
+            shutil.rmtree(old)
 
     use_compile = t.compile if t.compile != "auto" else cuda
     forward_model = torch.compile(model) if use_compile else model
@@ -485,13 +494,6 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device) -> None:
         print(f"train: {m.arch} with {n_params:,} parameters on {d.world} x {device.type}; up to {t.max_steps} "
               f"steps of {global_tokens:,} tokens ({accum} micro-batch(es) of {t.batch_size}x{m.block_size} per "
               f"process){f', at most {t.time_budget_s:g} s' if t.time_budget_s else ''}", flush=True)
-
-    stop_signal: list[int] = []
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def snapshot_weights(model_now) -> dict:
         return {k: v.detach().cpu().clone() for k, v in model_now.items()}
@@ -602,9 +604,6 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device) -> None:
         raise PipelineError(f"train: CUDA out of memory with micro-batches of {t.batch_size} x {m.block_size} tokens; "
                             f"lower train.batch_size (train.batch_tokens keeps the global batch by accumulating), "
                             f"or model.block_size / model.n_embd") from None
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
     if live:
         live.end()
     if not d.main:

@@ -1,0 +1,234 @@
+"""The training engine through `python -m pipeline.train` and `torchrun`: exact resume after
+SIGKILL, SIGTERM, incompatible and corrupt checkpoints, accumulation, DDP and FSDP with Gloo,
+time budget, schedules, weight-decay groups."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, assert_clean_error, run_stage
+from test_train_evaluate import copy_project, set_params
+
+CURVES = "metrics/train/plots/metrics"
+TIMING = {"tokens_per_second", "train_seconds", "mfu"}  # wall-clock figures, never identical
+
+
+def curves(folder: Path) -> dict[str, list[list[str]]]:
+    """Every logged curve except the wall-clock ones, as rows of text."""
+    out = {}
+    for tsv in sorted((folder / CURVES).rglob("*.tsv")):
+        if tsv.stem not in TIMING:
+            with open(tsv) as f:
+                out[str(tsv.relative_to(folder))] = list(csv.reader(f, delimiter="\t"))
+    return out
+
+
+def step_losses(folder: Path) -> list[float]:
+    return [float(r[1]) for r in curves(folder)[f"{CURVES}/train/step_loss.tsv"][1:]]
+
+
+def train_metrics(folder: Path) -> dict:
+    m = json.loads((folder / "metrics/train.json").read_text())
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def start_train(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def torchrun(folder: Path, nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "pipeline.train"],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory) -> Path:
+    """An uninterrupted tiny run that writes a checkpoint every 10 of its 60 steps."""
+    folder = copy_project(prepared, tmp_path_factory.mktemp("engine") / "ref")
+    set_params(folder, train={"checkpoint_interval": 10})
+    run_stage("train", folder)
+    return folder
+
+
+def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp_path):
+    folder = copy_project(reference, tmp_path / "p")
+    for d in ("data/checkpoints", "data/model", "metrics/train"):
+        subprocess.run(["rm", "-rf", str(folder / d)], check=True)
+    # SIGKILL just after the step-20 checkpoint appears, then again early in the resumed run.
+    for kill_after in ("step_0000020", "step_0000030"):
+        proc = start_train(folder)
+        wait_for(folder / "data/checkpoints" / kill_after, proc)
+        proc.kill()
+        proc.wait()
+        assert not (folder / "data/model").exists()  # no half-written output
+    done = run_stage("train", folder)
+    assert "resuming from data/checkpoints/step_00000" in done.stdout
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
+    assert curves(folder) == curves(reference)
+    assert train_metrics(folder) == train_metrics(reference)
+    # Only the newest checkpoints are kept; each holds weights in safetensors, the rest weights_only.
+    kept = sorted(p.name for p in (folder / "data/checkpoints").iterdir())
+    assert kept == ["step_0000050", "step_0000060"]
+    state = torch.load(folder / "data/checkpoints/step_0000060/state.pt", weights_only=True)
+    assert state["progress"]["step"] == 60 and state["progress"]["tokens_seen"] == 60 * 16 * 64
+    assert len(state["progress"]["rng"]) == 1 and "state" in state["optimizer"]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"max_steps": 100000, "checkpoint_interval": 0, "eval_interval": 1000})
+    proc = start_train(folder)
+    wait_for(folder / CURVES / "lr.tsv", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert_clean_error(subprocess.CompletedProcess([], proc.returncode, out, err), "SIGTERM", "data/checkpoints")
+    (ckpt,) = (folder / "data/checkpoints").iterdir()
+    assert int(ckpt.name[5:]) > 0
+    assert not (folder / "data/model").exists()
+    # It resumes from there: a run to a nearer end continues rather than restarts.
+    set_params(folder, train={"max_steps": 100000})
+    proc = start_train(folder)
+    while True:
+        line = proc.stdout.readline()
+        if line.startswith("train: resuming") or not line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert line.startswith(f"train: resuming from {Path('data/checkpoints') / ckpt.name}"), line + out + err
+    assert proc.returncode == 128 + signal.SIGINT and "SIGINT" in err
+
+
+def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path):
+    folder = copy_project(reference, tmp_path / "p")
+    set_params(folder, model={"n_embd": 32}, train={"max_steps": 5, "resume": "strict"})
+    assert_clean_error(run_stage("train", folder, check=False), "cannot resume", "model.n_embd", "train.resume")
+    assert (folder / "data/model/last.safetensors").read_bytes() == (reference / "data/model/last.safetensors").read_bytes()
+    set_params(folder, train={"resume": "auto"})
+    proc = run_stage("train", folder)
+    assert "not resuming" in proc.stdout and "model.n_embd" in proc.stdout and "starting fresh" in proc.stdout
+    assert train_metrics(folder)["steps"] == 5
+    # Training params that change the result are named too (max_steps was 60 in the checkpoint).
+    set_params(folder, train={"lr": 1.0e-3})
+    proc = run_stage("train", folder)
+    assert "train.lr: 0.005 -> 0.001" in proc.stdout
+
+
+@pytest.mark.parametrize("damaged", ["state.pt", "model.safetensors"])
+def test_a_corrupt_checkpoint_is_a_clean_error(reference, tmp_path, damaged):
+    folder = copy_project(reference, tmp_path / "p")
+    f = folder / "data/checkpoints/step_0000060" / damaged
+    f.write_bytes(f.read_bytes()[:200])
+    assert_clean_error(run_stage("train", folder, check=False), "step_0000060", "not a readable checkpoint")
+    assert (folder / "data/model/last.safetensors").exists()
+
+
+def test_training_errors_name_the_knob(prepared, tmp_path):
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"batch_tokens": 1000})
+    assert_clean_error(run_stage("train", folder, check=False), "train.batch_tokens", "16 x 64")
+    for bad in (0, -3):
+        set_params(folder, train={"batch_tokens": 0, "max_steps": bad})
+        assert_clean_error(run_stage("train", folder, check=False), "train.max_steps")
+    assert not (folder / "data/model").exists()
+
+
+def test_cuda_out_of_memory_says_which_knob_to_turn(prepared, tmp_path, monkeypatch):
+    import pipeline.train as train
+    from pipeline.common import PipelineError
+
+    folder = copy_project(prepared, tmp_path / "p")
+    monkeypatch.chdir(folder)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "accumulate_step", oom)
+    with pytest.raises(PipelineError, match="out of memory.*lower train.batch_size.*batch_tokens"):
+        train.main()
+    assert not (folder / "data/model").exists()
+
+
+def test_accumulation_and_two_gloo_processes_match_one_process(prepared, tmp_path):
+    """Global batch 16x64: one process of 16, one of 2x8 accumulated, DDP and FSDP of 2x8."""
+    runs = {}
+    for name, train, nproc in (("single", {"batch_size": 16}, 1),
+                               ("accumulated", {"batch_size": 8, "batch_tokens": 1024}, 1),
+                               ("ddp", {"batch_size": 8, "batch_tokens": 1024}, 2),
+                               ("fsdp", {"batch_size": 8, "batch_tokens": 1024, "strategy": "fsdp"}, 2)):
+        folder = copy_project(prepared, tmp_path / name)
+        set_params(folder, train={"max_steps": 20, "eval_interval": 10, **train})
+        run_stage("train", folder) if nproc == 1 else torchrun(folder, nproc)
+        runs[name] = step_losses(folder)
+        assert len(runs[name]) == 20
+        assert train_metrics(folder)["processes"] == nproc
+    assert runs["single"][-1] < runs["single"][0] - 1
+    for name in ("accumulated", "ddp", "fsdp"):
+        assert runs[name] == pytest.approx(runs["single"], rel=1e-5, abs=1e-5), name
+    # Rank 0 alone writes: one curve row per step, one set of outputs.
+    assert len(list((tmp_path / "ddp/data/checkpoints").iterdir())) == 1
+
+
+def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"max_steps": 100000, "time_budget_s": 1.5, "eval_interval": 100000,
+                              "schedule": "wsd"})
+    run_stage("train", folder)
+    m = train_metrics(folder)
+    assert 5 < m["steps"] < 100000
+    with open(folder / CURVES / "lr.tsv") as f:
+        lr = [float(r["lr"]) for r in csv.DictReader(f, delimiter="\t")]
+    p = yaml.safe_load((folder / "params.yaml").read_text())["train"]
+    assert lr[len(lr) // 2] == pytest.approx(p["lr"])  # wsd: stable in the middle
+    assert lr[-1] < 0.5 * p["lr"]  # decaying as the budget runs out
+    assert (folder / "data/model/last.safetensors").exists()
+
+
+def test_schedules():
+    from pipeline.params import Train
+    from pipeline.train import lr_at
+
+    t = Train(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
+    w = Train(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, w) == lr_at(89, w) == 1.0
+    assert lr_at(100, w) == pytest.approx(0.55) and lr_at(110, w) == pytest.approx(0.1)
+    assert lr_at(20, w, time_fraction=1.0) == pytest.approx(0.1)  # the time budget is spent
+
+
+def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
+    from pipeline.model import build_model
+    from pipeline.params import Model, Train
+    from pipeline.train import make_optimizer
+
+    model = build_model(Model(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True), 50)
+    for decay_embeddings in (True, False):
+        opt = make_optimizer(model, Train(decay_embeddings=decay_embeddings), torch.device("cpu"))
+        decayed = {id(p) for p in opt.param_groups[0]["params"]}
+        assert opt.param_groups[0]["weight_decay"] > 0 and opt.param_groups[1]["weight_decay"] == 0
+        assert id(model.blocks[0].attn.qkv.weight) in decayed
+        assert id(model.blocks[0].attn.qkv.bias) not in decayed and id(model.ln_f.weight) not in decayed
+        assert (id(model.wte.weight) in decayed) == decay_embeddings
