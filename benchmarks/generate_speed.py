@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import params as P  # noqa: E402
 from pipeline.generate import Decoding, stream  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.model import build_model, load_weights  # noqa: E402
 
 PROMPT, NEW = 64, 256
 
 
 def make_model(checkpoint: Path) -> torch.nn.Module:
     if checkpoint.is_file():
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        cfg, vocab = P.Model(**ckpt["model_config"]), ckpt["vocab_size"]
-        state = ckpt["model"]
+        trained, info = load_weights(checkpoint)
+        cfg, vocab = trained.cfg, info["vocab_size"]
+        state = trained.state_dict()
         print(f"model: {checkpoint} ({cfg.arch}, {cfg.n_layer} layers x {cfg.n_embd}, vocabulary {vocab})")
     else:
         cfg, vocab, state = P.load().model, 4096, None

@@ -77,8 +77,8 @@ class Tokenize:
 class Model:
     arch: Literal["gpt", "lstm", "gru", "rnn"] = "gpt"
     n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_head: int = 3
+    n_embd: int = 192
     n_hidden: int = 256           # lstm/gru/rnn hidden width
     block_size: int = 256
     dropout: float = 0.0
@@ -96,12 +96,12 @@ class Train:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16          # sequences per micro-batch, per process
     batch_tokens: int = 0         # global batch in tokens per optimizer step (0: one micro-batch per process)
-    max_steps: int = 1100
+    max_steps: int = 850
     time_budget_s: float = 0.0    # also stop after this many seconds of training (0: no limit)
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2   # wsd: the final fraction of training that decays to min_lr
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 2.5e-3
+    min_lr: float = 2.5e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
     decay_embeddings: bool = True  # weight decay on embedding matrices too (never on norms or biases)
@@ -244,10 +244,10 @@ def _check(p: Params) -> None:
     m = p.model
     for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}: must be > 0")
-    need(m.n_embd % m.n_head == 0,
+    need(m.arch != "gpt" or m.n_embd % m.n_head == 0,
          f"model.n_embd: {m.n_embd} is not divisible by model.n_head ({m.n_head})")
     need(0 <= m.dropout < 1, "model.dropout: must be in [0, 1)")
-    need(m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
+    need(m.arch != "gpt" or m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
          f"model.positions: rope needs an even head size, got n_embd/n_head = {m.n_embd / m.n_head:g}")
     tr = p.train
     need(tr.max_steps > 0, f"train.max_steps: must be > 0, got {tr.max_steps}")

@@ -93,9 +93,10 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
     tok = read_json("metrics/tokenize.json")
     val, test = metrics["val"], metrics["test"]
     m = model_info["model"]
+    mfu = "" if train.get("mfu") is None else f" at {train['mfu']:.0%} MFU"
     lines = ["# Evaluation report", "",
              f"A {m['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
-             f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}), scores "
+             f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}{mfu}), scores "
              f"**{val['bits_per_byte']} bits per byte** on val against {val['unigram_bits_per_byte']} for a "
              f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.", ""]
     t = metrics.get("translation")

@@ -30,10 +30,14 @@ def make(arch: str, **kw) -> torch.nn.Module:
 def test_forward_returns_logits_and_mean_cross_entropy(arch):
     model = make(arch)
     idx, targets = torch.randint(V, (3, 16)), torch.randint(V, (3, 16))
-    logits, loss = model(idx, targets)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
     assert logits.shape == (3, 16, V)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
     assert torch.allclose(loss, expected)
+    # With gradients on (training), the same loss comes from the chunked output layer, no logits.
+    logits, train_loss = model(idx, targets)
+    assert logits is None and torch.allclose(train_loss, expected, atol=1e-5)
     # An untrained model is close to uniform: loss near ln(V).
     assert abs(loss.item() - torch.log(torch.tensor(float(V))).item()) < 0.5
     assert model(idx)[1] is None
@@ -128,3 +132,24 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
     assert flops_per_token(u, 16) == 6 * (count_parameters(u) - u.wpe.weight.numel() - u.wte.weight.numel()) + 12 * 2 * 32 * 16
     r = make("lstm")
     assert flops_per_token(r, 16) == 6 * (count_parameters(r) - r.embed.weight.numel())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeypatch):
+    from pipeline.model import LinearCrossEntropy
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)  # several chunks and a short last one
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, V, bias=bias)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    y = torch.randint(V, (3, 10))
+    plain = torch.nn.functional.cross_entropy(head(x).view(-1, V), y.view(-1))
+    ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
+    from pipeline.model import _logits_and_loss
+    logits, loss = _logits_and_loss(head, x, y)
+    assert logits is None and torch.allclose(loss, plain, atol=1e-6)
+    got = torch.autograd.grad(loss * 2, [x, *head.parameters()])
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():  # evaluation: logits and the same loss
+        logits, loss = _logits_and_loss(head, x, y)
+    assert logits.shape == (3, 10, V) and torch.allclose(loss, plain, atol=1e-6)

@@ -228,7 +228,7 @@ def test_apply_several_presets_in_order(params_copy):
 
 
 @pytest.mark.parametrize("overlay,needle", [
-    ("model:\n  n_head: 3\n", "model.n_embd"),
+    ("model:\n  n_head: 5\n", "model.n_embd"),
     ("model:\n  n_layr: 3\n", "model.n_layr"),
     ("train:\n  max_steps: 0\n", "train.max_steps"),
     ("model:\n  arch: transformer\n", "model.arch"),

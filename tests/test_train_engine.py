@@ -232,3 +232,16 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
         assert id(model.blocks[0].attn.qkv.weight) in decayed
         assert id(model.blocks[0].attn.qkv.bias) not in decayed and id(model.ln_f.weight) not in decayed
         assert (id(model.wte.weight) in decayed) == decay_embeddings
+
+
+def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"lr": 1.0e30, "min_lr": 1.0e30, "warmup_steps": 0, "grad_clip": 0.0,
+                              "checkpoint_interval": 1, "eval_interval": 1000})
+    proc = run_stage("train", folder, check=False)
+    assert_clean_error(proc, "loss became", "train.lr", "data/checkpoints")
+    kept = sorted(p.name for p in (folder / "data/checkpoints").iterdir())
+    assert kept and all(name.startswith("step_") for name in kept)
+    state = torch.load(folder / "data/checkpoints" / kept[-1] / "state.pt", weights_only=True)
+    assert 0 < state["progress"]["step"] < 60
+    assert not (folder / "data/model").exists()
