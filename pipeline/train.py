@@ -367,7 +367,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, weights: dict, best: dict | None, opt_state: dict, progress: Progress,
-                    fp: dict, m: P.Model, vocab_size: int) -> Path:
+                    fp: dict, m: P.Model, t: P.Train, vocab_size: int) -> Path:
     """Write step_NNNNNNN/ atomically (a temporary folder renamed); keep the newest few."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{progress.step:07d}"
@@ -378,6 +378,10 @@ def save_checkpoint(folder: Path, weights: dict, best: dict | None, opt_state: d
     if best is not None:
         save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
     state = {"optimizer": opt_state, "progress": progress.__dict__, "fingerprint": json.dumps(fp, sort_keys=True),
+             # Both are functions of the step (and of the training time under a budget), kept for the reader.
+             "loader": {"windows": "random, keyed by (seed, 0, step)", "seed": t.seed, "next_step": progress.step},
+             "scheduler": {"schedule": t.schedule, "next_step": progress.step,
+                           "time_fraction": progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0},
              "format": 1}
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -532,7 +536,7 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device, stop_signal: li
         progress.rng = rngs
         path = None
         if d.main:
-            path = save_checkpoint(ckpt_dir, weights, best_weights, opt_state, progress, fp, m, vocab_size)
+            path = save_checkpoint(ckpt_dir, weights, best_weights, opt_state, progress, fp, m, t, vocab_size)
         if d.world > 1:
             dist.barrier()
         return path

@@ -95,6 +95,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp
     state = torch.load(folder / "data/checkpoints/step_0000060/state.pt", weights_only=True)
     assert state["progress"]["step"] == 60 and state["progress"]["tokens_seen"] == 60 * 16 * 64
     assert len(state["progress"]["rng"]) == 1 and "state" in state["optimizer"]
+    assert state["loader"]["next_step"] == 60 and state["scheduler"]["schedule"] == "cosine"
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
