@@ -246,3 +246,13 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_check
     state = torch.load(folder / "data/checkpoints" / kept[-1] / "state.pt", weights_only=True)
     assert 0 < state["progress"]["step"] < 60
     assert not (folder / "data/model").exists()
+
+
+def test_compiled_training_matches_eager(prepared, tmp_path):
+    losses = {}
+    for compile_ in (False, True):
+        folder = copy_project(prepared, tmp_path / str(compile_))
+        set_params(folder, train={"compile": compile_, "max_steps": 4, "eval_interval": 2})
+        run_stage("train", folder)
+        losses[compile_] = step_losses(folder)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
