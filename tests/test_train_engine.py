@@ -132,10 +132,17 @@ def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path):
     proc = run_stage("train", folder)
     assert "not resuming" in proc.stdout and "model.n_embd" in proc.stdout and "starting fresh" in proc.stdout
     assert train_metrics(folder)["steps"] == 5
-    # Training params that change the result are named too (max_steps was 60 in the checkpoint).
+    # Training params that change the result are named too.
     set_params(folder, train={"lr": 1.0e-3})
     proc = run_stage("train", folder)
     assert "train.lr: 0.005 -> 0.001" in proc.stdout
+    # Another architecture, another vocabulary.
+    set_params(folder, model={"arch": "lstm"})
+    assert "model.arch" in run_stage("train", folder).stdout
+    sidecar = folder / "data/tokens/train.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + 8}))
+    assert "different token files (vocabulary or data changed)" in run_stage("train", folder).stdout
 
 
 @pytest.mark.parametrize("damaged", ["state.pt", "model.safetensors"])

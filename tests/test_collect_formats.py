@@ -1,0 +1,156 @@
+"""collect: compressed files, CSV/TSV/Parquet, aligned pair files, local archives, and the bad
+input the issue lists (invalid UTF-8, NUL bytes, BOM, CRLF, empty and binary files, missing
+columns, wrong Parquet schema, truncated gzip, unsafe archive members), through the stage command."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import zstandard
+
+from conftest import assert_clean_error, run_stage
+from test_collect import raw, setup, texts
+
+
+def source(name: str, fmt: str, path: str, **kw) -> dict:
+    return {"name": name, "kind": "file", "format": fmt, "path": path, **kw}
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics/collect.json").read_text())
+
+
+JSONL = b'{"text": "first document"}\n{"text": "second document"}\n'
+
+
+@pytest.mark.parametrize("suffix,compress", [
+    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
+    (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+])
+def test_compressed_files_are_read_transparently(tmp_path, suffix, compress):
+    (tmp_path / f"docs.jsonl{suffix}").write_bytes(compress(JSONL))
+    setup(tmp_path, [source("docs", "jsonl", f"docs.jsonl{suffix}")])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "docs") == ["first document", "second document"]
+
+
+def test_a_truncated_gzip_is_a_clean_error_naming_the_file(tmp_path):
+    data = gzip.compress(JSONL * 50)
+    (tmp_path / "docs.jsonl.gz").write_bytes(data[: len(data) // 2])
+    setup(tmp_path, [source("docs", "jsonl", "docs.jsonl.gz")])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "docs.jsonl.gz", "truncated or corrupt gz")
+    assert not (tmp_path / "data/raw").exists()
+
+
+def test_csv_tsv_and_parquet_with_named_columns(tmp_path):
+    pd.DataFrame({"id": [1, 2], "body": ["Hello, world", "Line one\nline two"], "title": ["A", "B"]}) \
+        .to_csv(tmp_path / "docs.csv", index=False)
+    (tmp_path / "pairs.tsv").write_text("en\tru\nGood morning\tДоброе утро\nThank you\tСпасибо\n", encoding="utf-8")
+    pd.DataFrame({"text": ["parquet one", "parquet two"]}).to_parquet(tmp_path / "docs.parquet")
+    setup(tmp_path, [source("csv", "csv", "docs.csv", text_columns=["title", "body"]),
+                     source("tsv", "tsv", "pairs.tsv", pair_columns=["en", "ru"]),
+                     source("pq", "parquet", "docs.parquet")])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "csv") == ["A\n\nHello, world", "B\n\nLine one\nline two"]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "tsv")] == [("Good morning", "Доброе утро"),
+                                                                   ("Thank you", "Спасибо")]
+    assert texts(tmp_path, "pq") == ["parquet one", "parquet two"]
+
+
+def test_a_table_without_the_named_column_is_a_clean_error(tmp_path):
+    pd.DataFrame({"body": ["x"]}).to_csv(tmp_path / "docs.csv", index=False)
+    setup(tmp_path, [source("csv", "csv", "docs.csv", text_columns=["text"])])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "docs.csv", "no column 'text'", "body")
+
+
+def test_a_parquet_file_with_the_wrong_schema_is_a_clean_error(tmp_path):
+    pd.DataFrame({"text": [1, 2]}).to_parquet(tmp_path / "numbers.parquet")
+    setup(tmp_path, [source("pq", "parquet", "numbers.parquet")])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "numbers.parquet", "column 'text'", "int64")
+    (tmp_path / "numbers.parquet").write_bytes(b"PAR1 not really parquet")
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "numbers.parquet", "not a readable PARQUET")
+
+
+def test_pairs_from_two_aligned_files(tmp_path):
+    (tmp_path / "en.txt").write_text("One\r\nTwo\n\nFour\n", encoding="utf-8")
+    (tmp_path / "ru.txt").write_text("Один\nДва\nТри\nЧетыре\n", encoding="utf-8")
+    setup(tmp_path, [source("pairs", "aligned", "en.txt", target_path="ru.txt")])
+    run_stage("collect", tmp_path)
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "pairs")] == [("One", "Один"), ("Two", "Два"),
+                                                                    ("Four", "Четыре")]
+    assert metrics(tmp_path)["pairs"]["empty_aligned_lines"] == 1
+    (tmp_path / "ru.txt").write_text("Один\nДва\n", encoding="utf-8")
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "en.txt has 4 lines", "ru.txt has 2")
+
+
+def test_damaged_text_is_cleaned_and_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfline one\r\nbad \xff byte\r\nnul\x00here\r\n")
+    (tmp_path / "b.txt").write_bytes(b"")
+    setup(tmp_path, [source("t", "text", "*.txt", split="lines")])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "t") == ["line one", "bad \ufffd byte", "nulhere"]
+    m = metrics(tmp_path)["t"]
+    assert (m["files"], m["empty_files"], m["invalid_utf8"], m["nul_bytes"], m["bom"]) == (2, 1, 1, 1, 1)
+
+
+def test_a_binary_file_given_as_text_is_a_clean_error(tmp_path):
+    (tmp_path / "image.txt").write_bytes(bytes(range(256)) * 40)
+    setup(tmp_path, [source("t", "text", "image.txt")])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "image.txt", "binary")
+
+
+def test_a_50_mb_single_line_is_one_document(tmp_path):
+    (tmp_path / "long.txt").write_bytes(b"word " * 10_000_000)
+    setup(tmp_path, [source("t", "text", "long.txt", split="lines")])
+    run_stage("collect", tmp_path)
+    assert metrics(tmp_path)["t"]["documents"] == 1 and metrics(tmp_path)["t"]["bytes"] == 50_000_000
+
+
+def tar_with(path: Path, members: dict[str, bytes], link: str | None = None) -> None:
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            t.addfile(info)
+
+
+def test_local_archives_are_read_by_member_glob(tmp_path):
+    tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha", "corpus/b.txt": b"Beta", "corpus/c.md": b"no"})
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
+        z.writestr("more/c.txt", "Gamma")
+    setup(tmp_path, [source("tar", "text", "corpus.tar.gz", members="corpus/*.txt"),
+                     source("zip", "text", "more.zip", members="more/*.txt")])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "tar") == ["Alpha", "Beta"] and texts(tmp_path, "zip") == ["Gamma"]
+
+
+@pytest.mark.parametrize("bad", ["corpus/../../evil.txt", "/abs/evil.txt", "link"])
+def test_unsafe_archive_members_are_refused(tmp_path, bad):
+    if bad == "link":
+        tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha"}, link="corpus/evil.txt")
+    else:
+        tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha", bad: b"Evil"})
+    setup(tmp_path, [source("tar", "text", "corpus.tar.gz", members="*evil.txt")])
+    proc = run_stage("collect", tmp_path, check=False)
+    assert_clean_error(proc, "corpus.tar.gz", "refused")
+    assert not (tmp_path / "data/raw").exists()
+
+
+def test_zip_with_a_parent_path_member_is_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.writestr("../evil.txt", "Evil")
+    setup(tmp_path, [source("zip", "text", "bad.zip", members="*.txt")])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.zip", "'../evil.txt'", "refused")
