@@ -8,26 +8,52 @@ repeated source is a duplicate too, so one source never has two targets in diffe
 The split is a hash of the normalised text (of the source side, for pairs): a document's split
 never changes when the corpus grows, and no test pair's source can appear in train.
 
-Writes data/clean/{train,val,test}.jsonl (records carry their "source") and metrics/clean.json.
+Optional, with params: PII scrubbing (e-mail addresses, phone numbers, IP addresses become
+[EMAIL], [PHONE], [IP]; on by default), Gopher/C4-style quality rules for documents, near-duplicate
+removal with MinHash LSH (datasketch, fixed seed; the source side of pairs), and decontamination:
+a train document that shares an n-word sequence with val or test is removed from train and listed.
+
+Writes data/clean/{train,val,test}.jsonl (records carry their "source"), data/clean/
+decontaminated.jsonl (train documents removed for overlap), metrics/clean.json and
+metrics/clean_report.md (per source: documents and bytes in and out, drops per reason, length
+quantiles, random dropped examples per reason).
+
+Memory: streaming, except the indexes. Exact duplicates: a 16-byte digest per kept document
+(about 100 bytes in a Python set). Near-duplicates: the LSH index and a 128-value signature per
+kept document (about 1.5 KB). Decontamination: one hash per word of val and test (about 70 bytes).
 """
 from __future__ import annotations
 
 import hashlib
 import html
 import json
+import random
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_json, read_jsonl, run_main, write_json
+from pipeline.common import PipelineError, atomic_dir, atomic_write_text, read_json, read_jsonl, run_main, write_json
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
 METRICS = Path("metrics/clean.json")
+REPORT = Path("metrics/clean_report.md")
 SPLITS = ("train", "val", "test")
-DROP_REASONS = ("empty", "too_short", "too_long", "length_ratio", "duplicate")
+QUALITY_REASONS = ("quality_alpha", "quality_word_length", "quality_repeated_lines", "quality_repeated_bigram",
+                   "quality_symbols")
+DROP_REASONS = ("empty", "too_short", "too_long", "length_ratio", *QUALITY_REASONS, "duplicate",
+                "near_duplicate", "contaminated")
+
+PII = {  # kind: pattern; replaced by [KIND]
+    "email": re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+    "ip": re.compile(r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+                     r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"),
+    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"),
+}
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[^\S\n]+")
@@ -69,6 +95,96 @@ def _key(*parts: str) -> bytes:
     return hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=16).digest()
 
 
+def scrub_pii(text: str, counts: Counter) -> str:
+    """Replace e-mail addresses, IP addresses and phone numbers (9 to 15 digits) with placeholders."""
+    for kind, pattern in PII.items():
+        def sub(m, kind=kind):
+            if kind == "phone" and not 9 <= sum(ch.isdigit() for ch in m.group()) <= 15:
+                return m.group()
+            counts[kind] += 1
+            return f"[{kind.upper()}]"
+        if kind == "email" and "@" not in text:
+            continue
+        text = pattern.sub(sub, text)
+    return text
+
+
+def quality_reason(text: str, c: P.Clean) -> str | None:
+    """The first Gopher/C4 rule a document breaks (documents of at least quality_min_words words)."""
+    words = text.split()
+    if len(words) < c.quality_min_words:
+        return None
+    non_space = sum(len(w) for w in words)
+    if sum(ch.isalpha() for ch in text) < c.min_alpha_fraction * non_space:
+        return "quality_alpha"
+    if not c.min_mean_word_length <= non_space / len(words) <= c.max_mean_word_length:
+        return "quality_word_length"
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines and (len(lines) - len(set(lines))) / len(lines) > c.max_duplicate_line_fraction:
+        return "quality_repeated_lines"
+    (top, count), = Counter(zip(words, words[1:])).most_common(1)
+    if count > 1 and count * (len(top[0]) + len(top[1])) > c.max_top_bigram_fraction * non_space:
+        return "quality_repeated_bigram"
+    if (text.count("#") + text.count("...") + text.count("\u2026")) > c.max_symbol_word_ratio * len(words):
+        return "quality_symbols"
+    return None
+
+
+class NearDuplicates:
+    """MinHash LSH over word shingles: `seen(text)` says whether a similar text was kept before."""
+
+    def __init__(self, c: P.Clean):
+        from datasketch import MinHash, MinHashLSH
+
+        self.c, self.MinHash = c, MinHash
+        self.lsh = MinHashLSH(threshold=c.near_dup_threshold, num_perm=c.minhash_perm)
+        self.signatures: list[np.ndarray] = []
+        self.cluster_of: dict[int, int] = {}  # kept document -> number of near-duplicates dropped for it
+
+    def seen(self, text: str) -> bool:
+        words = text.lower().split()
+        k = self.c.shingle_words
+        shingles = {" ".join(words[i:i + k]).encode("utf-8") for i in range(max(1, len(words) - k + 1))}
+        m = self.MinHash(num_perm=self.c.minhash_perm, seed=self.c.minhash_seed)
+        m.update_batch(list(shingles))
+        for key in sorted(self.lsh.query(m)):  # candidates; confirm with the estimated similarity
+            if np.mean(self.signatures[key] == m.hashvalues) >= self.c.near_dup_threshold:
+                self.cluster_of[key] = self.cluster_of.get(key, 0) + 1
+                return True
+        self.lsh.insert(len(self.signatures), m)
+        self.signatures.append(m.hashvalues)
+        return False
+
+
+def ngram_hashes(texts: list[str], n: int) -> np.ndarray:
+    """64-bit hashes of every n-word sequence (lower-cased) in the texts."""
+    out = []
+    for t in texts:
+        words = t.lower().split()
+        out.extend(int.from_bytes(hashlib.blake2b(" ".join(words[i:i + n]).encode("utf-8"), digest_size=8).digest(),
+                                  "little") for i in range(len(words) - n + 1))
+    return np.array(out, dtype=np.uint64)
+
+
+class Examples:
+    """Up to k dropped examples per reason, a deterministic reservoir sample."""
+
+    def __init__(self, k: int, seed: int = 0):
+        self.k, self.rng = k, random.Random(seed)
+        self.seen: Counter = Counter()
+        self.kept: dict[str, list] = defaultdict(list)
+
+    def add(self, reason: str, source: str, texts: list[str]) -> None:
+        self.seen[reason] += 1
+        item = (source, " ||| ".join(t[:300] for t in texts))
+        if len(self.kept[reason]) < self.k:
+            self.kept[reason].append(item)
+        else:
+            j = self.rng.randrange(self.seen[reason])
+            if j < self.k:
+                self.kept[reason][j] = item
+
+
 def drop_reason(texts: list[str], c: P.Clean) -> str | None:
     if any(not t for t in texts):
         return "empty"
@@ -82,55 +198,111 @@ def drop_reason(texts: list[str], c: P.Clean) -> str | None:
     return None
 
 
-def clean_source(name: str, pairs: bool, c: P.Clean, seen: set, writers: dict) -> dict:
-    """Clean one source's records into the split writers; return its counts."""
+class State:
+    """What cleaning carries from document to document: indexes, counts, samples."""
+
+    def __init__(self, c: P.Clean):
+        self.seen: set = set()
+        self.near = NearDuplicates(c) if c.near_dup else None
+        self.heldout_ngrams: list[np.ndarray] = []  # n-gram hashes of val and test documents
+        self.examples = Examples(c.report_examples)
+        self.lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"in": [], "kept": []})
+        self.pii: Counter = Counter()
+
+
+def clean_source(name: str, pairs: bool, c: P.Clean, state: State, writers: dict) -> dict:
+    """Clean one source's records into the split writers (train: a scratch file); return its counts."""
     kept = Counter()
     kept_bytes = Counter()
     dropped = Counter({r: 0 for r in DROP_REASONS})
-    documents_in = 0
+    documents_in = bytes_in = 0
+    pii = Counter()
+    lengths = state.lengths[name]
     for rec in read_jsonl(RAW_DIR / f"{name}.jsonl"):
         documents_in += 1
-        if pairs:
-            texts = [normalize(rec["src"], c.normalization, True), normalize(rec["tgt"], c.normalization, True)]
-            # Exact duplicates on the pair, and on the source side alone.
-            keys = [_key("pair", *texts), _key("src", texts[0])]
-        else:
-            texts = [normalize(rec["text"], c.normalization)]
-            keys = [_key("text", texts[0])]
+        raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
+        bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
+        lengths["in"].append(sum(len(t) for t in raw_texts))
+        texts = [normalize(t, c.normalization, pairs) for t in raw_texts]
+        if c.scrub_pii:
+            texts = [scrub_pii(t, pii) for t in texts]
+        # Exact duplicates on the pair, and on the source side alone.
+        keys = [_key("pair", *texts), _key("src", texts[0])] if pairs else [_key("text", texts[0])]
         reason = drop_reason(texts, c)
-        if reason is None and any(k in seen for k in keys):
+        if reason is None and c.quality_filters and not pairs:
+            reason = quality_reason(texts[0], c)
+        if reason is None and any(k in state.seen for k in keys):
             reason = "duplicate"
+        if reason is None and state.near is not None and state.near.seen(texts[0]):
+            reason = "near_duplicate"
         if reason:
             dropped[reason] += 1
+            state.examples.add(reason, name, texts if any(texts) else raw_texts)
             continue
-        seen.update(keys)
+        state.seen.update(keys)
         split = split_of(texts[0], c)
+        if split != "train" and c.decontaminate_ngram:
+            state.heldout_ngrams.append(ngram_hashes(texts, c.decontaminate_ngram))
         out = {"source": name, **({"src": texts[0], "tgt": texts[1]} if pairs else {"text": texts[0]})}
         writers[split].write(json.dumps(out, ensure_ascii=False) + "\n")
         kept[split] += 1
         kept_bytes[split] += sum(len(t.encode("utf-8")) for t in texts)
+        lengths["kept"].append(sum(len(t) for t in texts))
+    state.pii.update(pii)
     return {
         "documents_in": documents_in,
+        "bytes_in": bytes_in,
         "documents_kept": sum(kept.values()),
         "bytes_kept": sum(kept_bytes.values()),
         "dropped": dict(dropped),
+        "pii_replaced": {k: pii[k] for k in PII},
         "splits": {s: {"documents": kept[s], "bytes": kept_bytes[s]} for s in SPLITS},
     }
+
+
+def decontaminate(scratch: Path, out: Path, c: P.Clean, state: State, per_source: dict) -> int:
+    """Copy train from the scratch file, dropping (and listing) documents that share an n-gram with val/test."""
+    held = np.unique(np.concatenate(state.heldout_ngrams)) if state.heldout_ngrams else np.array([], np.uint64)
+    removed = 0
+    with open(out / "train.jsonl", "w", encoding="utf-8") as train, \
+            open(out / "decontaminated.jsonl", "w", encoding="utf-8") as listed:
+        for rec in read_jsonl(scratch):
+            texts = [rec[k] for k in ("src", "tgt", "text") if k in rec]
+            if c.decontaminate_ngram and len(held):
+                hashes = ngram_hashes(texts, c.decontaminate_ngram)
+                if len(hashes) and np.isin(hashes, held).any():
+                    removed += 1
+                    m = per_source[rec["source"]]
+                    m["dropped"]["contaminated"] += 1
+                    m["documents_kept"] -= 1
+                    size = sum(len(t.encode("utf-8")) for t in texts)
+                    m["bytes_kept"] -= size
+                    m["splits"]["train"]["documents"] -= 1
+                    m["splits"]["train"]["bytes"] -= size
+                    state.examples.add("contaminated", rec["source"], texts)
+                    listed.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    continue
+            train.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    scratch.unlink()
+    return removed
 
 
 def main() -> None:
     c = P.load().clean
     manifest = read_json(RAW_DIR / "manifest.json")
     per_source = {}
+    state = State(c)
     with atomic_dir(OUT_DIR) as out:
-        writers = {s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+        scratch = out / "train.scratch.jsonl"
+        writers = {"train": open(scratch, "w", encoding="utf-8"),
+                   **{s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in ("val", "test")}}
         try:
-            seen: set = set()
             for src in manifest["sources"]:
-                per_source[src["name"]] = clean_source(src["name"], src["pairs"], c, seen, writers)
+                per_source[src["name"]] = clean_source(src["name"], src["pairs"], c, state, writers)
         finally:
             for w in writers.values():
                 w.close()
+        contaminated = decontaminate(scratch, out, c, state, per_source)
         totals = {s: sum(m["splits"][s]["documents"] for m in per_source.values()) for s in SPLITS}
         if totals["train"] == 0:
             raise PipelineError("clean: no training documents left after cleaning "
@@ -140,16 +312,61 @@ def main() -> None:
             if totals[s] == 0:
                 raise PipelineError(f"clean: the {s} split is empty; the corpus is too small for "
                                     f"clean.{s}_fraction, raise it or add text")
+    near = state.near
     metrics = {
         "documents_kept": sum(m["documents_kept"] for m in per_source.values()),
         "bytes_kept": sum(m["bytes_kept"] for m in per_source.values()),
         "dropped": _sum_dropped(per_source),
+        "pii_replaced": {k: state.pii[k] for k in PII},
+        "near_duplicate_clusters": len(near.cluster_of) if near else 0,
+        "contaminated_removed_from_train": contaminated,
         "splits": totals,
         "sources": per_source,
     }
     write_json(METRICS, metrics)
+    atomic_write_text(REPORT, clean_report(metrics, state.lengths, state.examples.kept))
     print(f"clean: kept {metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes), "
-          f"dropped {metrics['dropped']}, splits {totals} -> {OUT_DIR}")
+          f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR}")
+
+
+def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
+    """metrics/clean_report.md: what went in, what came out and why, for a reviewer."""
+    import pandas as pd
+
+    def table(df: pd.DataFrame) -> str:
+        return df.to_markdown()  # tabulate, which dvc already needs
+
+    sources = metrics["sources"]
+    rows = {name: {"documents in": m["documents_in"], "documents out": m["documents_kept"],
+                   "bytes in": m["bytes_in"], "bytes out": m["bytes_kept"],
+                   "train/val/test": "/".join(str(m["splits"][s]["documents"]) for s in SPLITS)}
+            for name, m in sources.items()}
+    drops = pd.DataFrame({name: m["dropped"] for name, m in sources.items()})
+    drops = drops[(drops.T != 0).any()] if len(drops) else drops
+    quantiles = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
+    qrows = {}
+    for name, ls in lengths.items():
+        for which in ("in", "kept"):
+            if ls[which]:
+                q = np.quantile(np.array(ls[which]), quantiles)
+                qrows[f"{name}, {which}"] = {f"q{int(p * 100)}": int(v) for p, v in zip(quantiles, q)}
+    lines = ["# Cleaning report", "",
+             f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
+             f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
+             f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
+             f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
+             f"data/clean/decontaminated.jsonl).", "",
+             "## Per source", "", table(pd.DataFrame(rows).T), "",
+             "## Dropped, per reason", "", table(drops) if len(drops) else "Nothing was dropped.", "",
+             "## Length in characters (quantiles), before and after", "",
+             table(pd.DataFrame(qrows).T) if qrows else "No documents.", ""]
+    if examples:
+        lines += ["## Dropped examples (random, per reason)", ""]
+        for reason in DROP_REASONS:
+            for source, text in examples.get(reason, []):
+                lines.append(f"- **{reason}** ({source}): `{text[:200].replace('`', chr(39))}`".replace("\n", " "))
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _sum_dropped(per_source: dict) -> dict:

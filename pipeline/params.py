@@ -71,6 +71,24 @@ class Clean:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     split_salt: str = "lmpipe"
+    scrub_pii: bool = True        # replace e-mail addresses, phone numbers and IP addresses (counted)
+    # Gopher/C4-style quality rules for documents (not pairs) of at least quality_min_words words
+    quality_filters: bool = False
+    quality_min_words: int = 50
+    min_alpha_fraction: float = 0.6        # letters among non-space characters
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_duplicate_line_fraction: float = 0.3
+    max_top_bigram_fraction: float = 0.2   # characters in the most frequent word pair
+    max_symbol_word_ratio: float = 0.1     # "#", "..." and "…" per word
+    # near-duplicates: MinHash LSH over word shingles (the source side of pairs)
+    near_dup: bool = False
+    near_dup_threshold: float = 0.8
+    shingle_words: int = 5
+    minhash_perm: int = 128
+    minhash_seed: int = 1
+    decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
+    report_examples: int = 10     # dropped examples per reason in metrics/clean_report.md
 
 
 @dataclass
@@ -256,6 +274,11 @@ def _check(p: Params) -> None:
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
+    need(0 < c.near_dup_threshold <= 1, f"clean.near_dup_threshold: must be in (0, 1], got {c.near_dup_threshold}")
+    need(c.shingle_words >= 1 and c.minhash_perm >= 16 and c.decontaminate_ngram >= 0 and c.report_examples >= 0,
+         "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0")
+    need(0 < c.min_mean_word_length <= c.max_mean_word_length,
+         "clean.min_mean_word_length/max_mean_word_length: need 0 < min <= max")
     need(c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
          "clean.val_fraction/test_fraction: each must be > 0 and together < 1")
     t = p.tokenize
