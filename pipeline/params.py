@@ -97,6 +97,7 @@ class Tokenize:
     vocab_size: int = 4096
     character_coverage: float = 0.9995
     max_sentence_chars: int = 4000
+    sample_bytes: int = 100_000_000  # learn the pieces from a hash-chosen sample of about this much train text (0: all)
     num_threads: int = 0          # 0: all cores
 
 
@@ -284,6 +285,7 @@ def _check(p: Params) -> None:
     t = p.tokenize
     need(t.vocab_size >= 16, f"tokenize.vocab_size: {t.vocab_size} is too small (at least 16)")
     need(0 < t.character_coverage <= 1, "tokenize.character_coverage: must be in (0, 1]")
+    need(t.sample_bytes >= 0, f"tokenize.sample_bytes: must be >= 0, got {t.sample_bytes}")
     m = p.model
     for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}: must be > 0")

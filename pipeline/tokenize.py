@@ -8,12 +8,20 @@ Documents become one flat token stream per split, each followed by the end token
 rendered as <src> source <tgt> target </s>. Each split file begins with </s>, so every token of
 every document has a predecessor and is predicted. Files: data/tokens/{split}.bin (uint16 when
 the vocabulary fits, else uint32) with a JSON sidecar, tokenizer.model, and metrics/tokenize.json.
+
+Streaming: the tokenizer learns from a deterministic sample of train (documents chosen by a hash
+of their text, about tokenize.sample_bytes in all; everything when train is smaller), and each
+split is read and encoded in batches (sentencepiece's multithreaded batch encoding) and written
+as it goes, so memory does not grow with the corpus.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -26,6 +34,7 @@ OUT_DIR = Path("data/tokens")
 METRICS = Path("metrics/tokenize.json")
 SPLITS = ("train", "val", "test")
 SRC, TGT = "<src>", "<tgt>"
+ENCODE_BATCH = 20000  # records per multithreaded encode call
 
 
 class Tokenizer:
@@ -71,7 +80,7 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def training_sentences(records: list[dict], max_chars: int):
+def training_sentences(records, max_chars: int):
     """Lines of train text (both sides of pairs): what sentencepiece learns its pieces from."""
     for r in records:
         for key in text_fields(r):
@@ -80,7 +89,25 @@ def training_sentences(records: list[dict], max_chars: int):
                     yield line
 
 
-def train_tokenizer(records: list[dict], t: P.Tokenize, out: Path) -> Tokenizer:
+def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], dict]:
+    """The train documents the tokenizer learns from: all, or a hash-chosen ~sample_bytes of them.
+
+    Returns the records (read lazily) and a summary. The choice depends only on each document's
+    text, so it is the same on every run and for every number of workers.
+    """
+    total = sum(utf8_bytes(r) for r in read_jsonl(path))
+    rate = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
+
+    def chosen(r: dict) -> bool:
+        if rate >= 1.0:
+            return True
+        key = "\0".join(r[k] for k in text_fields(r)).encode("utf-8")
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") < rate * 2**64
+
+    return (r for r in read_jsonl(path) if chosen(r)), {"train_bytes": total, "sample_rate": round(rate, 6)}
+
+
+def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -115,51 +142,60 @@ def train_tokenizer(records: list[dict], t: P.Tokenize, out: Path) -> Tokenizer:
     return tok
 
 
-def encode_split(tok: Tokenizer, records: list[dict], path: Path, num_threads: int) -> dict:
-    """Write one split's token file; return its sidecar (with each source's token range)."""
+def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) -> dict:
+    """Write one split's token file, batch by batch; return its sidecar (with each source's token range).
+
+    clean writes each source's records together; a source that comes back after another is an error
+    (its tokens would not be one range).
+    """
     dtype = dtype_for(tok.vocab_size)
-    fields = [text_fields(r) for r in records]
-    # One batched (multithreaded) encode of every text, handed back record by record.
-    encoded = iter(tok.encode([r[k] for r, ks in zip(records, fields) for k in ks], num_threads))
     sources: dict[str, dict] = {}
-    pos = 1
+    pos, documents, current = 1, 0, None
+    records = read_jsonl(path_in)
     with open(path, "wb") as f:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
-        for r, ks in zip(records, fields):
-            seq = tok.render(r, {k: next(encoded) for k in ks})
-            f.write(np.asarray(seq, dtype=dtype).tobytes())
-            s = sources.setdefault(r["source"], {"start": pos, "end": pos, "documents": 0, "bytes": 0})
-            s["end"] = pos + len(seq)
-            s["documents"] += 1
-            s["bytes"] += utf8_bytes(r)
-            pos += len(seq)
+        while batch := list(itertools.islice(records, ENCODE_BATCH)):
+            fields = [text_fields(r) for r in batch]
+            # One batched (multithreaded) encode of every text, handed back record by record.
+            encoded = iter(tok.encode([r[k] for r, ks in zip(batch, fields) for k in ks], num_threads))
+            for r, ks in zip(batch, fields):
+                seq = tok.render(r, {k: next(encoded) for k in ks})
+                f.write(np.asarray(seq, dtype=dtype).tobytes())
+                if r["source"] != current:
+                    if r["source"] in sources:
+                        raise PipelineError(f"{path_in}: source '{r['source']}' is not contiguous; re-run clean")
+                    sources[r["source"]] = {"start": pos, "end": pos, "documents": 0, "bytes": 0}
+                    current = r["source"]
+                s = sources[current]
+                s["end"] = pos + len(seq)
+                s["documents"] += 1
+                s["bytes"] += utf8_bytes(r)
+                pos += len(seq)
+                documents += 1
     return {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "tokens": pos,
         "bytes": sum(s["bytes"] for s in sources.values()),
-        "documents": len(records),
+        "documents": documents,
         "sources": sources,
     }
 
 
-def load_split(name: str) -> list[dict]:
-    records = list(read_jsonl(CLEAN_DIR / f"{name}.jsonl"))
-    # Sources stay contiguous (stable sort), so each has one token range for per-source metrics.
-    order = {s: i for i, s in enumerate(dict.fromkeys(r["source"] for r in records))}
-    return sorted(records, key=lambda r: order[r["source"]])
-
-
 def main() -> None:
     t = P.load().tokenize
-    splits = {s: load_split(s) for s in SPLITS}
-    if not splits["train"]:
-        raise PipelineError(f"{CLEAN_DIR / 'train.jsonl'}: no documents to train the tokenizer on")
-    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, "splits": {}}
+    paths = {s: CLEAN_DIR / f"{s}.jsonl" for s in SPLITS}
+    for path in paths.values():
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing (run the clean stage first: dvc repro)")
+    records, sampled = sample(paths["train"], t.sample_bytes)
+    if sampled["train_bytes"] == 0:
+        raise PipelineError(f"{paths['train']}: no documents to train the tokenizer on")
+    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, **sampled, "splits": {}}
     with atomic_dir(OUT_DIR) as out:
-        tok = train_tokenizer(splits["train"], t, out)
-        for name, records in splits.items():
-            meta = encode_split(tok, records, out / f"{name}.bin", t.num_threads)
+        tok = train_tokenizer(records, t, out)
+        for name, path in paths.items():
+            meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)
             write_json(out / f"{name}.json", meta)
             metrics["splits"][name] = {
                 "tokens": meta["tokens"],

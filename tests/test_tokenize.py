@@ -200,3 +200,33 @@ def test_tokenize_before_clean_is_a_clean_error(prepared, tmp_path):
     proc = run_stage("tokenize", folder, check=False)
     assert_clean_error(proc, "data/clean/train.jsonl")
     assert not (folder / "data" / "tokens").exists()
+
+
+def test_the_tokenizer_learns_from_a_deterministic_sample_and_encodes_in_batches(prepared, tmp_path, monkeypatch):
+    runs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        shutil.copytree(prepared, folder)
+        params = read_yaml(folder / "params.yaml")
+        params["tokenize"]["sample_bytes"] = 30_000
+        write_params(folder, params)
+        run_stage("tokenize", folder)
+        runs.append(folder)
+    a, b = runs
+    assert snapshot(a, "data/tokens") == snapshot(b, "data/tokens")  # same sample, same tokenizer
+    m = json.loads((a / "metrics/tokenize.json").read_text())
+    assert m["train_bytes"] > 30_000 and 0 < m["sample_rate"] < 1
+    assert (a / "data/tokens/tokenizer.model").read_bytes() != (prepared / "data/tokens/tokenizer.model").read_bytes()
+    # Still lossless on all of train, including documents the sample left out.
+    tok = Tokenizer(a / "data/tokens/tokenizer.model")
+    for r in clean_records(a, "train")[:200]:
+        for k in ("text", "src", "tgt"):
+            if k in r:
+                assert tok.decode(tok.encode([r[k]])[0]) == r[k]
+    # Batch size does not change the token file.
+    import pipeline.tokenize as T
+    monkeypatch.setattr(T, "ENCODE_BATCH", 7)
+    monkeypatch.chdir(prepared)
+    out = tmp_path / "small_batches.bin"
+    T.encode_split(T.Tokenizer(prepared / "data/tokens/tokenizer.model"), prepared / "data/clean/val.jsonl", out, 1)
+    assert out.read_bytes() == (prepared / "data/tokens/val.bin").read_bytes()
