@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import params as P  # noqa: E402
 from pipeline.model import build_model, count_parameters, flops_per_token  # noqa: E402
-from pipeline.train import GPU_BF16_PEAK, CudaAutocast, accumulate_step, make_optimizer  # noqa: E402
+from pipeline.train import CudaAutocast, accumulate_step, cpu_matmul_flops, make_optimizer, peak_flops  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
 LSTM = P.read_yaml(ROOT / "params" / "lstm.yaml")
@@ -56,17 +56,6 @@ COMPARE = {
     "gru": P.merge(LSTM, {"model": {"arch": "gru"}}),
     "rnn": P.merge(LSTM, {"model": {"arch": "rnn"}}),
 }
-
-
-def matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        if a.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(args) -> None:
@@ -107,15 +96,11 @@ def measure(args) -> None:
     print(f"parameters: {n_params:,}; model FLOPs per token: {fpt / 1e6:.2f} M (6N + 12*L*d*T)")
 
     if cuda:
-        name = torch.cuda.get_device_name()
-        peak_fixed = next((p for k, p in GPU_BF16_PEAK.items() if k in name), None)
+        peak_fixed = peak_flops(device)
         if peak_fixed is None:
-            print(f"warning: no bf16 peak known for {name}; MFU is against an H100's 989 TFLOP/s")
+            print(f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; MFU is against an H100's 989 TFLOP/s")
             peak_fixed = 989e12
         print(f"peak: {peak_fixed / 1e12:.0f} TFLOP/s (bf16 dense, data sheet)")
-    else:
-        a, b = torch.randn(args.matmul, args.matmul), torch.randn(args.matmul, args.matmul)
-        a @ b
     results = {v: [] for v in variants}
     peaks = []
     steps_per_round = max(1, args.steps // args.rounds)
@@ -123,7 +108,7 @@ def measure(args) -> None:
         if cuda:
             peak = peak_fixed
         else:
-            peak = 2 * args.matmul ** 3 / matmul_seconds(a, b, 5)
+            peak = cpu_matmul_flops(args.matmul, 5)
             peaks.append(peak)
         for v in variants:
             fwd, opt, x, y = runs[v]

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, atomic_write_text, read_json, read_jsonl, run_main, write_json
+from pipeline.common import (PipelineError, atomic_dir, atomic_write_text, read_json, read_jsonl, run_main,
+                             text_fields, utf8_bytes, write_json)
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
@@ -97,16 +98,20 @@ def _key(*parts: str) -> bytes:
 
 def scrub_pii(text: str, counts: Counter) -> str:
     """Replace e-mail addresses, IP addresses and phone numbers (9 to 15 digits) with placeholders."""
-    for kind, pattern in PII.items():
-        def sub(m, kind=kind):
-            if kind == "phone" and not 9 <= sum(ch.isdigit() for ch in m.group()) <= 15:
-                return m.group()
-            counts[kind] += 1
-            return f"[{kind.upper()}]"
-        if kind == "email" and "@" not in text:
-            continue
-        text = pattern.sub(sub, text)
-    return text
+    if "@" in text:
+        text, n = PII["email"].subn("[EMAIL]", text)
+        counts["email"] += n
+    if ":" not in text and not any(ch.isdigit() for ch in text):  # the common case: no IP, no phone
+        return text
+    text, n = PII["ip"].subn("[IP]", text)
+    counts["ip"] += n
+
+    def phone(m: re.Match) -> str:
+        if not 9 <= sum(ch.isdigit() for ch in m.group()) <= 15:
+            return m.group()
+        counts["phone"] += 1
+        return "[PHONE]"
+    return PII["phone"].sub(phone, text)
 
 
 def quality_reason(text: str, c: P.Clean) -> str | None:
@@ -261,28 +266,29 @@ def clean_source(name: str, pairs: bool, c: P.Clean, state: State, writers: dict
 
 
 def decontaminate(scratch: Path, out: Path, c: P.Clean, state: State, per_source: dict) -> int:
-    """Copy train from the scratch file, dropping (and listing) documents that share an n-gram with val/test."""
+    """Copy train from the scratch file, moving documents that share an n-gram with val/test to
+    decontaminated.jsonl (and out of the counts)."""
     held = np.unique(np.concatenate(state.heldout_ngrams)) if state.heldout_ngrams else np.array([], np.uint64)
     removed = 0
-    with open(out / "train.jsonl", "w", encoding="utf-8") as train, \
+    with open(scratch, encoding="utf-8") as lines, open(out / "train.jsonl", "w", encoding="utf-8") as train, \
             open(out / "decontaminated.jsonl", "w", encoding="utf-8") as listed:
-        for rec in read_jsonl(scratch):
-            texts = [rec[k] for k in ("src", "tgt", "text") if k in rec]
-            if c.decontaminate_ngram and len(held):
-                hashes = ngram_hashes(texts, c.decontaminate_ngram)
-                if len(hashes) and np.isin(hashes, held).any():
-                    removed += 1
-                    m = per_source[rec["source"]]
-                    m["dropped"]["contaminated"] += 1
-                    m["documents_kept"] -= 1
-                    size = sum(len(t.encode("utf-8")) for t in texts)
-                    m["bytes_kept"] -= size
-                    m["splits"]["train"]["documents"] -= 1
-                    m["splits"]["train"]["bytes"] -= size
-                    state.examples.add("contaminated", rec["source"], texts)
-                    listed.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    continue
-            train.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        for line in lines:
+            rec = json.loads(line)
+            texts = [rec[k] for k in text_fields(rec)]
+            hashes = ngram_hashes(texts, c.decontaminate_ngram)
+            if not (len(hashes) and np.isin(hashes, held).any()):
+                train.write(line)
+                continue
+            removed += 1
+            m = per_source[rec["source"]]
+            size = utf8_bytes(rec)
+            m["dropped"]["contaminated"] += 1
+            m["documents_kept"] -= 1
+            m["bytes_kept"] -= size
+            m["splits"]["train"]["documents"] -= 1
+            m["splits"]["train"]["bytes"] -= size
+            state.examples.add("contaminated", rec["source"], texts)
+            listed.write(line)
     scratch.unlink()
     return removed
 
@@ -293,7 +299,9 @@ def main() -> None:
     per_source = {}
     state = State(c)
     with atomic_dir(OUT_DIR) as out:
-        scratch = out / "train.scratch.jsonl"
+        # With decontamination, train goes to a scratch file first: which documents to drop is
+        # known only once val and test are complete.
+        scratch = out / ("train.scratch.jsonl" if c.decontaminate_ngram else "train.jsonl")
         writers = {"train": open(scratch, "w", encoding="utf-8"),
                    **{s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in ("val", "test")}}
         try:
@@ -302,7 +310,11 @@ def main() -> None:
         finally:
             for w in writers.values():
                 w.close()
-        contaminated = decontaminate(scratch, out, c, state, per_source)
+        contaminated = 0
+        if c.decontaminate_ngram:
+            contaminated = decontaminate(scratch, out, c, state, per_source)
+        else:
+            (out / "decontaminated.jsonl").touch()
         totals = {s: sum(m["splits"][s]["documents"] for m in per_source.values()) for s in SPLITS}
         if totals["train"] == 0:
             raise PipelineError("clean: no training documents left after cleaning "

@@ -17,7 +17,6 @@ data/raw/manifest.json with each source's lineage, and metrics/collect.json.
 from __future__ import annotations
 
 import bz2
-import codecs
 import csv
 import fnmatch
 import glob
@@ -28,32 +27,45 @@ import lzma
 import os
 import re
 import sqlite3
-import zlib
-from collections import Counter
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
+
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, run_main, sha256_file, utf8_bytes, write_json
+from pipeline.common import PipelineError, atomic_dir, first_line, run_main, sha256_file, utf8_bytes, write_json
 
 OUT_DIR = Path("data/raw")
 METRICS = Path("metrics/collect.json")
 
 
+def cache_slot(cache_dir: Path, sha256: str, name: str) -> tuple[Path, bool]:
+    """Where a download with this digest lives in the cache, and whether a verified copy is there.
+
+    Keyed by digest: a wrong sha256 in params misses the cache and never evicts a good file; a
+    file corrupted in place is removed, to be fetched again.
+    """
+    cached = cache_dir / "downloads" / sha256 / name
+    if cached.is_file():
+        if sha256_file(cached) == sha256:
+            return cached, True
+        cached.unlink()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return cached, False
+
+
 def fetch_pypi(src: P.Source, cache_dir: Path) -> Path:
     """Return the verified archive for `src`, downloading it once into `cache_dir`."""
-    # Keyed by digest: a wrong sha256 in params misses the cache and never evicts a good file.
-    cached = cache_dir / "downloads" / src.sha256 / src.filename
-    if cached.is_file():
-        if sha256_file(cached) == src.sha256:
-            return cached
-        cached.unlink()  # corrupted in place: fetch again, then verify
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached, hit = cache_slot(cache_dir, src.sha256, src.filename)
+    if hit:
+        return cached
     binary = ["--no-binary=:all:"] if src.dist == "sdist" else ["--only-binary=:all:"]
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -85,12 +97,9 @@ def fetch_url(src: P.Source, cache_dir: Path, timeout: float, retries: int) -> P
     import urllib.request
 
     name = src.filename or src.url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "download"
-    cached = cache_dir / "downloads" / src.sha256 / name
-    if cached.is_file():
-        if sha256_file(cached) == src.sha256:
-            return cached
-        cached.unlink()
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached, hit = cache_slot(cache_dir, src.sha256, name)
+    if hit:
+        return cached
     part = cached.with_name(cached.name + ".part")
     print(f"collect: downloading {src.url}", flush=True)
     last_error = ""
@@ -166,15 +175,6 @@ def archive_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
         raise PipelineError(f"{archive}: truncated or corrupt archive ({e})") from None
 
 
-def _count_and_replace(err: UnicodeDecodeError):
-    _count_and_replace.invalid += 1
-    return "\ufffd", err.end
-
-
-_count_and_replace.invalid = 0
-codecs.register_error("lmpipe-count", _count_and_replace)
-
-
 def looks_binary(data: bytes) -> bool:
     """Over 30% of the first 64 KB are control bytes (other than tab, newline, FF, CR) or not UTF-8.
 
@@ -193,9 +193,12 @@ def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> 
     stats = stats if stats is not None else Counter()
     if looks_binary(data):
         raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
-    _count_and_replace.invalid = 0
-    text = data.decode("utf-8", errors="lmpipe-count")
-    stats["invalid_utf8"] += _count_and_replace.invalid
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # each invalid sequence became one U+FFFD; real U+FFFDs in the file were already there
+        stats["invalid_utf8"] += text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
     if "\x00" in text:
         stats["nul_bytes"] += text.count("\x00")
         text = text.replace("\x00", "")
@@ -303,8 +306,7 @@ def records_from_table(data: bytes, fmt: str, origin: str, columns, stats: Count
     except PipelineError:
         raise
     except Exception as e:  # pandas/pyarrow parse errors: one line naming the file
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise PipelineError(f"{origin}: not a readable {fmt.upper()} file ({type(e).__name__}: {msg})") from None
+        raise PipelineError(f"{origin}: not a readable {fmt.upper()} file ({first_line(e)})") from None
     if columns is None:
         names = set(df.columns)
         columns = ("pair", ["src", "tgt"]) if {"src", "tgt"} <= names else ("text", ["text"])
@@ -337,23 +339,14 @@ def gettext_pair(msgid: str, msgstr: str, origin: str, stats: Counter) -> dict |
     return {"src": msgid, "tgt": msgstr, "origin": origin}
 
 
-def records_from_po(text: str, origin: str, stats: Counter) -> Iterator[dict]:
-    """Pairs from a .po catalog, skipping fuzzy, obsolete (#~), untranslated and placeholder-only entries."""
+def po_entries(text: str, origin: str) -> Iterator[dict]:
+    """The entries of a .po catalog as dicts: msgctxt, msgid, msgid_plural, msgstr or msgstr[N],
+    plus "flags" (from "#,") and "obsolete" (from "#~")."""
     def unquote(line: str, lineno: int) -> str:
         line = line.strip()
         if len(line) < 2 or line[0] != '"' or line[-1] != '"':
             raise PipelineError(f"{origin}:{lineno}: expected a quoted string, got {line[:60]!r}")
         return re.sub(r'\\(.)', lambda m: PO_ESCAPES.get(m.group(1), m.group(1)), line[1:-1])
-
-    def finish(entry: dict) -> dict | None:
-        if entry.get("obsolete"):
-            stats["gettext_obsolete"] += 1
-        elif "msgid" in entry and entry["msgid"] and "fuzzy" in entry.get("flags", ()):
-            stats["gettext_fuzzy"] += 1
-        elif "msgid" in entry:
-            # plural entries: the singular msgid with the first form
-            return gettext_pair(entry["msgid"], entry.get("msgstr", entry.get("msgstr[0]", "")), origin, stats)
-        return None
 
     entry: dict = {}
     key = None
@@ -361,35 +354,42 @@ def records_from_po(text: str, origin: str, stats: Counter) -> Iterator[dict]:
         stripped = line.strip()
         if stripped.startswith("#~"):
             entry["obsolete"] = True
-            continue
-        if stripped.startswith("#,"):
+        elif stripped.startswith("#,"):
             entry.setdefault("flags", set()).update(f.strip() for f in stripped[2:].split(","))
-            continue
-        if not stripped or stripped.startswith("#"):
-            if not stripped and "msgid" in entry:
-                rec = finish(entry)
-                if rec:
-                    yield rec
+        elif not stripped or stripped.startswith("#"):
+            if not stripped and ("msgid" in entry or entry.get("obsolete")):
+                yield entry
                 entry, key = {}, None
-            continue
-        if stripped.startswith('"'):
+        elif stripped.startswith('"'):
             if key is None:
                 raise PipelineError(f"{origin}:{lineno}: a continued string outside an entry")
             entry[key] += unquote(stripped, lineno)
+        else:
+            word, _, rest = stripped.partition(" ")
+            if word not in ("msgctxt", "msgid", "msgid_plural", "msgstr") and not re.fullmatch(r"msgstr\[\d+\]", word):
+                raise PipelineError(f"{origin}:{lineno}: unexpected {word!r} in a gettext catalog")
+            if word in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in entry):
+                yield entry  # a new entry without a blank line before it
+                entry = {}
+            key = word
+            entry[key] = unquote(rest, lineno)
+    if entry:
+        yield entry
+
+
+def records_from_po(text: str, origin: str, stats: Counter) -> Iterator[dict]:
+    """Pairs from a .po catalog, skipping fuzzy, obsolete (#~), untranslated and placeholder-only entries."""
+    for entry in po_entries(text, origin):
+        if entry.get("obsolete"):
+            stats["gettext_obsolete"] += 1
+        elif "msgid" not in entry:
             continue
-        word, _, rest = stripped.partition(" ")
-        if word not in ("msgctxt", "msgid", "msgid_plural", "msgstr") and not re.fullmatch(r"msgstr\[\d+\]", word):
-            raise PipelineError(f"{origin}:{lineno}: unexpected {word!r} in a gettext catalog")
-        if word in ("msgctxt", "msgid") and any(k.startswith("msgstr") for k in entry):
-            rec = finish(entry)  # a new entry without a blank line before it
+        elif entry["msgid"] and "fuzzy" in entry.get("flags", ()):
+            stats["gettext_fuzzy"] += 1
+        else:  # plural entries: the singular msgid with the first form
+            rec = gettext_pair(entry["msgid"], entry.get("msgstr", entry.get("msgstr[0]", "")), origin, stats)
             if rec:
                 yield rec
-            entry = {}
-        key = word
-        entry[key] = unquote(rest, lineno)
-    rec = finish(entry)
-    if rec:
-        yield rec
 
 
 def records_from_mo(data: bytes, origin: str, stats: Counter) -> Iterator[dict]:
@@ -498,17 +498,11 @@ def read_local(path: str) -> bytes:
             with DECOMPRESS[suffix](path, "rb") as f:
                 return f.read()
         if suffix == ".zst":
-            import zstandard
-
             with open(path, "rb") as f:
                 return zstandard.ZstdDecompressor().stream_reader(f).read()
         return Path(path).read_bytes()
-    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as e:
         raise PipelineError(f"{path}: truncated or corrupt {suffix[1:]} file ({e})") from None
-    except Exception as e:
-        if type(e).__module__.startswith("zstandard"):
-            raise PipelineError(f"{path}: truncated or corrupt zst file ({e})") from None
-        raise
 
 
 def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str, bytes]]:

@@ -31,6 +31,12 @@ class PipelineError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one short line, "Type: first line of its message", for error messages."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:200]}" if msg else type(e).__name__
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run a stage's main(): user errors become one line on stderr and a non-zero exit."""
     try:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, run_main, sha256_file
+from pipeline.common import PipelineError, first_line, run_main, sha256_file
 from pipeline.model import load_weights
 from pipeline.tokenize import Tokenizer
 
@@ -64,8 +64,7 @@ def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None,
     try:
         model, info = load_weights(path, device)
     except Exception as e:  # truncated file, foreign file, wrong keys: one line, no traceback
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise PipelineError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
+        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if tokenizer is not None and tokenizer.vocab_size != info["vocab_size"]:
         raise PipelineError(f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
                             f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with")

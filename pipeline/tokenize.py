@@ -89,14 +89,16 @@ def training_sentences(records, max_chars: int):
                     yield line
 
 
-def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], dict]:
+def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     """The train documents the tokenizer learns from: all, or a hash-chosen ~sample_bytes of them.
 
-    Returns the records (read lazily) and a summary. The choice depends only on each document's
-    text, so it is the same on every run and for every number of workers.
+    Returns the records (read lazily) and the sampling rate. The choice depends only on each
+    document's text, so it is the same on every run and for every number of workers.
     """
-    total = sum(utf8_bytes(r) for r in read_jsonl(path))
-    rate = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
+    rate = 1.0
+    # The JSON lines file is at least as large as its text: only a larger one needs counting.
+    if sample_bytes and path.stat().st_size > sample_bytes:
+        rate = min(1.0, sample_bytes / max(1, sum(utf8_bytes(r) for r in read_jsonl(path))))
 
     def chosen(r: dict) -> bool:
         if rate >= 1.0:
@@ -104,7 +106,7 @@ def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], dict]:
         key = "\0".join(r[k] for k in text_fields(r)).encode("utf-8")
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") < rate * 2**64
 
-    return (r for r in read_jsonl(path) if chosen(r)), {"train_bytes": total, "sample_rate": round(rate, 6)}
+    return (r for r in read_jsonl(path) if chosen(r)), rate
 
 
 def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
@@ -188,10 +190,11 @@ def main() -> None:
     for path in paths.values():
         if not path.is_file():
             raise PipelineError(f"{path}: missing (run the clean stage first: dvc repro)")
-    records, sampled = sample(paths["train"], t.sample_bytes)
-    if sampled["train_bytes"] == 0:
+    if next(read_jsonl(paths["train"]), None) is None:
         raise PipelineError(f"{paths['train']}: no documents to train the tokenizer on")
-    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, **sampled, "splits": {}}
+    records, rate = sample(paths["train"], t.sample_bytes)
+    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, "train_bytes": 0,
+               "sample_rate": round(rate, 6), "splits": {}}
     with atomic_dir(OUT_DIR) as out:
         tok = train_tokenizer(records, t, out)
         for name, path in paths.items():
@@ -202,6 +205,7 @@ def main() -> None:
                 "bytes": meta["bytes"],
                 "bytes_per_token": round(meta["bytes"] / max(meta["tokens"], 1), 4),
             }
+    metrics["train_bytes"] = metrics["splits"]["train"]["bytes"]
     write_json(METRICS, metrics)
     summary = ", ".join(f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items())
     print(f"tokenize: vocab {t.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")

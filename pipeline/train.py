@@ -40,7 +40,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_json, run_main, set_torch_threads, sha256_file, write_json
+from pipeline.common import (PipelineError, atomic_dir, first_line, read_json, run_main, set_torch_threads,
+                             sha256_file, write_json)
 from pipeline.model import build_model, count_parameters, flops_per_token, load_weights, save_weights
 
 TOKENS_DIR = Path("data/tokens")
@@ -155,11 +156,6 @@ def make_optimizer(model: torch.nn.Module, t: P.Train, device) -> torch.optim.Op
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
-
-
-def train_step(model, optimizer, x, y, lr: float, grad_clip: float, autocast) -> tuple[float, float | None]:
-    """One optimizer step on one micro-batch; returns the loss and the gradient norm (before clipping)."""
-    return accumulate_step(model, optimizer, [(x, y)], lr, grad_clip, autocast)
 
 
 def accumulate_step(model, optimizer, micro_batches, lr: float, grad_clip: float, autocast,
@@ -404,8 +400,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict
         progress = Progress(**state["progress"])
         fp = json.loads(state["fingerprint"])
     except Exception as e:  # truncated, corrupt or foreign files: one line, never a torch traceback
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise PipelineError(f"{path}: not a readable checkpoint ({type(e).__name__}: {msg}); delete it, "
+        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)}); delete it, "
                             f"or set train.resume: never") from None
     return weights, best, state["optimizer"], progress, fp
 
@@ -526,7 +521,10 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device, stop_signal: li
     def snapshot_weights(model_now) -> dict:
         return {k: v.detach().cpu().clone() for k, v in model_now.items()}
 
-    def checkpoint_now() -> Path | None:
+    def on_interval(step: int) -> bool:
+        return bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
+
+    def checkpoint_now() -> None:
         weights, opt_state = full_state(raw, optimizer, d, t)
         rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}]
         if d.world > 1:
@@ -534,12 +532,10 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device, stop_signal: li
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         progress.rng = rngs
-        path = None
         if d.main:
-            path = save_checkpoint(ckpt_dir, weights, best_weights, opt_state, progress, fp, m, t, vocab_size)
+            save_checkpoint(ckpt_dir, weights, best_weights, opt_state, progress, fp, m, t, vocab_size)
         if d.world > 1:
             dist.barrier()
-        return path
 
     from dvclive import Live
 
@@ -603,12 +599,12 @@ def train(m: P.Model, t: P.Train, d: Dist, device: torch.device, stop_signal: li
                     live.next_step()
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update()
-                if t.checkpoint_interval and progress.step % t.checkpoint_interval == 0:
+                if on_interval(progress.step):
                     checkpoint_now()
             bar.close()
             if stopped_by is not None:
                 raise Stop()
-            if progress.step % max(t.checkpoint_interval, 1) or not t.checkpoint_interval:
+            if not on_interval(progress.step):
                 checkpoint_now()  # the final state, unless the interval just wrote it
             if d.main:
                 final, _ = full_state(raw, None, d, t)

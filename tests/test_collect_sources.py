@@ -187,3 +187,11 @@ def test_a_broken_catalog_is_a_clean_error_naming_file_and_line(tmp_path):
     (tmp_path / "bad.mo").write_bytes(struct.pack("<7I", 0x950412DE, 0, 5, 28, 68, 0, 0))
     setup(tmp_path, [{"name": "mo", "kind": "file", "format": "gettext", "path": "bad.mo"}])
     assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.mo", "truncated or corrupt .mo")
+
+
+def test_an_obsolete_entry_between_others_does_not_hide_the_next_one(tmp_path):
+    (tmp_path / "mid.po").write_text('#~ msgid "Old"\n#~ msgstr "Alt"\n\nmsgid "New"\nmsgstr "Neu"\n', encoding="utf-8")
+    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "mid.po"}])
+    run_stage("collect", tmp_path)
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [("New", "Neu")]
+    assert json.loads((tmp_path / "metrics/collect.json").read_text())["po"]["gettext_obsolete"] == 1
