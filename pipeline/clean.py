@@ -18,26 +18,39 @@ decontaminated.jsonl (train documents removed for overlap), metrics/clean.json a
 metrics/clean_report.md (per source: documents and bytes in and out, drops per reason, length
 quantiles, random dropped examples per reason).
 
-Memory: streaming, except the indexes. Exact duplicates: a 16-byte digest per kept document
-(about 100 bytes in a Python set). Near-duplicates: the LSH index and a 128-value signature per
-kept document (about 1.5 KB). Decontamination: one hash per word of val and test (about 70 bytes).
+Scale: each source's JSON lines are read in shards of about clean.shard_bytes and prepared by a
+pool of clean.workers processes (normalising, scrubbing, filtering, hashing); the main process
+takes the shards back in order and alone decides duplicates and writes, so the output is
+byte-identical for any number of workers, and memory does not grow with the corpus except for
+the indexes:
+- exact duplicates: a 64-bit key per kept document (two for pairs), 12 bytes each;
+- near-duplicates: one 64-bit key per LSH band (9 bands at the defaults) and a 1-byte-per-
+  permutation signature: about 240 bytes per kept document at the defaults;
+- decontamination: a 64-bit hash per n-gram of val and test (about 8 bytes per word of them).
+Keys wait in a small dict (at most 2**17) before being merged into sorted arrays.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
+import multiprocessing
+import os
 import random
 import re
+import sys
 import unicodedata
-from collections import Counter, defaultdict
+import zlib
+from collections import Counter, defaultdict, deque
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from pipeline import params as P
-from pipeline.common import (PipelineError, atomic_dir, atomic_write_text, read_json, read_jsonl, run_main,
-                             text_fields, utf8_bytes, write_json)
+from pipeline.common import (PipelineError, atomic_dir, atomic_write_text, read_json, run_main, text_fields, utf8_bytes,
+                             write_json)
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
@@ -55,29 +68,48 @@ PII = {  # kind: pattern; replaced by [KIND]
                      r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"),
 }
+_DIGIT = re.compile(r"\d")
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[^\S\n]+")
+_SPACED_NEWLINE = re.compile(r" ?\n ?")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-_KEEP_CONTROL = {"\n", "\t"}
+_NOT_LETTERS = re.compile(r"[\W\d_]+")
+
+
+@functools.cache
+def _invisible() -> re.Pattern:
+    """Cc (control characters: NUL, escapes...) and Cf (invisible format characters: BOM, zero-width),
+    except newline and tab. (U+2581 goes too: sentencepiece uses it to stand for a space.)"""
+    chars = [chr(i) for i in range(sys.maxunicode + 1)
+             if unicodedata.category(chr(i)) in ("Cc", "Cf") and chr(i) not in "\n\t"]
+    return re.compile("[" + "".join(re.escape(ch) for ch in chars) + "]+")
 
 
 def normalize(text: str, form: str = "NFC", single_line: bool = False) -> str:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "&" in text:
         text = html.unescape(text)
-    text = _TAG.sub("", text)
-    # Cc: control characters (NUL, escapes...); Cf: invisible format characters (BOM, zero-width).
-    # Removed before composing, so "e", ZWSP, U+0301 still becomes one NFC character.
-    # U+2581 is reserved: sentencepiece uses it to stand for a space.
-    text = "".join(ch for ch in text if ch in _KEEP_CONTROL
-                   or (unicodedata.category(ch) not in ("Cc", "Cf") and ch != "\u2581"))
-    text = unicodedata.normalize(form, text)
+    if "<" in text:
+        text = _TAG.sub("", text)
+    # The common case, checked at C speed: no control, format or unusual space characters.
+    plain = text.replace("\n", "").replace("\t", " ").isprintable()
+    if not plain:  # removed before composing, so "e", ZWSP, U+0301 still becomes one NFC character
+        text = _invisible().sub("", text)
+    if "\u2581" in text:
+        text = text.replace("\u2581", "")
+    if not unicodedata.is_normalized(form, text):
+        text = unicodedata.normalize(form, text)
     if single_line:
         text = text.replace("\n", " ")
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _MANY_NEWLINES.sub("\n\n", text).strip()
+    if not plain or "\t" in text or "  " in text:
+        text = _SPACES.sub(" ", text)
+    if " \n" in text or "\n " in text:
+        text = _SPACED_NEWLINE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
 
 
 def split_of(key: str, c: P.Clean) -> str:
@@ -91,9 +123,9 @@ def split_of(key: str, c: P.Clean) -> str:
     return "train"
 
 
-def _key(*parts: str) -> bytes:
-    """A 16-byte digest stands for the text in the duplicate index (memory per document: ~100 bytes)."""
-    return hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=16).digest()
+def _key(*parts: str) -> int:
+    """A 64-bit digest stands for the text in the duplicate index."""
+    return int.from_bytes(hashlib.blake2b("\0".join(parts).encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def scrub_pii(text: str, counts: Counter) -> str:
@@ -101,10 +133,12 @@ def scrub_pii(text: str, counts: Counter) -> str:
     if "@" in text:
         text, n = PII["email"].subn("[EMAIL]", text)
         counts["email"] += n
-    if ":" not in text and not any(ch.isdigit() for ch in text):  # the common case: no IP, no phone
+    digits = _DIGIT.search(text) is not None
+    if digits or text.count(":") >= 7:  # IPv4 has digits, IPv6 seven colons
+        text, n = PII["ip"].subn("[IP]", text)
+        counts["ip"] += n
+    if not digits:
         return text
-    text, n = PII["ip"].subn("[IP]", text)
-    counts["ip"] += n
 
     def phone(m: re.Match) -> str:
         if not 9 <= sum(ch.isdigit() for ch in m.group()) <= 15:
@@ -119,8 +153,9 @@ def quality_reason(text: str, c: P.Clean) -> str | None:
     words = text.split()
     if len(words) < c.quality_min_words:
         return None
-    non_space = sum(len(w) for w in words)
-    if sum(ch.isalpha() for ch in text) < c.min_alpha_fraction * non_space:
+    non_space = sum(map(len, words))
+    letters = len(_NOT_LETTERS.sub("", text))  # letters (and non-decimal numerals such as "½")
+    if letters < c.min_alpha_fraction * non_space:
         return "quality_alpha"
     if not c.min_mean_word_length <= non_space / len(words) <= c.max_mean_word_length:
         return "quality_word_length"
@@ -135,40 +170,166 @@ def quality_reason(text: str, c: P.Clean) -> str | None:
     return None
 
 
-class NearDuplicates:
-    """MinHash LSH over word shingles: `seen(text)` says whether a similar text was kept before."""
+_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mod 2**64 is a bijection
+
+
+def row_hashes(m: np.ndarray, start: np.ndarray | int = 0) -> np.ndarray:
+    """One 64-bit hash per row of a uint64 matrix: a polynomial in _MUL, wrapping mod 2**64."""
+    h = np.zeros(m.shape[:-1], np.uint64) + np.asarray(start, np.uint64)
+    for j in range(m.shape[-1]):
+        h = h * _MUL + m[..., j]
+    return h
+
+
+class Words:
+    """The words of many texts (CRC-32 of each lower-cased, whitespace-separated word; clean has
+    made every space ' ' or '\n'), concatenated, so that a whole shard is hashed in a few numpy calls."""
+
+    def __init__(self, texts: list[str]):
+        words, ends = [], []
+        for t in texts:
+            words.extend(map(zlib.crc32, t.lower().encode("utf-8").split()))
+            ends.append(len(words))
+        self.words = np.array(words, np.uint64)
+        self.counts = np.diff(np.array([0, *ends], np.int64))
+        self.owner = np.repeat(np.arange(len(texts)), self.counts)  # the text each word is in
+
+    def ngrams(self, n: int, short: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Hashes of every n-word window within one text, and the text it is in. With `short`, a
+        text of fewer than n words has one window: all its words."""
+        hashes, owners = np.empty(0, np.uint64), np.empty(0, np.int64)
+        if len(self.words) >= n:
+            windows = np.lib.stride_tricks.sliding_window_view(self.words, n)
+            inside = self.owner[:len(windows)] == self.owner[n - 1:]
+            hashes, owners = row_hashes(windows)[inside], self.owner[:len(windows)][inside]
+        if short and (self.counts < n).any():
+            ends = np.cumsum(self.counts)
+            few = [(i, row_hashes(self.words[ends[i] - c:ends[i]][None, :])[0])
+                   for i, c in enumerate(self.counts.tolist()) if 0 < c < n]
+            hashes = np.concatenate([hashes, np.array([h for _, h in few], np.uint64)])
+            owners = np.concatenate([owners, np.array([i for i, _ in few], np.int64)])
+        return hashes, owners
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, as datasketch's affine32 scheme applies it."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+class MinHasher:
+    """MinHash signatures of word shingles, many documents at a time, and their LSH band keys.
+
+    The permutations and the "affine32" scheme are datasketch's (a test checks that a signature
+    equals datasketch's MinHash of the same shingles); datasketch also picks the (bands, rows)
+    split for the threshold. Shingle hashes are the top 32 bits of the 64-bit window hashes.
+    """
+    ROWS = 1 << 14  # shingles per step: a ROWS x num_perm matrix of uint32
 
     def __init__(self, c: P.Clean):
         from datasketch import MinHash, MinHashLSH
 
-        self.c, self.MinHash = c, MinHash
-        self.lsh = MinHashLSH(threshold=c.near_dup_threshold, num_perm=c.minhash_perm)
-        self.signatures: list[np.ndarray] = []
+        self.k = c.shingle_words
+        self.a, self.b = MinHash(num_perm=c.minhash_perm, seed=c.minhash_seed, scheme="affine32").permutations
+        lsh = MinHashLSH(threshold=c.near_dup_threshold, num_perm=c.minhash_perm)
+        self.bands, self.rows = lsh.b, lsh.r
+
+    def signatures(self, words: Words) -> np.ndarray:
+        """(texts, num_perm) uint32 signatures."""
+        shingles, owner = words.ngrams(self.k, short=True)
+        order = np.argsort(owner, kind="stable")
+        shingles, owner = _fmix32((shingles[order] >> np.uint64(32)).astype(np.uint32)), owner[order]
+        sig = np.full((len(words.counts), len(self.a)), np.iinfo(np.uint32).max, np.uint32)
+        for s in range(0, len(shingles), self.ROWS):
+            ids = owner[s:s + self.ROWS]
+            permuted = shingles[s:s + self.ROWS, None] * self.a + self.b
+            firsts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+            sig[ids[firsts]] = np.minimum(sig[ids[firsts]], np.minimum.reduceat(permuted, firsts, axis=0))
+        return sig
+
+    def band_keys(self, sig: np.ndarray) -> np.ndarray:
+        """(texts, bands) 64-bit keys, one per band of rows of each signature."""
+        rows = sig[:, :self.bands * self.rows].astype(np.uint64).reshape(len(sig), self.bands, self.rows)
+        return row_hashes(rows, start=np.arange(1, self.bands + 1, dtype=np.uint64))
+
+
+class KeyIndex:
+    """64-bit keys, each with the number of the first document that had it: sorted arrays (12
+    bytes a key) and a dict of recent keys, merged into the arrays every FLUSH keys."""
+
+    FLUSH = 1 << 17
+
+    def __init__(self):
+        self.keys = np.empty(0, np.uint64)
+        self.values = np.empty(0, np.uint32)
+        self.recent: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.recent)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The values of keys in the sorted arrays (-1 where absent); check .recent for the rest."""
+        keys = np.asarray(keys, np.uint64)
+        out = np.full(keys.shape, -1, np.int64)
+        if len(self.keys):
+            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            hit = self.keys[pos] == keys
+            out[hit] = self.values[pos[hit]]
+        return out
+
+    def add(self, key: int, value: int) -> None:
+        self.recent.setdefault(key, value)
+
+    def flush(self, force: bool = False) -> None:
+        if len(self.recent) < self.FLUSH and not (force and self.recent):
+            return
+        keys = np.fromiter(self.recent.keys(), np.uint64, len(self.recent))
+        values = np.fromiter(self.recent.values(), np.uint32, len(self.recent))
+        order = np.argsort(keys)
+        pos = np.searchsorted(self.keys, keys[order])
+        self.keys = np.insert(self.keys, pos, keys[order])
+        self.values = np.insert(self.values, pos, values[order])
+        self.recent = {}
+
+
+class NearDuplicates:
+    """LSH over MinHash band keys; a candidate sharing a band is confirmed by the estimated Jaccard
+    similarity of 1-byte signatures (the low byte of each hash value, corrected for chance matches)."""
+
+    CHUNK = 1 << 14
+
+    def __init__(self, c: P.Clean):
+        self.threshold = c.near_dup_threshold
+        self.perm = c.minhash_perm
+        self.bands = KeyIndex()
+        self.signatures: list[np.ndarray] = []  # chunks of CHUNK rows of uint8
+        self.kept = 0
         self.cluster_of: dict[int, int] = {}  # kept document -> number of near-duplicates dropped for it
 
-    def seen(self, text: str) -> bool:
-        words = text.lower().split()
-        k = self.c.shingle_words
-        shingles = {" ".join(words[i:i + k]).encode("utf-8") for i in range(max(1, len(words) - k + 1))}
-        m = self.MinHash(num_perm=self.c.minhash_perm, seed=self.c.minhash_seed)
-        m.update_batch(list(shingles))
-        for key in sorted(self.lsh.query(m)):  # candidates; confirm with the estimated similarity
-            if np.mean(self.signatures[key] == m.hashvalues) >= self.c.near_dup_threshold:
-                self.cluster_of[key] = self.cluster_of.get(key, 0) + 1
+    def _signature(self, i: int) -> np.ndarray:
+        return self.signatures[i // self.CHUNK][i % self.CHUNK]
+
+    def seen(self, bands: np.ndarray, merged: np.ndarray, signature: np.ndarray) -> bool:
+        """Is this document (its band keys, their lookup() in the merged index, its 1-byte signature)
+        similar to one kept before? If not, it is kept and indexed."""
+        candidates = {int(v) for v in merged if v >= 0}
+        candidates.update(v for b in bands.tolist() if (v := self.bands.recent.get(b)) is not None)
+        for i in sorted(candidates):
+            agree = np.count_nonzero(self._signature(i) == signature) / self.perm
+            if (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold:
+                self.cluster_of[i] = self.cluster_of.get(i, 0) + 1
                 return True
-        self.lsh.insert(len(self.signatures), m)
-        self.signatures.append(m.hashvalues)
+        i = self.kept
+        if i % self.CHUNK == 0:
+            self.signatures.append(np.zeros((self.CHUNK, self.perm), np.uint8))
+        self.signatures[-1][i % self.CHUNK] = signature
+        for b in bands.tolist():
+            self.bands.add(b, i)
+        self.kept += 1
         return False
-
-
-def ngram_hashes(texts: list[str], n: int) -> np.ndarray:
-    """64-bit hashes of every n-word sequence (lower-cased) in the texts."""
-    out = []
-    for t in texts:
-        words = t.lower().split()
-        out.extend(int.from_bytes(hashlib.blake2b(" ".join(words[i:i + n]).encode("utf-8"), digest_size=8).digest(),
-                                  "little") for i in range(len(words) - n + 1))
-    return np.array(out, dtype=np.uint64)
 
 
 class Examples:
@@ -203,19 +364,150 @@ def drop_reason(texts: list[str], c: P.Clean) -> str | None:
     return None
 
 
+# --- Workers: a shard of JSON lines in, everything the main process needs to decide out. ---
+
+_WORKER: dict = {}
+
+
+def _init_worker(c: P.Clean, held: np.ndarray | None) -> None:
+    _WORKER.update(c=c, minhash=MinHasher(c) if c.near_dup else None, held=held)
+
+
+def _lines(chunk: bytes, first_line: int, path: str) -> Iterator[tuple[int, bytes, dict]]:
+    for i, line in enumerate(chunk.split(b"\n"), first_line):
+        if line.strip():
+            try:
+                yield i, line, json.loads(line)
+            except ValueError:
+                raise PipelineError(f"{path}:{i}: not valid JSON") from None
+
+
+def prepare_shard(chunk: bytes, first_line: int, path: str, name: str, pairs: bool) -> dict:
+    """Normalise, scrub, filter and hash one shard of a source's records."""
+    c, minhash = _WORKER["c"], _WORKER["minhash"]
+    out = {"documents_in": 0, "bytes_in": 0, "lengths_in": Counter(), "pii": Counter(), "records": []}
+    passed = []  # (record, texts) of documents that pass the filters
+    for i, _, rec in _lines(chunk, first_line, path):
+        try:
+            raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
+        except (KeyError, TypeError):
+            raise PipelineError(f"{path}:{i}: expected a {'src/tgt pair' if pairs else 'text'} record") from None
+        out["documents_in"] += 1
+        out["bytes_in"] += sum(len(t.encode("utf-8")) for t in raw_texts)
+        out["lengths_in"][sum(map(len, raw_texts))] += 1
+        texts = [normalize(t, c.normalization, pairs) for t in raw_texts]
+        if c.scrub_pii:
+            texts = [scrub_pii(t, out["pii"]) for t in texts]
+        reason = drop_reason(texts, c)
+        if reason is None and c.quality_filters and not pairs:
+            reason = quality_reason(texts[0], c)
+        if reason:
+            out["records"].append((reason, [t[:300] for t in (texts if any(texts) else raw_texts)]))
+            continue
+        split = split_of(texts[0], c)
+        line = {"source": name, **({"src": texts[0], "tgt": texts[1]} if pairs else {"text": texts[0]})}
+        r = {"line": json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n", "split": split,
+             # exact duplicates: on the pair, and on the source side alone
+             "keys": [_key("pair", *texts), _key("src", texts[0])] if pairs else [_key("text", texts[0])],
+             "bytes": sum(len(t.encode("utf-8")) for t in texts), "length": sum(map(len, texts)), "held": None}
+        out["records"].append((None, r))
+        passed.append((r, texts))
+    # Shard-level hashing: near-duplicate signatures (source side), n-grams of val and test (all sides).
+    n = c.decontaminate_ngram
+    held = [(r, t) for r, texts in passed if n and r["split"] != "train" for t in texts]
+    if minhash or held:
+        sources = [texts[0] for _, texts in passed] if minhash else []
+        words = Words(sources + [t for _, t in held])
+        if minhash:
+            sig = minhash.signatures(words)[:len(sources)]
+            for (r, _), keys, low in zip(passed, minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)):
+                r["bands"], r["signature"] = keys, low
+        if held:
+            hashes, owner = words.ngrams(n)  # in text order
+            bounds = np.searchsorted(owner, np.arange(len(sources), len(sources) + len(held) + 1))
+            for j, (r, _) in enumerate(held):
+                mine = hashes[bounds[j]:bounds[j + 1]]
+                r["held"] = mine if r["held"] is None else np.concatenate([r["held"], mine])
+    return out
+
+
+def ngram_shard(chunk: bytes, first_line: int, path: str) -> tuple[np.ndarray, list[bytes]]:
+    """Each record of a shard of train (its line), and which of them share an n-gram with val/test."""
+    n, held = _WORKER["c"].decontaminate_ngram, _WORKER["held"]
+    lines, texts, record_of = [], [], []
+    for _, line, rec in _lines(chunk, first_line, path):
+        for k in text_fields(rec):
+            texts.append(rec[k])
+            record_of.append(len(lines))
+        lines.append(line + b"\n")
+    hashes, owner = Words(texts).ngrams(n)
+    bad = np.zeros(len(lines), bool)
+    if len(held) and len(hashes):
+        pos = np.minimum(np.searchsorted(held, hashes), len(held) - 1)
+        bad[np.array(record_of, np.int64)[owner[held[pos] == hashes]]] = True
+    return bad, lines
+
+
+class Pool:
+    """Shards to workers and results back in order, at most 2 per worker in flight (bounded memory).
+    One worker: everything runs in this process."""
+
+    def __init__(self, c: P.Clean, held: np.ndarray | None = None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.workers = c.workers or cores
+        _init_worker(c, held)
+        self.pool = None
+        if self.workers > 1:  # forked workers share `held` with this process (copy-on-write)
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(c, held))
+
+    def map(self, fn, tasks) -> Iterator:
+        if self.pool is None:
+            yield from (fn(*t) for t in tasks)
+            return
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(self.pool.apply_async(fn, t))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def shards(path: Path, shard_bytes: int, *extra) -> Iterator[tuple]:
+    """(chunk of whole lines of about shard_bytes, its first line number, path, *extra)."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (run the collect stage first: dvc repro)")
+    with open(path, "rb") as f:
+        line = 1
+        while chunk := f.read(shard_bytes):
+            chunk += f.readline()
+            yield chunk, line, str(path), *extra
+            line += chunk.count(b"\n")
+
+
+# --- The main process: decisions that depend on earlier documents, in input order. ---
+
 class State:
     """What cleaning carries from document to document: indexes, counts, samples."""
 
     def __init__(self, c: P.Clean):
-        self.seen: set = set()
+        self.exact = KeyIndex()
+        self.documents = 0  # kept, numbering them for the exact index
         self.near = NearDuplicates(c) if c.near_dup else None
         self.heldout_ngrams: list[np.ndarray] = []  # n-gram hashes of val and test documents
         self.examples = Examples(c.report_examples)
-        self.lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"in": [], "kept": []})
+        self.lengths: dict[str, dict[str, Counter]] = defaultdict(lambda: {"in": Counter(), "kept": Counter()})
         self.pii: Counter = Counter()
 
 
-def clean_source(name: str, pairs: bool, c: P.Clean, state: State, writers: dict) -> dict:
+def clean_source(name: str, pairs: bool, c: P.Clean, state: State, pool: Pool, writers: dict) -> dict:
     """Clean one source's records into the split writers (train: a scratch file); return its counts."""
     kept = Counter()
     kept_bytes = Counter()
@@ -223,36 +515,44 @@ def clean_source(name: str, pairs: bool, c: P.Clean, state: State, writers: dict
     documents_in = bytes_in = 0
     pii = Counter()
     lengths = state.lengths[name]
-    for rec in read_jsonl(RAW_DIR / f"{name}.jsonl"):
-        documents_in += 1
-        raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
-        bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
-        lengths["in"].append(sum(len(t) for t in raw_texts))
-        texts = [normalize(t, c.normalization, pairs) for t in raw_texts]
-        if c.scrub_pii:
-            texts = [scrub_pii(t, pii) for t in texts]
-        # Exact duplicates on the pair, and on the source side alone.
-        keys = [_key("pair", *texts), _key("src", texts[0])] if pairs else [_key("text", texts[0])]
-        reason = drop_reason(texts, c)
-        if reason is None and c.quality_filters and not pairs:
-            reason = quality_reason(texts[0], c)
-        if reason is None and any(k in state.seen for k in keys):
-            reason = "duplicate"
-        if reason is None and state.near is not None and state.near.seen(texts[0]):
-            reason = "near_duplicate"
-        if reason:
-            dropped[reason] += 1
-            state.examples.add(reason, name, texts if any(texts) else raw_texts)
-            continue
-        state.seen.update(keys)
-        split = split_of(texts[0], c)
-        if split != "train" and c.decontaminate_ngram:
-            state.heldout_ngrams.append(ngram_hashes(texts, c.decontaminate_ngram))
-        out = {"source": name, **({"src": texts[0], "tgt": texts[1]} if pairs else {"text": texts[0]})}
-        writers[split].write(json.dumps(out, ensure_ascii=False) + "\n")
-        kept[split] += 1
-        kept_bytes[split] += sum(len(t.encode("utf-8")) for t in texts)
-        lengths["kept"].append(sum(len(t) for t in texts))
+    for shard in pool.map(prepare_shard, shards(RAW_DIR / f"{name}.jsonl", c.shard_bytes, name, pairs)):
+        documents_in += shard["documents_in"]
+        bytes_in += shard["bytes_in"]
+        lengths["in"].update(shard["lengths_in"])
+        pii.update(shard["pii"])
+        records = shard["records"]
+        passed = [r for reason, r in records if reason is None]
+        exact = state.exact.lookup([r["keys"] for r in passed]) if passed else None
+        near = state.near.bands.lookup([r["bands"] for r in passed]) if passed and state.near else None
+        row = 0
+        for reason, r in records:
+            if reason:  # dropped by a worker: r holds the texts
+                dropped[reason] += 1
+                state.examples.add(reason, name, r)
+                continue
+            if any(v >= 0 for v in exact[row]) or any(k in state.exact.recent for k in r["keys"]):
+                reason = "duplicate"
+            elif state.near is not None and state.near.seen(r["bands"], near[row], r["signature"]):
+                reason = "near_duplicate"
+            row += 1
+            if reason:
+                dropped[reason] += 1
+                rec = json.loads(r["line"])
+                state.examples.add(reason, name, [rec[k] for k in text_fields(rec)])
+                continue
+            for k in r["keys"]:
+                state.exact.add(k, state.documents)
+            state.documents += 1
+            split = r["split"]
+            if r["held"] is not None:
+                state.heldout_ngrams.append(r["held"])
+            writers[split].write(r["line"])
+            kept[split] += 1
+            kept_bytes[split] += r["bytes"]
+            lengths["kept"][r["length"]] += 1
+        state.exact.flush()
+        if state.near:
+            state.near.bands.flush()
     state.pii.update(pii)
     return {
         "documents_in": documents_in,
@@ -268,27 +568,32 @@ def clean_source(name: str, pairs: bool, c: P.Clean, state: State, writers: dict
 def decontaminate(scratch: Path, out: Path, c: P.Clean, state: State, per_source: dict) -> int:
     """Copy train from the scratch file, moving documents that share an n-gram with val/test to
     decontaminated.jsonl (and out of the counts)."""
-    held = np.unique(np.concatenate(state.heldout_ngrams)) if state.heldout_ngrams else np.array([], np.uint64)
+    held = np.concatenate(state.heldout_ngrams) if state.heldout_ngrams else np.empty(0, np.uint64)
+    state.heldout_ngrams = []
+    held.sort()
+    held = held[np.concatenate(([True], held[1:] != held[:-1]))] if len(held) else held
     removed = 0
-    with open(scratch, encoding="utf-8") as lines, open(out / "train.jsonl", "w", encoding="utf-8") as train, \
-            open(out / "decontaminated.jsonl", "w", encoding="utf-8") as listed:
-        for line in lines:
-            rec = json.loads(line)
-            texts = [rec[k] for k in text_fields(rec)]
-            hashes = ngram_hashes(texts, c.decontaminate_ngram)
-            if not (len(hashes) and np.isin(hashes, held).any()):
-                train.write(line)
-                continue
-            removed += 1
-            m = per_source[rec["source"]]
-            size = utf8_bytes(rec)
-            m["dropped"]["contaminated"] += 1
-            m["documents_kept"] -= 1
-            m["bytes_kept"] -= size
-            m["splits"]["train"]["documents"] -= 1
-            m["splits"]["train"]["bytes"] -= size
-            state.examples.add("contaminated", rec["source"], texts)
-            listed.write(line)
+    pool = Pool(c, held)
+    try:
+        with open(out / "train.jsonl", "wb") as train, open(out / "decontaminated.jsonl", "wb") as listed:
+            for bad, lines in pool.map(ngram_shard, shards(scratch, c.shard_bytes)):
+                for line, contaminated in zip(lines, bad.tolist()):
+                    if not contaminated:
+                        train.write(line)
+                        continue
+                    rec = json.loads(line)
+                    removed += 1
+                    m = per_source[rec["source"]]
+                    size = utf8_bytes(rec)
+                    m["dropped"]["contaminated"] += 1
+                    m["documents_kept"] -= 1
+                    m["bytes_kept"] -= size
+                    m["splits"]["train"]["documents"] -= 1
+                    m["splits"]["train"]["bytes"] -= size
+                    state.examples.add("contaminated", rec["source"], [rec[k] for k in text_fields(rec)])
+                    listed.write(line)
+    finally:
+        pool.close()
     scratch.unlink()
     return removed
 
@@ -302,12 +607,13 @@ def main() -> None:
         # With decontamination, train goes to a scratch file first: which documents to drop is
         # known only once val and test are complete.
         scratch = out / ("train.scratch.jsonl" if c.decontaminate_ngram else "train.jsonl")
-        writers = {"train": open(scratch, "w", encoding="utf-8"),
-                   **{s: open(out / f"{s}.jsonl", "w", encoding="utf-8") for s in ("val", "test")}}
+        writers = {"train": open(scratch, "wb"), **{s: open(out / f"{s}.jsonl", "wb") for s in ("val", "test")}}
+        pool = Pool(c)
         try:
             for src in manifest["sources"]:
-                per_source[src["name"]] = clean_source(src["name"], src["pairs"], c, state, writers)
+                per_source[src["name"]] = clean_source(src["name"], src["pairs"], c, state, pool, writers)
         finally:
+            pool.close()
             for w in writers.values():
                 w.close()
         contaminated = 0
@@ -338,7 +644,25 @@ def main() -> None:
     write_json(METRICS, metrics)
     atomic_write_text(REPORT, clean_report(metrics, state.lengths, state.examples.kept))
     print(f"clean: kept {metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes), "
-          f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR}")
+          f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR} "
+          f"({pool.workers} worker{'s' if pool.workers > 1 else ''})")
+
+
+def quantiles(counts: Counter, qs: list[float]) -> list[float]:
+    """np.quantile (linear) of the values that `counts` counts, without expanding them."""
+    values = np.array(sorted(counts))
+    ends = np.cumsum([counts[v] for v in values])
+    n = int(ends[-1])
+
+    def at(i: int) -> float:
+        return float(values[np.searchsorted(ends, i, side="right")])
+    out = []
+    for q in qs:
+        pos = q * (n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, n - 1)
+        out.append(at(lo) + (pos - lo) * (at(hi) - at(lo)))
+    return out
 
 
 def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
@@ -355,13 +679,12 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
             for name, m in sources.items()}
     drops = pd.DataFrame({name: m["dropped"] for name, m in sources.items()})
     drops = drops[(drops.T != 0).any()] if len(drops) else drops
-    quantiles = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
+    qs = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
     qrows = {}
     for name, ls in lengths.items():
         for which in ("in", "kept"):
             if ls[which]:
-                q = np.quantile(np.array(ls[which]), quantiles)
-                qrows[f"{name}, {which}"] = {f"q{int(p * 100)}": int(v) for p, v in zip(quantiles, q)}
+                qrows[f"{name}, {which}"] = {f"q{int(p * 100)}": int(v) for p, v in zip(qs, quantiles(ls[which], qs))}
     lines = ["# Cleaning report", "",
              f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
              f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "

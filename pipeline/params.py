@@ -89,6 +89,8 @@ class Clean:
     minhash_seed: int = 1
     decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
     report_examples: int = 10     # dropped examples per reason in metrics/clean_report.md
+    shard_bytes: int = 4_000_000  # input is prepared in shards of about this many bytes of JSON lines
+    workers: int = 0              # processes preparing shards (0: all cores); the output is the same for any number
 
 
 @dataclass
@@ -278,6 +280,8 @@ def _check(p: Params) -> None:
     need(0 < c.near_dup_threshold <= 1, f"clean.near_dup_threshold: must be in (0, 1], got {c.near_dup_threshold}")
     need(c.shingle_words >= 1 and c.minhash_perm >= 16 and c.decontaminate_ngram >= 0 and c.report_examples >= 0,
          "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0")
+    need(c.shard_bytes >= 1, f"clean.shard_bytes: must be >= 1, got {c.shard_bytes}")
+    need(c.workers >= 0, f"clean.workers: must be >= 0 (0: all cores), got {c.workers}")
     need(0 < c.min_mean_word_length <= c.max_mean_word_length,
          "clean.min_mean_word_length/max_mean_word_length: need 0 < min <= max")
     need(c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
