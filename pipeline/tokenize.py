@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, utf8_bytes, write_json
+from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
 
 CLEAN_DIR = Path("data/clean")
 OUT_DIR = Path("data/tokens")
@@ -56,11 +58,19 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def render(self, record: dict, ids: dict) -> list[int]:
-        """Token ids of one document or pair, ending with </s>. `ids` maps each text field to its ids."""
+    def render(self, record: dict, ids: dict, out: list[int] | None = None) -> list[int]:
+        """Token ids of one document or pair, ending with </s>, appended to `out` (or a new list).
+        `ids` maps each text field to its ids."""
+        out = [] if out is None else out
         if "src" in record:
-            return [self.src_id, *ids["src"], self.tgt_id, *ids["tgt"], self.eos_id]
-        return [*ids["text"], self.eos_id]
+            out.append(self.src_id)
+            out += ids["src"]
+            out.append(self.tgt_id)
+            out += ids["tgt"]
+        else:
+            out += ids["text"]
+        out.append(self.eos_id)
+        return out
 
     def pair_prompt(self, src_ids: list[int]) -> list[int]:
         """What the model sees before it writes a target: the same context as in training."""
@@ -92,21 +102,24 @@ def training_sentences(records, max_chars: int):
 def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     """The train documents the tokenizer learns from: all, or a hash-chosen ~sample_bytes of them.
 
-    Returns the records (read lazily) and the sampling rate. The choice depends only on each
-    document's text, so it is the same on every run and for every number of workers.
+    Returns the records (read lazily) and the sampling rate (sample_bytes over the file's size). The
+    choice depends only on each line's bytes, so it is the same on every run and for every number
+    of clean workers (whose output is byte-identical), and only the chosen lines are parsed.
     """
-    rate = 1.0
-    # The JSON lines file is at least as large as its text: only a larger one needs counting.
-    if sample_bytes and path.stat().st_size > sample_bytes:
-        rate = min(1.0, sample_bytes / max(1, sum(utf8_bytes(r) for r in read_jsonl(path))))
+    size = path.stat().st_size
+    rate = min(1.0, sample_bytes / size) if sample_bytes and size else 1.0
+    threshold = rate * 2**64
 
-    def chosen(r: dict) -> bool:
-        if rate >= 1.0:
-            return True
-        key = "\0".join(r[k] for k in text_fields(r)).encode("utf-8")
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") < rate * 2**64
-
-    return (r for r in read_jsonl(path) if chosen(r)), rate
+    def chosen() -> Iterator[dict]:
+        with open(path, "rb") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip() and (rate >= 1.0 or int.from_bytes(
+                        hashlib.blake2b(line, digest_size=8).digest(), "big") < threshold):
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise PipelineError(f"{path}:{i}: not valid JSON") from None
+    return chosen(), rate
 
 
 def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
@@ -147,33 +160,48 @@ def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
 def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) -> dict:
     """Write one split's token file, batch by batch; return its sidecar (with each source's token range).
 
-    clean writes each source's records together; a source that comes back after another is an error
-    (its tokens would not be one range).
+    sentencepiece releases the GIL while it encodes, so the next batch is encoded in a thread while
+    this one is rendered and written. clean writes each source's records together; a source that
+    comes back after another is an error (its tokens would not be one range).
     """
     dtype = dtype_for(tok.vocab_size)
+    token_bytes = tok.token_bytes()  # lossless: a text's UTF-8 bytes are its tokens' bytes
     sources: dict[str, dict] = {}
     pos, documents, current = 1, 0, None
     records = read_jsonl(path_in)
-    with open(path, "wb") as f:
+
+    def encode(batch: list[dict]) -> list[list[int]]:
+        return tok.encode([r[k] for r in batch for k in text_fields(r)], num_threads)
+
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as encoder:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
-        while batch := list(itertools.islice(records, ENCODE_BATCH)):
-            fields = [text_fields(r) for r in batch]
-            # One batched (multithreaded) encode of every text, handed back record by record.
-            encoded = iter(tok.encode([r[k] for r, ks in zip(batch, fields) for k in ks], num_threads))
-            for r, ks in zip(batch, fields):
-                seq = tok.render(r, {k: next(encoded) for k in ks})
-                f.write(np.asarray(seq, dtype=dtype).tobytes())
+        batch = list(itertools.islice(records, ENCODE_BATCH))
+        pending = encoder.submit(encode, batch)
+        while batch:
+            following = list(itertools.islice(records, ENCODE_BATCH))  # read while `batch` is encoded
+            encoded = iter(pending.result())
+            pending = encoder.submit(encode, following)  # and encode it while `batch` is written
+            flat: list[int] = []
+            runs = []  # (source, start in flat): where each source's records begin in this batch
+            for r in batch:
                 if r["source"] != current:
                     if r["source"] in sources:
                         raise PipelineError(f"{path_in}: source '{r['source']}' is not contiguous; re-run clean")
-                    sources[r["source"]] = {"start": pos, "end": pos, "documents": 0, "bytes": 0}
                     current = r["source"]
-                s = sources[current]
-                s["end"] = pos + len(seq)
-                s["documents"] += 1
-                s["bytes"] += utf8_bytes(r)
-                pos += len(seq)
-                documents += 1
+                    sources[current] = {"start": pos + len(flat), "end": 0, "documents": 0, "bytes": 0}
+                    runs.append((current, len(flat)))
+                elif not runs:
+                    runs.append((current, 0))
+                tok.render(r, {k: next(encoded) for k in text_fields(r)}, flat)
+                sources[current]["documents"] += 1
+            ids = np.fromiter(flat, dtype, len(flat))
+            for (name, start), (_, end) in zip(runs, [*runs[1:], (None, len(flat))]):
+                sources[name]["bytes"] += int(token_bytes[ids[start:end]].sum())
+                sources[name]["end"] = pos + end
+            f.write(ids.tobytes())
+            pos += len(flat)
+            documents += len(batch)
+            batch = following
     return {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,

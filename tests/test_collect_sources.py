@@ -195,3 +195,44 @@ def test_an_obsolete_entry_between_others_does_not_hide_the_next_one(tmp_path):
     run_stage("collect", tmp_path)
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [("New", "Neu")]
     assert json.loads((tmp_path / "metrics/collect.json").read_text())["po"]["gettext_obsolete"] == 1
+
+
+def test_a_hugging_face_dataset_is_streamed_from_local_files(tmp_path):
+    pytest.importorskip("datasets", reason="the [hf] extra")
+    import pandas as pd
+
+    (tmp_path / "hf").mkdir()
+    for i in range(2):
+        pd.DataFrame({"title": [f"Title {i}-{j}" for j in range(3)],
+                      "body": [f"Body of article {i}-{j}." for j in range(3)]}).to_parquet(tmp_path / "hf" / f"part-{i}.parquet")
+    with open(tmp_path / "hf" / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for src, tgt in [("Jesus wept.", "Иисус прослезился."), ("Amen.", "Аминь.")]:
+            f.write(json.dumps({"en": src, "ru": tgt}, ensure_ascii=False) + "\n")
+    setup(tmp_path, [
+        {"name": "articles", "kind": "hf", "dataset": "parquet", "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
+         "text_columns": ["title", "body"]},
+        {"name": "bilingual", "kind": "hf", "dataset": "json", "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
+         "pair_columns": ["en", "ru"]},
+    ])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "articles") == [f"Title {i}-{j}\n\nBody of article {i}-{j}." for i in range(2) for j in range(3)]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "bilingual")] == [("Jesus wept.", "Иисус прослезился."),
+                                                                          ("Amen.", "Аминь.")]
+    manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())
+    assert manifest["sources"][0]["dataset"] == "parquet" and manifest["sources"][1]["pairs"] is True
+
+
+@pytest.mark.parametrize("column, data_files, needles", [
+    ("body", "missing-*.parquet", ["articles", "no file matches data_files"]),
+    ("text", "part-*.parquet", ["articles", "row 0", "no field 'text'"]),
+])
+def test_hugging_face_source_errors_are_one_line(tmp_path, column, data_files, needles):
+    pytest.importorskip("datasets", reason="the [hf] extra")
+    import pandas as pd
+
+    (tmp_path / "hf").mkdir()
+    pd.DataFrame({"body": ["one", "two"]}).to_parquet(tmp_path / "hf" / "part-0.parquet")
+    setup(tmp_path, [{"name": "articles", "kind": "hf", "dataset": "parquet",
+                      "data_files": [str(tmp_path / "hf" / data_files)], "text_columns": [column]}])
+    assert_clean_error(run_stage("collect", tmp_path, check=False), *needles)
+    assert not (tmp_path / "data/raw").exists()

@@ -1,0 +1,202 @@
+"""Data stages at scale: clean + tokenize at 10 MB, 100 MB and 1 GB, against sentencepiece's bare encode.
+
+    python benchmarks/data_scale.py [--sizes 10 100 1000] [--near-dup] [--quality] [--decontaminate 13]
+
+Needs the default corpora in data/raw (`dvc repro collect`). For each size it builds the input
+from them: text documents of 8 to 40 lines drawn at random (fixed seed) from all of Shakespeare's
+lines, and pairs of 2 to 4 verses drawn at random from the aligned King James / Synodal Bible (the
+English side and the Russian side of the same verses), in the default corpus's proportion of
+bytes (1/3 text, 2/3 pairs). Mixing lines across documents keeps exact and near-duplicate removal
+from collapsing the input. Then, in a scratch project with this repository's params.yaml (plus
+near-duplicate removal and the quality filters, if asked), it runs the clean and tokenize stages,
+sampling every 0.2 s the proportional set size (PSS: shared pages counted once) summed over each
+stage's processes, and times sentencepiece's multithreaded `encode` of the same input text with
+the tokenizer the run trained (encode calls only). It prints, per size, the seconds per MB, the
+throughput of clean + tokenize and of the bare encode, and the peak memory; then the three
+ratios the scale issue asks for. Decontamination is off unless --decontaminate is given: every
+document here is made of the same lines, so most train documents share a 13-word sequence with
+val or test and would be removed, which would leave the tokenizer little to do.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.tokenize import ENCODE_BATCH, Tokenizer  # noqa: E402
+
+
+def corpora(raw: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    for name in ("shakespeare", "bible_en_ru"):
+        if not (raw / f"{name}.jsonl").is_file():
+            sys.exit(f"{raw / name}.jsonl: missing; run `dvc repro collect` first")
+    lines = [line for doc in (json.loads(x)["text"] for x in open(raw / "shakespeare.jsonl", encoding="utf-8"))
+             for line in doc.split("\n") if line.strip()]
+    verses = [(r["src"], r["tgt"]) for r in map(json.loads, open(raw / "bible_en_ru.jsonl", encoding="utf-8"))]
+    return lines, verses
+
+
+def build_input(raw_dir: Path, size_mb: int, lines: list[str], verses: list[tuple[str, str]]) -> int:
+    """Write data/raw/{books,bible}.jsonl and manifest.json of about size_mb MB; return the text bytes."""
+    rng = random.Random(size_mb)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    total = 0
+    sources = []
+    for name, share in (("books", 1 / 3), ("bible", 2 / 3)):
+        target, written, documents = share * size_mb * 1e6, 0, 0
+        with open(raw_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            while written < target:
+                if name == "books":
+                    rec = {"text": "\n".join(rng.choices(lines, k=rng.randint(8, 40)))}
+                else:
+                    picked = rng.choices(verses, k=rng.randint(2, 4))
+                    rec = {"src": " ".join(s for s, _ in picked), "tgt": " ".join(t for _, t in picked)}
+                rec["origin"] = "data_scale"
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += sum(len(v.encode("utf-8")) for k, v in rec.items() if k != "origin")
+                documents += 1
+        sources.append({"name": name, "kind": "file", "pairs": name == "bible", "documents": documents,
+                        "bytes": written, "input": {}})
+        total += written
+    (raw_dir / "manifest.json").write_text(json.dumps({"sources": sources}), encoding="utf-8")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
+    """Run `python -m pipeline.<stage>`; return (seconds, peak PSS of its process tree in MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            tree, todo = [], [proc.pid]
+            while todo:
+                pid = todo.pop()
+                tree.append(pid)
+                todo += _children(pid)
+            peak = max(peak, sum(_pss_kb(p) for p in tree))
+            done.wait(0.2)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.communicate()[0]
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"{stage} failed:\n{out[-3000:]}")
+    print("   ", out.strip().splitlines()[-1][:200], flush=True)
+    return seconds, peak / 1024
+
+
+def bare_encode(raw_dir: Path, model: Path, threads: int) -> float:
+    """Seconds that sentencepiece's multithreaded encode takes over the input text (reading excluded)."""
+    tok = Tokenizer(model)
+    seconds = 0.0
+    for name in ("books", "bible"):
+        with open(raw_dir / f"{name}.jsonl", encoding="utf-8") as f:
+            while batch := list(itertools.islice(f, ENCODE_BATCH)):
+                texts = [v for r in map(json.loads, batch) for k, v in r.items() if k in ("text", "src", "tgt")]
+                t0 = time.perf_counter()
+                tok.sp.encode(texts, num_threads=threads)
+                seconds += time.perf_counter() - t0
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="input sizes in MB")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lmpipe-data-scale"))
+    ap.add_argument("--near-dup", action="store_true", help="clean.near_dup: true")
+    ap.add_argument("--quality", action="store_true", help="clean.quality_filters: true")
+    ap.add_argument("--decontaminate", type=int, default=0, help="clean.decontaminate_ngram (0: off)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
+    args = ap.parse_args()
+    lines, verses = corpora(REPO / "data/raw")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["clean"].update(near_dup=args.near_dup, quality_filters=args.quality, decontaminate_ngram=args.decontaminate)
+    threads = len(os.sched_getaffinity(0))
+    print(f"data_scale: {threads} cores; clean near_dup {args.near_dup}, quality_filters {args.quality}, "
+          f"decontaminate_ngram {args.decontaminate}, workers {params['clean']['workers'] or threads}, "
+          f"shard_bytes {params['clean']['shard_bytes']:,}; tokenize sample_bytes {params['tokenize']['sample_bytes']:,}")
+    rows = {}
+    for size in args.sizes:
+        project = args.workdir / f"{size}mb"
+        shutil.rmtree(project, ignore_errors=True)
+        (project / "metrics").mkdir(parents=True)
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        t0 = time.perf_counter()
+        nbytes = build_input(project / "data/raw", size, lines, verses)
+        print(f"{size} MB: input {nbytes / 1e6:,.1f} MB of text built in {time.perf_counter() - t0:.0f} s", flush=True)
+        clean_s, clean_mb = run_stage("clean", project)
+        tok_s, tok_mb = run_stage("tokenize", project)
+        encode_s = bare_encode(project / "data/raw", project / "data/tokens/tokenizer.model", threads)
+        kept = json.loads((project / "metrics/clean.json").read_text())["documents_kept"]
+        mb = nbytes / 1e6
+        rows[size] = r = {"mb": mb, "clean_s": clean_s, "tokenize_s": tok_s, "encode_s": encode_s,
+                          "clean_peak_mb": clean_mb, "tokenize_peak_mb": tok_mb, "documents_kept": kept}
+        r["s_per_mb"] = (clean_s + tok_s) / mb
+        r["pipeline_mb_s"] = mb / (clean_s + tok_s)
+        r["encode_mb_s"] = mb / encode_s
+        r["peak_mb"] = max(clean_mb, tok_mb)
+        print(f"  clean {clean_s:.1f} s (peak {clean_mb:,.0f} MB), tokenize {tok_s:.1f} s (peak {tok_mb:,.0f} MB): "
+              f"{r['s_per_mb']:.3f} s/MB, {r['pipeline_mb_s']:.2f} MB/s; bare sentencepiece encode "
+              f"{encode_s:.1f} s, {r['encode_mb_s']:.2f} MB/s; clean+tokenize / encode throughput "
+              f"{r['pipeline_mb_s'] / r['encode_mb_s']:.2f}", flush=True)
+        if not args.keep:
+            shutil.rmtree(project, ignore_errors=True)
+    print("\n| input | clean s | tokenize s | s/MB | clean+tokenize MB/s | bare encode MB/s | ratio | "
+          "clean peak MB | tokenize peak MB | documents kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, r in rows.items():
+        print(f"| {r['mb']:,.0f} MB | {r['clean_s']:.1f} | {r['tokenize_s']:.1f} | {r['s_per_mb']:.3f} | "
+              f"{r['pipeline_mb_s']:.2f} | {r['encode_mb_s']:.2f} | {r['pipeline_mb_s'] / r['encode_mb_s']:.2f} | "
+              f"{r['clean_peak_mb']:,.0f} | {r['tokenize_peak_mb']:,.0f} | {r['documents_kept']:,} |")
+    sizes = sorted(rows)
+    if len(sizes) >= 2:
+        big, mid = rows[sizes[-1]], rows[sizes[-2]]
+        per_doc = (big["clean_peak_mb"] - mid["clean_peak_mb"]) * 1e6 / max(1, big["documents_kept"] - mid["documents_kept"])
+        print(f"\nat {sizes[-1]} MB: clean+tokenize / bare encode throughput {big['pipeline_mb_s'] / big['encode_mb_s']:.2f} "
+              f"(need >= 0.5); s/MB vs {sizes[-2]} MB {big['s_per_mb'] / mid['s_per_mb']:.2f}x (need <= 1.3); "
+              f"peak memory vs {sizes[-2]} MB {big['peak_mb'] / mid['peak_mb']:.2f}x (need <= 1.5), "
+              f"{big['peak_mb']:,.0f} MB (need < 3000); clean's peak grew {per_doc:,.0f} bytes per kept document")
+
+
+if __name__ == "__main__":
+    main()
