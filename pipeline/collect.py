@@ -22,6 +22,7 @@ import fnmatch
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -35,7 +36,7 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import zstandard
 
@@ -187,12 +188,8 @@ def looks_binary(data: bytes) -> bool:
     return controls + undecodable > 0.3 * len(head)
 
 
-def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> str:
-    """UTF-8 text of `data`: invalid sequences replaced (U+FFFD), NUL bytes and a BOM removed,
-    each counted in `stats`. A file that looks binary is an error naming it."""
-    stats = stats if stats is not None else Counter()
-    if looks_binary(data):
-        raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
+def _decode(data: bytes, stats: Counter) -> str:
+    """UTF-8 with invalid sequences replaced (U+FFFD) and NUL bytes removed, both counted."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -202,39 +199,98 @@ def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> 
     if "\x00" in text:
         stats["nul_bytes"] += text.count("\x00")
         text = text.replace("\x00", "")
+    return text
+
+
+def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> str:
+    """UTF-8 text of `data`: invalid sequences replaced (U+FFFD), NUL bytes and a BOM removed,
+    each counted in `stats`. A file that looks binary is an error naming it."""
+    stats = stats if stats is not None else Counter()
+    if looks_binary(data):
+        raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
+    text = _decode(data, stats)
     if text.startswith("\ufeff"):
         stats["bom"] += 1
         text = text[1:]
     return text
 
 
-def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
-    """Cut one file's text into documents: whole file, blank-line paragraphs, or lines.
+def text_lines(stream: BinaryIO, origin: str, stats: Counter) -> Iterator[str]:
+    """The lines of a file read as a stream (memory: one line at a time), decoded as decode_text()
+    decodes a whole file; CRLF and lone CR end lines too. An empty file is counted and yields nothing."""
+    first = stream.read(65536)
+    if not first:
+        stats["empty_files"] += 1
+        return
+    if looks_binary(first):
+        raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
+    start = True
+    parts: list[bytes] = []  # the line so far, when it spans blocks
+    for block in itertools.chain([first], iter(lambda: stream.read(1 << 20), b"")):
+        *complete, rest = block.split(b"\n")
+        for raw in complete:
+            if parts:
+                raw, parts = b"".join([*parts, raw]), []
+            yield from _lines_of(_decode(raw, stats), start, stats)
+            start = False
+        parts.append(rest)
+    if any(parts):
+        yield from _lines_of(_decode(b"".join(parts), stats), start, stats)
+
+
+def _lines_of(line: str, first: bool, stats: Counter) -> Iterator[str]:
+    if first and line.startswith("\ufeff"):
+        stats["bom"] += 1
+        line = line[1:]
+    if "\r" not in line:
+        yield line
+    else:
+        yield from line.removesuffix("\r").replace("\r", "\n").split("\n")
+
+
+def documents(lines: Iterable[str], how: str, chunk_chars: int) -> Iterator[str]:
+    """Cut a file's lines into documents: the whole file, blank-line paragraphs, or lines.
 
     With `chunk_chars`, consecutive units are merged into documents of at least that many
     characters, so a long work becomes many documents of similar size (what the split needs).
+    Streams: memory holds one document.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if how == "file":
-        units = [text]
-    elif how == "paragraphs":
-        units = re.split(r"\n[ \t]*\n", text)
-    else:
-        units = text.split("\n")
-    units = [u.strip("\n") for u in units if u.strip()]
+    def units() -> Iterator[str]:
+        if how == "file":
+            text = "\n".join(lines).strip("\n")
+            if text.strip():
+                yield text
+        elif how == "lines":
+            yield from (line for line in lines if line.strip())
+        else:
+            paragraph: list[str] = []
+            for line in lines:
+                if line.strip(" \t"):
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "\n".join(paragraph)
+                    paragraph = []
+            if paragraph:
+                yield "\n".join(paragraph)
+
     if chunk_chars <= 0:
-        return units
+        yield from units()
+        return
     sep = "\n\n" if how == "paragraphs" else "\n"
-    docs, current, size = [], [], 0
-    for u in units:
+    current, size = [], 0
+    for u in units():
         current.append(u)
         size += len(u)
         if size >= chunk_chars:
-            docs.append(sep.join(current))
+            yield sep.join(current)
             current, size = [], 0
     if current:
-        docs.append(sep.join(current))
-    return docs
+        yield sep.join(current)
+
+
+def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
+    """documents() of a whole text."""
+    return list(documents(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), how, chunk_chars))
 
 
 def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) -> dict:
@@ -272,9 +328,9 @@ def named_columns(src: P.Source) -> tuple[str, list[str]] | None:
     return None
 
 
-def records_from_jsonl(text: str, origin: str, columns=None) -> Iterator[dict]:
-    # Split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on.
-    for i, line in enumerate(text.split("\n"), 1):
+def records_from_jsonl(lines: Iterable[str], origin: str, columns=None) -> Iterator[dict]:
+    # Lines end at "\n" (or CR) only: JSON strings may hold U+2028, which splitlines() breaks on.
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -484,20 +540,32 @@ def records_from_hf(src: P.Source, stats: Counter) -> Iterator[dict]:
         raise PipelineError(f"{where}: cannot read it ({first_line(e)})") from None
 
 
-def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: Path, stats: Counter) -> Iterator[dict]:
+def read_documents(src: P.Source, files: Iterator[tuple[str, bytes | Path]], scratch: Path,
+                   stats: Counter) -> Iterator[dict]:
+    """Records of each file. Text and JSON lines are streamed (memory: one document); the other
+    formats read a file (or archive member) at a time."""
     columns = named_columns(src)
     for name, data in files:
         stats["files"] += 1
+        origin = name.rsplit("/", 1)[-1]
+        if src.format in ("text", "jsonl"):
+            try:
+                with stream(data) as f:
+                    lines = text_lines(f, name, stats)
+                    if src.format == "jsonl":
+                        yield from records_from_jsonl(lines, name, columns)
+                    else:
+                        for doc in documents(lines, src.split, src.chunk_chars):
+                            yield {"text": doc, "origin": origin}
+            except CORRUPT as e:  # opening or closing a damaged compressed file
+                raise corrupt(name, e) from None
+            continue
+        if isinstance(data, Path):
+            data = read_local(data)
         if not data:
             stats["empty_files"] += 1
             continue
-        origin = name.rsplit("/", 1)[-1]
-        if src.format == "text":
-            for doc in split_text(decode_text(data, name, stats), src.split, src.chunk_chars):
-                yield {"text": doc, "origin": origin}
-        elif src.format == "jsonl":
-            yield from records_from_jsonl(decode_text(data, name, stats), name, columns)
-        elif src.format in ("csv", "tsv", "parquet"):
+        if src.format in ("csv", "tsv", "parquet"):
             yield from records_from_table(data, src.format, name, columns, stats)
         elif src.format == "gettext":
             if data[:4] in (b"\xde\x12\x04\x95", b"\x95\x04\x12\xde"):
@@ -505,7 +573,8 @@ def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: P
             else:
                 yield from records_from_po(decode_text(data, name, stats), name, stats)
         elif src.format == "aligned":
-            (tgt_name, tgt_data), = local_files(src, src.target_path)
+            (tgt_name, tgt_path), = local_files(src, src.target_path)
+            tgt_data = read_local(tgt_path)
             yield from records_from_aligned(decode_text(data, name, stats), decode_text(tgt_data, tgt_name, stats),
                                             name, tgt_name, stats)
         else:
@@ -513,25 +582,40 @@ def read_documents(src: P.Source, files: Iterator[tuple[str, bytes]], scratch: P
 
 
 DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+CORRUPT = (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
 
 
-def read_local(path: str) -> bytes:
-    """A file's bytes; .gz, .bz2, .xz and .zst files decompressed (a truncated one is an error)."""
+def open_local(path: str | Path) -> BinaryIO:
+    """A file as a binary stream; .gz, .bz2, .xz and .zst files decompressed as they are read."""
     suffix = Path(path).suffix.lower()
+    if suffix in DECOMPRESS:
+        return DECOMPRESS[suffix](path, "rb")
+    if suffix == ".zst":
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def corrupt(path: str | Path, e: BaseException) -> PipelineError:
+    return PipelineError(f"{path}: truncated or corrupt {Path(path).suffix.lower()[1:]} file ({first_line(e)})")
+
+
+def read_local(path: str | Path) -> bytes:
+    """A file's bytes, decompressed (a truncated one is an error)."""
     try:
-        if suffix in DECOMPRESS:
-            with DECOMPRESS[suffix](path, "rb") as f:
-                return f.read()
-        if suffix == ".zst":
-            with open(path, "rb") as f:
-                return zstandard.ZstdDecompressor().stream_reader(f).read()
-        return Path(path).read_bytes()
-    except (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as e:
-        raise PipelineError(f"{path}: truncated or corrupt {suffix[1:]} file ({e})") from None
+        with open_local(path) as f:
+            return f.read()
+    except CORRUPT as e:
+        raise corrupt(path, e) from None
 
 
-def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the files matching `pattern` (src.path), or of the members of those archives."""
+def stream(data: bytes | Path) -> BinaryIO:
+    """An archive member's bytes, or a local file (read as it goes), as a binary stream."""
+    return io.BytesIO(data) if isinstance(data, bytes) else open_local(data)
+
+
+def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str, bytes | Path]]:
+    """(name, Path) of the files matching `pattern` (src.path), or (name, bytes) of the members of
+    those archives."""
     pattern = pattern or src.path
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not paths:
@@ -542,7 +626,7 @@ def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str
         if src.members and src.kind == "file":
             yield from archive_members(Path(p), src.members)
         else:
-            yield p, read_local(p)
+            yield p, Path(p)
 
 
 def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int = 0,
@@ -558,7 +642,7 @@ def collect_source(src: P.Source, cache_dir: Path, out: Path, max_documents: int
                                               if getattr(src, k)}}
     elif src.kind == "url":
         got = fetch_url(src, cache_dir, timeout, retries)
-        files = archive_members(got, src.members) if src.members else iter([(str(got), read_local(str(got)))])
+        files = archive_members(got, src.members) if src.members else iter([(str(got), got)])
         lineage = {"url": src.url, "sha256": src.sha256}
     else:
         files = local_files(src)

@@ -154,3 +154,26 @@ def test_zip_with_a_parent_path_member_is_refused(tmp_path):
         z.writestr("../evil.txt", "Evil")
     setup(tmp_path, [source("zip", "text", "bad.zip", members="*.txt")])
     assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.zip", "'../evil.txt'", "refused")
+
+
+@pytest.mark.parametrize("fmt, split", [("jsonl", "file"), ("text", "paragraphs")])
+def test_large_compressed_files_are_streamed_in_bounded_memory(tmp_path, fmt, split):
+    """200 MB of text in a .gz: collect's peak memory stays far below the file's size."""
+    import subprocess
+    import sys
+
+    line = "All the world's a stage, and all the men and women merely players. " * 30
+    unit = (json.dumps({"text": line}) + "\n") if fmt == "jsonl" else line + "\n\n"
+    n = 200_000_000 // len(unit)
+    with gzip.open(tmp_path / f"big.{fmt}.gz", "wt", compresslevel=1, encoding="utf-8") as f:
+        for _ in range(n // 1000):
+            f.write(unit * 1000)
+    setup(tmp_path, [source("big", fmt, f"big.{fmt}.gz", split=split)])
+    probe = ("import resource, subprocess, sys; p = subprocess.run([sys.executable, '-m', 'pipeline.collect']); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    assert metrics(tmp_path)["big"]["documents"] == n // 1000 * 1000
+    assert peak_mb < 200, peak_mb  # the old whole-file read needed the bytes and the text: > 400 MB
