@@ -3,6 +3,7 @@
     python benchmarks/data_scale.py [--sizes 10 100 1000] [--near-dup] [--quality] [--decontaminate 13]
 
 Needs the default corpora in data/raw (`dvc repro collect`). For each size it builds the input
+(two local JSON lines files, read by the collect stage, whose time and memory are printed too)
 from them: text documents of 8 to 40 lines drawn at random (fixed seed) from all of Shakespeare's
 lines, and pairs of 2 to 4 verses drawn at random from the aligned King James / Synodal Bible (the
 English side and the Russian side of the same verses), in the default corpus's proportion of
@@ -49,30 +50,28 @@ def corpora(raw: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return lines, verses
 
 
-def build_input(raw_dir: Path, size_mb: int, lines: list[str], verses: list[tuple[str, str]]) -> int:
-    """Write data/raw/{books,bible}.jsonl and manifest.json of about size_mb MB; return the text bytes."""
+def build_input(folder: Path, size_mb: int, lines: list[str], verses: list[tuple[str, str]]) -> tuple[int, list]:
+    """Write {books,bible}.jsonl of about size_mb MB of text in all; return the text bytes and the
+    collect sources that read them."""
     rng = random.Random(size_mb)
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     total = 0
     sources = []
     for name, share in (("books", 1 / 3), ("bible", 2 / 3)):
-        target, written, documents = share * size_mb * 1e6, 0, 0
-        with open(raw_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        target, written = share * size_mb * 1e6, 0
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             while written < target:
                 if name == "books":
                     rec = {"text": "\n".join(rng.choices(lines, k=rng.randint(8, 40)))}
                 else:
                     picked = rng.choices(verses, k=rng.randint(2, 4))
                     rec = {"src": " ".join(s for s, _ in picked), "tgt": " ".join(t for _, t in picked)}
-                rec["origin"] = "data_scale"
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                written += sum(len(v.encode("utf-8")) for k, v in rec.items() if k != "origin")
-                documents += 1
-        sources.append({"name": name, "kind": "file", "pairs": name == "bible", "documents": documents,
-                        "bytes": written, "input": {}})
+                written += sum(len(v.encode("utf-8")) for v in rec.values())
+        sources.append({"name": name, "kind": "file", "format": "jsonl", "path": str(folder / f"{name}.jsonl"),
+                        "license": "public domain"})
         total += written
-    (raw_dir / "manifest.json").write_text(json.dumps({"sources": sources}), encoding="utf-8")
-    return total
+    return total, sources
 
 
 def _children(pid: int) -> list[int]:
@@ -125,12 +124,12 @@ def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
     return seconds, peak / 1024
 
 
-def bare_encode(raw_dir: Path, model: Path, threads: int) -> float:
+def bare_encode(corpus: Path, model: Path, threads: int) -> float:
     """Seconds that sentencepiece's multithreaded encode takes over the input text (reading excluded)."""
     tok = Tokenizer(model)
     seconds = 0.0
     for name in ("books", "bible"):
-        with open(raw_dir / f"{name}.jsonl", encoding="utf-8") as f:
+        with open(corpus / f"{name}.jsonl", encoding="utf-8") as f:
             while batch := list(itertools.islice(f, ENCODE_BATCH)):
                 texts = [v for r in map(json.loads, batch) for k, v in r.items() if k in ("text", "src", "tgt")]
                 t0 = time.perf_counter()
@@ -160,32 +159,35 @@ def main() -> None:
         project = args.workdir / f"{size}mb"
         shutil.rmtree(project, ignore_errors=True)
         (project / "metrics").mkdir(parents=True)
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
         t0 = time.perf_counter()
-        nbytes = build_input(project / "data/raw", size, lines, verses)
+        nbytes, sources = build_input(project / "corpus", size, lines, verses)
         print(f"{size} MB: input {nbytes / 1e6:,.1f} MB of text built in {time.perf_counter() - t0:.0f} s", flush=True)
+        params["collect"].update(sources=sources, max_documents=0)
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        collect_s, collect_mb = run_stage("collect", project)
         clean_s, clean_mb = run_stage("clean", project)
         tok_s, tok_mb = run_stage("tokenize", project)
-        encode_s = bare_encode(project / "data/raw", project / "data/tokens/tokenizer.model", threads)
+        encode_s = bare_encode(project / "corpus", project / "data/tokens/tokenizer.model", threads)
         kept = json.loads((project / "metrics/clean.json").read_text())["documents_kept"]
         mb = nbytes / 1e6
-        rows[size] = r = {"mb": mb, "clean_s": clean_s, "tokenize_s": tok_s, "encode_s": encode_s,
+        rows[size] = r = {"mb": mb, "collect_s": collect_s, "collect_peak_mb": collect_mb, "clean_s": clean_s, "tokenize_s": tok_s, "encode_s": encode_s,
                           "clean_peak_mb": clean_mb, "tokenize_peak_mb": tok_mb, "documents_kept": kept}
         r["s_per_mb"] = (clean_s + tok_s) / mb
         r["pipeline_mb_s"] = mb / (clean_s + tok_s)
         r["encode_mb_s"] = mb / encode_s
         r["peak_mb"] = max(clean_mb, tok_mb)
-        print(f"  clean {clean_s:.1f} s (peak {clean_mb:,.0f} MB), tokenize {tok_s:.1f} s (peak {tok_mb:,.0f} MB): "
+        print(f"  collect {collect_s:.1f} s (peak {collect_mb:,.0f} MB); clean {clean_s:.1f} s (peak {clean_mb:,.0f} MB), tokenize {tok_s:.1f} s (peak {tok_mb:,.0f} MB): "
               f"{r['s_per_mb']:.3f} s/MB, {r['pipeline_mb_s']:.2f} MB/s; bare sentencepiece encode "
               f"{encode_s:.1f} s, {r['encode_mb_s']:.2f} MB/s; clean+tokenize / encode throughput "
               f"{r['pipeline_mb_s'] / r['encode_mb_s']:.2f}", flush=True)
         if not args.keep:
             shutil.rmtree(project, ignore_errors=True)
-    print("\n| input | clean s | tokenize s | s/MB | clean+tokenize MB/s | bare encode MB/s | ratio | "
-          "clean peak MB | tokenize peak MB | documents kept |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| input | collect s (peak MB) | clean s | tokenize s | clean+tokenize s/MB | clean+tokenize MB/s | "
+          "bare encode MB/s | ratio | clean peak MB | tokenize peak MB | documents kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size, r in rows.items():
-        print(f"| {r['mb']:,.0f} MB | {r['clean_s']:.1f} | {r['tokenize_s']:.1f} | {r['s_per_mb']:.3f} | "
+        print(f"| {r['mb']:,.0f} MB | {r['collect_s']:.1f} ({r['collect_peak_mb']:,.0f}) | {r['clean_s']:.1f} | "
+              f"{r['tokenize_s']:.1f} | {r['s_per_mb']:.3f} | "
               f"{r['pipeline_mb_s']:.2f} | {r['encode_mb_s']:.2f} | {r['pipeline_mb_s'] / r['encode_mb_s']:.2f} | "
               f"{r['clean_peak_mb']:,.0f} | {r['tokenize_peak_mb']:,.0f} | {r['documents_kept']:,} |")
     sizes = sorted(rows)

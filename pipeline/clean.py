@@ -466,9 +466,8 @@ class Pool:
         self.workers = c.workers or cores
         _init_worker(c, held)
         self.pool = None
-        if self.workers > 1:  # forked workers share `held` with this process (copy-on-write)
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        if self.workers > 1:  # on Linux, forked workers share `held` with this process (copy-on-write)
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(c, held))
 
     def map(self, fn, tasks) -> Iterator:

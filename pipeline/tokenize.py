@@ -58,19 +58,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def render(self, record: dict, ids: dict, out: list[int] | None = None) -> list[int]:
-        """Token ids of one document or pair, ending with </s>, appended to `out` (or a new list).
-        `ids` maps each text field to its ids."""
-        out = [] if out is None else out
+    def render(self, record: dict, ids: Iterator[list[int]], out: list[int]) -> None:
+        """Append the token ids of one document or pair, ending with </s>, to `out`. `ids` yields
+        the ids of the record's texts in text_fields() order: text, or src then tgt."""
         if "src" in record:
             out.append(self.src_id)
-            out += ids["src"]
+            out += next(ids)
             out.append(self.tgt_id)
-            out += ids["tgt"]
-        else:
-            out += ids["text"]
+        out += next(ids)
         out.append(self.eos_id)
-        return out
 
     def pair_prompt(self, src_ids: list[int]) -> list[int]:
         """What the model sees before it writes a target: the same context as in training."""
@@ -171,7 +167,8 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
     records = read_jsonl(path_in)
 
     def encode(batch: list[dict]) -> list[list[int]]:
-        return tok.encode([r[k] for r in batch for k in text_fields(r)], num_threads)
+        return tok.encode([t for r in batch for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))],
+                          num_threads)
 
     with open(path, "wb") as f, ThreadPoolExecutor(1) as encoder:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
@@ -192,7 +189,7 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
                     runs.append((current, len(flat)))
                 elif not runs:
                     runs.append((current, 0))
-                tok.render(r, {k: next(encoded) for k in text_fields(r)}, flat)
+                tok.render(r, encoded, flat)
                 sources[current]["documents"] += 1
             ids = np.fromiter(flat, dtype, len(flat))
             for (name, start), (_, end) in zip(runs, [*runs[1:], (None, len(flat))]):
