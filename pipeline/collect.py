@@ -614,10 +614,12 @@ def stream(data: bytes | Path) -> BinaryIO:
 
 
 def local_files(src: P.Source, pattern: str | None = None) -> Iterator[tuple[str, bytes | Path]]:
-    """(name, Path) of the files matching `pattern` (src.path), or (name, bytes) of the members of
-    those archives."""
-    pattern = pattern or src.path
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    """(name, Path) of the files matching `pattern` (src.path: a file, a glob or a folder), or
+    (name, bytes) of the members of those archives."""
+    pattern = os.path.expanduser(pattern or src.path)
+    if os.path.isdir(pattern):  # a folder: every file below it
+        pattern = os.path.join(pattern, "**", "*")
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise PipelineError(f"source '{src.name}': no file matches path '{pattern}'")
     if src.format == "aligned" and len(paths) != 1:

@@ -99,6 +99,15 @@ def test_glob_reads_several_files_in_name_order(tmp_path):
     assert [r["origin"] for r in records] == ["a.txt", "b.txt", "c.txt"]
 
 
+def test_a_folder_reads_every_file_below_it_in_name_order(tmp_path):
+    for name in ("b.txt", "sub/a.txt", "a.txt"):
+        (tmp_path / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "corpus" / name).write_text(f"Text of {name}\n", encoding="utf-8")
+    setup(tmp_path, [text_source("books", "corpus", "file")])
+    run_stage("collect", tmp_path)
+    assert texts(tmp_path, "books") == ["Text of a.txt", "Text of b.txt", "Text of sub/a.txt"]
+
+
 def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
     (tmp_path / "latin1.txt").write_bytes(b"\xef\xbb\xbfCaf\xe9 au lait\nna\xefve \xff\xfe end\n")
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n"
