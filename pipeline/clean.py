@@ -247,14 +247,17 @@ class MinHasher:
     def signatures(self, words: Words) -> np.ndarray:
         """(texts, num_perm) uint32 signatures."""
         shingles, owner = words.ngrams(self.k, short=True)
-        order = np.argsort(owner, kind="stable")
-        shingles, owner = _fmix32((shingles[order] >> np.uint64(32)).astype(np.uint32)), owner[order]
+        if len(owner) and (owner[1:] < owner[:-1]).any():  # short texts' shingles come last
+            order = np.argsort(owner, kind="stable")
+            shingles, owner = shingles[order], owner[order]
+        shingles = _fmix32((shingles >> np.uint64(32)).astype(np.uint32))
         sig = np.full((len(words.counts), len(self.a)), np.iinfo(np.uint32).max, np.uint32)
+        a, b = self.a[:, None], self.b[:, None]
         for s in range(0, len(shingles), self.ROWS):
             ids = owner[s:s + self.ROWS]
-            permuted = shingles[s:s + self.ROWS, None] * self.a + self.b
+            permuted = a * shingles[None, s:s + self.ROWS] + b  # (num_perm, shingles): rows reduce fastest
             firsts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
-            sig[ids[firsts]] = np.minimum(sig[ids[firsts]], np.minimum.reduceat(permuted, firsts, axis=0))
+            sig[ids[firsts]] = np.minimum(sig[ids[firsts]], np.minimum.reduceat(permuted, firsts, axis=1).T)
         return sig
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
@@ -322,9 +325,9 @@ class NearDuplicates:
     def seen(self, bands: np.ndarray, merged: np.ndarray, signature: np.ndarray) -> bool:
         """Is this document (its band keys, their lookup() in the merged index, its 1-byte signature)
         similar to one kept before? If not, it is kept and indexed."""
-        candidates = {int(v) for v in merged if v >= 0}
-        candidates.update(v for b in bands.tolist() if (v := self.bands.recent.get(b)) is not None)
-        for i in sorted(candidates):
+        keys, recent = bands.tolist(), self.bands.recent
+        candidates = [v for v in merged.tolist() if v >= 0] + [v for b in keys if (v := recent.get(b)) is not None]
+        for i in sorted(set(candidates)):
             agree = np.count_nonzero(self._signature(i) == signature) / self.perm
             if (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold:
                 self.cluster_of[i] = self.cluster_of.get(i, 0) + 1
@@ -333,8 +336,8 @@ class NearDuplicates:
         if i % self.CHUNK == 0:
             self.signatures.append(np.zeros((self.CHUNK, self.perm), np.uint8))
         self.signatures[-1][i % self.CHUNK] = signature
-        for b in bands.tolist():
-            self.bands.add(b, i)
+        for b in keys:
+            recent.setdefault(b, i)
         self.kept += 1
         return False
 
@@ -391,10 +394,14 @@ def _lines(chunk: bytes, first_line: int, path: str) -> Iterator[tuple[int, byte
 
 
 def prepare_shard(chunk: bytes, first_line: int, path: str, name: str, pairs: bool) -> dict:
-    """Normalise, scrub, filter and hash one shard of a source's records."""
+    """Normalise, scrub, filter and hash one shard of a source's records. Returns counts, the
+    records in order (("reason", texts) if dropped, else (None, line, split, keys, bytes, length)),
+    and for the records that passed, row by row: LSH band keys and 1-byte signatures, and the
+    n-gram hashes of val and test (rows held[held_ends[k - 1]:held_ends[k]])."""
     c, minhash = _WORKER["c"], _WORKER["minhash"]
-    out = {"documents_in": 0, "bytes_in": 0, "lengths_in": Counter(), "pii": Counter(), "records": []}
-    passed = []  # (record, texts) of documents that pass the filters
+    out = {"documents_in": 0, "bytes_in": 0, "lengths_in": Counter(), "pii": Counter(), "records": [],
+           "bands": None, "signatures": None, "held": None, "held_ends": None}
+    passed = []  # (split, texts) of the documents that pass the filters
     for i, _, rec in _lines(chunk, first_line, path):
         try:
             raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
@@ -415,28 +422,28 @@ def prepare_shard(chunk: bytes, first_line: int, path: str, name: str, pairs: bo
         split = split_of(texts[0], c)
         # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
         fields = f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
-        r = {"line": f'{{"source": {_json_str(name)}, {fields}}}\n'.encode("utf-8"), "split": split,
-             # exact duplicates: on the pair, and on the source side alone
-             "keys": [_key("pair", *texts), _key("src", texts[0])] if pairs else [_key("text", texts[0])],
-             "bytes": sum(len(t.encode("utf-8")) for t in texts), "length": sum(map(len, texts)), "held": None}
-        out["records"].append((None, r))
-        passed.append((r, texts))
+        out["records"].append((
+            None, f'{{"source": {_json_str(name)}, {fields}}}\n'.encode("utf-8"), split,
+            # exact duplicates: on the pair, and on the source side alone
+            (_key("pair", *texts), _key("src", texts[0])) if pairs else (_key("text", texts[0]),),
+            sum(len(t.encode("utf-8")) for t in texts), sum(map(len, texts))))
+        passed.append((split, texts))
     # Shard-level hashing: near-duplicate signatures (source side), n-grams of val and test (all sides).
     n = c.decontaminate_ngram
-    held = [(r, t) for r, texts in passed if n and r["split"] != "train" for t in texts]
+    held = [(k, t) for k, (split, texts) in enumerate(passed) if n and split != "train" for t in texts]
     if minhash or held:
         sources = [texts[0] for _, texts in passed] if minhash else []
         words = Words(sources + [t for _, t in held])
         if minhash:
             sig = minhash.signatures(words)[:len(sources)]
-            for (r, _), keys, low in zip(passed, minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)):
-                r["bands"], r["signature"] = keys, low
+            out["bands"], out["signatures"] = minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)
         if held:
-            hashes, owner = words.ngrams(n)  # in text order
-            bounds = np.searchsorted(owner, np.arange(len(sources), len(sources) + len(held) + 1))
-            for j, (r, _) in enumerate(held):
-                mine = hashes[bounds[j]:bounds[j + 1]]
-                r["held"] = mine if r["held"] is None else np.concatenate([r["held"], mine])
+            hashes, owner = words.ngrams(n)  # in text order, so each row's n-grams are contiguous
+            mine = owner >= len(sources)
+            row_of_text = np.array([k for k, _ in held], np.int64)
+            out["held"] = hashes[mine]
+            counts = np.bincount(row_of_text[owner[mine] - len(sources)], minlength=len(passed))
+            out["held_ends"] = np.cumsum(counts)
     return out
 
 
@@ -529,35 +536,40 @@ def clean_source(name: str, pairs: bool, c: P.Clean, state: State, pool: Pool, w
         lengths["in"].update(shard["lengths_in"])
         pii.update(shard["pii"])
         records = shard["records"]
-        passed = [r for reason, r in records if reason is None]
-        exact = state.exact.lookup([r["keys"] for r in passed]) if passed else None
-        near = state.near.bands.lookup([r["bands"] for r in passed]) if passed and state.near else None
+        passed = [r for r in records if r[0] is None]
+        exact = state.exact.lookup([r[3] for r in passed]).tolist() if passed else None
+        near = state.near.bands.lookup(shard["bands"]) if passed and state.near else None
+        held_ends, held_rows = shard["held_ends"], []
         row = 0
-        for reason, r in records:
-            if reason:  # dropped by a worker: r holds the texts
-                dropped[reason] += 1
-                state.examples.add(reason, name, r)
+        for r in records:
+            if r[0]:  # dropped by a worker: r[1] holds the texts
+                dropped[r[0]] += 1
+                state.examples.add(r[0], name, r[1])
                 continue
-            if any(v >= 0 for v in exact[row]) or any(k in state.exact.recent for k in r["keys"]):
+            _, line, split, keys, nbytes, length = r
+            reason = None
+            if any(v >= 0 for v in exact[row]) or any(k in state.exact.recent for k in keys):
                 reason = "duplicate"
-            elif state.near is not None and state.near.seen(r["bands"], near[row], r["signature"]):
+            elif state.near is not None and state.near.seen(shard["bands"][row], near[row], shard["signatures"][row]):
                 reason = "near_duplicate"
             row += 1
             if reason:
                 dropped[reason] += 1
-                rec = json.loads(r["line"])
+                rec = json.loads(line)
                 state.examples.add(reason, name, [rec[k] for k in text_fields(rec)])
                 continue
-            for k in r["keys"]:
+            for k in keys:
                 state.exact.add(k, state.documents)
             state.documents += 1
-            split = r["split"]
-            if r["held"] is not None:
-                state.heldout_ngrams.append(r["held"])
-            writers[split].write(r["line"])
+            if held_ends is not None and split != "train":
+                held_rows.append(row - 1)
+            writers[split].write(line)
             kept[split] += 1
-            kept_bytes[split] += r["bytes"]
-            lengths["kept"][r["length"]] += 1
+            kept_bytes[split] += nbytes
+            lengths["kept"][length] += 1
+        if held_rows:
+            starts = np.concatenate(([0], held_ends[:-1]))
+            state.heldout_ngrams.append(np.concatenate([shard["held"][starts[k]:held_ends[k]] for k in held_rows]))
         state.exact.flush()
         if state.near:
             state.near.bands.flush()
