@@ -9,10 +9,11 @@ rendered as <src> source <tgt> target </s>. Each split file begins with </s>, so
 every document has a predecessor and is predicted. Files: data/tokens/{split}.bin (uint16 when
 the vocabulary fits, else uint32) with a JSON sidecar, tokenizer.model, and metrics/tokenize.json.
 
-Streaming: the tokenizer learns from a deterministic sample of train (documents chosen by a hash
-of their text, about tokenize.sample_bytes in all; everything when train is smaller), and each
-split is read and encoded in batches (sentencepiece's multithreaded batch encoding) and written
-as it goes, so memory does not grow with the corpus.
+Streaming: the tokenizer learns from a deterministic sample of train (lines of clean's output
+chosen by a hash of their bytes, about tokenize.sample_bytes of it; everything when train is
+smaller), and each split is read and encoded in batches (sentencepiece's multithreaded batch
+encoding, the next batch encoded in a thread while the last is written), so memory does not grow
+with the corpus.
 """
 from __future__ import annotations
 
