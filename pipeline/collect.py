@@ -343,37 +343,89 @@ def records_from_jsonl(lines: Iterable[str], origin: str, columns=None) -> Itera
         yield record(obj, columns, origin, f"{origin}:{i}")
 
 
-def records_from_table(data: bytes, fmt: str, origin: str, columns, stats: Counter) -> Iterator[dict]:
-    """Rows of a CSV, TSV (no quoting) or Parquet file, read with pandas."""
+TABLE_ROWS = 4096  # rows per chunk of a CSV/TSV/Parquet file (documents can be large)
+
+
+class _LinesAsFile(io.TextIOBase):
+    """Decoded lines as a text file that pandas can read a piece at a time."""
+
+    def __init__(self, lines: Iterator[str]):
+        self.lines, self.pending, self.size = lines, [], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> str:
+        while n is None or n < 0 or self.size < n:
+            line = next(self.lines, None)
+            if line is None:
+                break
+            self.pending.append(line + "\n")
+            self.size += len(line) + 1
+        text = "".join(self.pending)
+        if n is None or n < 0 or n >= len(text):
+            self.pending, self.size = [], 0
+            return text
+        self.pending, self.size = [text[n:]], len(text) - n
+        return text[:n]
+
+
+def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> Iterator:
+    """A CSV, TSV (no quoting) or Parquet file as pandas DataFrames of up to TABLE_ROWS rows:
+    memory holds one chunk, not the file."""
     import pandas as pd
 
-    try:
-        if fmt == "parquet":
-            try:
-                df = pd.read_parquet(io.BytesIO(data))
-            except ImportError:
-                raise PipelineError(f"{origin}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-        else:
-            text = decode_text(data, origin, stats)
-            if not text.strip():
-                return
-            df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
-                             quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE)
-    except PipelineError:
-        raise
-    except Exception as e:  # pandas/pyarrow parse errors: one line naming the file
-        raise PipelineError(f"{origin}: not a readable {fmt.upper()} file ({first_line(e)})") from None
-    if columns is None:
-        names = set(df.columns)
-        columns = ("pair", ["src", "tgt"]) if {"src", "tgt"} <= names else ("text", ["text"])
-    for name in columns[1]:
-        if name not in df.columns:
-            raise PipelineError(f"{origin}: no column {name!r} (columns: {', '.join(map(str, df.columns))})")
-        if fmt == "parquet" and not (pd.api.types.is_string_dtype(df[name]) or df[name].dtype == object):
-            raise PipelineError(f"{origin}: column {name!r} holds {df[name].dtype}, expected strings")
-    for i, row in enumerate(df[columns[1]].itertuples(index=False, name=None), 2 if fmt != "parquet" else 1):
-        yield record(dict(zip(columns[1], row)), columns, origin,
-                     f"{origin}:{i}" if fmt != "parquet" else f"{origin} row {i}")
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise PipelineError(f"{origin}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        if isinstance(data, Path) and data.suffix.lower() in (*DECOMPRESS, ".zst"):
+            data = read_local(data)  # Parquet needs to seek: a compressed one is read whole
+        if isinstance(data, Path) and data.stat().st_size == 0:
+            stats["empty_files"] += 1
+            return
+        parquet = pq.ParquetFile(io.BytesIO(data) if isinstance(data, bytes) else str(data))
+        for batch in parquet.iter_batches(batch_size=TABLE_ROWS):
+            yield batch.to_pandas()
+        return
+    with stream(data) as f:
+        reader = _LinesAsFile(text_lines(f, origin, stats))
+        try:
+            yield from pd.read_csv(reader, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
+                                   quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
+                                   chunksize=TABLE_ROWS)
+        except pd.errors.EmptyDataError:
+            return
+
+
+def records_from_table(data: bytes | Path, fmt: str, origin: str, columns, stats: Counter) -> Iterator[dict]:
+    """Rows of a CSV, TSV (no quoting) or Parquet file, read with pandas a chunk at a time."""
+    import pandas as pd
+
+    chunks = table_chunks(data, fmt, origin, stats)
+    i = 2 if fmt != "parquet" else 1  # CSV rows are numbered as lines, after the header
+    while True:
+        try:
+            df = next(chunks, None)
+        except PipelineError:
+            raise
+        except Exception as e:  # pandas/pyarrow parse errors: one line naming the file
+            raise PipelineError(f"{origin}: not a readable {fmt.upper()} file ({first_line(e)})") from None
+        if df is None:
+            return
+        if columns is None:
+            names = set(df.columns)
+            columns = ("pair", ["src", "tgt"]) if {"src", "tgt"} <= names else ("text", ["text"])
+        for name in columns[1]:
+            if name not in df.columns:
+                raise PipelineError(f"{origin}: no column {name!r} (columns: {', '.join(map(str, df.columns))})")
+            if fmt == "parquet" and not (pd.api.types.is_string_dtype(df[name]) or df[name].dtype == object):
+                raise PipelineError(f"{origin}: column {name!r} holds {df[name].dtype}, expected strings")
+        for row in df[columns[1]].itertuples(index=False, name=None):
+            yield record(dict(zip(columns[1], row)), columns, origin,
+                         f"{origin}:{i}" if fmt != "parquet" else f"{origin} row {i}")
+            i += 1
 
 
 # A gettext entry is placeholder-only when nothing but placeholders, markup, digits, punctuation
@@ -542,8 +594,8 @@ def records_from_hf(src: P.Source, stats: Counter) -> Iterator[dict]:
 
 def read_documents(src: P.Source, files: Iterator[tuple[str, bytes | Path]], scratch: Path,
                    stats: Counter) -> Iterator[dict]:
-    """Records of each file. Text and JSON lines are streamed (memory: one document); the other
-    formats read a file (or archive member) at a time."""
+    """Records of each file. Text, JSON lines, CSV/TSV and Parquet are streamed (memory: a document
+    or a chunk of rows); the other formats read a file (or archive member) at a time."""
     columns = named_columns(src)
     for name, data in files:
         stats["files"] += 1
@@ -560,14 +612,18 @@ def read_documents(src: P.Source, files: Iterator[tuple[str, bytes | Path]], scr
             except CORRUPT as e:  # opening or closing a damaged compressed file
                 raise corrupt(name, e) from None
             continue
+        if src.format in ("csv", "tsv", "parquet"):
+            try:
+                yield from records_from_table(data, src.format, name, columns, stats)
+            except CORRUPT as e:
+                raise corrupt(name, e) from None
+            continue
         if isinstance(data, Path):
             data = read_local(data)
         if not data:
             stats["empty_files"] += 1
             continue
-        if src.format in ("csv", "tsv", "parquet"):
-            yield from records_from_table(data, src.format, name, columns, stats)
-        elif src.format == "gettext":
+        if src.format == "gettext":
             if data[:4] in (b"\xde\x12\x04\x95", b"\x95\x04\x12\xde"):
                 yield from records_from_mo(data, name, stats)
             else:
