@@ -267,42 +267,49 @@ class MinHasher:
 
 
 class KeyIndex:
-    """64-bit keys, each with the number of the first document that had it: sorted arrays (12
-    bytes a key) and a dict of recent keys, merged into the arrays every FLUSH keys."""
+    """64-bit keys, each with the number of the first document that had it: a dict of recent keys,
+    turned every FLUSH keys into a sorted run (12 bytes a key). Runs of similar size are merged, as
+    in a log-structured merge tree, so there are about log2(keys / FLUSH) of them and each key is
+    copied that many times, not once per flush."""
 
     FLUSH = 1 << 17
 
     def __init__(self):
-        self.keys = np.empty(0, np.uint64)
-        self.values = np.empty(0, np.uint32)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, values), largest first
         self.recent: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self.keys) + len(self.recent)
+        return sum(len(k) for k, _ in self.runs) + len(self.recent)
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The values of keys in the sorted arrays (-1 where absent); check .recent for the rest."""
+    def lookup(self, keys) -> np.ndarray:
+        """The values of keys in the sorted runs (-1 where absent); check .recent for the rest."""
         keys = np.asarray(keys, np.uint64)
-        out = np.full(keys.shape, -1, np.int64)
-        if len(self.keys):
-            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            hit = self.keys[pos] == keys
-            out[hit] = self.values[pos[hit]]
-        return out
+        flat = keys.ravel()
+        order = np.argsort(flat)
+        needles = flat[order]  # sorted, binary searches walk the run in order: ~4x faster
+        found = np.full(len(flat), -1, np.int64)
+        for run, values in self.runs:  # a key is in one run at most
+            pos = np.minimum(np.searchsorted(run, needles), len(run) - 1)
+            hit = run[pos] == needles
+            found[order[hit]] = values[pos[hit]]
+        return found.reshape(keys.shape)
 
     def add(self, key: int, value: int) -> None:
         self.recent.setdefault(key, value)
 
-    def flush(self, force: bool = False) -> None:
-        if len(self.recent) < self.FLUSH and not (force and self.recent):
+    def flush(self) -> None:
+        if len(self.recent) < self.FLUSH:
             return
         keys = np.fromiter(self.recent.keys(), np.uint64, len(self.recent))
         values = np.fromiter(self.recent.values(), np.uint32, len(self.recent))
         order = np.argsort(keys)
-        pos = np.searchsorted(self.keys, keys[order])
-        self.keys = np.insert(self.keys, pos, keys[order])
-        self.values = np.insert(self.values, pos, values[order])
+        self.runs.append((keys[order], values[order]))
         self.recent = {}
+        while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 > len(self.runs[-2][0]):
+            (k1, v1), (k2, v2) = self.runs.pop(), self.runs.pop()
+            keys, values = np.concatenate([k2, k1]), np.concatenate([v2, v1])
+            order = np.argsort(keys, kind="stable")  # two sorted runs: a linear merge
+            self.runs.append((keys[order], values[order]))
 
 
 class NearDuplicates:
