@@ -27,7 +27,7 @@ the indexes:
 - near-duplicates: one 64-bit key per LSH band (9 bands at the defaults) and a 1-byte-per-
   permutation signature: about 240 bytes per kept document at the defaults;
 - decontamination: a 64-bit hash per n-gram of val and test (about 8 bytes per word of them).
-Keys wait in a small dict (at most 2**17) before being merged into sorted arrays.
+Keys wait in a small dict (at most 2**17) before becoming a sorted run; runs merge log-structured.
 """
 from __future__ import annotations
 
@@ -295,6 +295,7 @@ class KeyIndex:
         return found.reshape(keys.shape)
 
     def add(self, key: int, value: int) -> None:
+        """Add a key that lookup() did not find (a key already in .recent keeps its value)."""
         self.recent.setdefault(key, value)
 
     def flush(self) -> None:
@@ -332,8 +333,8 @@ class NearDuplicates:
     def seen(self, bands: np.ndarray, merged: np.ndarray, signature: np.ndarray) -> bool:
         """Is this document (its band keys, their lookup() in the merged index, its 1-byte signature)
         similar to one kept before? If not, it is kept and indexed."""
-        keys, recent = bands.tolist(), self.bands.recent
-        candidates = [v for v in merged.tolist() if v >= 0] + [v for b in keys if (v := recent.get(b)) is not None]
+        keys, merged, recent = bands.tolist(), merged.tolist(), self.bands.recent
+        candidates = [v for v in merged if v >= 0] + [v for b in keys if (v := recent.get(b)) is not None]
         for i in sorted(set(candidates)):
             agree = np.count_nonzero(self._signature(i) == signature) / self.perm
             if (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold:
@@ -343,8 +344,9 @@ class NearDuplicates:
         if i % self.CHUNK == 0:
             self.signatures.append(np.zeros((self.CHUNK, self.perm), np.uint8))
         self.signatures[-1][i % self.CHUNK] = signature
-        for b in keys:
-            recent.setdefault(b, i)
+        for b, m in zip(keys, merged):  # a band key stays with the first document that had it
+            if m < 0:
+                recent.setdefault(b, i)
         self.kept += 1
         return False
 
