@@ -49,8 +49,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import params as P
-from pipeline.common import (PipelineError, atomic_dir, atomic_write_text, read_json, run_main, text_fields, utf8_bytes,
-                             write_json)
+from pipeline.common import (PipelineError, atomic_dir, atomic_write_text, json_line, read_json, run_main, text_fields,
+                             utf8_bytes, write_json)
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/clean")
@@ -396,10 +396,7 @@ def _init_worker(c: P.Clean, held: np.ndarray | None) -> None:
 def _lines(chunk: bytes, first_line: int, path: str) -> Iterator[tuple[int, bytes, dict]]:
     for i, line in enumerate(chunk.split(b"\n"), first_line):
         if line.strip():
-            try:
-                yield i, line, json.loads(line)
-            except ValueError:
-                raise PipelineError(f"{path}:{i}: not valid JSON") from None
+            yield i, line, json_line(line, path, i)
 
 
 def prepare_shard(chunk: bytes, first_line: int, path: str, name: str, pairs: bool) -> dict:
@@ -480,9 +477,10 @@ class Pool:
     def __init__(self, c: P.Clean, held: np.ndarray | None = None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.workers = c.workers or cores
-        _init_worker(c, held)
         self.pool = None
-        if self.workers > 1:  # on Linux, forked workers share `held` with this process (copy-on-write)
+        if self.workers == 1:
+            _init_worker(c, held)
+        else:  # on Linux, forked workers share `held` with this process (copy-on-write)
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(c, held))
 

@@ -206,12 +206,19 @@ def decode_text(data: bytes, origin: str = "", stats: Counter | None = None) -> 
     """UTF-8 text of `data`: invalid sequences replaced (U+FFFD), NUL bytes and a BOM removed,
     each counted in `stats`. A file that looks binary is an error naming it."""
     stats = stats if stats is not None else Counter()
-    if looks_binary(data):
+    _refuse_binary(data, origin)
+    return _without_bom(_decode(data, stats), stats)
+
+
+def _refuse_binary(head: bytes, origin: str) -> None:
+    if looks_binary(head):
         raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
-    text = _decode(data, stats)
+
+
+def _without_bom(text: str, stats: Counter) -> str:
     if text.startswith("\ufeff"):
         stats["bom"] += 1
-        text = text[1:]
+        return text[1:]
     return text
 
 
@@ -222,8 +229,7 @@ def text_lines(stream: BinaryIO, origin: str, stats: Counter) -> Iterator[str]:
     if not first:
         stats["empty_files"] += 1
         return
-    if looks_binary(first):
-        raise PipelineError(f"{origin}: looks like a binary file, not text (many control or non-UTF-8 bytes)")
+    _refuse_binary(first, origin)
     start = True
     parts: list[bytes] = []  # the line so far, when it spans blocks
     for block in itertools.chain([first], iter(lambda: stream.read(1 << 20), b"")):
@@ -239,9 +245,8 @@ def text_lines(stream: BinaryIO, origin: str, stats: Counter) -> Iterator[str]:
 
 
 def _lines_of(line: str, first: bool, stats: Counter) -> Iterator[str]:
-    if first and line.startswith("\ufeff"):
-        stats["bom"] += 1
-        line = line[1:]
+    if first:
+        line = _without_bom(line, stats)
     if "\r" not in line:
         yield line
     else:

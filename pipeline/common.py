@@ -107,17 +107,24 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
+def json_line(line: bytes | str, path: str | Path, lineno: int) -> Any:
+    """One line of a JSON lines file; a line that is not JSON is an error naming the file and line."""
+    try:
+        return json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        raise PipelineError(f"{path}:{lineno}: not valid JSON") from None
+
+
+def read_jsonl(path: str | Path, keep: Callable[[bytes], bool] | None = None) -> Iterator[dict]:
+    """The records of a JSON lines file, read as it goes; with `keep`, only the lines (raw bytes)
+    it accepts are parsed."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: missing (run the stage that writes it first: dvc repro)")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise PipelineError(f"{path}:{i}: not valid JSON") from None
+            if line.strip() and (keep is None or keep(line)):
+                yield json_line(line, path, i)
 
 
 def set_torch_threads(threads: int) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,18 +104,11 @@ def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     """
     size = path.stat().st_size
     rate = min(1.0, sample_bytes / size) if sample_bytes and size else 1.0
+    if rate >= 1.0:
+        return read_jsonl(path), rate
     threshold = rate * 2**64
-
-    def chosen() -> Iterator[dict]:
-        with open(path, "rb") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip() and (rate >= 1.0 or int.from_bytes(
-                        hashlib.blake2b(line, digest_size=8).digest(), "big") < threshold):
-                    try:
-                        yield json.loads(line)
-                    except ValueError:
-                        raise PipelineError(f"{path}:{i}: not valid JSON") from None
-    return chosen(), rate
+    return read_jsonl(path, lambda line: int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "big")
+                      < threshold), rate
 
 
 def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
