@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import params as P  # noqa: E402
 from pipeline.generate import Decoding, stream  # noqa: E402
-from pipeline.model import build_model, load_weights  # noqa: E402
+from pipeline.checkpoint import load_weights  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
 
 PROMPT, NEW = 64, 256
 
@@ -74,7 +75,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = make_model(Path(args.checkpoint))
     if Path("data/tokens/val.json").is_file():  # a real prompt: the first tokens of the val split
-        from pipeline.train import load_tokens
+        from pipeline.tokenizer import load_tokens
 
         idx = torch.from_numpy(load_tokens("val")[:PROMPT].astype("int64"))[None]
     else:

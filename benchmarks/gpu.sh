@@ -17,7 +17,7 @@ import sys
 import torch
 from pipeline.model import build_model
 from pipeline.params import Model
-from pipeline.train import CudaAutocast
+from pipeline.hardware import CudaAutocast
 
 if not torch.cuda.is_available():
     sys.exit("error: no CUDA device; this script measures a GPU")

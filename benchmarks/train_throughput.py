@@ -9,10 +9,10 @@ MFU = model FLOPs per token (6 per multiplying parameter plus attention, pipelin
 flops_per_token) x tokens per second / peak. On CPU the peak is this machine's float32 matrix
 product throughput, measured in the same run: rounds alternate a timed matmul and timed training
 steps, MFU is computed per round (both sides see the same machine state) and the median is
-reported. On CUDA the peak is the GPU's bf16 dense peak (pipeline.train.GPU_BF16_PEAK), with
+reported. On CUDA the peak is the GPU's bf16 dense peak (pipeline.hardware.GPU_BF16_PEAK), with
 bf16 autocast and TF32.
 
-Training steps are the train stage's own (`accumulate_step`: forward, backward, clipping,
+Training steps are the train stage's own (`train_step`: forward, backward, clipping,
 AdamW) on random token windows; throughput does not depend on the tokens.
 
 --compare runs the train stage itself (`python -m pipeline.train`) for each architecture with
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import params as P  # noqa: E402
 from pipeline.model import build_model, count_parameters, flops_per_token  # noqa: E402
-from pipeline.train import CudaAutocast, accumulate_step, cpu_matmul_flops, make_optimizer, peak_flops  # noqa: E402
+from pipeline.hardware import CudaAutocast, cpu_matmul_flops, peak_flops  # noqa: E402
+from pipeline.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
 LSTM = P.read_yaml(ROOT / "params" / "lstm.yaml")
@@ -88,7 +89,7 @@ def measure(args) -> None:
         y = torch.randint(vocab, (B, T), device=device)
         t0 = time.perf_counter()
         for _ in range(args.warmup):  # includes compilation
-            accumulate_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
+            train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
         runs[v] = (fwd, opt, x, y)
         print(f"{v}: {args.warmup} warm-up steps in {time.perf_counter() - t0:.1f} s", flush=True)
     n_params = count_parameters(runs[variants[0]][0])
@@ -115,7 +116,7 @@ def measure(args) -> None:
             times = []
             for _ in range(steps_per_round):
                 t0 = time.perf_counter()
-                accumulate_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)  # .item() synchronises
+                train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)  # .item() synchronises
                 times.append(time.perf_counter() - t0)
             tok_s = B * T / statistics.median(times)
             results[v].append((tok_s, fpt * tok_s / peak))
@@ -140,8 +141,8 @@ def compare(seconds: float, names: list[str]) -> None:
     """Each architecture through the train stage with the same time_budget_s; val bits per byte."""
     import numpy as np
 
-    from pipeline.evaluate import nats_of_range
-    from pipeline.generate import load_checkpoint
+    from pipeline.scoring import nats_of_range
+    from pipeline.checkpoint import load_model
 
     tokens = ROOT / "data" / "tokens"
     if not (tokens / "train.bin").exists():
@@ -168,8 +169,8 @@ def compare(seconds: float, names: list[str]) -> None:
                 sys.exit(f"{name}: train failed\n{proc.stderr[-2000:]}")
             wall = time.perf_counter() - t0
             m = json.loads((work / "metrics" / "train.json").read_text())
-            model = load_checkpoint(work / "data" / "model" / "best.safetensors")
-            nats = nats_of_range(model, val, 1, len(val), 32)
+            model = load_model(work / "data" / "model" / "best.safetensors")
+            nats, _ = nats_of_range(model, val, 1, len(val), 32)
             bpb = nats / math.log(2) / val_meta["bytes"]
             shutil.rmtree(work / "data" / "checkpoints", ignore_errors=True)
         cfg = data["model"]

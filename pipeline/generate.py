@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, first_line, run_main, sha256_file
-from pipeline.model import load_weights
-from pipeline.tokenize import Tokenizer
+from pipeline.checkpoint import load_model
+from pipeline.common import PipelineError, run_main
+from pipeline.tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("data/model/best.safetensors")
 DEFAULT_TOKENIZER = Path("data/tokens/tokenizer.model")
@@ -55,43 +55,25 @@ class Decoding:
             raise PipelineError("top_k must be >= 0, beam_size >= 1 and repetition_penalty > 0")
 
 
-def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None,
-                    tokenizer_path: str | Path | None = None, device: str = "cpu") -> torch.nn.Module:
-    """Load a model saved by `train` (safetensors); refuse a tokenizer it was not trained with."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no checkpoint (run the train stage: dvc repro)")
-    try:
-        model, info = load_weights(path, device)
-    except Exception as e:  # truncated file, foreign file, wrong keys: one line, no traceback
-        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
-    if tokenizer is not None and tokenizer.vocab_size != info["vocab_size"]:
-        raise PipelineError(f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
-                            f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
-    if tokenizer_path is not None and info.get("tokenizer_sha256") not in (None, sha256_file(tokenizer_path)):
-        raise PipelineError(f"{path}: was not trained with the tokenizer {tokenizer_path} (sha256 differs)")
-    return model.eval()
-
-
-def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, d: Decoding) -> torch.Tensor:
+def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, decoding: Decoding) -> torch.Tensor:
     """Repetition penalty (as in CTRL): shrink the logits of tokens already present."""
     if seen is None:
         return logits
-    penalized = torch.where(logits > 0, logits / d.repetition_penalty, logits * d.repetition_penalty)
+    penalized = torch.where(logits > 0, logits / decoding.repetition_penalty, logits * decoding.repetition_penalty)
     return torch.where(seen, penalized, logits)
 
 
-def _pick(logits: torch.Tensor, d: Decoding, gen: torch.Generator | None) -> torch.Tensor:
-    if d.temperature == 0:
+def _pick(logits: torch.Tensor, decoding: Decoding, gen: torch.Generator | None) -> torch.Tensor:
+    if decoding.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / d.temperature
-    if 0 < d.top_k < logits.size(-1):
-        kth = torch.topk(logits, d.top_k, dim=-1).values[:, -1:]
+    logits = logits.float() / decoding.temperature
+    if 0 < decoding.top_k < logits.size(-1):
+        kth = torch.topk(logits, decoding.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if d.top_p < 1:
+    if decoding.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > d.top_p  # mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs > decoding.top_p  # mass before this token already reaches top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
@@ -110,7 +92,7 @@ def _prefill(model, idx: torch.Tensor):
 
 
 @torch.inference_mode()
-def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iterator[torch.Tensor]:
+def stream(model, idx: torch.Tensor, eos_id: int, decoding: Decoding, gen=None) -> Iterator[torch.Tensor]:
     """Sample or pick greedily, one step at a time: yields the next token of every row.
 
     Rows that reached eos keep yielding eos; the stream ends when all have, or at max_new_tokens.
@@ -118,13 +100,13 @@ def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iter
     logits, state = _prefill(model, idx)
     B = idx.size(0)
     seen = None
-    if d.repetition_penalty != 1.0:
+    if decoding.repetition_penalty != 1.0:
         seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device)
         seen.scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     out: list[torch.Tensor] = []
-    for _ in range(d.max_new_tokens):
-        nxt = _pick(_adjust(logits, seen, d), d, gen)
+    for _ in range(decoding.max_new_tokens):
+        nxt = _pick(_adjust(logits, seen, decoding), decoding, gen)
         nxt = nxt.masked_fill(done, eos_id)
         yield nxt
         done |= nxt == eos_id
@@ -137,13 +119,13 @@ def stream(model, idx: torch.Tensor, eos_id: int, d: Decoding, gen=None) -> Iter
 
 
 @torch.inference_mode()
-def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[list[int]]:
+def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> list[list[int]]:
     """Beam search for a batch of equal-length prompts.
 
     A finished beam can only be extended by eos at no cost, so it keeps its score and competes
     with the live beams; at the end each prompt's beams are ranked by length-normalised score.
     """
-    B, K = idx.size(0), d.beam_size
+    B, K = idx.size(0), decoding.beam_size
     logits, state = _prefill(model, idx)
     logp = torch.log_softmax(logits.float(), dim=-1)
     V = logp.size(-1)
@@ -155,10 +137,10 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[lis
     out, scores = first.reshape(B * K, 1), scores.reshape(B * K)
     done = out[:, -1] == eos_id
     lengths = torch.ones(B * K, device=idx.device)
-    for _ in range(d.max_new_tokens - 1):
+    for _ in range(decoding.max_new_tokens - 1):
         if bool(done.all()):
             break
-        logits, state = _step(model, out[:, -1], state, lambda: torch.cat([idx, out], dim=1))
+        logits, state = _step(model, out[:, -1], state, lambda: torch.cat([idx, out], dim=1))  # noqa: B023 (called at once)
         logp = torch.log_softmax(logits.float(), dim=-1)
         logp[done] = float("-inf")
         logp[done, eos_id] = 0.0
@@ -170,20 +152,20 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, d: Decoding) -> list[lis
         out = torch.cat([out[parent], token[:, None]], dim=1)
         scores = top.view(-1)
         state = model.reorder_state(state, parent)
-    best = (scores / lengths.pow(d.length_penalty)).view(B, K).argmax(dim=-1)
+    best = (scores / lengths.pow(decoding.length_penalty)).view(B, K).argmax(dim=-1)
     chosen = out.view(B, K, -1)[torch.arange(B), best].tolist()
     return [r[:r.index(eos_id)] if eos_id in r else r for r in chosen]
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], eos_id: int, d: Decoding, batch_size: int = 16,
+def generate(model, prompts: list[list[int]], eos_id: int, decoding: Decoding, batch_size: int = 16,
              device: str = "cpu", progress: str | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids) until eos or d.max_new_tokens; returns the new ids (eos excluded).
+    """Continue each prompt (token ids) until eos or decoding.max_new_tokens; returns the new ids (eos excluded).
 
     `progress`: a label for a progress bar over prompts (shown on a terminal only).
     """
-    d.check()
-    gen = torch.Generator(device=device).manual_seed(d.seed) if d.temperature > 0 and d.beam_size == 1 else None
+    decoding.check()
+    gen = torch.Generator(device=device).manual_seed(decoding.seed) if decoding.temperature > 0 and decoding.beam_size == 1 else None
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
         if not p:
@@ -196,10 +178,10 @@ def generate(model, prompts: list[list[int]], eos_id: int, d: Decoding, batch_si
         for b in range(0, len(order), batch_size):
             ids = order[b:b + batch_size]
             idx = torch.tensor([prompts[i] for i in ids], dtype=torch.long, device=device)
-            group = d
-            if d.max_ratio > 0:  # prompts of a batch share their length, so they share this cap
-                group = replace(d, max_new_tokens=max(1, min(d.max_new_tokens, math.ceil(d.max_ratio * length))))
-            if d.beam_size > 1:
+            group = decoding
+            if decoding.max_ratio > 0:  # prompts of a batch share their length, so they share this cap
+                group = replace(decoding, max_new_tokens=max(1, min(decoding.max_new_tokens, math.ceil(decoding.max_ratio * length))))
+            if decoding.beam_size > 1:
                 rows = _beam_search(model, idx, eos_id, group)
             else:
                 steps = list(stream(model, idx, eos_id, group, gen))
@@ -228,13 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.translate else 0.8)
-    d = Decoding(args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+    decoding = Decoding(args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                  repetition_penalty=args.repetition_penalty, beam_size=args.beam_size, seed=args.seed)
-    d.check()
+    decoding.check()
     if not args.prompt.strip():
         raise PipelineError("prompt: empty; give some text to continue")
     tok = Tokenizer(args.tokenizer)
-    model = load_checkpoint(args.checkpoint, tok, args.tokenizer)
+    model = load_model(args.checkpoint, tok, args.tokenizer)
     ids = tok.encode([args.prompt])[0]
     prompt = tok.pair_prompt(ids) if args.translate else [tok.eos_id, *ids]
     if model.bounded_context and len(prompt) >= model.block_size:
@@ -244,14 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         prompt = prompt[-keep:]
     if not args.translate:
         print(args.prompt, end="", flush=True)
-    if d.beam_size > 1:
-        (new,) = generate(model, [prompt], tok.eos_id, d)
+    if decoding.beam_size > 1:
+        (new,) = generate(model, [prompt], tok.eos_id, decoding)
         print(tok.decode(new))
         return
     # Stream: print each piece as soon as it decodes to complete characters.
-    gen = torch.Generator().manual_seed(d.seed)
+    gen = torch.Generator().manual_seed(decoding.seed)
     new, shown = [], ""
-    for nxt in stream(model, torch.tensor([prompt]), tok.eos_id, d, gen):
+    for nxt in stream(model, torch.tensor([prompt]), tok.eos_id, decoding, gen):
         if int(nxt[0]) == tok.eos_id:
             break
         new.append(int(nxt[0]))

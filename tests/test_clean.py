@@ -5,9 +5,19 @@ import json
 import unicodedata
 from pathlib import Path
 
+from conftest import (
+    PAIRS,
+    SONNET,
+    assert_clean_error,
+    call_stage,
+    run_stage,
+    snapshot,
+    stage_error,
+    tiny_params,
+    write_params,
+)
 
-from conftest import PAIRS, SONNET, assert_clean_error, run_stage, snapshot, tiny_params, write_params
-from pipeline.clean import QUALITY_REASONS, normalize
+from pipeline.rules import QUALITY_REASONS, normalize
 
 SPLITS = ("train", "val", "test")
 
@@ -32,7 +42,8 @@ def filler_pairs(n: int, start: int = 0) -> list[dict]:
 
 
 def build(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None = None, **clean) -> Path:
-    """A project with a text and/or a pairs source (JSON lines), collected; clean overrides `clean` params."""
+    """A project with a text and/or a pairs source (JSON lines), collected; clean overrides `clean` params.
+    One worker unless asked: the stage runs in this process (call_stage), which is not forked."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = []
     if docs is not None:
@@ -41,8 +52,8 @@ def build(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None
     if pairs is not None:
         write_jsonl(folder / "corpus" / "pairs.jsonl", pairs)
         sources.append(jsonl_source("pairs", "corpus/pairs.jsonl"))
-    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean=clean))
-    run_stage("collect", folder)
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean={"workers": 1, **clean}))
+    call_stage("collect", folder)
     return folder
 
 
@@ -55,7 +66,7 @@ def all_records(folder: Path) -> dict[str, list[dict]]:
     return {s: read_split(folder, s) for s in SPLITS}
 
 
-def metrics(folder: Path) -> dict:
+def read_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))
 
 
@@ -103,7 +114,7 @@ def test_the_stage_writes_normalised_text(tmp_path):
     docs = filler_docs(40) + [{"text": "<b>Cafe\u0301</b>\r\n\r\n\r\nnext\u200b  line &amp; more\x00"}]
     pairs = filler_pairs(40) + [{"src": "Two\nlines  <i>here</i>", "tgt": "Две\r\nстроки"}]
     folder = build(tmp_path, docs, pairs)
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     kept = [r for s in SPLITS for r in read_split(folder, s)]
     assert {"source": "docs", "text": "Caf\u00e9\n\nnext line & more"} in kept
     assert {"source": "pairs", "src": "Two lines here", "tgt": "Две строки"} in kept
@@ -129,18 +140,18 @@ def test_each_drop_reason_is_counted(tmp_path):
         {"src": base[1]["src"], "tgt": "Совсем другой перевод."},  # same source, another target
     ]
     folder = build(tmp_path, docs, pairs, min_chars=3, max_chars=200, max_length_ratio=3.0)
-    run_stage("clean", folder)
-    m = metrics(folder)
-    for part in (m, m["sources"]["docs"], m["sources"]["pairs"]):  # the optional rules are off: zero
+    call_stage("clean", folder)
+    metrics = read_metrics(folder)
+    for part in (metrics, metrics["sources"]["docs"], metrics["sources"]["pairs"]):  # the optional rules are off: zero
         assert all(part["dropped"].pop(r) == 0 for r in ("near_duplicate", "contaminated", *QUALITY_REASONS))
-    assert m["sources"]["docs"]["dropped"] == {"empty": 2, "too_short": 1, "too_long": 1, "length_ratio": 0,
-                                               "duplicate": 2}
-    assert m["sources"]["pairs"]["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "length_ratio": 1,
-                                                "duplicate": 2}
-    assert m["dropped"] == {"empty": 3, "too_short": 2, "too_long": 1, "length_ratio": 1, "duplicate": 4}
-    assert m["sources"]["docs"]["documents_in"] == 66 and m["sources"]["docs"]["documents_kept"] == 60
-    assert m["sources"]["pairs"]["documents_in"] == 65 and m["sources"]["pairs"]["documents_kept"] == 60
-    assert m["documents_kept"] == 120
+    assert metrics["sources"]["docs"]["dropped"] == {"empty": 2, "too_short": 1, "too_long": 1, "length_ratio": 0,
+                                                     "duplicate": 2}
+    assert metrics["sources"]["pairs"]["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "length_ratio": 1,
+                                                      "duplicate": 2}
+    assert metrics["dropped"] == {"empty": 3, "too_short": 2, "too_long": 1, "length_ratio": 1, "duplicate": 4}
+    assert metrics["sources"]["docs"]["documents_in"] == 66 and metrics["sources"]["docs"]["documents_kept"] == 60
+    assert metrics["sources"]["pairs"]["documents_in"] == 65 and metrics["sources"]["pairs"]["documents_kept"] == 60
+    assert metrics["documents_kept"] == 120
     # the first pair with a source wins; the later target is not kept anywhere
     kept = [r for s in SPLITS for r in read_split(folder, s)]
     assert not [r for r in kept if r.get("tgt") == "Совсем другой перевод."]
@@ -149,18 +160,18 @@ def test_each_drop_reason_is_counted(tmp_path):
 
 def test_metrics_agree_with_the_split_files(tmp_path):
     folder = build(tmp_path, filler_docs(80), filler_pairs(80))
-    run_stage("clean", folder)
-    m = metrics(folder)
+    call_stage("clean", folder)
+    metrics = read_metrics(folder)
     records = all_records(folder)
-    assert m["splits"] == {s: len(records[s]) for s in SPLITS}
-    assert all(m["splits"][s] > 0 for s in SPLITS)
+    assert metrics["splits"] == {s: len(records[s]) for s in SPLITS}
+    assert all(metrics["splits"][s] > 0 for s in SPLITS)
     for name in ("docs", "pairs"):
         for s in SPLITS:
             mine = [r for r in records[s] if r["source"] == name]
-            got = m["sources"][name]["splits"][s]
+            got = metrics["sources"][name]["splits"][s]
             assert got["documents"] == len(mine)
             assert got["bytes"] == sum(len(r[k].encode("utf-8")) for r in mine for k in ("text", "src", "tgt") if k in r)
-    assert m["bytes_kept"] == sum(m["sources"][n]["bytes_kept"] for n in ("docs", "pairs"))
+    assert metrics["bytes_kept"] == sum(metrics["sources"][n]["bytes_kept"] for n in ("docs", "pairs"))
 
 
 # --- the split ---------------------------------------------------------------------------------
@@ -168,11 +179,11 @@ def test_metrics_agree_with_the_split_files(tmp_path):
 def test_split_is_deterministic(tmp_path):
     a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
     b = build(tmp_path / "b", filler_docs(80), filler_pairs(80))
-    run_stage("clean", a)
+    call_stage("clean", a)
     first = snapshot(a, "data/clean", "metrics/clean.json")
-    run_stage("clean", a)
+    call_stage("clean", a)
     assert snapshot(a, "data/clean", "metrics/clean.json") == first
-    run_stage("clean", b)
+    call_stage("clean", b)
     assert snapshot(b, "data/clean", "metrics/clean.json") == first
 
 
@@ -181,8 +192,8 @@ def test_split_is_stable_when_the_corpus_grows(tmp_path):
     # more documents, some before the old ones, and the old ones in another order
     grown = build(tmp_path / "grown", filler_docs(80, start=80) + filler_docs(80)[::-1],
                   filler_pairs(40, start=80) + filler_pairs(80)[::-1] + filler_pairs(40, start=120))
-    run_stage("clean", small)
-    run_stage("clean", grown)
+    call_stage("clean", small)
+    call_stage("clean", grown)
 
     def where(folder):
         return {(r.get("text"), r.get("src"), r.get("tgt")): s for s in SPLITS for r in read_split(folder, s)}
@@ -196,9 +207,15 @@ def test_split_is_stable_when_the_corpus_grows(tmp_path):
 def test_split_salt_draws_another_split(tmp_path):
     a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
     b = build(tmp_path / "b", filler_docs(80), filler_pairs(80), split_salt="another")
-    run_stage("clean", a)
-    run_stage("clean", b)
-    assert all_records(a)["test"] != all_records(b)["test"]
+    call_stage("clean", a)
+    call_stage("clean", b)
+    split_a, split_b = all_records(a), all_records(b)
+    assert split_a["test"] != split_b["test"]
+
+    def kept(records):
+        return sorted(json.dumps(r, sort_keys=True) for s in SPLITS for r in records[s])
+
+    assert kept(split_a) == kept(split_b)  # the same documents, drawn into other splits
 
 
 def test_no_test_pair_source_appears_in_train(tmp_path):
@@ -211,7 +228,7 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
                   {"src": src.replace(" ", "  "), "tgt": f"{tgt} (вариант) #{i}"},
                   {"src": f"<i>{src}</i>", "tgt": f"{tgt} (ещё) #{i}"}]
     folder = build(tmp_path, filler_docs(20), pairs)
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     records = all_records(folder)
     sources = {s: [r["src"] for r in records[s] if "src" in r] for s in SPLITS}
     assert len(sources["test"]) > 0 and len(sources["val"]) > 0
@@ -219,26 +236,26 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
     assert not set(sources["val"]) & set(sources["train"])
     assert not set(sources["test"]) & set(sources["val"])
     assert sum(len(v) for v in sources.values()) == 120
-    assert metrics(folder)["sources"]["pairs"]["dropped"]["duplicate"] == 240
+    assert read_metrics(folder)["sources"]["pairs"]["dropped"]["duplicate"] == 240
 
 
 # --- user errors -------------------------------------------------------------------------------
 
 def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_path):
     folder = build(tmp_path, filler_docs(60), filler_pairs(60))
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     before = snapshot(folder, "data", "metrics")
     params = tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl"),
                                       jsonl_source("pairs", "corpus/pairs.jsonl")], "max_documents": 0},
-                         clean={"min_chars": 1_000_000, "max_chars": 2_000_000})
+                         clean={"min_chars": 1_000_000, "max_chars": 2_000_000, "workers": 1})
     write_params(folder, params)
-    proc = run_stage("clean", folder, check=False)
-    assert_clean_error(proc, "clean.min_chars")
+    stage_error("clean", folder, "no training documents", "(in: 120,", "'too_short': 120", "clean.min_chars")
     assert snapshot(folder, "data", "metrics") == before
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["clean", "raw"]  # no temp folder left
 
 
 def test_clean_before_collect_is_a_clean_error(tmp_path):
+    """The command line: exit status, one line on stderr, no traceback."""
     write_params(tmp_path, tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl")]}))
     proc = run_stage("clean", tmp_path, check=False)
     assert_clean_error(proc, "data/raw/manifest.json")

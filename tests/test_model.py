@@ -144,12 +144,13 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeyp
     y = torch.randint(V, (3, 10))
     plain = torch.nn.functional.cross_entropy(head(x).view(-1, V), y.view(-1))
     ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
-    from pipeline.model import _logits_and_loss
-    logits, loss = _logits_and_loss(head, x, y)
+    from pipeline.model import output_layer
+    logits, loss = output_layer(head, x, y, return_logits=False)
     assert logits is None and torch.allclose(loss, plain, atol=1e-6)
     got = torch.autograd.grad(loss * 2, [x, *head.parameters()])
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-6)
-    with torch.no_grad():  # evaluation: logits and the same loss
-        logits, loss = _logits_and_loss(head, x, y)
+    logits, loss = output_layer(head, x, y)  # the plain contract: logits and the same loss, with gradients
     assert logits.shape == (3, 10, V) and torch.allclose(loss, plain, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss * 2, [x, *head.parameters()]), ref):
+        assert torch.allclose(a, b, atol=1e-6)

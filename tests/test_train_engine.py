@@ -173,7 +173,7 @@ def test_cuda_out_of_memory_says_which_knob_to_turn(prepared, tmp_path, monkeypa
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(train, "accumulate_step", oom)
+    monkeypatch.setattr(train, "train_step", oom)
     with pytest.raises(PipelineError, match="out of memory.*lower train.batch_size.*batch_tokens"):
         train.main()
     assert not (folder / "data/model").exists()
@@ -216,7 +216,7 @@ def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
 
 def test_schedules():
     from pipeline.params import Train
-    from pipeline.train import lr_at
+    from pipeline.optim import lr_at
 
     t = Train(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
@@ -230,7 +230,7 @@ def test_schedules():
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
     from pipeline.model import build_model
     from pipeline.params import Model, Train
-    from pipeline.train import make_optimizer
+    from pipeline.optim import make_optimizer
 
     model = build_model(Model(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True), 50)
     for decay_embeddings in (True, False):

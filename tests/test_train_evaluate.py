@@ -13,9 +13,10 @@ import yaml
 from conftest import assert_clean_error, run_stage, write_params
 from safetensors.torch import load_file
 
-from pipeline.generate import Decoding, generate, load_checkpoint
-from pipeline.model import load_weights
-from pipeline.tokenize import Tokenizer
+from pipeline.checkpoint import load_model
+from pipeline.generate import Decoding, generate
+from pipeline.checkpoint import load_weights
+from pipeline.tokenizer import Tokenizer
 
 
 def copy_project(src: Path, dst: Path) -> Path:
@@ -155,7 +156,7 @@ def test_generate_rejects_bad_input(trained, tmp_path):
 
 def test_batched_greedy_decoding_equals_one_at_a_time(trained):
     tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_checkpoint(trained / "data/model/best.safetensors", tok)
+    model = load_model(trained / "data/model/best.safetensors", tok)
     texts = ["Shall I compare", "Rough winds", "And summer's lease", "Thou art", "Jesus wept.", "So long"]
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(texts)]
     greedy = Decoding(max_new_tokens=20)
@@ -172,7 +173,7 @@ def test_batched_greedy_decoding_equals_one_at_a_time(trained):
 @pytest.fixture(scope="module")
 def model_and_prompts(trained):
     tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_checkpoint(trained / "data/model/best.safetensors", tok)
+    model = load_model(trained / "data/model/best.safetensors", tok)
     prompts = [tok.pair_prompt(ids) for ids in tok.encode(["Jesus wept.", "And God said, Let there be light."])]
     return model, tok, prompts
 
@@ -221,7 +222,7 @@ def test_sampling_filters(model_and_prompts):
 
 
 def test_text_statistics_on_known_text():
-    from pipeline.evaluate import text_statistics
+    from pipeline.scoring import text_statistics
 
     s = text_statistics(["a b a b a b", "c d e f"])
     assert s["distinct_1"] == pytest.approx(6 / 10)      # a b c d e f over 10 words
@@ -235,7 +236,7 @@ def test_bootstrap_interval_agrees_with_sacrebleus_own():
 
     import sacrebleu
 
-    from pipeline.evaluate import corpus_scores
+    from pipeline.scoring import corpus_scores
 
     rnd = random.Random(0)
     words = "the king and queen of a land far away lived in peace for many years".split()

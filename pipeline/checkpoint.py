@@ -1,0 +1,230 @@
+"""Weights and checkpoints on disk.
+
+- Weights: safetensors (no pickle), with the model config in the file's metadata, so a weights
+  file alone rebuilds its model (`save_weights`, `load_weights`, and `load_model` for inference,
+  which refuses a tokenizer the model was not trained with).
+- Resumable checkpoints: train.checkpoint_dir/step_NNNNNNN/ holds the weights, the best weights so
+  far, and state.pt (optimizer, `Progress`, RNG states, the run's fingerprint) in a form that loads
+  with torch.load(weights_only=True). `Checkpoints` saves them atomically, keeps the newest few,
+  and resumes from the newest one when it was made by a compatible run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline import params as P
+from pipeline.common import PipelineError, first_line, sha256_file
+from pipeline.distributed import Processes, barrier, full_state, gather_objects, load_full_state
+from pipeline.model import build_model
+from pipeline.params import Model as ModelConfig
+
+# Train params that do not change what is computed: a checkpoint made under other values resumes.
+OPERATIONAL = {"device", "threads", "compile", "checkpoint_interval", "checkpoint_dir", "resume"}
+KEEP_CHECKPOINTS = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def save_weights(state_dict: dict, cfg: ModelConfig, path: str | Path, **meta) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if cfg.arch == "gpt" and cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    info = {"model_config": dataclasses.asdict(cfg), **meta}
+    save_file(tensors, str(path), metadata={"lmpipe": json.dumps(info, sort_keys=True)})
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model saved in `path` and its metadata (model_config, vocab_size, ...); raises on a bad file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads((f.metadata() or {})["lmpipe"])
+    cfg = ModelConfig(**info["model_config"])
+    model = build_model(cfg, info["vocab_size"])
+    tensors = load_file(str(path))
+    if cfg.arch == "gpt" and cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["wte.weight"]
+    model.load_state_dict(tensors)
+    return model.to(device), info
+
+
+def load_model(path: str | Path, tokenizer=None, tokenizer_path: str | Path | None = None,
+               device: str = "cpu") -> torch.nn.Module:
+    """A model saved by `train`, in eval mode; refuse a tokenizer it was not trained with."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no checkpoint (run the train stage: dvc repro)")
+    try:
+        model, info = load_weights(path, device)
+    except Exception as e:  # truncated file, foreign file, wrong keys: one line, no traceback
+        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
+    if tokenizer is not None and tokenizer.vocab_size != info["vocab_size"]:
+        raise PipelineError(f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
+                            f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
+    if tokenizer_path is not None and info.get("tokenizer_sha256") not in (None, sha256_file(tokenizer_path)):
+        raise PipelineError(f"{path}: was not trained with the tokenizer {tokenizer_path} (sha256 differs)")
+    return model.eval()
+
+
+def copy_weights(state_dict: dict) -> dict:
+    """A snapshot of weights on the CPU (the best weights so far)."""
+    return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable checkpoints
+
+
+@dataclass
+class Progress:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0                 # optimizer steps done; the loader's position (batches are keyed by step)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_val_loss: float = float("inf")
+    best_step: int = -1
+    last_val_loss: float = float("nan")
+    last_train_loss: float = float("nan")
+    rng: list = field(default_factory=list)  # per rank: torch CPU RNG state (and CUDA's)
+
+
+def fingerprint(m: P.Model, t: P.Train, vocab_size: int, data_sha: str, world: int) -> dict:
+    """What must match for a checkpoint to resume: model, data, and every training param that matters."""
+    train = {k: v for k, v in P.as_dict(t).items() if k not in OPERATIONAL}
+    return {"model": P.as_dict(m), "vocab_size": vocab_size, "data": data_sha, "train": train, "processes": world}
+
+
+def why_incompatible(saved: dict, now: dict) -> str | None:
+    if saved.get("model") != now["model"]:
+        keys = sorted(k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k])
+        return "a different model (" + ", ".join(f"model.{k}" for k in keys) + ")"
+    if saved.get("vocab_size") != now["vocab_size"] or saved.get("data") != now["data"]:
+        return "different token files (vocabulary or data changed)"
+    if saved.get("train") != now["train"]:
+        keys = sorted(k for k in now["train"] if saved.get("train", {}).get(k) != now["train"][k])
+        return "different training params (" + ", ".join(
+            f"train.{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in keys) + ")"
+    if saved.get("processes") != now["processes"]:
+        return f"{saved.get('processes')} processes, now {now['processes']}"
+    return None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, newest first (a folder appears only once fully written)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def save_checkpoint(folder: Path, weights: dict, best: dict | None, opt_state: dict, progress: Progress,
+                    fp: dict, m: P.Model, t: P.Train, vocab_size: int) -> Path:
+    """Write step_NNNNNNN/ atomically (a temporary folder renamed); keep the newest few."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{progress.step:07d}"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
+    if best is not None:
+        save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
+    state = {"optimizer": opt_state, "progress": progress.__dict__, "fingerprint": json.dumps(fp, sort_keys=True),
+             # Both are functions of the step (and of the training time under a budget), kept for the reader.
+             "loader": {"windows": "random, keyed by (seed, 0, step)", "seed": t.seed, "next_step": progress.step},
+             "scheduler": {"schedule": t.schedule, "next_step": progress.step,
+                           "time_fraction": progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0},
+             "format": 1}
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(folder)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict]:
+    """(weights, best weights or None, optimizer state, progress, fingerprint); PipelineError if unreadable."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        weights = load_weights(path / "model.safetensors")[0].state_dict()
+        best = load_weights(path / "best.safetensors")[0].state_dict() if (path / "best.safetensors").exists() else None
+        progress = Progress(**state["progress"])
+        fp = json.loads(state["fingerprint"])
+    except Exception as e:  # truncated, corrupt or foreign files: one line, never a torch traceback
+        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)}); delete it, "
+                            f"or set train.resume: never") from None
+    return weights, best, state["optimizer"], progress, fp
+
+
+@dataclass
+class Checkpoints:
+    """The resumable checkpoints of one training run: resume from the newest, save a new one."""
+
+    m: P.Model
+    t: P.Train
+    vocab_size: int
+    fingerprint: dict
+    procs: Processes
+    device: torch.device
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.t.checkpoint_dir)
+
+    def resume(self, model, optimizer) -> tuple[Progress, dict | None]:
+        """Load the newest compatible checkpoint into `model` and `optimizer` (and the RNG state);
+        return its progress and best weights. A fresh start (nothing compatible, or train.resume:
+        never) returns a new Progress and deletes the old checkpoints."""
+        found = list_checkpoints(self.folder) if self.t.resume != "never" else []
+        progress, best_weights, resumed = Progress(), None, False
+        if found:
+            weights, saved_best, opt_state, saved, saved_fp = read_checkpoint(found[0])
+            why = why_incompatible(saved_fp, self.fingerprint)
+            if why is None:
+                load_full_state(model, optimizer, weights, opt_state, self.procs, self.t)
+                progress, best_weights, resumed = saved, saved_best, True
+                if len(progress.rng) == self.procs.world:
+                    rng = progress.rng[self.procs.rank]
+                    torch.set_rng_state(rng["cpu"])
+                    if self.device.type == "cuda" and rng.get("cuda") is not None:
+                        torch.cuda.set_rng_state(rng["cuda"], self.device)
+                if self.procs.main:
+                    print(f"train: resuming from {found[0]} (step {progress.step} of {self.t.max_steps})", flush=True)
+            elif self.t.resume == "strict":
+                raise PipelineError(f"{found[0]}: cannot resume, it was made with {why} (train.resume: strict); "
+                                    f"delete {self.folder} or set train.resume: auto to start fresh")
+            elif self.procs.main:
+                print(f"train: not resuming {found[0]}: it was made with {why}; starting fresh", flush=True)
+        barrier(self.procs)  # every process has read the checkpoint
+        if not resumed and self.procs.main:  # a fresh start replaces whatever checkpoints were there
+            for old in list_checkpoints(self.folder):
+                shutil.rmtree(old)
+        return progress, best_weights
+
+    def save(self, model, optimizer, progress: Progress, best_weights: dict | None) -> None:
+        """A checkpoint of this step (every process takes part: FSDP gathers, RNG states are collected)."""
+        weights, opt_state = full_state(model, optimizer, self.procs, self.t)
+        cuda = self.device.type == "cuda"
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+        progress.rng = gather_objects(self.procs, rng)
+        if self.procs.main:
+            save_checkpoint(self.folder, weights, best_weights, opt_state, progress, self.fingerprint,
+                            self.m, self.t, self.vocab_size)
+        barrier(self.procs)

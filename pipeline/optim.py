@@ -1,0 +1,75 @@
+"""The optimisation of a training step: AdamW with its parameter groups, the learning-rate
+schedule, one step over micro-batches, and the loss on fixed batches."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from pipeline import params as P
+
+
+def make_optimizer(model: torch.nn.Module, t: P.Train, device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (and on embeddings only if train.decay_embeddings)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        skip = p.dim() < 2 or (id(p) in embeddings and not t.decay_embeddings)
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+
+
+def lr_at(step: int, t: P.Train, time_fraction: float = 0.0) -> float:
+    """Linear warmup to lr, then cosine decay (or stable, then linear decay: wsd) to min_lr.
+
+    Progress is the larger of step/max_steps and the fraction of time_budget_s used, so a
+    time-limited run still decays fully.
+    """
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = max((step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps), time_fraction)
+    progress = min(progress, 1.0)
+    if t.schedule == "wsd":
+        stable = 1.0 - t.decay_fraction
+        return t.lr if progress < stable else t.lr + (t.min_lr - t.lr) * (progress - stable) / t.decay_fraction
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, autocast,
+               sync=lambda last: nullcontext()) -> tuple[float, float | None]:
+    """One optimizer step over several micro-batches: the gradient of their mean loss.
+
+    `sync(last)` is the context for each backward pass (DDP: no gradient all-reduce until the last).
+    Returns the mean loss (this process) and the gradient norm before clipping.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    n = len(micro_batches)
+    for i, (x, y) in enumerate(micro_batches):
+        with sync(i == n - 1):
+            with autocast:
+                _, loss = model(x, y, return_logits=False)
+            (loss / n).backward()
+        total = total + loss.detach().float()  # stays on the device: no synchronisation per micro-batch
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # .item() synchronises, so timings around this call are honest on CUDA too
+    return float(total) / n, None if grad_norm is None else float(grad_norm)
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, autocast) -> float:
+    """Mean loss over fixed batches, in eval mode (no dropout)."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return float(np.mean(losses))

@@ -1,0 +1,133 @@
+"""Scores of a language model and of its outputs, each as the field reports it.
+
+- `nats_of_range`: the model's total cross-entropy over a stretch of a token file; with the text's
+  UTF-8 bytes it gives bits per byte (`bits_per_byte`), which compares models across tokenizers.
+  Bits per byte counts the loss of every token, the special ones (</s>, <src>, <tgt>, which stand
+  for no bytes) included: predicting where a document or a source ends is part of the task. The
+  loss on special tokens is also returned, for bits per byte of the text tokens alone (as nanochat
+  reports it).
+- `NgramBaselines`: unigram and bigram models counted on train, the baselines beside the model.
+- `corpus_scores`: BLEU, chrF and TER (sacrebleu) with bootstrap confidence intervals.
+- `text_statistics`: diversity of generated text (distinct-n, repeated 4-grams, length).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def nats_of_range(model, data: np.ndarray, start: int, end: int, batch_size: int,
+                  special_ids=()) -> tuple[float, float]:
+    """Cross-entropy (nats) of predicting tokens data[start:end], each from the tokens before it:
+    (the total, the part of it spent on targets in `special_ids`).
+
+    Windows of block_size targets; each window's context is the token before it plus its own
+    prefix (the first token of a split file is </s>, so start >= 1 always has a predecessor).
+    """
+    T = model.block_size
+    device = next(model.parameters()).device
+    special = torch.tensor(sorted(special_ids), dtype=torch.long, device=device)
+    windows = [(s, min(s + T, end)) for s in range(start, end, T)]
+    total = special_total = 0.0
+    for length in sorted({e - s for s, e in windows}):  # full windows batch together; the last may be short
+        same = [s for s, e in windows if e - s == length]
+        for b in range(0, len(same), batch_size):
+            rows = np.stack([data[s - 1:s + length] for s in same[b:b + batch_size]]).astype(np.int64)
+            xy = torch.from_numpy(rows).to(device)
+            logits, _ = model(xy[:, :-1])
+            logits, targets = logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1)
+            total += F.cross_entropy(logits, targets, reduction="sum").item()
+            is_special = torch.isin(targets, special)
+            if bool(is_special.any()):
+                special_total += F.cross_entropy(logits[is_special], targets[is_special], reduction="sum").item()
+    return total, special_total
+
+
+class NgramBaselines:
+    """Unigram (add-one) and bigram (Witten-Bell interpolated with the unigram) models of train."""
+
+    def __init__(self, train: np.ndarray, vocab_size: int):
+        train = np.asarray(train, dtype=np.int64)
+        self.V = vocab_size
+        counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
+        self.logp_unigram = np.log((counts + 1) / (counts.sum() + vocab_size))
+        codes, pair_counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+        self.codes, self.pair_counts = codes, pair_counts.astype(np.float64)
+        self.history = np.bincount(train[:-1], minlength=vocab_size).astype(np.float64)
+        self.followers = np.bincount(codes // vocab_size, minlength=vocab_size).astype(np.float64)
+
+    def nats(self, prev: np.ndarray, nxt: np.ndarray) -> tuple[float, float]:
+        """Total nats of predicting `nxt` after `prev`: (unigram, bigram)."""
+        prev, nxt = prev.astype(np.int64), nxt.astype(np.int64)
+        p_uni = np.exp(self.logp_unigram[nxt])
+        code = prev * self.V + nxt
+        at = np.clip(np.searchsorted(self.codes, code), 0, len(self.codes) - 1)
+        c_pair = np.where(self.codes[at] == code, self.pair_counts[at], 0.0)
+        c_prev, n_types = self.history[prev], self.followers[prev]
+        denom = np.maximum(c_prev + n_types, 1.0)
+        p_bi = np.where(c_prev > 0, (c_pair + n_types * p_uni) / denom, p_uni)
+        return float(-np.log(p_uni).sum()), float(-np.log(p_bi).sum())
+
+
+def summarize(nats: float, tokens: int, n_bytes: int) -> dict:
+    loss = nats / max(tokens, 1)
+    return {
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "cross_entropy": round(loss, 4),
+        "perplexity": round(math.exp(min(loss, 50)), 3),
+        "bits_per_byte": bits_per_byte(nats, n_bytes),
+    }
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float:
+    return round(nats / math.log(2) / max(n_bytes, 1), 4)
+
+
+def corpus_scores(hyps: list[str], refs: list[str], n_bootstrap: int, seed: int = 12345) -> tuple[dict, dict]:
+    """BLEU, chrF and TER with 95% bootstrap confidence intervals; and their signatures.
+
+    The interval resamples the test sentences `n_bootstrap` times and recomputes each corpus
+    score from sacrebleu's per-sentence sufficient statistics, as `corpus_score(n_bootstrap=...)`
+    does; that built-in crashes on sacrebleu 2.6 when resampled scores mix float and float32.
+    """
+    import sacrebleu
+
+    scores, signatures = {}, {}
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, len(hyps), size=(n_bootstrap, len(hyps))) if n_bootstrap > 1 else None
+    for name, metric in (("bleu", sacrebleu.BLEU()), ("chrf", sacrebleu.CHRF()), ("ter", sacrebleu.TER())):
+        scores[name] = round(float(metric.corpus_score(hyps, [refs]).score), 2)
+        signatures[name] = str(metric.get_signature())
+        if resamples is not None:
+            stats = np.asarray(metric._extract_corpus_statistics(hyps, [refs]), dtype=np.float64)
+            boot = sorted(float(metric._compute_score_from_stats(stats[r].sum(0)).score) for r in resamples)
+            low, high = boot[n_bootstrap // 40], boot[n_bootstrap - n_bootstrap // 40 - 1]
+            scores[f"{name}_ci95"] = round((high - low) / 2, 2)  # half-width: score ± ci95
+    return scores, signatures
+
+
+def text_statistics(texts: list[str]) -> dict:
+    """Diversity of text, on whitespace words: distinct-1/2 over all texts, repeated 4-grams within each."""
+    words = [t.split() for t in texts]
+
+    def ngrams(w, n):
+        return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+    stats = {}
+    for n in (1, 2):
+        grams = [g for w in words for g in ngrams(w, n)]
+        stats[f"distinct_{n}"] = round(len(set(grams)) / max(len(grams), 1), 4)
+    repeats = total = 0
+    for w in words:
+        grams = ngrams(w, 4)
+        repeats += len(grams) - len(set(grams))
+        total += len(grams)
+    stats["repeated_4gram_fraction"] = round(repeats / max(total, 1), 4)
+    stats["mean_words"] = round(sum(map(len, words)) / max(len(words), 1), 1)
+    stats["texts"] = len(texts)
+    return stats

@@ -1,0 +1,97 @@
+"""The tokenizer and the token files: what every stage after tokenize reads.
+
+`Tokenizer` wraps the sentencepiece model that `tokenize` trains. It is lossless
+(decode(encode(text)) == text) and every token has an exact UTF-8 byte length, so bits per byte
+are exact. A document is rendered as `text </s>`, a pair as `<src> source <tgt> target </s>`.
+
+Token files: data/tokens/{split}.bin, a flat stream of token ids (uint16 when the vocabulary fits,
+else uint32) beginning with </s>, and a JSON sidecar {split}.json with its dtype, vocabulary size,
+token and byte counts, and each source's token range.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+from pipeline.common import PipelineError, read_json, sha256_file
+
+TOKENS_DIR = Path("data/tokens")
+SRC, TGT = "<src>", "<tgt>"
+ENCODE_BATCH = 20000  # records per multithreaded encode call
+
+
+class Tokenizer:
+    """A sentencepiece model plus the ids and byte lengths this pipeline relies on."""
+
+    def __init__(self, model_file: str | Path):
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise PipelineError(f"{model_file}: tokenizer missing (run the tokenize stage: dvc repro)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+        self.src_id = self.sp.piece_to_id(SRC)
+        self.tgt_id = self.sp.piece_to_id(TGT)
+
+    def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def render(self, record: dict, ids: Iterator[list[int]], out: list[int]) -> None:
+        """Append the token ids of one document or pair, ending with </s>, to `out`. `ids` yields
+        the ids of the record's texts in text_fields() order: text, or src then tgt."""
+        if "src" in record:
+            out.append(self.src_id)
+            out += next(ids)
+            out.append(self.tgt_id)
+        out += next(ids)
+        out.append(self.eos_id)
+
+    def pair_prompt(self, src_ids: list[int]) -> list[int]:
+        """What the model sees before it writes a target: the same context as in training."""
+        return [self.eos_id, self.src_id, *src_ids, self.tgt_id]
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for: control tokens 0, byte tokens 1."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                continue
+            out[i] = 1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def load_tokens(split: str, folder: Path = TOKENS_DIR) -> np.ndarray:
+    """A split's token ids, memory-mapped, checked against its sidecar."""
+    meta = read_json(folder / f"{split}.json")
+    path = folder / f"{split}.bin"
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (run the tokenize stage: dvc repro)")
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) != meta["tokens"]:
+        raise PipelineError(f"{path}: {len(data)} tokens but its sidecar says {meta['tokens']}; re-run tokenize")
+    return data
+
+
+def token_files_fingerprint(folder: Path = TOKENS_DIR) -> str:
+    """The token files' identity: tokenizer, sidecars, and the sizes and ends of the .bin files."""
+    h = hashlib.sha256(sha256_file(folder / "tokenizer.model").encode())
+    for split in ("train", "val"):
+        h.update((folder / f"{split}.json").read_bytes())
+        path = folder / f"{split}.bin"
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, path.stat().st_size - (1 << 20)))
+            h.update(f.read())
+    return h.hexdigest()
