@@ -3,7 +3,8 @@
 - Per split (val, test) and per source: mean cross-entropy (nats/token), perplexity, and bits per
   byte = total nats / ln 2 / UTF-8 bytes of the text, which compares models across tokenizers.
   Every token of the split is scored once, in consecutive windows of block_size. Unigram and
-  bigram baselines (counted on train) in bits per byte beside the model.
+  bigram baselines (counted on train) in bits per byte beside the model. The special tokens'
+  predictions (</s>, <src>, <tgt>) count; `text_only` gives the same figures without them.
 - Test pairs: BLEU, chrF and TER (sacrebleu, corpus level, with signatures and 95% bootstrap
   confidence intervals) for greedy and beam decoding of each source, and for copying the source.
 - Text sampled from fixed prompts: distinct-1/2, repeated 4-grams, mean length, beside the same

@@ -22,14 +22,16 @@ from pipeline.common import PipelineError
 
 PARAMS_FILE = "params.yaml"
 
-# Knobs that change how a stage runs but nothing it writes (a test proves it for each): dvc.yaml
-# does not declare them, so changing one re-runs nothing. Every other key is declared by the stage
-# that reads it (tests/test_params.py checks dvc.yaml against this).
+# Knobs that change how a stage runs but nothing it writes (a test proves it): dvc.yaml does not
+# declare them, so changing one re-runs nothing. Every other key is declared by the stage that
+# reads it (tests/test_params.py checks dvc.yaml against this). Thread counts are not among them:
+# train.threads changes the last bits of the weights (float sums split differently), and
+# tokenize.num_threads is recorded in tokenizer.model (docs/LOG.md).
 OPERATIONAL = {
     "collect": {"cache_dir", "download_timeout_s", "download_retries"},
     "clean": {"workers", "shard_bytes"},
     "tokenize": set(),
-    "train": {"threads", "checkpoint_interval", "checkpoint_dir", "resume"},
+    "train": {"checkpoint_interval", "checkpoint_dir", "resume"},
     "evaluate": set(),
 }
 

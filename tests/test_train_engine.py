@@ -1,6 +1,10 @@
-"""The training engine through `python -m pipeline.train` and `torchrun`: exact resume after
-SIGKILL, SIGTERM, incompatible and corrupt checkpoints, accumulation, DDP and FSDP with Gloo,
-time budget, schedules, weight-decay groups."""
+"""The training engine: exact resume after SIGKILL, SIGTERM, incompatible and corrupt checkpoints,
+accumulation, DDP and FSDP with Gloo, time budget, schedules, weight-decay groups.
+
+Training runs in this process (call_stage) unless the command line is what is under test: killing
+and signalling `python -m pipeline.train`, `torchrun`, and the one-line error of a run that fails
+midway.
+"""
 import csv
 import json
 import os
@@ -13,9 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import REPO, assert_clean_error, run_stage
-from test_train_evaluate import copy_project, set_params
+from conftest import REPO, assert_clean_error, call_stage, copy_project, run_stage, set_params, stage_error
 
 CURVES = "metrics/train/plots/metrics"
 TIMING = {"tokens_per_second", "train_seconds", "mfu"}  # wall-clock figures, never identical
@@ -68,11 +70,11 @@ def reference(prepared, tmp_path_factory) -> Path:
     """An uninterrupted tiny run that writes a checkpoint every 10 of its 60 steps."""
     folder = copy_project(prepared, tmp_path_factory.mktemp("engine") / "ref")
     set_params(folder, train={"checkpoint_interval": 10})
-    run_stage("train", folder)
+    call_stage("train", folder)
     return folder
 
 
-def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp_path):
+def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp_path, capsys):
     folder = copy_project(reference, tmp_path / "p")
     for d in ("data/checkpoints", "data/model", "metrics/train"):
         subprocess.run(["rm", "-rf", str(folder / d)], check=True)
@@ -83,8 +85,8 @@ def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp
         proc.kill()
         proc.wait()
         assert not (folder / "data/model").exists()  # no half-written output
-    done = run_stage("train", folder)
-    assert "resuming from data/checkpoints/step_00000" in done.stdout
+    call_stage("train", folder)
+    assert "resuming from data/checkpoints/step_00000" in capsys.readouterr().out
     for name in ("last.safetensors", "best.safetensors"):
         assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
     assert curves(folder) == curves(reference)
@@ -123,26 +125,29 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT and "SIGINT" in err
 
 
-def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path):
+def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path, capsys):
+    def train() -> str:
+        call_stage("train", folder)
+        return capsys.readouterr().out
+
     folder = copy_project(reference, tmp_path / "p")
     set_params(folder, model={"n_embd": 32}, train={"max_steps": 5, "resume": "strict"})
-    assert_clean_error(run_stage("train", folder, check=False), "cannot resume", "model.n_embd", "train.resume")
+    stage_error("train", folder, "cannot resume", "model.n_embd", "train.resume")
     assert (folder / "data/model/last.safetensors").read_bytes() == (reference / "data/model/last.safetensors").read_bytes()
     set_params(folder, train={"resume": "auto"})
-    proc = run_stage("train", folder)
-    assert "not resuming" in proc.stdout and "model.n_embd" in proc.stdout and "starting fresh" in proc.stdout
+    out = train()
+    assert "not resuming" in out and "model.n_embd" in out and "starting fresh" in out
     assert train_metrics(folder)["steps"] == 5
     # Training params that change the result are named too.
     set_params(folder, train={"lr": 1.0e-3})
-    proc = run_stage("train", folder)
-    assert "train.lr: 0.005 -> 0.001" in proc.stdout
+    assert "train.lr: 0.005 -> 0.001" in train()
     # Another architecture, another vocabulary.
     set_params(folder, model={"arch": "lstm"})
-    assert "model.arch" in run_stage("train", folder).stdout
+    assert "model.arch" in train()
     sidecar = folder / "data/tokens/train.json"
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + 8}))
-    assert "different token files (vocabulary or data changed)" in run_stage("train", folder).stdout
+    assert "different token files (vocabulary or data changed)" in train()
 
 
 @pytest.mark.parametrize("damaged", ["state.pt", "model.safetensors"])
@@ -150,60 +155,76 @@ def test_a_corrupt_checkpoint_is_a_clean_error(reference, tmp_path, damaged):
     folder = copy_project(reference, tmp_path / "p")
     f = folder / "data/checkpoints/step_0000060" / damaged
     f.write_bytes(f.read_bytes()[:200])
-    assert_clean_error(run_stage("train", folder, check=False), "step_0000060", "not a readable checkpoint")
+    stage_error("train", folder, "step_0000060", "not a readable checkpoint")
     assert (folder / "data/model/last.safetensors").exists()
 
 
 def test_training_errors_name_the_knob(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
     set_params(folder, train={"batch_tokens": 1000})
-    assert_clean_error(run_stage("train", folder, check=False), "train.batch_tokens", "16 x 64")
+    stage_error("train", folder, "train.batch_tokens", "16 x 64")
     for bad in (0, -3):
         set_params(folder, train={"batch_tokens": 0, "max_steps": bad})
-        assert_clean_error(run_stage("train", folder, check=False), "train.max_steps")
+        stage_error("train", folder, "train.max_steps")
     assert not (folder / "data/model").exists()
 
 
 def test_cuda_out_of_memory_says_which_knob_to_turn(prepared, tmp_path, monkeypatch):
     import pipeline.train as train
-    from pipeline.common import PipelineError
 
     folder = copy_project(prepared, tmp_path / "p")
-    monkeypatch.chdir(folder)
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(train, "train_step", oom)
-    with pytest.raises(PipelineError, match="out of memory.*lower train.batch_size.*batch_tokens"):
-        train.main()
+    stage_error("train", folder, "out of memory", "lower train.batch_size", "train.batch_tokens")
     assert not (folder / "data/model").exists()
 
 
-def test_accumulation_and_two_gloo_processes_match_one_process(prepared, tmp_path):
-    """Global batch 16x64: one process of 16, one of 2x8 accumulated, DDP and FSDP of 2x8."""
-    runs = {}
-    for name, train, nproc in (("single", {"batch_size": 16}, 1),
-                               ("accumulated", {"batch_size": 8, "batch_tokens": 1024}, 1),
-                               ("ddp", {"batch_size": 8, "batch_tokens": 1024}, 2),
-                               ("fsdp", {"batch_size": 8, "batch_tokens": 1024, "strategy": "fsdp"}, 2)):
-        folder = copy_project(prepared, tmp_path / name)
-        set_params(folder, train={"max_steps": 20, "eval_interval": 10, **train})
-        run_stage("train", folder) if nproc == 1 else torchrun(folder, nproc)
-        runs[name] = step_losses(folder)
-        assert len(runs[name]) == 20
-        assert train_metrics(folder)["processes"] == nproc
-    assert runs["single"][-1] < runs["single"][0] - 1
-    for name in ("accumulated", "ddp", "fsdp"):
-        assert runs[name] == pytest.approx(runs["single"], rel=1e-5, abs=1e-5), name
+# Global batch 16x64 in 20 steps: one micro-batch of 16 in one process, and the ways to split it.
+BATCH = {"max_steps": 20, "eval_interval": 10}
+HALVES = {**BATCH, "batch_size": 8, "batch_tokens": 1024}
+
+
+@pytest.fixture(scope="module")
+def one_batch_losses(prepared, tmp_path_factory) -> list[float]:
+    folder = copy_project(prepared, tmp_path_factory.mktemp("single") / "p")
+    set_params(folder, train={**BATCH, "batch_size": 16})
+    call_stage("train", folder)
+    losses = step_losses(folder)
+    assert len(losses) == 20 and train_metrics(folder)["processes"] == 1
+    assert losses[-1] < losses[0] - 1
+    return losses
+
+
+def test_accumulated_micro_batches_match_one_batch(prepared, tmp_path, one_batch_losses):
+    folder = copy_project(prepared, tmp_path / "accumulated")
+    set_params(folder, train=HALVES)
+    call_stage("train", folder)
+    assert train_metrics(folder)["processes"] == 1
+    assert step_losses(folder) == pytest.approx(one_batch_losses, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(prepared, tmp_path, one_batch_losses, strategy):
+    """torchrun, 2 processes of 8 sequences each."""
+    folder = copy_project(prepared, tmp_path / strategy)
+    set_params(folder, train={**HALVES, "strategy": strategy})
+    torchrun(folder, 2)
+    assert train_metrics(folder)["processes"] == 2
     # Rank 0 alone writes: one curve row per step, one set of outputs.
-    assert len(list((tmp_path / "ddp/data/checkpoints").iterdir())) == 1
+    losses = step_losses(folder)
+    assert len(losses) == 20
+    assert losses == pytest.approx(one_batch_losses, rel=1e-5, abs=1e-5)
+    assert len(list((folder / "data/checkpoints").iterdir())) == 1
 
 
 def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
     set_params(folder, train={"max_steps": 100000, "time_budget_s": 1.5, "eval_interval": 100000,
                               "schedule": "wsd"})
-    run_stage("train", folder)
+    call_stage("train", folder)
     m = train_metrics(folder)
     assert 5 < m["steps"] < 100000
     with open(folder / CURVES / "lr.tsv") as f:
@@ -215,8 +236,8 @@ def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
 
 
 def test_schedules():
-    from pipeline.params import Train
     from pipeline.optim import lr_at
+    from pipeline.params import Train
 
     t = Train(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
@@ -229,8 +250,8 @@ def test_schedules():
 
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
     from pipeline.model import build_model
-    from pipeline.params import Model, Train
     from pipeline.optim import make_optimizer
+    from pipeline.params import Model, Train
 
     model = build_model(Model(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True), 50)
     for decay_embeddings in (True, False):
@@ -243,10 +264,12 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
 
 
 def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    """As a command: an error in the middle of training is one line on stderr too."""
     folder = copy_project(prepared, tmp_path / "p")
     set_params(folder, train={"lr": 1.0e30, "min_lr": 1.0e30, "warmup_steps": 0, "grad_clip": 0.0,
                               "checkpoint_interval": 1, "eval_interval": 1000})
     proc = run_stage("train", folder, check=False)
+    assert proc.returncode == 1
     assert_clean_error(proc, "loss became", "train.lr", "data/checkpoints")
     kept = sorted(p.name for p in (folder / "data/checkpoints").iterdir())
     assert kept and all(name.startswith("step_") for name in kept)
@@ -255,11 +278,12 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_check
     assert not (folder / "data/model").exists()
 
 
+@pytest.mark.slow  # compiling (C++ kernels on a CPU) takes a minute or two when nothing is cached
 def test_compiled_training_matches_eager(prepared, tmp_path):
     losses = {}
     for compile_ in (False, True):
         folder = copy_project(prepared, tmp_path / str(compile_))
         set_params(folder, train={"compile": compile_, "max_steps": 4, "eval_interval": 2})
-        run_stage("train", folder)
+        call_stage("train", folder)
         losses[compile_] = step_losses(folder)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

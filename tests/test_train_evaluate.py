@@ -1,4 +1,8 @@
-"""train, evaluate and generate through their commands, on the tiny corpus."""
+"""train, evaluate and generate on the tiny corpus.
+
+The stages run in this process (what they compute, the errors they raise); `python -m
+pipeline.generate` runs as a command where its output and error format are what is under test.
+"""
 import csv
 import json
 import math
@@ -9,34 +13,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from conftest import assert_clean_error, run_stage, write_params
+from conftest import assert_clean_error, call_stage, copy_project, run_stage, set_params, stage_error
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import load_model, load_weights
 from pipeline.generate import Decoding, generate
-from pipeline.checkpoint import load_weights
 from pipeline.tokenizer import Tokenizer
-
-
-def copy_project(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
-def set_params(folder: Path, **groups) -> None:
-    data = yaml.safe_load((folder / "params.yaml").read_text())
-    for group, values in groups.items():
-        data[group].update(values)
-    write_params(folder, data)
 
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory) -> Path:
     folder = copy_project(prepared, tmp_path_factory.mktemp("trained") / "p")
-    run_stage("train", folder)
-    run_stage("evaluate", folder)
+    call_stage("train", folder)
+    call_stage("evaluate", folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained):
+    """The trained tokenizer and best model, loaded once."""
+    tok = Tokenizer(trained / "data/tokens/tokenizer.model")
+    return tok, load_model(trained / "data/model/best.safetensors", tok)
 
 
 def read_curve(folder: Path, name: str) -> list[float]:
@@ -69,7 +66,7 @@ def test_train_writes_checkpoints_metrics_and_curves(trained):
 def test_train_is_deterministic_on_cpu(trained, tmp_path):
     again = copy_project(trained, tmp_path / "again")
     shutil.rmtree(again / "data/checkpoints")  # a fresh run, not a resumed one
-    run_stage("train", again)
+    call_stage("train", again)
     a = load_file(trained / "data/model/last.safetensors")
     b = load_file(again / "data/model/last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -79,8 +76,8 @@ def test_train_is_deterministic_on_cpu(trained, tmp_path):
 def test_recurrent_baselines_train_and_evaluate(prepared, tmp_path, arch):
     folder = copy_project(prepared, tmp_path / arch)
     set_params(folder, model={"arch": arch}, train={"max_steps": 10, "eval_interval": 5})
-    run_stage("train", folder)
-    run_stage("evaluate", folder)
+    call_stage("train", folder)
+    call_stage("evaluate", folder)
     ev = json.loads((folder / "metrics/eval.json").read_text())
     assert ev["val"]["bits_per_byte"] > 0 and ev["translation"]["pairs"] == 20
 
@@ -89,7 +86,7 @@ def test_block_size_larger_than_token_file_is_a_clean_error(trained, tmp_path):
     folder = copy_project(trained, tmp_path / "p")
     before = (folder / "data/model/best.safetensors").read_bytes()
     set_params(folder, model={"block_size": 100000})
-    assert_clean_error(run_stage("train", folder, check=False), "model.block_size")
+    stage_error("train", folder, "model.block_size", "100000")
     assert (folder / "data/model/best.safetensors").read_bytes() == before
 
 
@@ -136,27 +133,47 @@ def test_evaluate_writes_generation_statistics_samples_and_report(trained):
     assert (trained / "metrics/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_generate_command_continues_and_translates(trained):
-    out = run_stage("generate", trained, "Shall I compare", "--max-new-tokens", "20", "--seed", "3")
-    assert out.stdout.startswith("Shall I compare")
-    again = run_stage("generate", trained, "Shall I compare", "--max-new-tokens", "20", "--seed", "3")
-    assert again.stdout == out.stdout  # seeded sampling is reproducible
-    tr = run_stage("generate", trained, "--translate", "Jesus wept.", "--max-new-tokens", "20")
-    assert tr.returncode == 0
+def test_generate_command_streams_the_seeded_continuation(trained, trained_model, capsys):
+    """The command prints the prompt, then what the library generates from it, token by token."""
+    tok, model = trained_model
+    args = ("Shall I compare", "--max-new-tokens", "20", "--seed", "3")
+    out = run_stage("generate", trained, *args)
+    prompt = [tok.eos_id, *tok.encode(["Shall I compare"])[0]]
+    sampled = Decoding(max_new_tokens=20, temperature=0.8, top_k=50, seed=3)  # the command's defaults
+    (new,) = generate(model, [prompt], tok.eos_id, sampled)
+    assert len(new) > 0
+    assert out.stdout == "Shall I compare" + tok.decode(new) + "\n"
+    call_stage("generate", trained, *args)  # seeded sampling is reproducible, in any process
+    assert capsys.readouterr().out == out.stdout
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_generate_translates_a_pair_prompt(trained, trained_model, capsys, beam_size):
+    """--translate renders `<src> text <tgt>` and decodes the target greedily (or by beam search)."""
+    tok, model = trained_model
+    call_stage("generate", trained, "--translate", "Jesus wept.", "--max-new-tokens", "20",
+               "--beam-size", str(beam_size))
+    prompt = tok.pair_prompt(tok.encode(["Jesus wept."])[0])
+    assert prompt == [tok.eos_id, tok.src_id, *tok.encode(["Jesus wept."])[0], tok.tgt_id]
+    (new,) = generate(model, [prompt], tok.eos_id, Decoding(max_new_tokens=20, beam_size=beam_size))
+    assert len(new) > 0
+    assert capsys.readouterr().out == tok.decode(new) + "\n"  # the translation alone, not the source
 
 
 def test_generate_rejects_bad_input(trained, tmp_path):
-    assert_clean_error(run_stage("generate", trained, "", check=False), "prompt")
-    assert_clean_error(run_stage("generate", trained, "x", "--temperature", "-1", check=False), "temperature")
-    assert_clean_error(run_stage("generate", trained, "x", "--checkpoint", "nope.pt", check=False), "nope.pt")
+    # As a command: exit status 1, one line on stderr, no traceback.
+    proc = run_stage("generate", trained, "", check=False)
+    assert proc.returncode == 1
+    assert_clean_error(proc, "prompt")
+    stage_error("generate", trained, "temperature", args=("x", "--temperature", "-1"))
+    stage_error("generate", trained, "nope.pt", args=("x", "--checkpoint", "nope.pt"))
     broken = tmp_path / "broken.pt"
     broken.write_bytes((trained / "data/model/best.safetensors").read_bytes()[:1000])
-    assert_clean_error(run_stage("generate", trained, "x", "--checkpoint", str(broken), check=False), "broken.pt")
+    stage_error("generate", trained, "broken.pt", args=("x", "--checkpoint", str(broken)))
 
 
-def test_batched_greedy_decoding_equals_one_at_a_time(trained):
-    tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_model(trained / "data/model/best.safetensors", tok)
+def test_batched_greedy_decoding_equals_one_at_a_time(trained_model):
+    tok, model = trained_model
     texts = ["Shall I compare", "Rough winds", "And summer's lease", "Thou art", "Jesus wept.", "So long"]
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(texts)]
     greedy = Decoding(max_new_tokens=20)
@@ -171,9 +188,8 @@ def test_batched_greedy_decoding_equals_one_at_a_time(trained):
 
 
 @pytest.fixture(scope="module")
-def model_and_prompts(trained):
-    tok = Tokenizer(trained / "data/tokens/tokenizer.model")
-    model = load_model(trained / "data/model/best.safetensors", tok)
+def model_and_prompts(trained_model):
+    tok, model = trained_model
     prompts = [tok.pair_prompt(ids) for ids in tok.encode(["Jesus wept.", "And God said, Let there be light."])]
     return model, tok, prompts
 
@@ -192,19 +208,24 @@ def test_beam_search_of_one_is_greedy_and_batches_exactly(model_and_prompts):
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_prompts):
+    """Beam search (ranked by log-probability alone) ends with a finished translation at least as
+    likely as greedy's output: as likely as greedy's finished one, or, when greedy runs to the
+    token limit, as its unfinished one (whose probability bounds that of any way to finish it)."""
     model, tok, prompts = model_and_prompts
+    limit = 40
 
     def logprob(prompt, new):
-        seq = torch.tensor([prompt + new + [tok.eos_id]])
+        finished = len(new) < limit  # generate() drops the eos that ended it
+        seq = torch.tensor([prompt + new + ([tok.eos_id] if finished else [])])
         logits, _ = model(seq[:, :-1])
         logp = torch.log_softmax(logits[0, len(prompt) - 1:], dim=-1)
         return logp.gather(1, seq[0, len(prompt):, None]).sum().item()
 
     for p in prompts:
-        g = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=40))[0]
-        b = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=40, beam_size=4, length_penalty=0.0))[0]
-        if len(g) < 40 and len(b) < 40:  # both finished: comparable complete sequences
-            assert logprob(p, b) >= logprob(p, g) - 1e-4
+        g = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=limit))[0]
+        b = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=limit, beam_size=4, length_penalty=0.0))[0]
+        assert 0 < len(b) < limit, tok.decode(b)  # finished
+        assert logprob(p, b) >= logprob(p, g) - 1e-4, (tok.decode(b), tok.decode(g))
 
 
 def test_sampling_filters(model_and_prompts):
@@ -249,21 +270,27 @@ def test_bootstrap_interval_agrees_with_sacrebleus_own():
     assert ours["bleu_ci95"] > 0.5 and sig["bleu"].startswith("nrefs:1|")
 
 
-def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(trained):
+def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(trained, trained_model, capsys):
+    tok, model = trained_model
     long_prompt = " ".join(["Shall I compare thee to a summer's day?"] * 40)  # far more than 64 tokens
-    out = run_stage("generate", trained, long_prompt, "--max-new-tokens", "5")
-    assert "longer than the context" in out.stderr or "more than the context" in out.stderr
-    assert out.stdout.startswith(long_prompt)
+    call_stage("generate", trained, long_prompt, "--max-new-tokens", "5", "--temperature", "0")
+    out, err = capsys.readouterr()
+    prompt = [tok.eos_id, *tok.encode([long_prompt])[0]]
+    assert len(prompt) > 64
+    assert err == f"note: the prompt has {len(prompt)} tokens, more than the context of 64; using its last 63\n"
+    # What follows the prompt is generated from its last 63 tokens.
+    (new,) = generate(model, [prompt[-63:]], tok.eos_id, Decoding(max_new_tokens=5))
+    assert out == long_prompt + tok.decode(new) + "\n"
 
 
 def test_generate_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(trained, tmp_path):
     other = copy_project(trained, tmp_path / "other")
+    other_tokenizer = str(other / "data/tokens/tokenizer.model")
     set_params(other, tokenize={"vocab_size": 400})
-    run_stage("tokenize", other)
-    proc = run_stage("generate", trained, "x", "--tokenizer", str(other / "data/tokens/tokenizer.model"), check=False)
-    assert_clean_error(proc, "vocabulary of 512", "400")
+    call_stage("tokenize", other)
+    stage_error("generate", trained, "vocabulary of 512", "400", args=("x", "--tokenizer", other_tokenizer))
     # Same size, different pieces: caught by the tokenizer's digest.
     set_params(other, tokenize={"vocab_size": 512, "max_sentence_chars": 40})
-    run_stage("tokenize", other)
-    proc = run_stage("generate", trained, "x", "--tokenizer", str(other / "data/tokens/tokenizer.model"), check=False)
-    assert_clean_error(proc, "sha256")
+    call_stage("tokenize", other)
+    assert Tokenizer(other_tokenizer).vocab_size == 512
+    stage_error("generate", trained, "sha256", args=("x", "--tokenizer", other_tokenizer))
