@@ -18,6 +18,7 @@ ratios the scale issue asks for. Decontamination is off unless --decontaminate i
 document here is made of the same lines, so most train documents share a 13-word sequence with
 val or test and would be removed, which would leave the tokenizer little to do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def corpora(raw: Path) -> tuple[list[str], list[tuple[str, str]]]:
     for name in ("shakespeare", "bible_en_ru"):
         if not (raw / f"{name}.jsonl").is_file():
             sys.exit(f"{raw / name}.jsonl: missing; run `dvc repro collect` first")
-    lines = [line for doc in (json.loads(x)["text"] for x in open(raw / "shakespeare.jsonl", encoding="utf-8"))
-             for line in doc.split("\n") if line.strip()]
+    lines = [
+        line
+        for doc in (json.loads(x)["text"] for x in open(raw / "shakespeare.jsonl", encoding="utf-8"))
+        for line in doc.split("\n")
+        if line.strip()
+    ]
     verses = [(r["src"], r["tgt"]) for r in map(json.loads, open(raw / "bible_en_ru.jsonl", encoding="utf-8"))]
     return lines, verses
 
@@ -68,8 +73,15 @@ def build_input(folder: Path, size_mb: int, lines: list[str], verses: list[tuple
                     rec = {"src": " ".join(s for s, _ in picked), "tgt": " ".join(t for _, t in picked)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 written += sum(len(v.encode("utf-8")) for v in rec.values())
-        sources.append({"name": name, "kind": "file", "format": "jsonl", "path": str(folder / f"{name}.jsonl"),
-                        "license": "public domain"})
+        sources.append(
+            {
+                "name": name,
+                "kind": "file",
+                "format": "jsonl",
+                "path": str(folder / f"{name}.jsonl"),
+                "license": "public domain",
+            }
+        )
         total += written
     return total, sources
 
@@ -97,8 +109,14 @@ def _pss_kb(pid: int) -> int:
 def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
     """Run `python -m pipeline.<stage>`; return (seconds, peak PSS of its process tree in MB)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"pipeline.{stage}"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     peak = 0
     done = threading.Event()
 
@@ -112,6 +130,7 @@ def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
                 todo += _children(pid)
             peak = max(peak, sum(_pss_kb(p) for p in tree))
             done.wait(0.2)
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out = proc.communicate()[0]
@@ -151,9 +170,11 @@ def main() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["clean"].update(near_dup=args.near_dup, quality_filters=args.quality, decontaminate_ngram=args.decontaminate)
     threads = len(os.sched_getaffinity(0))
-    print(f"data_scale: {threads} cores; clean near_dup {args.near_dup}, quality_filters {args.quality}, "
-          f"decontaminate_ngram {args.decontaminate}, workers {params['clean']['workers'] or threads}, "
-          f"shard_bytes {params['clean']['shard_bytes']:,}; tokenize sample_bytes {params['tokenize']['sample_bytes']:,}")
+    print(
+        f"data_scale: {threads} cores; clean near_dup {args.near_dup}, quality_filters {args.quality}, "
+        f"decontaminate_ngram {args.decontaminate}, workers {params['clean']['workers'] or threads}, "
+        f"shard_bytes {params['clean']['shard_bytes']:,}; tokenize sample_bytes {params['tokenize']['sample_bytes']:,}"
+    )
     rows = {}
     for size in args.sizes:
         project = args.workdir / f"{size}mb"
@@ -163,41 +184,63 @@ def main() -> None:
         nbytes, sources = build_input(project / "corpus", size, lines, verses)
         print(f"{size} MB: input {nbytes / 1e6:,.1f} MB of text built in {time.perf_counter() - t0:.0f} s", flush=True)
         params["collect"].update(sources=sources, max_documents=0)
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        (project / "params.yaml").write_text(
+            yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
         collect_s, collect_mb = run_stage("collect", project)
         clean_s, clean_mb = run_stage("clean", project)
         tok_s, tok_mb = run_stage("tokenize", project)
         encode_s = bare_encode(project / "corpus", project / "data/tokens/tokenizer.model", threads)
         kept = json.loads((project / "metrics/clean.json").read_text())["documents_kept"]
         mb = nbytes / 1e6
-        rows[size] = r = {"mb": mb, "collect_s": collect_s, "collect_peak_mb": collect_mb, "clean_s": clean_s, "tokenize_s": tok_s, "encode_s": encode_s,
-                          "clean_peak_mb": clean_mb, "tokenize_peak_mb": tok_mb, "documents_kept": kept}
+        rows[size] = r = {
+            "mb": mb,
+            "collect_s": collect_s,
+            "collect_peak_mb": collect_mb,
+            "clean_s": clean_s,
+            "tokenize_s": tok_s,
+            "encode_s": encode_s,
+            "clean_peak_mb": clean_mb,
+            "tokenize_peak_mb": tok_mb,
+            "documents_kept": kept,
+        }
         r["s_per_mb"] = (clean_s + tok_s) / mb
         r["pipeline_mb_s"] = mb / (clean_s + tok_s)
         r["encode_mb_s"] = mb / encode_s
         r["peak_mb"] = max(clean_mb, tok_mb)
-        print(f"  collect {collect_s:.1f} s (peak {collect_mb:,.0f} MB); clean {clean_s:.1f} s (peak {clean_mb:,.0f} MB), tokenize {tok_s:.1f} s (peak {tok_mb:,.0f} MB): "
-              f"{r['s_per_mb']:.3f} s/MB, {r['pipeline_mb_s']:.2f} MB/s; bare sentencepiece encode "
-              f"{encode_s:.1f} s, {r['encode_mb_s']:.2f} MB/s; clean+tokenize / encode throughput "
-              f"{r['pipeline_mb_s'] / r['encode_mb_s']:.2f}", flush=True)
+        print(
+            f"  collect {collect_s:.1f} s (peak {collect_mb:,.0f} MB); clean {clean_s:.1f} s (peak {clean_mb:,.0f} MB), tokenize {tok_s:.1f} s (peak {tok_mb:,.0f} MB): "
+            f"{r['s_per_mb']:.3f} s/MB, {r['pipeline_mb_s']:.2f} MB/s; bare sentencepiece encode "
+            f"{encode_s:.1f} s, {r['encode_mb_s']:.2f} MB/s; clean+tokenize / encode throughput "
+            f"{r['pipeline_mb_s'] / r['encode_mb_s']:.2f}",
+            flush=True,
+        )
         if not args.keep:
             shutil.rmtree(project, ignore_errors=True)
-    print("\n| input | collect s (peak MB) | clean s | tokenize s | clean+tokenize s/MB | clean+tokenize MB/s | "
-          "bare encode MB/s | ratio | clean peak MB | tokenize peak MB | documents kept |")
+    print(
+        "\n| input | collect s (peak MB) | clean s | tokenize s | clean+tokenize s/MB | clean+tokenize MB/s | "
+        "bare encode MB/s | ratio | clean peak MB | tokenize peak MB | documents kept |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, r in rows.items():
-        print(f"| {r['mb']:,.0f} MB | {r['collect_s']:.1f} ({r['collect_peak_mb']:,.0f}) | {r['clean_s']:.1f} | "
-              f"{r['tokenize_s']:.1f} | {r['s_per_mb']:.3f} | "
-              f"{r['pipeline_mb_s']:.2f} | {r['encode_mb_s']:.2f} | {r['pipeline_mb_s'] / r['encode_mb_s']:.2f} | "
-              f"{r['clean_peak_mb']:,.0f} | {r['tokenize_peak_mb']:,.0f} | {r['documents_kept']:,} |")
+    for r in rows.values():
+        print(
+            f"| {r['mb']:,.0f} MB | {r['collect_s']:.1f} ({r['collect_peak_mb']:,.0f}) | {r['clean_s']:.1f} | "
+            f"{r['tokenize_s']:.1f} | {r['s_per_mb']:.3f} | "
+            f"{r['pipeline_mb_s']:.2f} | {r['encode_mb_s']:.2f} | {r['pipeline_mb_s'] / r['encode_mb_s']:.2f} | "
+            f"{r['clean_peak_mb']:,.0f} | {r['tokenize_peak_mb']:,.0f} | {r['documents_kept']:,} |"
+        )
     sizes = sorted(rows)
     if len(sizes) >= 2:
         big, mid = rows[sizes[-1]], rows[sizes[-2]]
-        per_doc = (big["clean_peak_mb"] - mid["clean_peak_mb"]) * 1e6 / max(1, big["documents_kept"] - mid["documents_kept"])
-        print(f"\nat {sizes[-1]} MB: clean+tokenize / bare encode throughput {big['pipeline_mb_s'] / big['encode_mb_s']:.2f} "
-              f"(need >= 0.5); s/MB vs {sizes[-2]} MB {big['s_per_mb'] / mid['s_per_mb']:.2f}x (need <= 1.3); "
-              f"peak memory vs {sizes[-2]} MB {big['peak_mb'] / mid['peak_mb']:.2f}x (need <= 1.5), "
-              f"{big['peak_mb']:,.0f} MB (need < 3000); clean's peak grew {per_doc:,.0f} bytes per kept document")
+        per_doc = (
+            (big["clean_peak_mb"] - mid["clean_peak_mb"]) * 1e6 / max(1, big["documents_kept"] - mid["documents_kept"])
+        )
+        print(
+            f"\nat {sizes[-1]} MB: clean+tokenize / bare encode throughput {big['pipeline_mb_s'] / big['encode_mb_s']:.2f} "
+            f"(need >= 0.5); s/MB vs {sizes[-2]} MB {big['s_per_mb'] / mid['s_per_mb']:.2f}x (need <= 1.3); "
+            f"peak memory vs {sizes[-2]} MB {big['peak_mb'] / mid['peak_mb']:.2f}x (need <= 1.5), "
+            f"{big['peak_mb']:,.0f} MB (need < 3000); clean's peak grew {per_doc:,.0f} bytes per kept document"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ checkpoint's), with a context of at least 320 tokens so no window has to slide: 
 the checkpoint where they fit, the position rows past its context are freshly initialised.
 Prints the median time of each and their ratio; record it in docs/LOG.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import params as P  # noqa: E402
-from pipeline.generate import Decoding, stream  # noqa: E402
 from pipeline.checkpoint import load_weights  # noqa: E402
+from pipeline.generate import Decoding, stream  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
 PROMPT, NEW = 64, 256
@@ -56,7 +57,7 @@ def without_cache(model, idx: torch.Tensor) -> list[int]:
     for _ in range(NEW):
         logits, _ = model(out)
         out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return out[0, idx.size(1):].tolist()
+    return out[0, idx.size(1) :].tolist()
 
 
 @torch.inference_mode()
@@ -89,12 +90,16 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     same = outputs["cache"] == outputs["no_cache"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{NEW} new tokens after a {PROMPT}-token prompt, batch 1, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}:")
+    print(
+        f"{NEW} new tokens after a {PROMPT}-token prompt, batch 1, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}:"
+    )
     print(f"  with cache:    {med['cache']:.2f} s ({NEW / med['cache']:.0f} tokens/s)")
     print(f"  without cache: {med['no_cache']:.2f} s ({NEW / med['no_cache']:.0f} tokens/s)")
-    print(f"  speed-up: {med['no_cache'] / med['cache']:.1f}x; identical greedy output: {same} "
-          f"({len(set(outputs['cache']))} distinct tokens)")
+    print(
+        f"  speed-up: {med['no_cache'] / med['cache']:.1f}x; identical greedy output: {same} "
+        f"({len(set(outputs['cache']))} distinct tokens)"
+    )
     if not same:
         sys.exit("outputs differ")
 

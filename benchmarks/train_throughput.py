@@ -19,6 +19,7 @@ AdamW) on random token windows; throughput does not depend on the tokens.
 train.time_budget_s set, in a scratch copy of the project that links data/tokens (run `dvc repro
 tokenize` first), then scores the best checkpoint's bits per byte on the whole val split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import params as P  # noqa: E402
-from pipeline.model import build_model, count_parameters, flops_per_token  # noqa: E402
 from pipeline.hardware import CudaAutocast, cpu_matmul_flops, peak_flops  # noqa: E402
+from pipeline.model import build_model, count_parameters, flops_per_token  # noqa: E402
 from pipeline.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
@@ -61,8 +62,16 @@ COMPARE = {
 
 def measure(args) -> None:
     base = P.load(ROOT / "params.yaml")
-    overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head),
-                                   ("block_size", args.block_size)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("n_layer", args.n_layer),
+            ("n_embd", args.n_embd),
+            ("n_head", args.n_head),
+            ("block_size", args.block_size),
+        )
+        if v
+    }
     m = dataclasses.replace(base.model, **overrides)
     t = dataclasses.replace(base.train, batch_size=args.batch_size or base.train.batch_size)
     vocab = args.vocab or _vocab(base)
@@ -73,10 +82,14 @@ def measure(args) -> None:
         torch.backends.cudnn.allow_tf32 = True
     autocast = CudaAutocast() if cuda else nullcontext()
     B, T = t.batch_size, m.block_size
-    print(f"device: {torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads'}; "
-          f"torch {torch.__version__}")
-    print(f"model: {m.arch} {m.n_layer}x{m.n_embd}, {m.n_head} heads, context {T}, vocabulary {vocab}, "
-          f"batch {B}x{T} tokens")
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads'}; "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"model: {m.arch} {m.n_layer}x{m.n_embd}, {m.n_head} heads, context {T}, vocabulary {vocab}, "
+        f"batch {B}x{T} tokens"
+    )
 
     variants = ["eager", "compiled"] if args.compile == "both" else [args.compile]
     runs = {}
@@ -99,7 +112,9 @@ def measure(args) -> None:
     if cuda:
         peak_fixed = peak_flops(device)
         if peak_fixed is None:
-            print(f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; MFU is against an H100's 989 TFLOP/s")
+            print(
+                f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; MFU is against an H100's 989 TFLOP/s"
+            )
             peak_fixed = 989e12
         print(f"peak: {peak_fixed / 1e12:.0f} TFLOP/s (bf16 dense, data sheet)")
     results = {v: [] for v in variants}
@@ -123,13 +138,17 @@ def measure(args) -> None:
         line = ", ".join(f"{v} {results[v][-1][0]:,.0f} tok/s MFU {results[v][-1][1]:.1%}" for v in variants)
         print(f"round {r + 1}: " + (f"matmul {peak / 1e9:,.0f} GFLOP/s; " if not cuda else "") + line, flush=True)
     if peaks:
-        print(f"float32 matmul ({args.matmul}x{args.matmul}): median {statistics.median(peaks) / 1e9:,.0f} "
-              f"GFLOP/s, best {max(peaks) / 1e9:,.0f}")
+        print(
+            f"float32 matmul ({args.matmul}x{args.matmul}): median {statistics.median(peaks) / 1e9:,.0f} "
+            f"GFLOP/s, best {max(peaks) / 1e9:,.0f}"
+        )
     for v in variants:
         tok = statistics.median(x[0] for x in results[v])
         mfu = statistics.median(x[1] for x in results[v])
-        print(f"RESULT {v}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} "
-              f"(median of {args.rounds} rounds)")
+        print(
+            f"RESULT {v}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} "
+            f"(median of {args.rounds} rounds)"
+        )
 
 
 def _vocab(base: P.Params) -> int:
@@ -141,30 +160,35 @@ def compare(seconds: float, names: list[str]) -> None:
     """Each architecture through the train stage with the same time_budget_s; val bits per byte."""
     import numpy as np
 
-    from pipeline.scoring import nats_of_range
     from pipeline.checkpoint import load_model
+    from pipeline.scoring import nats_of_range
 
     tokens = ROOT / "data" / "tokens"
     if not (tokens / "train.bin").exists():
         sys.exit("error: data/tokens/train.bin missing; run `dvc repro tokenize` first")
     val_meta = json.loads((tokens / "val.json").read_text())
     val = np.memmap(tokens / "val.bin", dtype=np.dtype(val_meta["dtype"]), mode="r")
-    print(f"\nequal-time comparison: {seconds:g} s of training each, val split {val_meta['tokens']:,} tokens, "
-          f"{val_meta['bytes']:,} bytes")
+    print(
+        f"\nequal-time comparison: {seconds:g} s of training each, val split {val_meta['tokens']:,} tokens, "
+        f"{val_meta['bytes']:,} bytes"
+    )
     base = P.read_yaml(ROOT / "params.yaml")
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             (work / "data").mkdir()
             os.symlink(tokens, work / "data" / "tokens")
-            data = P.merge(P.merge(base, COMPARE[name]), {"train": {"max_steps": 10 ** 9, "time_budget_s": seconds,
-                                                                    "checkpoint_interval": 0}})
+            data = P.merge(
+                P.merge(base, COMPARE[name]),
+                {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
+            )
             P.parse(data)
             (work / "params.yaml").write_text(json.dumps(data))
             env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=work, env=env,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.train"], cwd=work, env=env, capture_output=True, text=True
+            )
             if proc.returncode:
                 sys.exit(f"{name}: train failed\n{proc.stderr[-2000:]}")
             wall = time.perf_counter() - t0
@@ -174,12 +198,17 @@ def compare(seconds: float, names: list[str]) -> None:
             bpb = nats / math.log(2) / val_meta["bytes"]
             shutil.rmtree(work / "data" / "checkpoints", ignore_errors=True)
         cfg = data["model"]
-        size = (f"{cfg['n_layer']}x{cfg['n_embd']}" if cfg["arch"] == "gpt"
-                else f"{cfg['n_layer']}x{cfg['n_hidden']} (embedding {cfg['n_embd']})")
-        print(f"RESULT {name} {size}: {m['parameters']:,} parameters, {m['steps']} steps, "
-              f"{m['tokens_seen']:,} tokens, {m['tokens_per_second']:,.0f} tok/s, MFU {m['mfu']:.1%}, "
-              f"best val loss {m['best_val_loss']:.4f}, val {bpb:.3f} bits/byte (stage wall {wall:.0f} s)",
-              flush=True)
+        size = (
+            f"{cfg['n_layer']}x{cfg['n_embd']}"
+            if cfg["arch"] == "gpt"
+            else f"{cfg['n_layer']}x{cfg['n_hidden']} (embedding {cfg['n_embd']})"
+        )
+        print(
+            f"RESULT {name} {size}: {m['parameters']:,} parameters, {m['steps']} steps, "
+            f"{m['tokens_seen']:,} tokens, {m['tokens_per_second']:,.0f} tok/s, MFU {m['mfu']:.1%}, "
+            f"best val loss {m['best_val_loss']:.4f}, val {bpb:.3f} bits/byte (stage wall {wall:.0f} s)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -192,8 +221,13 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")
     for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab", "batch_size"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help="override params.yaml")
-    ap.add_argument("--compare", type=float, default=0, metavar="SECONDS",
-                    help="also train each architecture for SECONDS with the train stage")
+    ap.add_argument(
+        "--compare",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also train each architecture for SECONDS with the train stage",
+    )
     ap.add_argument("--only", nargs="*", default=["gpt", "lstm", "gru", "rnn"], choices=list(COMPARE))
     ap.add_argument("--skip-mfu", action="store_true")
     args = ap.parse_args()

@@ -8,6 +8,7 @@
   with torch.load(weights_only=True). `Checkpoints` saves them atomically, keeps the newest few,
   and resumes from the newest one when it was made by a compatible run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,9 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device), info
 
 
-def load_model(path: str | Path, tokenizer=None, tokenizer_path: str | Path | None = None,
-               device: str = "cpu") -> torch.nn.Module:
+def load_model(
+    path: str | Path, tokenizer=None, tokenizer_path: str | Path | None = None, device: str = "cpu"
+) -> torch.nn.Module:
     """A model saved by `train`, in eval mode; refuse a tokenizer it was not trained with."""
     path = Path(path)
     if not path.is_file():
@@ -71,8 +73,10 @@ def load_model(path: str | Path, tokenizer=None, tokenizer_path: str | Path | No
     except Exception as e:  # truncated file, foreign file, wrong keys: one line, no traceback
         raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if tokenizer is not None and tokenizer.vocab_size != info["vocab_size"]:
-        raise PipelineError(f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
-                            f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with")
+        raise PipelineError(
+            f"{path}: trained with a vocabulary of {info['vocab_size']} but the tokenizer "
+            f"has {tokenizer.vocab_size}; pass the tokenizer it was trained with"
+        )
     if tokenizer_path is not None and info.get("tokenizer_sha256") not in (None, sha256_file(tokenizer_path)):
         raise PipelineError(f"{path}: was not trained with the tokenizer {tokenizer_path} (sha256 differs)")
     return model.eval()
@@ -91,7 +95,7 @@ def copy_weights(state_dict: dict) -> dict:
 class Progress:
     """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
 
-    step: int = 0                 # optimizer steps done; the loader's position (batches are keyed by step)
+    step: int = 0  # optimizer steps done; the loader's position (batches are keyed by step)
     tokens_seen: int = 0
     train_seconds: float = 0.0
     best_val_loss: float = float("inf")
@@ -115,8 +119,11 @@ def why_incompatible(saved: dict, now: dict) -> str | None:
         return "different token files (vocabulary or data changed)"
     if saved.get("train") != now["train"]:
         keys = sorted(k for k in now["train"] if saved.get("train", {}).get(k) != now["train"][k])
-        return "different training params (" + ", ".join(
-            f"train.{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in keys) + ")"
+        return (
+            "different training params ("
+            + ", ".join(f"train.{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in keys)
+            + ")"
+        )
     if saved.get("processes") != now["processes"]:
         return f"{saved.get('processes')} processes, now {now['processes']}"
     return None
@@ -130,8 +137,17 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def save_checkpoint(folder: Path, weights: dict, best: dict | None, opt_state: dict, progress: Progress,
-                    fp: dict, m: P.Model, t: P.Train, vocab_size: int) -> Path:
+def save_checkpoint(
+    folder: Path,
+    weights: dict,
+    best: dict | None,
+    opt_state: dict,
+    progress: Progress,
+    fp: dict,
+    m: P.Model,
+    t: P.Train,
+    vocab_size: int,
+) -> Path:
     """Write step_NNNNNNN/ atomically (a temporary folder renamed); keep the newest few."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{progress.step:07d}"
@@ -141,12 +157,19 @@ def save_checkpoint(folder: Path, weights: dict, best: dict | None, opt_state: d
     save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
     if best is not None:
         save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
-    state = {"optimizer": opt_state, "progress": progress.__dict__, "fingerprint": json.dumps(fp, sort_keys=True),
-             # Both are functions of the step (and of the training time under a budget), kept for the reader.
-             "loader": {"windows": "random, keyed by (seed, 0, step)", "seed": t.seed, "next_step": progress.step},
-             "scheduler": {"schedule": t.schedule, "next_step": progress.step,
-                           "time_fraction": progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0},
-             "format": 1}
+    state = {
+        "optimizer": opt_state,
+        "progress": progress.__dict__,
+        "fingerprint": json.dumps(fp, sort_keys=True),
+        # Both are functions of the step (and of the training time under a budget), kept for the reader.
+        "loader": {"windows": "random, keyed by (seed, 0, step)", "seed": t.seed, "next_step": progress.step},
+        "scheduler": {
+            "schedule": t.schedule,
+            "next_step": progress.step,
+            "time_fraction": progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0,
+        },
+        "format": 1,
+    }
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
@@ -168,8 +191,9 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict
         progress = Progress(**state["progress"])
         fp = json.loads(state["fingerprint"])
     except Exception as e:  # truncated, corrupt or foreign files: one line, never a torch traceback
-        raise PipelineError(f"{path}: not a readable checkpoint ({first_line(e)}); delete it, "
-                            f"or set train.resume: never") from None
+        raise PipelineError(
+            f"{path}: not a readable checkpoint ({first_line(e)}); delete it, or set train.resume: never"
+        ) from None
     return weights, best, state["optimizer"], progress, fp
 
 
@@ -208,8 +232,10 @@ class Checkpoints:
                 if self.procs.main:
                     print(f"train: resuming from {found[0]} (step {progress.step} of {self.t.max_steps})", flush=True)
             elif self.t.resume == "strict":
-                raise PipelineError(f"{found[0]}: cannot resume, it was made with {why} (train.resume: strict); "
-                                    f"delete {self.folder} or set train.resume: auto to start fresh")
+                raise PipelineError(
+                    f"{found[0]}: cannot resume, it was made with {why} (train.resume: strict); "
+                    f"delete {self.folder} or set train.resume: auto to start fresh"
+                )
             elif self.procs.main:
                 print(f"train: not resuming {found[0]}: it was made with {why}; starting fresh", flush=True)
         barrier(self.procs)  # every process has read the checkpoint
@@ -225,6 +251,15 @@ class Checkpoints:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         progress.rng = gather_objects(self.procs, rng)
         if self.procs.main:
-            save_checkpoint(self.folder, weights, best_weights, opt_state, progress, self.fingerprint,
-                            self.m, self.t, self.vocab_size)
+            save_checkpoint(
+                self.folder,
+                weights,
+                best_weights,
+                opt_state,
+                progress,
+                self.fingerprint,
+                self.m,
+                self.t,
+                self.vocab_size,
+            )
         barrier(self.procs)

@@ -34,6 +34,7 @@ workers prepare them, decides keep/drop/duplicate in input order, and writes the
 metrics and the report. The per-document rules are in pipeline.rules, hashing and the duplicate
 indexes in pipeline.dedup, the shards, the workers and what they send back in pipeline.shards.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,16 @@ OUT_DIR = Path("data/clean")
 METRICS = Path("metrics/clean.json")
 REPORT = Path("metrics/clean_report.md")
 SPLITS = ("train", "val", "test")
-DROP_REASONS = ("empty", "too_short", "too_long", "length_ratio", *QUALITY_REASONS, "duplicate",
-                "near_duplicate", "contaminated")
+DROP_REASONS = (
+    "empty",
+    "too_short",
+    "too_long",
+    "length_ratio",
+    *QUALITY_REASONS,
+    "duplicate",
+    "near_duplicate",
+    "contaminated",
+)
 
 
 def main() -> None:
@@ -90,17 +99,23 @@ def main() -> None:
             contaminated = decontaminate(scratch, out, settings, state, per_source)
         else:
             (out / "decontaminated.jsonl").touch()
-        totals = {split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
-                  for split in SPLITS}
+        totals = {
+            split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
+            for split in SPLITS
+        }
         if totals["train"] == 0:
             documents_in = sum(source_metrics["documents_in"] for source_metrics in per_source.values())
-            raise PipelineError("clean: no training documents left after cleaning "
-                                f"(in: {documents_in}, "
-                                f"dropped: {_sum_dropped(per_source)}); check clean.min_chars/max_chars and the sources")
+            raise PipelineError(
+                "clean: no training documents left after cleaning "
+                f"(in: {documents_in}, "
+                f"dropped: {_sum_dropped(per_source)}); check clean.min_chars/max_chars and the sources"
+            )
         for split in ("val", "test"):
             if totals[split] == 0:
-                raise PipelineError(f"clean: the {split} split is empty; the corpus is too small for "
-                                    f"clean.{split}_fraction, raise it or add text")
+                raise PipelineError(
+                    f"clean: the {split} split is empty; the corpus is too small for "
+                    f"clean.{split}_fraction, raise it or add text"
+                )
     near = state.near
     metrics = {
         "documents_kept": sum(source_metrics["documents_kept"] for source_metrics in per_source.values()),
@@ -114,12 +129,15 @@ def main() -> None:
     }
     write_json(METRICS, metrics)
     atomic_write_text(REPORT, clean_report(metrics, state.lengths, state.examples.kept))
-    print(f"clean: kept {metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes), "
-          f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR} "
-          f"({pool.workers} worker{'s' if pool.workers > 1 else ''})")
+    print(
+        f"clean: kept {metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes), "
+        f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR} "
+        f"({pool.workers} worker{'s' if pool.workers > 1 else ''})"
+    )
 
 
 # --- The main process: decisions that depend on earlier documents, in input order. ---
+
 
 class State:
     """What cleaning carries from document to document: indexes, counts, samples."""
@@ -198,8 +216,9 @@ def clean_source(name: str, pairs: bool, settings: P.Clean, state: State, pool: 
             lengths["kept"][record.chars] += 1
         if heldout_rows:
             starts = np.concatenate(([0], heldout_ends[:-1]))
-            state.heldout_ngrams.append(np.concatenate([shard.heldout_ngrams[starts[k]:heldout_ends[k]]
-                                                        for k in heldout_rows]))
+            state.heldout_ngrams.append(
+                np.concatenate([shard.heldout_ngrams[starts[k] : heldout_ends[k]] for k in heldout_rows])
+            )
         state.exact.flush()
         if state.near:
             state.near.bands.flush()
@@ -250,6 +269,7 @@ def decontaminate(scratch: Path, out: Path, settings: P.Clean, state: State, per
 
 # --- The report. ---
 
+
 def quantiles(counts: Counter, qs: list[float]) -> list[float]:
     """np.quantile (linear) of the values that `counts` counts, without expanding them."""
     values = np.array(sorted(counts))
@@ -258,6 +278,7 @@ def quantiles(counts: Counter, qs: list[float]) -> list[float]:
 
     def at(i: int) -> float:
         return float(values[np.searchsorted(ends, i, side="right")])
+
     out = []
     for q in qs:
         pos = q * (n - 1)
@@ -275,10 +296,16 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
         return df.to_markdown()  # tabulate, which dvc already needs
 
     sources = metrics["sources"]
-    rows = {name: {"documents in": source_metrics["documents_in"], "documents out": source_metrics["documents_kept"],
-                   "bytes in": source_metrics["bytes_in"], "bytes out": source_metrics["bytes_kept"],
-                   "train/val/test": "/".join(str(source_metrics["splits"][s]["documents"]) for s in SPLITS)}
-            for name, source_metrics in sources.items()}
+    rows = {
+        name: {
+            "documents in": source_metrics["documents_in"],
+            "documents out": source_metrics["documents_kept"],
+            "bytes in": source_metrics["bytes_in"],
+            "bytes out": source_metrics["bytes_kept"],
+            "train/val/test": "/".join(str(source_metrics["splits"][s]["documents"]) for s in SPLITS),
+        }
+        for name, source_metrics in sources.items()
+    }
     drops = pd.DataFrame({name: source_metrics["dropped"] for name, source_metrics in sources.items()})
     drops = drops[(drops.T != 0).any()] if len(drops) else drops
     qs = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
@@ -287,16 +314,28 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
         for which in ("in", "kept"):
             if ls[which]:
                 qrows[f"{name}, {which}"] = {f"q{int(p * 100)}": int(v) for p, v in zip(qs, quantiles(ls[which], qs))}
-    lines = ["# Cleaning report", "",
-             f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
-             f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
-             f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
-             f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
-             f"data/clean/decontaminated.jsonl).", "",
-             "## Per source", "", table(pd.DataFrame(rows).T), "",
-             "## Dropped, per reason", "", table(drops) if len(drops) else "Nothing was dropped.", "",
-             "## Length in characters (quantiles), before and after", "",
-             table(pd.DataFrame(qrows).T) if qrows else "No documents.", ""]
+    lines = [
+        "# Cleaning report",
+        "",
+        f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
+        f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
+        f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
+        f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
+        f"data/clean/decontaminated.jsonl).",
+        "",
+        "## Per source",
+        "",
+        table(pd.DataFrame(rows).T),
+        "",
+        "## Dropped, per reason",
+        "",
+        table(drops) if len(drops) else "Nothing was dropped.",
+        "",
+        "## Length in characters (quantiles), before and after",
+        "",
+        table(pd.DataFrame(qrows).T) if qrows else "No documents.",
+        "",
+    ]
     if examples:
         lines += ["## Dropped examples (random, per reason)", ""]
         for reason in DROP_REASONS:

@@ -16,6 +16,7 @@ data/raw/manifest.json with each source's lineage, and metrics/collect.json.
 
 This module is the step; how a source is fetched and read is in pipeline/sources.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,19 +46,35 @@ def main() -> None:
     params = load_params()
     cache_dir = Path(os.path.expanduser(params.collect.cache_dir))
     with atomic_dir(OUT_DIR) as out:
-        manifest = [collect_source(source, cache_dir, out, params.collect.max_documents,
-                                   params.collect.download_timeout_s, params.collect.download_retries)
-                    for source in params.collect.sources]
+        manifest = [
+            collect_source(
+                source,
+                cache_dir,
+                out,
+                params.collect.max_documents,
+                params.collect.download_timeout_s,
+                params.collect.download_retries,
+            )
+            for source in params.collect.sources
+        ]
         write_json(out / "manifest.json", {"sources": manifest})
-    write_json(METRICS, {entry["name"]: {"documents": entry["documents"], "bytes": entry["bytes"], **entry["input"]}
-                         for entry in manifest})
+    write_json(
+        METRICS,
+        {
+            entry["name"]: {"documents": entry["documents"], "bytes": entry["bytes"], **entry["input"]}
+            for entry in manifest
+        },
+    )
     total = sum(entry["bytes"] for entry in manifest)
-    print(f"collect: {len(manifest)} sources, {sum(entry['documents'] for entry in manifest):,} documents, "
-          f"{total:,} bytes -> {OUT_DIR}")
+    print(
+        f"collect: {len(manifest)} sources, {sum(entry['documents'] for entry in manifest):,} documents, "
+        f"{total:,} bytes -> {OUT_DIR}"
+    )
 
 
-def collect_source(src: Source, cache_dir: Path, out: Path, max_documents: int = 0,
-                   timeout: float = 30.0, retries: int = 3) -> dict:
+def collect_source(
+    src: Source, cache_dir: Path, out: Path, max_documents: int = 0, timeout: float = 30.0, retries: int = 3
+) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
     files, lineage = open_source(src, cache_dir, timeout, retries)
     documents = size = 0
@@ -70,26 +87,41 @@ def collect_source(src: Source, cache_dir: Path, out: Path, max_documents: int =
             if pairs is None:
                 pairs = is_pair
             elif pairs != is_pair:
-                raise PipelineError(f"source '{src.name}': mixes text records and src/tgt pairs "
-                                    f"({rec['origin']}); split it into two sources")
+                raise PipelineError(
+                    f"source '{src.name}': mixes text records and src/tgt pairs "
+                    f"({rec['origin']}); split it into two sources"
+                )
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             documents += 1
             size += utf8_bytes(rec)
             if max_documents and documents >= max_documents:
                 break
     if documents == 0:
-        raise PipelineError(f"source '{src.name}': no documents found "
-                            f"({src.members or src.path} matched nothing or only empty files)")
+        raise PipelineError(
+            f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
+        )
     input_stats = {k: stats[k] for k in INPUT_COUNTS + (GETTEXT_COUNTS if src.format == "gettext" else ())}
     noted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files")
-    print(f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
-          f"{f' ({noted})' if noted else ''}", flush=True)
-    return {"name": src.name, "kind": src.kind, **lineage, "license": src.license, "pairs": bool(pairs),
-            "documents": documents, "bytes": size, "input": input_stats}
+    print(
+        f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
+        f"{f' ({noted})' if noted else ''}",
+        flush=True,
+    )
+    return {
+        "name": src.name,
+        "kind": src.kind,
+        **lineage,
+        "license": src.license,
+        "pairs": bool(pairs),
+        "documents": documents,
+        "bytes": size,
+        "input": input_stats,
+    }
 
 
-def open_source(src: Source, cache_dir: Path, timeout: float, retries: int
-                ) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
+def open_source(
+    src: Source, cache_dir: Path, timeout: float, retries: int
+) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
     """The (name, bytes or Path) of a source's files, fetched into the cache first where it is
     remote, and its lineage for the manifest. A Hugging Face dataset has no files: it is read by
     records_from_hf."""
@@ -99,16 +131,21 @@ def open_source(src: Source, cache_dir: Path, timeout: float, retries: int
         lineage = {"package": src.package, "filename": src.filename, "sha256": src.sha256}
     elif src.kind == "hf":
         files = iter([])
-        lineage = {"dataset": src.dataset, **{k: getattr(src, k) for k in ("config", "data_files", "hf_split", "revision")
-                                              if getattr(src, k)}}
+        lineage = {
+            "dataset": src.dataset,
+            **{k: getattr(src, k) for k in ("config", "data_files", "hf_split", "revision") if getattr(src, k)},
+        }
     elif src.kind == "url":
         download = fetch_url(src, cache_dir, timeout, retries)
         files = archive_members(download, src.members) if src.members else iter([(str(download), download)])
         lineage = {"url": src.url, "sha256": src.sha256}
     else:
         files = local_files(src)
-        lineage = {"path": src.path, **({"target_path": src.target_path} if src.target_path else {}),
-                   **({"members": src.members} if src.members else {})}
+        lineage = {
+            "path": src.path,
+            **({"target_path": src.target_path} if src.target_path else {}),
+            **({"members": src.members} if src.members else {}),
+        }
     return files, lineage
 
 

@@ -1,4 +1,5 @@
 """Small helpers every stage shares: the user-facing error, atomic outputs, JSON/JSONL I/O."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
-
+from typing import Any
 
 TEXT_FIELDS = ("text", "src", "tgt")  # a record is a document {"text"} or a pair {"src", "tgt"}
 

@@ -4,6 +4,7 @@ Window starts are a pure function of a key such as (seed, stream, step), so the 
 is the step number: a resumed run draws exactly the batches an uninterrupted one would, and every
 process of a distributed run takes its own slice of the same global batch.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,15 +18,24 @@ def window_starts(n_tokens: int, block_size: int, rows: int, *key: int) -> np.nd
 
 def windows(data: np.ndarray, starts, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (the same windows shifted by one token), on `device`."""
-    rows = np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    rows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(rows)
     if device.type == "cuda":
         xy = xy.pin_memory().to(device, non_blocking=True)
     return xy[:, :-1], xy[:, 1:]
 
 
-def step_batches(data: np.ndarray, block_size: int, batch_size: int, accum: int, seed: int, step: int,
-                 rank: int = 0, world: int = 1, device=torch.device("cpu")) -> list:
+def step_batches(
+    data: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    accum: int,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world: int = 1,
+    device=torch.device("cpu"),
+) -> list:
     """This process's micro-batches of training step `step`: its slice of the global batch."""
     starts = window_starts(len(data), block_size, accum * world * batch_size, seed, 0, step)
     mine = starts.reshape(accum, world, batch_size)[:, rank]
@@ -35,4 +45,4 @@ def step_batches(data: np.ndarray, block_size: int, batch_size: int, accum: int,
 def fixed_batches(data, block_size: int, batch_size: int, n: int, seed: int, stream: int, device) -> list:
     """The same n batches every time: validation curves compare like with like."""
     starts = window_starts(len(data), block_size, n * batch_size, seed, stream)
-    return [windows(data, starts[i * batch_size:(i + 1) * batch_size], block_size, device) for i in range(n)]
+    return [windows(data, starts[i * batch_size : (i + 1) * batch_size], block_size, device) for i in range(n)]

@@ -3,6 +3,7 @@ n-gram hashes of many texts at once (Words: MinHash shingles and decontamination
 MinHash signatures and their LSH band keys (MinHasher), a compact index of 64-bit keys (KeyIndex)
 and the near-duplicate index built on it (NearDuplicates).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,12 +49,15 @@ class Words:
         hashes, owners = np.empty(0, np.uint64), np.empty(0, np.int64)
         if len(self.words) >= n:
             windows = np.lib.stride_tricks.sliding_window_view(self.words, n)
-            inside = self.owner[:len(windows)] == self.owner[n - 1:]
-            hashes, owners = row_hashes(windows)[inside], self.owner[:len(windows)][inside]
+            inside = self.owner[: len(windows)] == self.owner[n - 1 :]
+            hashes, owners = row_hashes(windows)[inside], self.owner[: len(windows)][inside]
         if short and (self.counts < n).any():
             ends = np.cumsum(self.counts)
-            few = [(i, row_hashes(self.words[ends[i] - c:ends[i]][None, :])[0])
-                   for i, c in enumerate(self.counts.tolist()) if 0 < c < n]
+            few = [
+                (i, row_hashes(self.words[ends[i] - c : ends[i]][None, :])[0])
+                for i, c in enumerate(self.counts.tolist())
+                if 0 < c < n
+            ]
             hashes = np.concatenate([hashes, np.array([h for _, h in few], np.uint64)])
             owners = np.concatenate([owners, np.array([i for i, _ in few], np.int64)])
         return hashes, owners
@@ -75,14 +79,16 @@ class MinHasher:
     equals datasketch's MinHash of the same shingles); datasketch also picks the (bands, rows)
     split for the threshold. Shingle hashes are the top 32 bits of the 64-bit window hashes.
     """
+
     ROWS = 1 << 14  # shingles per step: a ROWS x num_perm matrix of uint32
 
     def __init__(self, settings: P.Clean):
         from datasketch import MinHash, MinHashLSH
 
         self.shingle_words = settings.shingle_words
-        self.a, self.b = MinHash(num_perm=settings.minhash_perm, seed=settings.minhash_seed,
-                                 scheme="affine32").permutations
+        self.a, self.b = MinHash(
+            num_perm=settings.minhash_perm, seed=settings.minhash_seed, scheme="affine32"
+        ).permutations
         lsh = MinHashLSH(threshold=settings.near_dup_threshold, num_perm=settings.minhash_perm)
         self.bands, self.rows = lsh.b, lsh.r
 
@@ -96,15 +102,15 @@ class MinHasher:
         sig = np.full((len(words.counts), len(self.a)), np.iinfo(np.uint32).max, np.uint32)
         a, b = self.a[:, None], self.b[:, None]
         for s in range(0, len(shingles), self.ROWS):
-            ids = owner[s:s + self.ROWS]
-            permuted = a * shingles[None, s:s + self.ROWS] + b  # (num_perm, shingles): rows reduce fastest
+            ids = owner[s : s + self.ROWS]
+            permuted = a * shingles[None, s : s + self.ROWS] + b  # (num_perm, shingles): rows reduce fastest
             firsts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
             sig[ids[firsts]] = np.minimum(sig[ids[firsts]], np.minimum.reduceat(permuted, firsts, axis=1).T)
         return sig
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """(texts, bands) 64-bit keys, one per band of rows of each signature."""
-        rows = sig[:, :self.bands * self.rows].astype(np.uint64).reshape(len(sig), self.bands, self.rows)
+        rows = sig[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sig), self.bands, self.rows)
         return row_hashes(rows, start=np.arange(1, self.bands + 1, dtype=np.uint64))
 
 

@@ -3,6 +3,7 @@
 One process (plain `python -m pipeline.train`) is the world of size 1: every helper here is then
 a no-op, so the training loop reads the same either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,12 @@ class Processes:
 
 def init_distributed(t: P.Train) -> tuple[Processes, torch.device]:
     """Join the process group (NCCL on CUDA, Gloo on CPU) when there are several processes."""
-    procs = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                      int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    procs = Processes(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
     device = pick_device(t.device, procs.local_rank)
     if procs.world > 1:
         if device.type == "cuda":
@@ -98,6 +103,7 @@ def wrap_model(model: torch.nn.Module, procs: Processes, t: P.Train, device):
         def sync(last):
             model.set_requires_gradient_sync(last)
             return nullcontext()
+
         return model, sync
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -111,8 +117,11 @@ def full_state(model, optimizer, procs: Processes, t: P.Train) -> tuple[dict, di
     Under FSDP every process must call this; the others get the same result.
     """
     if procs.world > 1 and t.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=opts)
@@ -124,8 +133,13 @@ def load_full_state(model, optimizer, weights: dict, opt_state: dict, procs: Pro
     if procs.world > 1 and t.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=opt_state,
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=weights,
+            optim_state_dict=opt_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
         return
     model.load_state_dict(weights)
     optimizer.load_state_dict(opt_state)

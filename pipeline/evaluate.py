@@ -12,6 +12,7 @@
 
 Writes metrics/eval.json, metrics/samples.md, and metrics/report.md with metrics/loss.png.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,13 +48,21 @@ def score_split(model, split: str, baselines: NgramBaselines, batch_size: int, s
     for name, source in meta["sources"].items():
         start, end, n_bytes = source["start"], source["end"], source["bytes"]
         nats, special_nats = nats_of_range(model, data, start, end, batch_size, special_ids)
-        prev, nxt = np.asarray(data[start - 1:end - 1]), np.asarray(data[start:end])
+        prev, nxt = np.asarray(data[start - 1 : end - 1]), np.asarray(data[start:end])
         uni, bi = baselines.nats(prev, nxt)
         text = ~np.isin(nxt, special)
         uni_text, bi_text = baselines.nats(prev[text], nxt[text])
         tokens = end - start
-        counts = {"nats": nats, "uni": uni, "bi": bi, "tokens": tokens, "bytes": n_bytes,
-                  "text_nats": nats - special_nats, "text_uni": uni_text, "text_bi": bi_text}
+        counts = {
+            "nats": nats,
+            "uni": uni,
+            "bi": bi,
+            "tokens": tokens,
+            "bytes": n_bytes,
+            "text_nats": nats - special_nats,
+            "text_uni": uni_text,
+            "text_bi": bi_text,
+        }
         result["sources"][name] = split_scores(counts)
         total.update(counts)
     result.update(split_scores(total))
@@ -62,41 +71,55 @@ def score_split(model, split: str, baselines: NgramBaselines, batch_size: int, s
 
 
 def split_scores(counts) -> dict:
-    return {**summarize(counts["nats"], counts["tokens"], counts["bytes"]),
-            "unigram_bits_per_byte": bits_per_byte(counts["uni"], counts["bytes"]),
-            "bigram_bits_per_byte": bits_per_byte(counts["bi"], counts["bytes"]),
-            "text_only": {"bits_per_byte": bits_per_byte(counts["text_nats"], counts["bytes"]),
-                          "unigram_bits_per_byte": bits_per_byte(counts["text_uni"], counts["bytes"]),
-                          "bigram_bits_per_byte": bits_per_byte(counts["text_bi"], counts["bytes"])}}
+    return {
+        **summarize(counts["nats"], counts["tokens"], counts["bytes"]),
+        "unigram_bits_per_byte": bits_per_byte(counts["uni"], counts["bytes"]),
+        "bigram_bits_per_byte": bits_per_byte(counts["bi"], counts["bytes"]),
+        "text_only": {
+            "bits_per_byte": bits_per_byte(counts["text_nats"], counts["bytes"]),
+            "unigram_bits_per_byte": bits_per_byte(counts["text_uni"], counts["bytes"]),
+            "bigram_bits_per_byte": bits_per_byte(counts["text_bi"], counts["bytes"]),
+        },
+    }
 
 
 def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[dict | None, list[dict]]:
     pairs = [r for r in read_jsonl(CLEAN_DIR / "test.jsonl") if "src" in r]
     if e.max_pairs:
-        pairs = pairs[:e.max_pairs]
+        pairs = pairs[: e.max_pairs]
     if not pairs:
         return None, []
     new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
     # Keep room for the target: a source longer than the context is cut from the left.
     room = model.block_size - new_tokens if model.bounded_context else None
-    prompts = [tok.pair_prompt(ids)[-room:] if room else tok.pair_prompt(ids) for ids in tok.encode([r["src"] for r in pairs])]
+    prompts = [
+        tok.pair_prompt(ids)[-room:] if room else tok.pair_prompt(ids) for ids in tok.encode([r["src"] for r in pairs])
+    ]
     refs = [r["tgt"] for r in pairs]
-    result: dict = {"pairs": len(pairs), "beam_size": e.beam_size, "bootstrap_samples": e.bootstrap,
-                    "max_target_ratio": e.max_target_ratio}
+    result: dict = {
+        "pairs": len(pairs),
+        "beam_size": e.beam_size,
+        "bootstrap_samples": e.bootstrap,
+        "max_target_ratio": e.max_target_ratio,
+    }
     hyps = {}
     decodings = {"greedy": Decoding(new_tokens, e.max_target_ratio)}
     if e.beam_size > 1:
-        decodings["beam"] = Decoding(new_tokens, e.max_target_ratio, beam_size=e.beam_size,
-                                     length_penalty=e.length_penalty)
+        decodings["beam"] = Decoding(
+            new_tokens, e.max_target_ratio, beam_size=e.beam_size, length_penalty=e.length_penalty
+        )
     for name, decoding in decodings.items():
-        out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device,
-                       progress=f"translate ({name})")
+        out = generate(
+            model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device, progress=f"translate ({name})"
+        )
         hyps[name] = [tok.decode(o).strip() for o in out]
         result[name], signatures = corpus_scores(hyps[name], refs, e.bootstrap)
     result["copy_source"], _ = corpus_scores([r["src"] for r in pairs], refs, e.bootstrap)
     result["signatures"] = signatures
-    shown = [{"src": r["src"], "ref": r["tgt"], **{k: h[i] for k, h in hyps.items()}}
-             for i, r in enumerate(pairs[:SHOWN_TRANSLATIONS])]
+    shown = [
+        {"src": r["src"], "ref": r["tgt"], **{k: h[i] for k, h in hyps.items()}}
+        for i, r in enumerate(pairs[:SHOWN_TRANSLATIONS])
+    ]
     return result, shown
 
 
@@ -109,23 +132,34 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
         p = [tok.eos_id, *ids]
         prompts += [p] * e.samples_per_prompt  # generate() keeps the end of an over-long prompt
         labels += [text] * e.samples_per_prompt
-    decoding = Decoding(e.sample_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                        repetition_penalty=e.repetition_penalty, seed=e.seed)
+    decoding = Decoding(
+        e.sample_tokens,
+        temperature=e.temperature,
+        top_k=e.top_k,
+        top_p=e.top_p,
+        repetition_penalty=e.repetition_penalty,
+        seed=e.seed,
+    )
     out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device)
     samples = [(label, tok.decode(o)) for label, o in zip(labels, out)]
     texts = [s for _, s in samples]
     # Real held-out text of the same lengths: the start of val documents (text ones first).
     val = list(read_jsonl(CLEAN_DIR / "val.jsonl"))
     docs = [r["text"] for r in val if "text" in r] or [r["tgt"] for r in val if "tgt" in r]
-    reference = [" ".join(docs[i % len(docs)].split()[:max(len(t.split()), 1)]) for i, t in enumerate(texts)] if docs else []
+    reference = (
+        [" ".join(docs[i % len(docs)].split()[: max(len(t.split()), 1)]) for i, t in enumerate(texts)] if docs else []
+    )
     return samples, {"model": text_statistics(texts), "held_out_text": text_statistics(reference)}
 
 
 def samples_markdown(samples: list[tuple[str, str]], e: P.Evaluate, translations: list[dict]) -> str:
-    lines = ["# Samples", "",
-             f"Sampled with temperature {e.temperature}, top-k {e.top_k}, top-p {e.top_p}, repetition penalty "
-             f"{e.repetition_penalty}, seed {e.seed}, up to {e.sample_tokens} new tokens; the first sample of each prompt.",
-             ""]
+    lines = [
+        "# Samples",
+        "",
+        f"Sampled with temperature {e.temperature}, top-k {e.top_k}, top-p {e.top_p}, repetition penalty "
+        f"{e.repetition_penalty}, seed {e.seed}, up to {e.sample_tokens} new tokens; the first sample of each prompt.",
+        "",
+    ]
     for prompt, text in first_per_prompt(samples):
         lines += [f"## {prompt}", "", "```", prompt + text, "```", ""]
     if translations:
@@ -146,27 +180,34 @@ def main() -> None:
     special_ids = np.flatnonzero(tok.token_bytes() == 0)  # </s>, <src>, <tgt>...: tokens that stand for no text
     for split in ("val", "test"):
         metrics[split] = scores = score_split(model, split, baselines, e.batch_size, special_ids)
-        print(f"evaluate: {split}: {scores['cross_entropy']} nats/token, perplexity {scores['perplexity']}, "
-              f"{scores['bits_per_byte']} bits/byte (unigram {scores['unigram_bits_per_byte']}, bigram "
-              f"{scores['bigram_bits_per_byte']}; text tokens alone {scores['text_only']['bits_per_byte']})",
-              flush=True)
+        print(
+            f"evaluate: {split}: {scores['cross_entropy']} nats/token, perplexity {scores['perplexity']}, "
+            f"{scores['bits_per_byte']} bits/byte (unigram {scores['unigram_bits_per_byte']}, bigram "
+            f"{scores['bigram_bits_per_byte']}; text tokens alone {scores['text_only']['bits_per_byte']})",
+            flush=True,
+        )
     t1 = time.perf_counter()
     metrics["translation"], shown = translate_test_pairs(model, tok, e, device)
     t2 = time.perf_counter()
     if metrics["translation"]:
         translation = metrics["translation"]
         greedy, best = translation["greedy"], translation.get("beam", translation["greedy"])
-        print(f"evaluate: test translation of {translation['pairs']} pairs: BLEU {greedy['bleu']} greedy, "
-              f"{best['bleu']} beam; chrF {greedy['chrf']} greedy, {best['chrf']} beam; "
-              f"copying the source: BLEU {translation['copy_source']['bleu']}", flush=True)
+        print(
+            f"evaluate: test translation of {translation['pairs']} pairs: BLEU {greedy['bleu']} greedy, "
+            f"{best['bleu']} beam; chrF {greedy['chrf']} greedy, {best['chrf']} beam; "
+            f"copying the source: BLEU {translation['copy_source']['bleu']}",
+            flush=True,
+        )
     samples, metrics["generation"] = sample_prompts(model, tok, e, device)
     t3 = time.perf_counter()
     metrics["seconds"] = {"scoring": round(t1 - t0, 1), "translation": round(t2 - t1, 1), "sampling": round(t3 - t2, 1)}
     write_json(METRICS, metrics)
     atomic_write_text(SAMPLES, samples_markdown(samples, e, shown))
     write_report(metrics, samples, shown)
-    print(f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s "
-          f"-> {METRICS}, {SAMPLES}, metrics/report.md")
+    print(
+        f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s "
+        f"-> {METRICS}, {SAMPLES}, metrics/report.md"
+    )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ a GPT's cache reaches its context (block_size), the last half context is re-enco
 goes on. Prompts of equal length are decoded together in batches, so no padding (and no mask)
 is needed and a batched result is identical to decoding each prompt alone.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -35,13 +36,13 @@ class Decoding:
     """How to pick tokens. temperature 0 is greedy; beam_size > 1 is beam search (deterministic)."""
 
     max_new_tokens: int = 128
-    max_ratio: float = 0.0          # also at most this many new tokens per prompt token (0: no such cap)
+    max_ratio: float = 0.0  # also at most this many new tokens per prompt token (0: no such cap)
     temperature: float = 0.0
-    top_k: int = 0                  # keep the k most likely tokens (0: all)
-    top_p: float = 1.0              # keep the smallest set of tokens with this much probability
-    repetition_penalty: float = 1.0 # > 1 discourages tokens already in the prompt or output
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens with this much probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     beam_size: int = 1
-    length_penalty: float = 1.0     # beams are ranked by log-probability / length ** length_penalty
+    length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
     seed: int = 0
 
     def check(self) -> None:
@@ -83,12 +84,12 @@ def _step(model, last: torch.Tensor, state, history: Callable[[], torch.Tensor])
     """Feed the newest tokens `last`; when a GPT's cache is full, re-encode the last half of
     `history()` (every token so far, built only then) instead."""
     if model.bounded_context and model.state_length(state) >= model.block_size:
-        return model.decode(history()[:, -(model.block_size // 2):], None)
+        return model.decode(history()[:, -(model.block_size // 2) :], None)
     return model.decode(last[:, None], state)
 
 
 def _prefill(model, idx: torch.Tensor):
-    return model.decode(idx[:, -model.block_size:] if model.bounded_context else idx, None)
+    return model.decode(idx[:, -model.block_size :] if model.bounded_context else idx, None)
 
 
 @torch.inference_mode()
@@ -154,18 +155,29 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> l
         state = model.reorder_state(state, parent)
     best = (scores / lengths.pow(decoding.length_penalty)).view(B, K).argmax(dim=-1)
     chosen = out.view(B, K, -1)[torch.arange(B), best].tolist()
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in chosen]
+    return [r[: r.index(eos_id)] if eos_id in r else r for r in chosen]
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], eos_id: int, decoding: Decoding, batch_size: int = 16,
-             device: str = "cpu", progress: str | None = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    eos_id: int,
+    decoding: Decoding,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: str | None = None,
+) -> list[list[int]]:
     """Continue each prompt (token ids) until eos or decoding.max_new_tokens; returns the new ids (eos excluded).
 
     `progress`: a label for a progress bar over prompts (shown on a terminal only).
     """
     decoding.check()
-    gen = torch.Generator(device=device).manual_seed(decoding.seed) if decoding.temperature > 0 and decoding.beam_size == 1 else None
+    gen = (
+        torch.Generator(device=device).manual_seed(decoding.seed)
+        if decoding.temperature > 0 and decoding.beam_size == 1
+        else None
+    )
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
         if not p:
@@ -176,17 +188,20 @@ def generate(model, prompts: list[list[int]], eos_id: int, decoding: Decoding, b
     for length in sorted(by_length):
         order = by_length[length]
         for b in range(0, len(order), batch_size):
-            ids = order[b:b + batch_size]
+            ids = order[b : b + batch_size]
             idx = torch.tensor([prompts[i] for i in ids], dtype=torch.long, device=device)
             group = decoding
             if decoding.max_ratio > 0:  # prompts of a batch share their length, so they share this cap
-                group = replace(decoding, max_new_tokens=max(1, min(decoding.max_new_tokens, math.ceil(decoding.max_ratio * length))))
+                group = replace(
+                    decoding,
+                    max_new_tokens=max(1, min(decoding.max_new_tokens, math.ceil(decoding.max_ratio * length))),
+                )
             if decoding.beam_size > 1:
                 rows = _beam_search(model, idx, eos_id, group)
             else:
                 steps = list(stream(model, idx, eos_id, group, gen))
                 rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in ids]
-                rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+                rows = [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
             for i, row in zip(ids, rows):
                 results[i] = row
             bar.update(len(ids))
@@ -201,8 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=None,
-                    help="0: greedy; default 0.8, or 0 with --translate")
+    ap.add_argument("--temperature", type=float, default=None, help="0: greedy; default 0.8, or 0 with --translate")
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -210,8 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.translate else 0.8)
-    decoding = Decoding(args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                 repetition_penalty=args.repetition_penalty, beam_size=args.beam_size, seed=args.seed)
+    decoding = Decoding(
+        args.max_new_tokens,
+        temperature=temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        beam_size=args.beam_size,
+        seed=args.seed,
+    )
     decoding.check()
     if not args.prompt.strip():
         raise PipelineError("prompt: empty; give some text to continue")
@@ -221,8 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     prompt = tok.pair_prompt(ids) if args.translate else [tok.eos_id, *ids]
     if model.bounded_context and len(prompt) >= model.block_size:
         keep = model.block_size - 1
-        print(f"note: the prompt has {len(prompt)} tokens, more than the context of {model.block_size}; "
-              f"using its last {keep}", file=sys.stderr)
+        print(
+            f"note: the prompt has {len(prompt)} tokens, more than the context of {model.block_size}; "
+            f"using its last {keep}",
+            file=sys.stderr,
+        )
         prompt = prompt[-keep:]
     if not args.translate:
         print(args.prompt, end="", flush=True)
@@ -239,9 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         new.append(int(nxt[0]))
         text = tok.decode(new)
         if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
             shown = text
-    print(tok.decode(new)[len(shown):])
+    print(tok.decode(new)[len(shown) :])
 
 
 if __name__ == "__main__":

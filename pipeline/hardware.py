@@ -1,5 +1,6 @@
 """The device a run uses and how fast it could go: device choice, CUDA autocast, and the peak
 FLOP/s that MFU (model FLOPs utilisation) is measured against."""
+
 from __future__ import annotations
 
 import time
@@ -11,8 +12,16 @@ import torch
 from pipeline.common import PipelineError
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' data sheets.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "L4": 121e12}
+GPU_BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "L4": 121e12,
+}
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -57,7 +66,7 @@ def cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * size ** 3 / float(np.median(times))
+    return 2 * size**3 / float(np.median(times))
 
 
 def peak_flops(device: torch.device) -> float | None:

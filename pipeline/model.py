@@ -12,6 +12,7 @@ All share one interface:
 where `state` is the key/value cache of a GPT or the hidden state of a recurrent model. Weights
 on disk: pipeline.checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ class CausalSelfAttention(nn.Module):
         # only needed among the new positions; with a cache of `past` keys and several new
         # queries, build the offset mask explicitly.
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
+            )
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -157,7 +159,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
         else:
-            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
         x = self.drop(x)
         new = []
         for i, block in enumerate(self.blocks):
@@ -200,8 +202,13 @@ class RecurrentLM(nn.Module):
         self.block_size = cfg.block_size
         self.embed = nn.Embedding(vocab_size, cfg.n_embd)
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.arch]
-        self.rnn = rnn(cfg.n_embd, cfg.n_hidden, num_layers=cfg.n_layer, batch_first=True,
-                       dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.rnn = rnn(
+            cfg.n_embd,
+            cfg.n_hidden,
+            num_layers=cfg.n_layer,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.n_hidden, vocab_size)
 
@@ -235,8 +242,7 @@ def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool 
     if targets is None:
         return head(x), None
     if not return_logits:
-        return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), head.weight, head.bias,
-                                              targets.reshape(-1))
+        return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), head.weight, head.bias, targets.reshape(-1))
     logits = head(x)
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
     return logits, loss
@@ -270,7 +276,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             for s in range(0, n, LinearCrossEntropy.CHUNK):
-                xc, yc = x[s:s + LinearCrossEntropy.CHUNK].to(dtype), targets[s:s + LinearCrossEntropy.CHUNK]
+                xc, yc = x[s : s + LinearCrossEntropy.CHUNK].to(dtype), targets[s : s + LinearCrossEntropy.CHUNK]
                 logits = (xc @ w.t()).float()
                 if bias is not None:
                     logits += bias.float()
@@ -282,7 +288,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
                 g /= n
                 if want_x:
-                    gx[s:s + len(yc)] = (g.to(dtype) @ w).to(x.dtype)
+                    gx[s : s + len(yc)] = (g.to(dtype) @ w).to(x.dtype)
                 if want_w:
                     gw += (g.t().to(dtype) @ xc).float()
                 if want_b:
@@ -294,10 +300,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gx, gw, gb = ctx.saved_tensors
-        return (None if gx is None else gx * grad,
-                None if gw is None else (gw * grad).to(ctx.dtypes[0]),
-                None if gb is None else (gb * grad).to(ctx.dtypes[1]),
-                None)
+        return (
+            None if gx is None else gx * grad,
+            None if gw is None else (gw * grad).to(ctx.dtypes[0]),
+            None if gb is None else (gb * grad).to(ctx.dtypes[1]),
+            None,
+        )
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -1,5 +1,6 @@
 """The optimisation of a training step: AdamW with its parameter groups, the learning-rate
 schedule, one step over micro-batches, and the loss on fixed batches."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def lr_at(step: int, t: P.Train, time_fraction: float = 0.0) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, autocast,
-               sync=lambda last: nullcontext()) -> tuple[float, float | None]:
+def train_step(
+    model, optimizer, micro_batches, lr: float, grad_clip: float, autocast, sync=lambda last: nullcontext()
+) -> tuple[float, float | None]:
     """One optimizer step over several micro-batches: the gradient of their mean loss.
 
     `sync(last)` is the context for each backward pass (DDP: no gradient all-reduce until the last).

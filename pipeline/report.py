@@ -4,6 +4,7 @@ The model and its params, the data lineage (each source's version and sha256, to
 tokenizer settings), the metrics beside their baselines, the loss curve (metrics/loss.png), and
 samples: continuations of the prompts, translations beside their references.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,10 @@ def plot_loss(path: Path = LOSS_PNG) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {label: _curve(name) for label, name in
-              (("train (per step)", "train/step_loss"), ("train", "train/loss"), ("val", "val/loss"))}
+    curves = {
+        label: _curve(name)
+        for label, name in (("train (per step)", "train/step_loss"), ("train", "train/loss"), ("val", "val/loss"))
+    }
     if not curves["val"][0]:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
@@ -71,8 +74,12 @@ def translation_table(translations: list[dict]) -> list[str]:
         return s.replace("|", "\\|").replace("\n", " ")
 
     cols = [k for k in ("greedy", "beam") if k in translations[0]]
-    lines = ["## Translations", "", "| source | reference | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+    lines = [
+        "## Translations",
+        "",
+        "| source | reference | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
     for row in translations:
         lines.append(f"| {esc(row['src'])} | {esc(row['ref'])} | " + " | ".join(esc(row[c]) for c in cols) + " |")
     return lines + [""]
@@ -94,56 +101,113 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
     val, test = metrics["val"], metrics["test"]
     model_cfg = model_info["model"]
     mfu = "" if train.get("mfu") is None else f" at {train['mfu']:.0%} MFU"
-    lines = ["# Evaluation report", "",
-             f"A {model_cfg['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
-             f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}{mfu}), scores "
-             f"**{val['bits_per_byte']} bits per byte** on val against {val['unigram_bits_per_byte']} for a "
-             f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.", ""]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"A {model_cfg['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
+        f"({train['tokens_seen']:,} tokens, {train['train_seconds']} s on {train['device']}{mfu}), scores "
+        f"**{val['bits_per_byte']} bits per byte** on val against {val['unigram_bits_per_byte']} for a "
+        f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.",
+        "",
+    ]
     translation = metrics.get("translation")
     if translation:
         best = translation.get("beam", translation["greedy"])
-        lines += [f"On {translation['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
-                  f"({'beam ' + str(translation['beam_size']) if 'beam' in translation else 'greedy'}); copying the source scores "
-                  f"BLEU {translation['copy_source']['bleu']}, chrF {translation['copy_source']['chrf']}.", ""]
+        lines += [
+            f"On {translation['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
+            f"({'beam ' + str(translation['beam_size']) if 'beam' in translation else 'greedy'}); copying the source scores "
+            f"BLEU {translation['copy_source']['bleu']}, chrF {translation['copy_source']['chrf']}.",
+            "",
+        ]
 
     lines += ["## Model", ""]
-    lines += _table(["key", "value"], [[k, v] for k, v in model_cfg.items()] +
-                    [["parameters", f"{model_info['parameters']:,}"],
-                     *[[f"train.{k}", v] for k, v in model_info.get("train", {}).items()],
-                     ["best checkpoint", f"step {model_info['best_step']}"]])
+    lines += _table(
+        ["key", "value"],
+        [[k, v] for k, v in model_cfg.items()]
+        + [
+            ["parameters", f"{model_info['parameters']:,}"],
+            *[[f"train.{k}", v] for k, v in model_info.get("train", {}).items()],
+            ["best checkpoint", f"step {model_info['best_step']}"],
+        ],
+    )
 
     lines += ["## Data", ""]
-    lines += _table(["source", "version", "sha256", "license", "documents", "bytes"],
-                    [[s["name"], s.get("package", s.get("path", "")), f"`{s['sha256'][:12]}…`" if s.get("sha256") else "",
-                      s["license"], f"{s['documents']:,}", f"{s['bytes']:,}"] for s in manifest])
-    lines += [f"Tokenizer: sentencepiece {tok['model_type']}, vocabulary {tok['vocab_size']:,}, trained on the "
-              f"train split only.", ""]
-    lines += _table(["split", "tokens", "bytes", "bytes/token"],
-                    [[s, f"{v['tokens']:,}", f"{v['bytes']:,}", v["bytes_per_token"]] for s, v in tok["splits"].items()])
+    lines += _table(
+        ["source", "version", "sha256", "license", "documents", "bytes"],
+        [
+            [
+                s["name"],
+                s.get("package", s.get("path", "")),
+                f"`{s['sha256'][:12]}…`" if s.get("sha256") else "",
+                s["license"],
+                f"{s['documents']:,}",
+                f"{s['bytes']:,}",
+            ]
+            for s in manifest
+        ],
+    )
+    lines += [
+        f"Tokenizer: sentencepiece {tok['model_type']}, vocabulary {tok['vocab_size']:,}, trained on the "
+        f"train split only.",
+        "",
+    ]
+    lines += _table(
+        ["split", "tokens", "bytes", "bytes/token"],
+        [[s, f"{v['tokens']:,}", f"{v['bytes']:,}", v["bytes_per_token"]] for s, v in tok["splits"].items()],
+    )
 
-    lines += ["## Metrics", "", "Bits per byte: total nats / ln 2 / UTF-8 bytes of the text (lower is better; "
-              "comparable across tokenizers). The nats include predicting </s>, <src> and <tgt>; the text "
-              "column leaves those predictions out (nanochat's convention), over the same bytes.", ""]
+    lines += [
+        "## Metrics",
+        "",
+        "Bits per byte: total nats / ln 2 / UTF-8 bytes of the text (lower is better; "
+        "comparable across tokenizers). The nats include predicting </s>, <src> and <tgt>; the text "
+        "column leaves those predictions out (nanochat's convention), over the same bytes.",
+        "",
+    ]
     rows = []
     for split, res in (("val", val), ("test", test)):
-        rows.append([f"**{split}**", f"**{res['bits_per_byte']}**", res["text_only"]["bits_per_byte"],
-                     res["unigram_bits_per_byte"], res["bigram_bits_per_byte"], res["perplexity"]])
+        rows.append(
+            [
+                f"**{split}**",
+                f"**{res['bits_per_byte']}**",
+                res["text_only"]["bits_per_byte"],
+                res["unigram_bits_per_byte"],
+                res["bigram_bits_per_byte"],
+                res["perplexity"],
+            ]
+        )
         for name, source in res["sources"].items():
-            rows.append([f"{split} / {name}", source["bits_per_byte"], source["text_only"]["bits_per_byte"],
-                         source["unigram_bits_per_byte"], source["bigram_bits_per_byte"], source["perplexity"]])
+            rows.append(
+                [
+                    f"{split} / {name}",
+                    source["bits_per_byte"],
+                    source["text_only"]["bits_per_byte"],
+                    source["unigram_bits_per_byte"],
+                    source["bigram_bits_per_byte"],
+                    source["perplexity"],
+                ]
+            )
     lines += _table(["split / source", "model bits/byte", "text tokens alone", "unigram", "bigram", "perplexity"], rows)
     if translation:
-        rows = [[name, _ci(translation[name], "bleu"), _ci(translation[name], "chrf"), _ci(translation[name], "ter")]
-                for name in ("greedy", "beam", "copy_source") if name in translation]
-        lines += [f"Translation of {translation['pairs']:,} test pairs (95% bootstrap intervals, {translation['bootstrap_samples']} samples; "
-                  "TER: lower is better):", ""]
+        rows = [
+            [name, _ci(translation[name], "bleu"), _ci(translation[name], "chrf"), _ci(translation[name], "ter")]
+            for name in ("greedy", "beam", "copy_source")
+            if name in translation
+        ]
+        lines += [
+            f"Translation of {translation['pairs']:,} test pairs (95% bootstrap intervals, {translation['bootstrap_samples']} samples; "
+            "TER: lower is better):",
+            "",
+        ]
         lines += _table(["decoding", "BLEU", "chrF", "TER"], rows)
         lines += ["Signatures: " + "; ".join(f"`{v}`" for v in translation["signatures"].values()), ""]
     generation = metrics.get("generation")
     if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
         lines += ["Sampled text beside real held-out text of the same lengths (words split on spaces):", ""]
-        lines += _table(["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")])
+        lines += _table(
+            ["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")]
+        )
 
     if plot_loss():
         lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]

@@ -3,6 +3,7 @@ filters, the Gopher/C4 quality rules (QUALITY_REASONS) and the hashed split of a
 
 Each rule looks at one document alone, so the workers of the clean stage apply them in any order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,13 +16,20 @@ from collections import Counter
 
 from pipeline import params as P
 
-QUALITY_REASONS = ("quality_alpha", "quality_word_length", "quality_repeated_lines", "quality_repeated_bigram",
-                   "quality_symbols")
+QUALITY_REASONS = (
+    "quality_alpha",
+    "quality_word_length",
+    "quality_repeated_lines",
+    "quality_repeated_bigram",
+    "quality_symbols",
+)
 
 PII = {  # kind: pattern; replaced by [KIND]
     "email": re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-    "ip": re.compile(r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
-                     r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"),
+    "ip": re.compile(
+        r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+        r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
+    ),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"),
 }
 _DIGIT = re.compile(r"\d")
@@ -38,8 +46,11 @@ _NOT_ASCII_LETTERS = bytes(b for b in range(128) if not chr(b).isalpha())
 def _invisible() -> re.Pattern:
     """Cc (control characters: NUL, escapes...) and Cf (invisible format characters: BOM, zero-width),
     except newline and tab. (U+2581 goes too: sentencepiece uses it to stand for a space.)"""
-    chars = [chr(i) for i in range(sys.maxunicode + 1)
-             if unicodedata.category(chr(i)) in ("Cc", "Cf") and chr(i) not in "\n\t"]
+    chars = [
+        chr(i)
+        for i in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(i)) in ("Cc", "Cf") and chr(i) not in "\n\t"
+    ]
     return re.compile("[" + "".join(re.escape(ch) for ch in chars) + "]+")
 
 
@@ -89,6 +100,7 @@ def scrub_pii(text: str, counts: Counter) -> str:
             return match.group()
         counts["phone"] += 1
         return "[PHONE]"
+
     return PII["phone"].sub(phone, text)
 
 
@@ -122,7 +134,7 @@ def quality_reason(text: str, settings: P.Clean) -> str | None:
     lines = [line for line in text.split("\n") if line.strip()]
     if lines and (len(lines) - len(set(lines))) / len(lines) > settings.max_duplicate_line_fraction:
         return "quality_repeated_lines"
-    (top, count), = Counter(zip(words, words[1:])).most_common(1)
+    ((top, count),) = Counter(zip(words, words[1:])).most_common(1)
     if count > 1 and count * (len(top[0]) + len(top[1])) > settings.max_top_bigram_fraction * non_space:
         return "quality_repeated_bigram"
     if (text.count("#") + text.count("...") + text.count("\u2026")) > settings.max_symbol_word_ratio * len(words):

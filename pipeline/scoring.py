@@ -10,6 +10,7 @@
 - `corpus_scores`: BLEU, chrF and TER (sacrebleu) with bootstrap confidence intervals.
 - `text_statistics`: diversity of generated text (distinct-n, repeated 4-grams, length).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def nats_of_range(model, data: np.ndarray, start: int, end: int, batch_size: int,
-                  special_ids=()) -> tuple[float, float]:
+def nats_of_range(
+    model, data: np.ndarray, start: int, end: int, batch_size: int, special_ids=()
+) -> tuple[float, float]:
     """Cross-entropy (nats) of predicting tokens data[start:end], each from the tokens before it:
     (the total, the part of it spent on targets in `special_ids`).
 
@@ -36,7 +38,7 @@ def nats_of_range(model, data: np.ndarray, start: int, end: int, batch_size: int
     for length in sorted({e - s for s, e in windows}):  # full windows batch together; the last may be short
         same = [s for s, e in windows if e - s == length]
         for b in range(0, len(same), batch_size):
-            rows = np.stack([data[s - 1:s + length] for s in same[b:b + batch_size]]).astype(np.int64)
+            rows = np.stack([data[s - 1 : s + length] for s in same[b : b + batch_size]]).astype(np.int64)
             xy = torch.from_numpy(rows).to(device)
             logits, _ = model(xy[:, :-1])
             logits, targets = logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1)
@@ -116,7 +118,7 @@ def text_statistics(texts: list[str]) -> dict:
     words = [t.split() for t in texts]
 
     def ngrams(w, n):
-        return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        return [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
 
     stats = {}
     for n in (1, 2):

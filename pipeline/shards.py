@@ -6,6 +6,7 @@ processes (Shard, Dropped, Candidate, PreparedShard, CheckedTrainShard).
 
 Workers decide nothing that depends on another document: the main process does, in input order.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from pipeline.rules import drop_reason, normalize, quality_reason, scrub_pii, sp
 
 class Shard(NamedTuple):
     """Whole JSON lines of one file, about shard_bytes of them."""
+
     chunk: bytes
     first_line: int  # the line number of the chunk's first line, from 1
     path: str
@@ -34,12 +36,14 @@ class Shard(NamedTuple):
 
 class Dropped(NamedTuple):
     """A record that a rule dropped."""
+
     reason: str
     texts: list[str]  # its texts, 300 characters at most (normalised, unless that emptied all), for the report
 
 
 class Candidate(NamedTuple):
     """A record that passed the rules; the main process decides whether it repeats an earlier one."""
+
     line: bytes  # its line of data/clean/<split>.jsonl, newline included
     split: str
     keys: tuple[int, ...]  # exact-duplicate keys: of the text; for pairs, of the pair and of the source side
@@ -49,6 +53,7 @@ class Candidate(NamedTuple):
 
 class PreparedShard(NamedTuple):
     """What the main process needs of one shard of a source to decide, in order."""
+
     documents_in: int
     bytes_in: int
     lengths_in: Counter  # characters of a document's texts: documents
@@ -63,6 +68,7 @@ class PreparedShard(NamedTuple):
 
 class CheckedTrainShard(NamedTuple):
     """A shard of train, checked against the n-grams of val and test."""
+
     contaminated: np.ndarray  # bool, one per line
     lines: list[bytes]  # its records' lines, newline included
 
@@ -115,12 +121,15 @@ class Pool:
 # --- Workers: a shard of JSON lines in, everything the main process needs to decide out. ---
 
 _WORKER: dict = {}
-_json_str = json.encoder.encode_basestring  # a str as a JSON string literal, as json.dumps(ensure_ascii=False) writes it
+_json_str = (
+    json.encoder.encode_basestring
+)  # a str as a JSON string literal, as json.dumps(ensure_ascii=False) writes it
 
 
 def _init_worker(settings: P.Clean, heldout_ngrams: np.ndarray | None) -> None:
-    _WORKER.update(settings=settings, minhash=MinHasher(settings) if settings.near_dup else None,
-                   heldout_ngrams=heldout_ngrams)
+    _WORKER.update(
+        settings=settings, minhash=MinHasher(settings) if settings.near_dup else None, heldout_ngrams=heldout_ngrams
+    )
 
 
 def _lines(shard: Shard) -> Iterator[tuple[int, bytes, dict]]:
@@ -157,12 +166,19 @@ def prepare_shard(shard: Shard, name: str, pairs: bool) -> PreparedShard:
             continue
         split = split_of(texts[0], settings)
         # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
-        fields = f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
-        records.append(Candidate(
-            f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(), split,
-            # exact duplicates: on the pair, and on the source side alone
-            (text_key("pair", *texts), text_key("src", texts[0])) if pairs else (text_key("text", texts[0]),),
-            sum(len(t.encode("utf-8")) for t in texts), sum(map(len, texts))))
+        fields = (
+            f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
+        )
+        records.append(
+            Candidate(
+                f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),
+                split,
+                # exact duplicates: on the pair, and on the source side alone
+                (text_key("pair", *texts), text_key("src", texts[0])) if pairs else (text_key("text", texts[0]),),
+                sum(len(t.encode("utf-8")) for t in texts),
+                sum(map(len, texts)),
+            )
+        )
         passed.append((split, texts))
     # Shard-level hashing: near-duplicate signatures (source side), n-grams of val and test (all sides).
     ngram = settings.decontaminate_ngram
@@ -171,7 +187,7 @@ def prepare_shard(shard: Shard, name: str, pairs: bool) -> PreparedShard:
         sources = [texts[0] for _, texts in passed] if minhash else []
         words = Words(sources + [t for _, t in heldout_texts])
         if minhash:
-            sig = minhash.signatures(words)[:len(sources)]
+            sig = minhash.signatures(words)[: len(sources)]
             bands, signatures = minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)
         if heldout_texts:
             hashes, owner = words.ngrams(ngram)  # in text order, so each row's n-grams are contiguous
@@ -180,9 +196,17 @@ def prepare_shard(shard: Shard, name: str, pairs: bool) -> PreparedShard:
             heldout_ngrams = hashes[mine]
             counts = np.bincount(row_of_text[owner[mine] - len(sources)], minlength=len(passed))
             heldout_ends = np.cumsum(counts)
-    return PreparedShard(documents_in=documents_in, bytes_in=bytes_in, lengths_in=lengths_in, pii=pii,
-                         records=records, bands=bands, signatures=signatures, heldout_ngrams=heldout_ngrams,
-                         heldout_ends=heldout_ends)
+    return PreparedShard(
+        documents_in=documents_in,
+        bytes_in=bytes_in,
+        lengths_in=lengths_in,
+        pii=pii,
+        records=records,
+        bands=bands,
+        signatures=signatures,
+        heldout_ngrams=heldout_ngrams,
+        heldout_ends=heldout_ends,
+    )
 
 
 def ngram_shard(shard: Shard) -> CheckedTrainShard:

@@ -15,15 +15,16 @@ smaller), and each split is read and encoded in batches (sentencepiece's multith
 encoding, the next batch encoded in a thread while the last is written), so memory does not grow
 with the corpus.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import itertools
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -59,8 +60,9 @@ def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     if rate >= 1.0:
         return read_jsonl(path), rate
     threshold = rate * 2**64
-    return read_jsonl(path, lambda line: int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "big")
-                      < threshold), rate
+    return read_jsonl(
+        path, lambda line: int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "big") < threshold
+    ), rate
 
 
 def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
@@ -80,7 +82,10 @@ def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
             allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"],
             control_symbols=[SRC, TGT],
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
             max_sentence_length=4 * t.max_sentence_chars + 16,
             num_threads=t.num_threads or (os.cpu_count() or 1),
             minloglevel=2,
@@ -88,13 +93,16 @@ def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise PipelineError(f"tokenize.vocab_size: {t.vocab_size} is larger than the train text "
-                                f"supports ({msg.split(']')[-1].strip()})") from None
+            raise PipelineError(
+                f"tokenize.vocab_size: {t.vocab_size} is larger than the train text "
+                f"supports ({msg.split(']')[-1].strip()})"
+            ) from None
         raise PipelineError(f"tokenize: sentencepiece training failed: {msg}") from None
     (out / "tokenizer.model").write_bytes(model.getvalue())
     tok = Tokenizer(out / "tokenizer.model")
     (out / "tokenizer.vocab").write_text(
-        "".join(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)), encoding="utf-8")
+        "".join(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)), encoding="utf-8"
+    )
     return tok
 
 
@@ -112,8 +120,9 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
     records = read_jsonl(path_in)
 
     def encode(batch: list[dict]) -> list[list[int]]:
-        return tok.encode([t for r in batch for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))],
-                          num_threads)
+        return tok.encode(
+            [t for r in batch for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))], num_threads
+        )
 
     with open(path, "wb") as f, ThreadPoolExecutor(1) as encoder:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
@@ -163,8 +172,13 @@ def main() -> None:
     if next(read_jsonl(paths["train"]), None) is None:
         raise PipelineError(f"{paths['train']}: no documents to train the tokenizer on")
     records, rate = sample(paths["train"], t.sample_bytes)
-    metrics = {"vocab_size": t.vocab_size, "model_type": t.model_type, "train_bytes": 0,
-               "sample_rate": round(rate, 6), "splits": {}}
+    metrics = {
+        "vocab_size": t.vocab_size,
+        "model_type": t.model_type,
+        "train_bytes": 0,
+        "sample_rate": round(rate, 6),
+        "splits": {},
+    }
     with atomic_dir(OUT_DIR) as out:
         tok = train_tokenizer(records, t, out)
         for name, path in paths.items():
@@ -177,7 +191,9 @@ def main() -> None:
             }
     metrics["train_bytes"] = metrics["splits"]["train"]["bytes"]
     write_json(METRICS, metrics)
-    summary = ", ".join(f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items())
+    summary = ", ".join(
+        f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items()
+    )
     print(f"tokenize: vocab {t.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")
 
 

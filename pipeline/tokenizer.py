@@ -8,12 +8,13 @@ Token files: data/tokens/{split}.bin, a flat stream of token ids (uint16 when th
 else uint32) beginning with </s>, and a JSON sidecar {split}.json with its dtype, vocabulary size,
 token and byte counts, and each source's token range.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm

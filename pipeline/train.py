@@ -20,6 +20,7 @@ stop.
 Writes data/model/{best,last}.safetensors and config.json, metrics/train.json, and the curves
 (loss, learning rate, gradient norm, tokens/s, MFU) through dvclive in metrics/train/.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,15 @@ from pipeline import params as P
 from pipeline.checkpoint import Checkpoints, copy_weights, fingerprint, save_weights
 from pipeline.common import PipelineError, atomic_dir, read_json, run_main, sha256_file, write_json
 from pipeline.dataloader import fixed_batches, step_batches
-from pipeline.distributed import (Processes, any_rank, full_state, init_distributed, mean_over_ranks, shutdown,
-                                  wrap_model)
+from pipeline.distributed import (
+    Processes,
+    any_rank,
+    full_state,
+    init_distributed,
+    mean_over_ranks,
+    shutdown,
+    wrap_model,
+)
 from pipeline.hardware import CudaAutocast, peak_flops
 from pipeline.model import build_model, count_parameters, flops_per_token
 from pipeline.optim import estimate_loss, lr_at, make_optimizer, train_step
@@ -56,9 +64,11 @@ def main() -> None:
         with StopOnSignals() as stop:
             train(cfg, t, procs, device, stop)
     except torch.cuda.OutOfMemoryError:
-        raise PipelineError(f"train: CUDA out of memory with micro-batches of {t.batch_size} x {cfg.block_size} "
-                            f"tokens; lower train.batch_size (train.batch_tokens keeps the global batch by "
-                            f"accumulating), or model.block_size / model.n_embd") from None
+        raise PipelineError(
+            f"train: CUDA out of memory with micro-batches of {t.batch_size} x {cfg.block_size} "
+            f"tokens; lower train.batch_size (train.batch_tokens keeps the global batch by "
+            f"accumulating), or model.block_size / model.n_embd"
+        ) from None
     finally:
         shutdown(procs)
 
@@ -83,8 +93,9 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     torch.manual_seed(t.seed + procs.rank)  # dropout differs per process
     model, sync = wrap_model(raw_model, procs, t, device)
     optimizer = make_optimizer(model, t, device)
-    checkpoints = Checkpoints(cfg, t, vocab_size, fingerprint(cfg, t, vocab_size, token_files_fingerprint(),
-                                                              procs.world), procs, device)
+    checkpoints = Checkpoints(
+        cfg, t, vocab_size, fingerprint(cfg, t, vocab_size, token_files_fingerprint(), procs.world), procs, device
+    )
     progress, best_weights = checkpoints.resume(raw_model, optimizer)
     if t.compile is True or (t.compile == "auto" and cuda):
         model = torch.compile(model)
@@ -92,12 +103,16 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     val_batches = fixed_batches(val_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 1, device)
     train_eval_batches = fixed_batches(train_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 2, device)
     if procs.main:
-        print(f"train: {cfg.arch} with {n_params:,} parameters on {procs.world} x {device.type}; up to "
-              f"{t.max_steps} steps of {global_tokens:,} tokens ({accum} micro-batch(es) of {t.batch_size}x"
-              f"{cfg.block_size} per process){f', at most {t.time_budget_s:g} s' if t.time_budget_s else ''}",
-              flush=True)
+        print(
+            f"train: {cfg.arch} with {n_params:,} parameters on {procs.world} x {device.type}; up to "
+            f"{t.max_steps} steps of {global_tokens:,} tokens ({accum} micro-batch(es) of {t.batch_size}x"
+            f"{cfg.block_size} per process){f', at most {t.time_budget_s:g} s' if t.time_budget_s else ''}",
+            flush=True,
+        )
     live = open_curves(progress.step) if procs.main else None
-    bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True)
+    bar = tqdm(
+        total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True
+    )
 
     while True:
         step = progress.step
@@ -114,8 +129,9 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             if live:
                 live.log_metric("train/loss", progress.last_train_loss)
                 live.log_metric("val/loss", progress.last_val_loss)
-                tqdm.write(f"step {step:>6}: train loss {progress.last_train_loss:.4f}, "
-                           f"val loss {progress.last_val_loss:.4f}")
+                tqdm.write(
+                    f"step {step:>6}: train loss {progress.last_train_loss:.4f}, val loss {progress.last_val_loss:.4f}"
+                )
             if progress.last_val_loss < progress.best_val_loss:
                 progress.best_val_loss, progress.best_step = progress.last_val_loss, step
                 best_weights = copy_weights(full_state(raw_model, None, procs, t)[0])
@@ -125,23 +141,27 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         # One optimizer step: forward and backward over the micro-batches, clip, AdamW
         lr = lr_at(step, t, progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0)
         t0 = time.perf_counter()
-        micro_batches = step_batches(train_data, cfg.block_size, t.batch_size, accum, t.seed, step,
-                                     procs.rank, procs.world, device)
+        micro_batches = step_batches(
+            train_data, cfg.block_size, t.batch_size, accum, t.seed, step, procs.rank, procs.world, device
+        )
         loss, grad_norm = train_step(model, optimizer, micro_batches, lr, t.grad_clip, autocast, sync)
         loss = mean_over_ranks(procs, loss)
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
-            raise PipelineError(f"train: loss became {loss} at step {step}; lower train.lr (now {t.lr}) or "
-                                f"raise train.warmup_steps; the last good checkpoint in {t.checkpoint_dir} "
-                                f"and {OUT_DIR} were left as they were")
+            raise PipelineError(
+                f"train: loss became {loss} at step {step}; lower train.lr (now {t.lr}) or "
+                f"raise train.warmup_steps; the last good checkpoint in {t.checkpoint_dir} "
+                f"and {OUT_DIR} were left as they were"
+            )
         progress.train_seconds += dt
         progress.tokens_seen += global_tokens
         progress.step = step + 1
 
         # Log, and checkpoint every checkpoint_interval steps
         if live:
-            log_step(live, loss, lr, grad_norm, global_tokens / dt,
-                     flops_tok * global_tokens / dt / peak if peak else None)
+            log_step(
+                live, loss, lr, grad_norm, global_tokens / dt, flops_tok * global_tokens / dt / peak if peak else None
+            )
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update()
         if t.checkpoint_interval and progress.step % t.checkpoint_interval == 0:
@@ -154,21 +174,45 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         if live:
             live.end()
         signum = stop.signal or signal.SIGTERM  # another process received it
-        raise PipelineError(f"train: stopped by {signal.Signals(signum).name} at step {progress.step}; checkpoint "
-                            f"saved in {t.checkpoint_dir}, run again (dvc repro) to resume", exit_code=128 + signum)
+        raise PipelineError(
+            f"train: stopped by {signal.Signals(signum).name} at step {progress.step}; checkpoint "
+            f"saved in {t.checkpoint_dir}, run again (dvc repro) to resume",
+            exit_code=128 + signum,
+        )
     final_weights, _ = full_state(raw_model, None, procs, t)  # FSDP gathers on every process
     if procs.main:
         with atomic_dir(OUT_DIR) as out:
-            save_weights(final_weights, cfg, out / "last.safetensors", vocab_size=vocab_size, step=progress.step,
-                         tokenizer_sha256=tokenizer_sha)
-            save_weights(best_weights if best_weights is not None else final_weights, cfg, out / "best.safetensors",
-                         vocab_size=vocab_size, step=progress.best_step, val_loss=progress.best_val_loss,
-                         tokenizer_sha256=tokenizer_sha)
+            save_weights(
+                final_weights,
+                cfg,
+                out / "last.safetensors",
+                vocab_size=vocab_size,
+                step=progress.step,
+                tokenizer_sha256=tokenizer_sha,
+            )
+            save_weights(
+                best_weights if best_weights is not None else final_weights,
+                cfg,
+                out / "best.safetensors",
+                vocab_size=vocab_size,
+                step=progress.best_step,
+                val_loss=progress.best_val_loss,
+                tokenizer_sha256=tokenizer_sha,
+            )
             # The params that made these weights (not the operational knobs, which change nothing in them)
             train_params = {k: v for k, v in P.as_dict(t).items() if k not in P.OPERATIONAL["train"]}
-            write_json(out / "config.json", {"model": P.as_dict(cfg), "train": train_params, "vocab_size": vocab_size,
-                                             "parameters": n_params, "processes": procs.world,
-                                             "best_step": progress.best_step, "tokenizer_sha256": tokenizer_sha})
+            write_json(
+                out / "config.json",
+                {
+                    "model": P.as_dict(cfg),
+                    "train": train_params,
+                    "vocab_size": vocab_size,
+                    "parameters": n_params,
+                    "processes": procs.world,
+                    "best_step": progress.best_step,
+                    "tokenizer_sha256": tokenizer_sha,
+                },
+            )
     if live:
         live.end()
     if procs.main:
@@ -182,8 +226,10 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
 def check_long_enough(cfg: P.Model, **splits) -> None:
     for name, data in splits.items():
         if len(data) < cfg.block_size + 2:
-            raise PipelineError(f"model.block_size: {cfg.block_size} is too large for {TOKENS_DIR}/{name}.bin "
-                                f"({len(data)} tokens); lower it or add text")
+            raise PipelineError(
+                f"model.block_size: {cfg.block_size} is too large for {TOKENS_DIR}/{name}.bin "
+                f"({len(data)} tokens); lower it or add text"
+            )
 
 
 def batch_plan(cfg: P.Model, t: P.Train, procs: Processes) -> tuple[int, int]:
@@ -191,8 +237,10 @@ def batch_plan(cfg: P.Model, t: P.Train, procs: Processes) -> tuple[int, int]:
     micro_tokens = t.batch_size * cfg.block_size * procs.world
     global_tokens = t.batch_tokens or micro_tokens
     if global_tokens % micro_tokens:
-        raise PipelineError(f"train.batch_tokens: {t.batch_tokens} is not a multiple of batch_size x block_size x "
-                            f"processes = {t.batch_size} x {cfg.block_size} x {procs.world} = {micro_tokens}")
+        raise PipelineError(
+            f"train.batch_tokens: {t.batch_tokens} is not a multiple of batch_size x block_size x "
+            f"processes = {t.batch_size} x {cfg.block_size} x {procs.world} = {micro_tokens}"
+        )
     return global_tokens // micro_tokens, global_tokens
 
 
@@ -244,8 +292,9 @@ def truncate_curves(live_dir: Path, step: int) -> None:
             csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
 
 
-def log_step(live, loss: float, lr: float, grad_norm: float | None, tokens_per_second: float,
-             mfu: float | None) -> None:
+def log_step(
+    live, loss: float, lr: float, grad_norm: float | None, tokens_per_second: float, mfu: float | None
+) -> None:
     live.log_metric("train/step_loss", loss, plot=True)
     live.log_metric("lr", lr)
     if grad_norm is not None:
@@ -256,29 +305,35 @@ def log_step(live, loss: float, lr: float, grad_norm: float | None, tokens_per_s
     live.next_step()
 
 
-def write_summary(cfg: P.Model, progress, n_params: int, procs: Processes, flops_tok: int, peak: float | None,
-                  device: torch.device) -> None:
+def write_summary(
+    cfg: P.Model, progress, n_params: int, procs: Processes, flops_tok: int, peak: float | None, device: torch.device
+) -> None:
     tokens_per_second = progress.tokens_seen / max(progress.train_seconds, 1e-9)
     mfu = flops_tok * tokens_per_second / peak if peak else None
-    write_json(METRICS, {
-        "arch": cfg.arch,
-        "parameters": n_params,
-        "processes": procs.world,
-        "steps": progress.step,
-        "tokens_seen": progress.tokens_seen,
-        "tokens_per_second": round(tokens_per_second, 1),
-        "train_seconds": round(progress.train_seconds, 1),
-        "flops_per_token": flops_tok,
-        "mfu": None if mfu is None else round(mfu, 4),
-        "final_train_loss": round(progress.last_train_loss, 4),
-        "final_val_loss": round(progress.last_val_loss, 4),
-        "best_val_loss": round(progress.best_val_loss, 4),
-        "best_step": progress.best_step,
-        "device": device.type,
-    })
-    print(f"train: val loss {progress.last_val_loss:.4f} (best {progress.best_val_loss:.4f} at step "
-          f"{progress.best_step}), {tokens_per_second:,.0f} tokens/s"
-          f"{'' if mfu is None else f', MFU {mfu:.0%}'} -> {OUT_DIR}")
+    write_json(
+        METRICS,
+        {
+            "arch": cfg.arch,
+            "parameters": n_params,
+            "processes": procs.world,
+            "steps": progress.step,
+            "tokens_seen": progress.tokens_seen,
+            "tokens_per_second": round(tokens_per_second, 1),
+            "train_seconds": round(progress.train_seconds, 1),
+            "flops_per_token": flops_tok,
+            "mfu": None if mfu is None else round(mfu, 4),
+            "final_train_loss": round(progress.last_train_loss, 4),
+            "final_val_loss": round(progress.last_val_loss, 4),
+            "best_val_loss": round(progress.best_val_loss, 4),
+            "best_step": progress.best_step,
+            "device": device.type,
+        },
+    )
+    print(
+        f"train: val loss {progress.last_val_loss:.4f} (best {progress.best_val_loss:.4f} at step "
+        f"{progress.best_step}), {tokens_per_second:,.0f} tokens/s"
+        f"{'' if mfu is None else f', MFU {mfu:.0%}'} -> {OUT_DIR}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Markers (pyproject.toml): `slow` tests (the end-to-end `dvc repro`, torchrun, lo
 left out of a plain `pytest`; CI runs them all with `pytest -m "slow or not slow"`. `network`
 tests need PyPI (the default sources): `-m "not network"` leaves them out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,10 @@ So long lives this, and this gives life to thee."""
 PAIRS = [
     ("In the beginning God created the heaven and the earth.", "В начале сотворил Бог небо и землю."),
     ("And God said, Let there be light: and there was light.", "И сказал Бог: да будет свет. И стал свет."),
-    ("Blessed are the poor in spirit: for theirs is the kingdom of heaven.", "Блаженны нищие духом, ибо их есть Царство Небесное."),
+    (
+        "Blessed are the poor in spirit: for theirs is the kingdom of heaven.",
+        "Блаженны нищие духом, ибо их есть Царство Небесное.",
+    ),
     ("Blessed are they that mourn: for they shall be comforted.", "Блаженны плачущие, ибо они утешатся."),
     ("Blessed are the meek: for they shall inherit the earth.", "Блаженны кроткие, ибо они наследуют землю."),
     ("Jesus wept.", "Иисус прослезился."),
@@ -62,7 +66,7 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
     blocks = []
     for i in range(n_docs):
         # Distinct documents: rotate the sonnet and number them.
-        rot = lines[i % len(lines):] + lines[:i % len(lines)]
+        rot = lines[i % len(lines) :] + lines[: i % len(lines)]
         blocks.append(f"SONNET {i}.\n" + "\n".join(rot))
     (folder / "sonnets.txt").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
     with open(folder / "pairs.jsonl", "w", encoding="utf-8") as f:
@@ -71,10 +75,21 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
             f.write(json.dumps({"src": f"{src} ({i})", "tgt": f"{tgt} ({i})"}, ensure_ascii=False) + "\n")
     return {
         "sources": [
-            {"name": "sonnets", "kind": "file", "format": "text", "path": str(folder / "sonnets.txt"),
-             "split": "paragraphs", "license": "public domain"},
-            {"name": "pairs", "kind": "file", "format": "jsonl", "path": str(folder / "pairs.jsonl"),
-             "license": "public domain"},
+            {
+                "name": "sonnets",
+                "kind": "file",
+                "format": "text",
+                "path": str(folder / "sonnets.txt"),
+                "split": "paragraphs",
+                "license": "public domain",
+            },
+            {
+                "name": "pairs",
+                "kind": "file",
+                "format": "jsonl",
+                "path": str(folder / "pairs.jsonl"),
+                "license": "public domain",
+            },
         ]
     }
 
@@ -110,8 +125,14 @@ def copy_project(src: Path, dst: Path) -> Path:
 def run_stage(stage: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.<stage>` in `cwd`, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline.{stage} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -202,10 +223,17 @@ def prepared(tmp_path_factory) -> Path:
 
 # --- the whole pipeline as a user runs it: git, dvc ----------------------------------------------
 
+
 def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
     """Run a command (git, dvc, python...) in `cwd`; it must succeed."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -220,8 +248,13 @@ def reproduced(tmp_path_factory) -> Path:
     that changes it works on a copy (copy_project).
     """
     dst = tmp_path_factory.mktemp("repo") / "lmpipe"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)

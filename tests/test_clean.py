@@ -1,4 +1,5 @@
 """clean: normalisation, the filters and their counts, de-duplication, and a stable hashed split."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def filler_docs(n: int, start: int = 0) -> list[dict]:
 
 
 def filler_pairs(n: int, start: int = 0) -> list[dict]:
-    return [{"src": f"{PAIRS[i % len(PAIRS)][0]} [{i}]", "tgt": f"{PAIRS[i % len(PAIRS)][1]} [{i}]"}
-            for i in range(start, start + n)]
+    return [
+        {"src": f"{PAIRS[i % len(PAIRS)][0]} [{i}]", "tgt": f"{PAIRS[i % len(PAIRS)][1]} [{i}]"}
+        for i in range(start, start + n)
+    ]
 
 
 def build(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None = None, **clean) -> Path:
@@ -71,6 +74,7 @@ def read_metrics(folder: Path) -> dict:
 
 
 # --- normalisation -----------------------------------------------------------------------------
+
 
 def test_nfc_composes_a_combining_accent():
     assert normalize("Cafe\u0301 cre\u0300me") == "Caf\u00e9 cr\u00e8me"
@@ -122,21 +126,22 @@ def test_the_stage_writes_normalised_text(tmp_path):
 
 # --- filters and their counts -------------------------------------------------------------------
 
+
 def test_each_drop_reason_is_counted(tmp_path):
     docs = filler_docs(60) + [
-        {"text": ""},                                  # empty
-        {"text": "  <br> \u200b "},                    # empty after normalisation
-        {"text": "ab"},                                # too_short (min_chars 3)
-        {"text": "x" * 201},                           # too_long (max_chars 200)
-        {"text": filler_docs(1)[0]["text"]},           # duplicate of the first document
+        {"text": ""},  # empty
+        {"text": "  <br> \u200b "},  # empty after normalisation
+        {"text": "ab"},  # too_short (min_chars 3)
+        {"text": "x" * 201},  # too_long (max_chars 200)
+        {"text": filler_docs(1)[0]["text"]},  # duplicate of the first document
         {"text": "  " + filler_docs(2)[1]["text"].replace(" ", "  ") + "\r\n"},  # duplicate once normalised
     ]
     base = filler_pairs(60)
     pairs = base + [
-        {"src": "", "tgt": "Пусто."},                   # empty
-        {"src": "Hi", "tgt": "Привет"},                 # too_short (either side)
-        {"src": "Yes.", "tgt": "Да, да, конечно, это так."},    # length_ratio: 25 / 4 > 3
-        {"src": base[0]["src"], "tgt": base[0]["tgt"]},          # duplicate pair
+        {"src": "", "tgt": "Пусто."},  # empty
+        {"src": "Hi", "tgt": "Привет"},  # too_short (either side)
+        {"src": "Yes.", "tgt": "Да, да, конечно, это так."},  # length_ratio: 25 / 4 > 3
+        {"src": base[0]["src"], "tgt": base[0]["tgt"]},  # duplicate pair
         {"src": base[1]["src"], "tgt": "Совсем другой перевод."},  # same source, another target
     ]
     folder = build(tmp_path, docs, pairs, min_chars=3, max_chars=200, max_length_ratio=3.0)
@@ -144,10 +149,20 @@ def test_each_drop_reason_is_counted(tmp_path):
     metrics = read_metrics(folder)
     for part in (metrics, metrics["sources"]["docs"], metrics["sources"]["pairs"]):  # the optional rules are off: zero
         assert all(part["dropped"].pop(r) == 0 for r in ("near_duplicate", "contaminated", *QUALITY_REASONS))
-    assert metrics["sources"]["docs"]["dropped"] == {"empty": 2, "too_short": 1, "too_long": 1, "length_ratio": 0,
-                                                     "duplicate": 2}
-    assert metrics["sources"]["pairs"]["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "length_ratio": 1,
-                                                      "duplicate": 2}
+    assert metrics["sources"]["docs"]["dropped"] == {
+        "empty": 2,
+        "too_short": 1,
+        "too_long": 1,
+        "length_ratio": 0,
+        "duplicate": 2,
+    }
+    assert metrics["sources"]["pairs"]["dropped"] == {
+        "empty": 1,
+        "too_short": 1,
+        "too_long": 0,
+        "length_ratio": 1,
+        "duplicate": 2,
+    }
     assert metrics["dropped"] == {"empty": 3, "too_short": 2, "too_long": 1, "length_ratio": 1, "duplicate": 4}
     assert metrics["sources"]["docs"]["documents_in"] == 66 and metrics["sources"]["docs"]["documents_kept"] == 60
     assert metrics["sources"]["pairs"]["documents_in"] == 65 and metrics["sources"]["pairs"]["documents_kept"] == 60
@@ -170,11 +185,14 @@ def test_metrics_agree_with_the_split_files(tmp_path):
             mine = [r for r in records[s] if r["source"] == name]
             got = metrics["sources"][name]["splits"][s]
             assert got["documents"] == len(mine)
-            assert got["bytes"] == sum(len(r[k].encode("utf-8")) for r in mine for k in ("text", "src", "tgt") if k in r)
+            assert got["bytes"] == sum(
+                len(r[k].encode("utf-8")) for r in mine for k in ("text", "src", "tgt") if k in r
+            )
     assert metrics["bytes_kept"] == sum(metrics["sources"][n]["bytes_kept"] for n in ("docs", "pairs"))
 
 
 # --- the split ---------------------------------------------------------------------------------
+
 
 def test_split_is_deterministic(tmp_path):
     a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
@@ -190,8 +208,11 @@ def test_split_is_deterministic(tmp_path):
 def test_split_is_stable_when_the_corpus_grows(tmp_path):
     small = build(tmp_path / "small", filler_docs(80), filler_pairs(80))
     # more documents, some before the old ones, and the old ones in another order
-    grown = build(tmp_path / "grown", filler_docs(80, start=80) + filler_docs(80)[::-1],
-                  filler_pairs(40, start=80) + filler_pairs(80)[::-1] + filler_pairs(40, start=120))
+    grown = build(
+        tmp_path / "grown",
+        filler_docs(80, start=80) + filler_docs(80)[::-1],
+        filler_pairs(40, start=80) + filler_pairs(80)[::-1] + filler_pairs(40, start=120),
+    )
     call_stage("clean", small)
     call_stage("clean", grown)
 
@@ -224,9 +245,11 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
     for i in range(120):
         src, tgt = PAIRS[i % len(PAIRS)]
         src = f"{src} #{i}"
-        pairs += [{"src": src, "tgt": f"{tgt} #{i}"},
-                  {"src": src.replace(" ", "  "), "tgt": f"{tgt} (вариант) #{i}"},
-                  {"src": f"<i>{src}</i>", "tgt": f"{tgt} (ещё) #{i}"}]
+        pairs += [
+            {"src": src, "tgt": f"{tgt} #{i}"},
+            {"src": src.replace(" ", "  "), "tgt": f"{tgt} (вариант) #{i}"},
+            {"src": f"<i>{src}</i>", "tgt": f"{tgt} (ещё) #{i}"},
+        ]
     folder = build(tmp_path, filler_docs(20), pairs)
     call_stage("clean", folder)
     records = all_records(folder)
@@ -241,13 +264,18 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
 
 # --- user errors -------------------------------------------------------------------------------
 
+
 def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_path):
     folder = build(tmp_path, filler_docs(60), filler_pairs(60))
     call_stage("clean", folder)
     before = snapshot(folder, "data", "metrics")
-    params = tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl"),
-                                      jsonl_source("pairs", "corpus/pairs.jsonl")], "max_documents": 0},
-                         clean={"min_chars": 1_000_000, "max_chars": 2_000_000, "workers": 1})
+    params = tiny_params(
+        {
+            "sources": [jsonl_source("docs", "corpus/docs.jsonl"), jsonl_source("pairs", "corpus/pairs.jsonl")],
+            "max_documents": 0,
+        },
+        clean={"min_chars": 1_000_000, "max_chars": 2_000_000, "workers": 1},
+    )
     write_params(folder, params)
     stage_error("clean", folder, "no training documents", "(in: 120,", "'too_short': 120", "clean.min_chars")
     assert snapshot(folder, "data", "metrics") == before

@@ -1,4 +1,5 @@
 """clean: PII scrubbing, quality rules, MinHash near-duplicates, decontamination and the report."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,11 @@ from test_clean import build, filler_docs, read_metrics, read_split
 from pipeline.params import Clean
 from pipeline.rules import split_of
 
-PROSE = ("The committee met on a grey morning to weigh the harbour plans, and after long argument about "
-         "tides, costs and the fishing fleet it chose the northern site, which the engineers had favoured "
-         "from the start because the rock there would hold the new sea wall far better than the sand")
+PROSE = (
+    "The committee met on a grey morning to weigh the harbour plans, and after long argument about "
+    "tides, costs and the fishing fleet it chose the northern site, which the engineers had favoured "
+    "from the start because the rock there would hold the new sea wall far better than the sand"
+)
 
 
 def all_texts(folder) -> list[str]:
@@ -36,7 +39,9 @@ def test_pii_is_replaced_and_counted(tmp_path):
 def test_quality_rules_drop_and_count_each_reason(tmp_path):
     bad = {
         "quality_alpha": "x = 1 + 2 * 3 / 4 - 5 % 6 ; " * 6,
-        "quality_word_length": " ".join(["aGVsbG8gd29ybGQgdGhpcyBpcyBiYXNlNjQ="] * 3 + [f"QmFzZTY0IGVuY29kZWQ{i}" for i in range(60)]),
+        "quality_word_length": " ".join(
+            ["aGVsbG8gd29ybGQgdGhpcyBpcyBiYXNlNjQ="] * 3 + [f"QmFzZTY0IGVuY29kZWQ{i}" for i in range(60)]
+        ),
         "quality_repeated_lines": "\n".join(["Buy now and save big on every item."] * 8 + [PROSE]),
         "quality_repeated_bigram": " ".join(["click here"] * 40) + " " + PROSE,
         "quality_symbols": " ".join(f"#tag{i} ..." for i in range(30)) + " " + PROSE,
@@ -54,9 +59,10 @@ def test_quality_rules_drop_and_count_each_reason(tmp_path):
 
 def test_near_duplicates_are_removed_reproducibly(tmp_path):
     variant = PROSE.replace("grey", "gray")
-    docs = [{"text": PROSE}, {"text": variant}, {"text": PROSE.replace("northern", "southern")}] + \
-        [{"text": f"Entirely different document number {i}: {line} and more words here"}
-         for i, line in enumerate(SONNET.split("\n"))] * 1
+    docs = [{"text": PROSE}, {"text": variant}, {"text": PROSE.replace("northern", "southern")}] + [
+        {"text": f"Entirely different document number {i}: {line} and more words here"}
+        for i, line in enumerate(SONNET.split("\n"))
+    ] * 1
     runs = []
     for name in ("a", "b"):
         folder = build(tmp_path / name, docs, near_dup=True, near_dup_threshold=0.7, shingle_words=3)
@@ -74,8 +80,11 @@ def test_train_documents_overlapping_val_or_test_are_removed_and_listed(tmp_path
     docs = filler_docs(60)
     held = next(d["text"] for d in docs if split_of(d["text"], settings) != "train")
     span = " ".join(held.split()[:6])  # the filler lines are short: decontaminate on 6-word sequences
-    leak = next(f"Copied {i}: {span} and then some" for i in range(100)
-                if split_of(f"Copied {i}: {span} and then some", settings) == "train")
+    leak = next(
+        f"Copied {i}: {span} and then some"
+        for i in range(100)
+        if split_of(f"Copied {i}: {span} and then some", settings) == "train"
+    )
     folder = build(tmp_path, docs + [{"text": leak}], decontaminate_ngram=6)
     call_stage("clean", folder)
     train = [r["text"] for r in read_split(folder, "train")]
@@ -101,15 +110,25 @@ def test_clean_report_summarises_sources_drops_lengths_and_examples(tmp_path):
     assert f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept;" in lines[2]
 
     def row(first: str) -> list[str]:
-        return next([cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first} "))
+        return next(
+            [cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first} ")
+        )
 
-    assert row("docs") == ["docs", *map(str, (docs["documents_in"], docs["documents_kept"], docs["bytes_in"], docs["bytes_kept"])),
-                           "/".join(str(docs["splits"][s]["documents"]) for s in ("train", "val", "test"))]
+    assert row("docs") == [
+        "docs",
+        *map(str, (docs["documents_in"], docs["documents_kept"], docs["bytes_in"], docs["bytes_kept"])),
+        "/".join(str(docs["splits"][s]["documents"]) for s in ("train", "val", "test")),
+    ]
     dropped = {reason: n for reason, n in docs["dropped"].items() if n}
     assert dropped == {"empty": 1, "too_short": 1, "duplicate": 3}
     assert {reason: int(row(reason)[1]) for reason in dropped} == dropped
-    assert not [line for line in lines if line.startswith(("| too_long ", "| near_duplicate "))]  # only reasons that dropped
+    assert not [
+        line for line in lines if line.startswith(("| too_long ", "| near_duplicate "))
+    ]  # only reasons that dropped
     assert row("docs, in")[1] == "0" and row("docs, kept")[1] == str(min(len(d["text"]) for d in filler_docs(40)))
     examples = [line for line in lines if line.startswith("- **")]
-    assert examples == ["- **empty** (docs): ``", "- **too_short** (docs): `x`",
-                        *(f"- **duplicate** (docs): `{d['text']}`" for d in filler_docs(3))]
+    assert examples == [
+        "- **empty** (docs): ``",
+        "- **too_short** (docs): `x`",
+        *(f"- **duplicate** (docs): `{d['text']}`" for d in filler_docs(3)),
+    ]

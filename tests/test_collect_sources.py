@@ -1,6 +1,7 @@
 """collect: URL sources (served by a local HTTP server in the test: timeouts, 404, wrong bytes,
 retries and resume), gettext catalogs (.po and .mo) as pair sources, and Hugging Face datasets
 read from local files; the stage runs in this process."""
+
 from __future__ import annotations
 
 import gettext
@@ -60,8 +61,15 @@ def server():
 
 
 def url_source(url: str, sha: str = SHA, **kw) -> dict:
-    return {"name": "web", "kind": "url", "url": url, "sha256": sha, "format": "jsonl",
-            "filename": "docs.jsonl.gz", **kw}
+    return {
+        "name": "web",
+        "kind": "url",
+        "url": url,
+        "sha256": sha,
+        "format": "jsonl",
+        "filename": "docs.jsonl.gz",
+        **kw,
+    }
 
 
 def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
@@ -81,30 +89,42 @@ def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
     setup(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
     call_stage("collect", tmp_path)
     assert texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
-    assert Handler.calls == [("/flaky", None),
-                             ("/flaky", f"bytes={len(BODY) // 2}-")]  # resumed, not restarted
+    assert Handler.calls == [("/flaky", None), ("/flaky", f"bytes={len(BODY) // 2}-")]  # resumed, not restarted
 
 
-@pytest.mark.parametrize("path,sha,needles", [
-    ("/missing", SHA, ["HTTP 404"]),
-    ("/docs.jsonl.gz", "0" * 64, ["sha256 mismatch", "0" * 64, SHA]),
-    ("/slow", SHA, ["timed out", "after 2 attempts"]),
-])
+@pytest.mark.parametrize(
+    "path,sha,needles",
+    [
+        ("/missing", SHA, ["HTTP 404"]),
+        ("/docs.jsonl.gz", "0" * 64, ["sha256 mismatch", "0" * 64, SHA]),
+        ("/slow", SHA, ["timed out", "after 2 attempts"]),
+    ],
+)
 def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server, path, sha, needles):
-    setup(tmp_path, [url_source(f"{server}{path}", sha)], cache_dir=str(tmp_path / "cache"),
-          download_timeout_s=0.5, download_retries=1)
+    setup(
+        tmp_path,
+        [url_source(f"{server}{path}", sha)],
+        cache_dir=str(tmp_path / "cache"),
+        download_timeout_s=0.5,
+        download_retries=1,
+    )
     stage_error("collect", tmp_path, "source 'web'", path, *needles)
     assert not (tmp_path / "data/raw").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".part")]
 
 
 def test_an_unreachable_host_is_a_clean_error(tmp_path):
-    setup(tmp_path, [url_source("http://127.0.0.1:9/nothing")], cache_dir=str(tmp_path / "cache"),
-          download_timeout_s=0.5, download_retries=0)
+    setup(
+        tmp_path,
+        [url_source("http://127.0.0.1:9/nothing")],
+        cache_dir=str(tmp_path / "cache"),
+        download_timeout_s=0.5,
+        download_retries=0,
+    )
     stage_error("collect", tmp_path, "source 'web'", "127.0.0.1:9", "after 1 attempts")
 
 
-PO = r'''# Translation template
+PO = r"""# Translation template
 msgid ""
 msgstr ""
 "Content-Type: text/plain; charset=UTF-8\n"
@@ -139,7 +159,7 @@ msgstr[1] "%d файла"
 
 #~ msgid "Old"
 #~ msgstr "Старый"
-'''
+"""
 
 
 def write_mo(path: Path, pairs: list[tuple[str, str]]) -> None:
@@ -160,11 +180,24 @@ def write_mo(path: Path, pairs: list[tuple[str, str]]) -> None:
 
 def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_path):
     (tmp_path / "ru.po").write_text(PO, encoding="utf-8")
-    write_mo(tmp_path / "de.mo", [("", "Content-Type: text/plain; charset=UTF-8\n"), ("Open", "Öffnen"),
-                                  ("%s", "%s"), ("menu\x04Close", "Schließen"), ("Empty", "")])
+    write_mo(
+        tmp_path / "de.mo",
+        [
+            ("", "Content-Type: text/plain; charset=UTF-8\n"),
+            ("Open", "Öffnen"),
+            ("%s", "%s"),
+            ("menu\x04Close", "Schließen"),
+            ("Empty", ""),
+        ],
+    )
     assert gettext.GNUTranslations(open(tmp_path / "de.mo", "rb")).gettext("Open") == "Öffnen"  # a valid .mo
-    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "ru.po"},
-                     {"name": "mo", "kind": "file", "format": "gettext", "path": "de.mo"}])
+    setup(
+        tmp_path,
+        [
+            {"name": "po", "kind": "file", "format": "gettext", "path": "ru.po"},
+            {"name": "mo", "kind": "file", "format": "gettext", "path": "de.mo"},
+        ],
+    )
     call_stage("collect", tmp_path)
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [
         ("Save changes", "Сохранить изменения"),
@@ -173,8 +206,12 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
     ]
     assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "mo")] == [("Open", "Öffnen"), ("Close", "Schließen")]
     m = json.loads((tmp_path / "metrics/collect.json").read_text())
-    assert (m["po"]["gettext_fuzzy"], m["po"]["gettext_obsolete"], m["po"]["gettext_untranslated"],
-            m["po"]["gettext_placeholder_only"]) == (1, 1, 1, 2)
+    assert (
+        m["po"]["gettext_fuzzy"],
+        m["po"]["gettext_obsolete"],
+        m["po"]["gettext_untranslated"],
+        m["po"]["gettext_placeholder_only"],
+    ) == (1, 1, 1, 2)
     assert (m["mo"]["gettext_untranslated"], m["mo"]["gettext_placeholder_only"]) == (1, 1)
 
 
@@ -202,43 +239,90 @@ def test_a_hugging_face_dataset_is_streamed_from_local_files(tmp_path):
 
     (tmp_path / "hf").mkdir()
     for i in range(2):
-        pd.DataFrame({"title": [f"Title {i}-{j}" for j in range(3)],
-                      "body": [f"Body of article {i}-{j}." for j in range(3)]}).to_parquet(tmp_path / "hf" / f"part-{i}.parquet")
+        pd.DataFrame(
+            {"title": [f"Title {i}-{j}" for j in range(3)], "body": [f"Body of article {i}-{j}." for j in range(3)]}
+        ).to_parquet(tmp_path / "hf" / f"part-{i}.parquet")
     with open(tmp_path / "hf" / "pairs.jsonl", "w", encoding="utf-8") as f:
         for src, tgt in [("Jesus wept.", "Иисус прослезился."), ("Amen.", "Аминь.")]:
             f.write(json.dumps({"en": src, "ru": tgt}, ensure_ascii=False) + "\n")
-    setup(tmp_path, [
-        {"name": "articles", "kind": "hf", "dataset": "parquet", "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
-         "text_columns": ["title", "body"]},
-        {"name": "bilingual", "kind": "hf", "dataset": "json", "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
-         "pair_columns": ["en", "ru"]},
-    ])
+    setup(
+        tmp_path,
+        [
+            {
+                "name": "articles",
+                "kind": "hf",
+                "dataset": "parquet",
+                "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
+                "text_columns": ["title", "body"],
+            },
+            {
+                "name": "bilingual",
+                "kind": "hf",
+                "dataset": "json",
+                "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
+                "pair_columns": ["en", "ru"],
+            },
+        ],
+    )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "articles") == [f"Title {i}-{j}\n\nBody of article {i}-{j}." for i in range(2) for j in range(3)]
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "bilingual")] == [("Jesus wept.", "Иисус прослезился."),
-                                                                          ("Amen.", "Аминь.")]
+    assert texts(tmp_path, "articles") == [
+        f"Title {i}-{j}\n\nBody of article {i}-{j}." for i in range(2) for j in range(3)
+    ]
+    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "bilingual")] == [
+        ("Jesus wept.", "Иисус прослезился."),
+        ("Amen.", "Аминь."),
+    ]
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())
-    lineage = [{k: m[k] for k in ("name", "kind", "dataset", "data_files", "hf_split", "pairs", "documents")}
-               for m in manifest["sources"]]
+    lineage = [
+        {k: m[k] for k in ("name", "kind", "dataset", "data_files", "hf_split", "pairs", "documents")}
+        for m in manifest["sources"]
+    ]
     assert lineage == [
-        {"name": "articles", "kind": "hf", "dataset": "parquet", "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
-         "hf_split": "train", "pairs": False, "documents": 6},
-        {"name": "bilingual", "kind": "hf", "dataset": "json", "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
-         "hf_split": "train", "pairs": True, "documents": 2},
+        {
+            "name": "articles",
+            "kind": "hf",
+            "dataset": "parquet",
+            "data_files": [str(tmp_path / "hf" / "part-*.parquet")],
+            "hf_split": "train",
+            "pairs": False,
+            "documents": 6,
+        },
+        {
+            "name": "bilingual",
+            "kind": "hf",
+            "dataset": "json",
+            "data_files": [str(tmp_path / "hf" / "pairs.jsonl")],
+            "hf_split": "train",
+            "pairs": True,
+            "documents": 2,
+        },
     ]
 
 
-@pytest.mark.parametrize("column, data_files, needles", [
-    ("body", "missing-*.parquet", ["source 'articles'", "no file matches data_files", "missing-*.parquet"]),
-    ("text", "part-*.parquet", ["source 'articles'", "row 0", "no field 'text'", "has: body"]),
-])
+@pytest.mark.parametrize(
+    "column, data_files, needles",
+    [
+        ("body", "missing-*.parquet", ["source 'articles'", "no file matches data_files", "missing-*.parquet"]),
+        ("text", "part-*.parquet", ["source 'articles'", "row 0", "no field 'text'", "has: body"]),
+    ],
+)
 def test_hugging_face_source_errors_are_one_line(tmp_path, column, data_files, needles):
     pytest.importorskip("datasets", reason="the [hf] extra")
     import pandas as pd
 
     (tmp_path / "hf").mkdir()
     pd.DataFrame({"body": ["one", "two"]}).to_parquet(tmp_path / "hf" / "part-0.parquet")
-    setup(tmp_path, [{"name": "articles", "kind": "hf", "dataset": "parquet",
-                      "data_files": [str(tmp_path / "hf" / data_files)], "text_columns": [column]}])
+    setup(
+        tmp_path,
+        [
+            {
+                "name": "articles",
+                "kind": "hf",
+                "dataset": "parquet",
+                "data_files": [str(tmp_path / "hf" / data_files)],
+                "text_columns": [column],
+            }
+        ],
+    )
     stage_error("collect", tmp_path, *needles)
     assert not (tmp_path / "data/raw").exists()

@@ -1,4 +1,5 @@
 """The models: shapes, causality, and that incremental decoding equals a full forward pass."""
+
 import pytest
 import torch
 
@@ -10,7 +11,10 @@ V = 97
 
 # Every architecture, and the GPT with each modern option (and all of them together).
 VARIANTS = {
-    "gpt": {}, "lstm": {}, "gru": {}, "rnn": {},
+    "gpt": {},
+    "lstm": {},
+    "gru": {},
+    "rnn": {},
     "gpt-rope": {"positions": "rope"},
     "gpt-rmsnorm": {"norm": "rmsnorm"},
     "gpt-swiglu": {"mlp": "swiglu"},
@@ -66,7 +70,7 @@ def test_incremental_decoding_matches_full_forward(arch):
     logits, state = model.decode(idx[:, :5])  # prefill
     assert torch.allclose(logits, full[:, 4], atol=1e-5)
     for t in range(5, 12):
-        logits, state = model.decode(idx[:, t:t + 1], state)
+        logits, state = model.decode(idx[:, t : t + 1], state)
         assert torch.allclose(logits, full[:, t], atol=1e-4), t
     # Several new tokens at once after a cache (GPT: an offset causal mask).
     logits, _ = model.decode(idx[:, 8:12], model.decode(idx[:, :8])[1])
@@ -106,11 +110,14 @@ def test_gpt_options_build_the_named_layers():
 
 def test_rope_attention_scores_depend_only_on_relative_position():
     from pipeline.model import apply_rope, rope_tables
+
     cos, sin = rope_tables(8, 16)
     q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+
     def scores(start):
-        c, s = cos[start:start + 3], sin[start:start + 3]
+        c, s = cos[start : start + 3], sin[start : start + 3]
         return apply_rope(q, c, s) @ apply_rope(k, c, s).transpose(-1, -2)
+
     assert torch.allclose(scores(0), scores(5), atol=1e-5)
     assert not torch.allclose(apply_rope(q, cos[0:3], sin[0:3]), apply_rope(q, cos[5:8], sin[5:8]))
 
@@ -129,11 +136,15 @@ def test_attention_dispatches_the_fused_kernel_not_the_math_fallback(arch):
 
 def test_flops_per_token_counts_matmul_parameters_and_attention():
     from pipeline.model import flops_per_token
+
     g = make("gpt")
     n_matmul = count_parameters(g) - g.wpe.weight.numel()  # the tied embedding counts once, as the head
     assert flops_per_token(g, 16) == 6 * n_matmul + 12 * 2 * 32 * 16
     u = make("gpt-untied-bias")
-    assert flops_per_token(u, 16) == 6 * (count_parameters(u) - u.wpe.weight.numel() - u.wte.weight.numel()) + 12 * 2 * 32 * 16
+    assert (
+        flops_per_token(u, 16)
+        == 6 * (count_parameters(u) - u.wpe.weight.numel() - u.wte.weight.numel()) + 12 * 2 * 32 * 16
+    )
     r = make("lstm")
     assert flops_per_token(r, 16) == 6 * (count_parameters(r) - r.embed.weight.numel())
 
@@ -141,6 +152,7 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeypatch):
     from pipeline.model import LinearCrossEntropy
+
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)  # several chunks and a short last one
     torch.manual_seed(0)
     head = torch.nn.Linear(16, V, bias=bias)
@@ -149,6 +161,7 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeyp
     plain = torch.nn.functional.cross_entropy(head(x).view(-1, V), y.view(-1))
     ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
     from pipeline.model import output_layer
+
     logits, loss = output_layer(head, x, y, return_logits=False)
     assert logits is None and torch.allclose(loss, plain, atol=1e-6)
     got = torch.autograd.grad(loss * 2, [x, *head.parameters()])

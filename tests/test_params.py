@@ -8,6 +8,7 @@ which change nothing in the outputs and re-run nothing.
 The checks run in this process; the command line is run where it is what is under test (the
 one-line error format, `apply` and `check`, `dvc status` and `dvc repro`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,13 @@ from pipeline.common import PipelineError
 
 PRESETS = sorted((REPO / "params").glob("*.yaml"))
 # The params groups each stage reads (its main() loads only these).
-STAGE_GROUPS = {"collect": ("collect",), "clean": ("clean",), "tokenize": ("tokenize",), "train": ("model", "train"),
-                "evaluate": ("evaluate",)}
+STAGE_GROUPS = {
+    "collect": ("collect",),
+    "clean": ("clean",),
+    "tokenize": ("tokenize",),
+    "train": ("model", "train"),
+    "evaluate": ("evaluate",),
+}
 
 
 def group_keys() -> dict[str, set[str]]:
@@ -70,6 +76,7 @@ def params_copy(tmp_path: Path) -> Path:
 
 
 # --- the repository's own params ------------------------------------------------------------------
+
 
 def test_repository_params_yaml_validates():
     p = P.load(REPO / "params.yaml")
@@ -115,6 +122,7 @@ def test_presets_combine_with_merge_and_parse():
 
 
 # --- bad params: one clean line naming the key, from any stage -------------------------------------
+
 
 @pytest.fixture(scope="module")
 def good_params(tmp_path_factory) -> tuple[Path, dict]:
@@ -171,10 +179,13 @@ def test_missing_params_file_is_a_clean_error(tmp_path):
     stage_error("collect", tmp_path, "params.yaml")
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("model.n_layr", 3, "model.n_layr"),
-    ("train.max_steps", 0, "train.max_steps"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("model.n_layr", 3, "model.n_layr"),
+        ("train.max_steps", 0, "train.max_steps"),
+    ],
+)
 def test_bad_params_leave_earlier_outputs_untouched(tmp_path, good_params, key, value, needle):
     _, data = good_params
     write_params(tmp_path, data)
@@ -200,6 +211,7 @@ def test_every_stage_validates_the_whole_file(tmp_path, prepared):
 
 
 # --- float spellings ----------------------------------------------------------------------------
+
 
 def test_exponent_without_dot_is_accepted_for_float_keys(tmp_path, good_params):
     corpus, data = good_params
@@ -227,6 +239,7 @@ def test_quoted_float_string_is_accepted_but_int_keys_stay_strict(good_params):
 
 # --- python -m pipeline.params apply -------------------------------------------------------------
 
+
 def test_apply_overlays_nested_keys_only(params_copy):
     (params_copy / "over.yaml").write_text("model:\n  n_layer: 3\ntrain:\n  lr: 5.0e-4\n", encoding="utf-8")
     base = P.read_yaml(params_copy / "params.yaml")
@@ -236,10 +249,12 @@ def test_apply_overlays_nested_keys_only(params_copy):
     assert after["model"]["n_layer"] == 3
     assert after["train"]["lr"] == 5.0e-4
     # every other key, in the touched groups too, is unchanged
-    assert {k: v for k, v in after["model"].items() if k != "n_layer"} == \
-           {k: v for k, v in base["model"].items() if k != "n_layer"}
-    assert {k: v for k, v in after["train"].items() if k != "lr"} == \
-           {k: v for k, v in base["train"].items() if k != "lr"}
+    assert {k: v for k, v in after["model"].items() if k != "n_layer"} == {
+        k: v for k, v in base["model"].items() if k != "n_layer"
+    }
+    assert {k: v for k, v in after["train"].items() if k != "lr"} == {
+        k: v for k, v in base["train"].items() if k != "lr"
+    }
     for group in ("collect", "clean", "tokenize", "evaluate"):
         assert after[group] == base[group], group
     P.load(params_copy / "params.yaml")
@@ -253,12 +268,15 @@ def test_apply_several_presets_in_order(params_copy):
     assert (p.model.n_layer, p.model.n_head) == (5, 8)
 
 
-@pytest.mark.parametrize("overlay,needle", [
-    ("model:\n  n_head: 5\n", "model.n_embd"),
-    ("model:\n  n_layr: 3\n", "model.n_layr"),
-    ("train:\n  max_steps: 0\n", "train.max_steps"),
-    ("model:\n  arch: transformer\n", "model.arch"),
-])
+@pytest.mark.parametrize(
+    "overlay,needle",
+    [
+        ("model:\n  n_head: 5\n", "model.n_embd"),
+        ("model:\n  n_layr: 3\n", "model.n_layr"),
+        ("train:\n  max_steps: 0\n", "train.max_steps"),
+        ("model:\n  arch: transformer\n", "model.arch"),
+    ],
+)
 def test_apply_refuses_an_overlay_that_makes_params_invalid(params_copy, overlay, needle):
     (params_copy / "bad.yaml").write_text(overlay, encoding="utf-8")
     before = (params_copy / "params.yaml").read_bytes()
@@ -299,6 +317,7 @@ def test_code_defaults_agree_with_params_yaml():
 
 
 # --- dvc.yaml declares exactly the params that change a stage's outputs ----------------------------
+
 
 def declared_params(stage: dict) -> set[str]:
     """The params.yaml keys a dvc.yaml stage declares, as "group.key" (a whole group: all its keys)."""

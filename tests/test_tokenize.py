@@ -3,6 +3,7 @@
 Uses the shared `prepared` project read-only; tests that change it work on a copy. The stage runs
 in this process, and once as a command, for the error a user sees.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ def documents(ids: np.ndarray, eos: int) -> list[list[int]]:
     """Split a token file into its documents: each ends with eos, and the file starts with one."""
     assert ids[0] == eos and ids[-1] == eos
     cuts = np.flatnonzero(ids == eos)
-    return [ids[a + 1:b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
+    return [ids[a + 1 : b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 # --- the tokenizer ------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ def test_control_tokens_stand_for_no_bytes(tok):
 
 # --- the token files ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_sidecar_bytes_are_the_exact_sum_of_token_bytes(prepared, tok, split):
     meta = sidecar(prepared, split)
@@ -104,7 +106,7 @@ def test_sidecar_bytes_are_the_exact_sum_of_token_bytes(prepared, tok, split):
     assert meta["bytes"] == sum(len(r[k].encode("utf-8")) for r in records for k in ("text", "src", "tgt") if k in r)
     assert meta["documents"] == len(records)
     for name, s in meta["sources"].items():
-        assert s["bytes"] == int(tb[ids[s["start"]:s["end"]]].sum()), name
+        assert s["bytes"] == int(tb[ids[s["start"] : s["end"]]].sum()), name
         assert s["documents"] == sum(r["source"] == name for r in records), name
 
 
@@ -132,7 +134,7 @@ def test_documents_and_pairs_are_rendered_in_order(prepared, tok, split):
     assert int((ids == tok.tgt_id).sum()) == n_pairs
     for name, s in meta["sources"].items():
         mine = [r for r in records if r["source"] == name]
-        docs = documents(ids[s["start"] - 1:s["end"]], tok.eos_id)
+        docs = documents(ids[s["start"] - 1 : s["end"]], tok.eos_id)
         assert len(docs) == len(mine)
         for doc, r in zip(docs, mine):
             if "src" in r:
@@ -140,7 +142,7 @@ def test_documents_and_pairs_are_rendered_in_order(prepared, tok, split):
                 assert doc[0] == tok.src_id and doc.count(tok.src_id) == 1 and doc.count(tok.tgt_id) == 1
                 t = doc.index(tok.tgt_id)
                 assert tok.decode(doc[1:t]) == r["src"]
-                assert tok.decode(doc[t + 1:]) == r["tgt"]
+                assert tok.decode(doc[t + 1 :]) == r["tgt"]
             else:
                 assert tok.src_id not in doc and tok.tgt_id not in doc
                 assert tok.decode(doc) == r["text"]
@@ -173,11 +175,13 @@ def test_metrics_report_tokens_and_bytes_per_token_per_split(prepared):
 def test_tokenize_is_deterministic(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
     call_stage("tokenize", folder)
-    assert snapshot(folder, "data/tokens", "metrics/tokenize.json") == \
-           snapshot(prepared, "data/tokens", "metrics/tokenize.json")
+    assert snapshot(folder, "data/tokens", "metrics/tokenize.json") == snapshot(
+        prepared, "data/tokens", "metrics/tokenize.json"
+    )
 
 
 # --- user errors ---------------------------------------------------------------------------------
+
 
 def test_vocab_size_larger_than_the_text_supports_is_a_clean_error(prepared, tmp_path):
     """As a command: sentencepiece's own failure (and its logging) is one line on stderr."""
@@ -222,6 +226,7 @@ def test_the_tokenizer_learns_from_a_deterministic_sample_and_encodes_in_batches
                 assert tok.decode(tok.encode([r[k]])[0]) == r[k]
     # Batch size does not change the token file.
     import pipeline.tokenize as T
+
     monkeypatch.setattr(T, "ENCODE_BATCH", 7)
     monkeypatch.chdir(prepared)
     out = tmp_path / "small_batches.bin"

@@ -5,6 +5,7 @@ Training runs in this process (call_stage) unless the command line is what is un
 and signalling `python -m pipeline.train`, `torchrun`, and the one-line error of a run that fails
 midway.
 """
+
 import csv
 import json
 import os
@@ -44,8 +45,14 @@ def train_metrics(folder: Path) -> dict:
 
 def start_train(folder: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -58,9 +65,22 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def torchrun(folder: Path, nproc: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "pipeline.train"],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "pipeline.train",
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -133,7 +153,9 @@ def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path, capsys):
     folder = copy_project(reference, tmp_path / "p")
     set_params(folder, model={"n_embd": 32}, train={"max_steps": 5, "resume": "strict"})
     stage_error("train", folder, "cannot resume", "model.n_embd", "train.resume")
-    assert (folder / "data/model/last.safetensors").read_bytes() == (reference / "data/model/last.safetensors").read_bytes()
+    assert (folder / "data/model/last.safetensors").read_bytes() == (
+        reference / "data/model/last.safetensors"
+    ).read_bytes()
     set_params(folder, train={"resume": "auto"})
     out = train()
     assert "not resuming" in out and "model.n_embd" in out and "starting fresh" in out
@@ -176,6 +198,7 @@ def test_cuda_out_of_memory_says_which_knob_to_turn(prepared, tmp_path, monkeypa
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(train, "train_step", oom)
     stage_error("train", folder, "out of memory", "lower train.batch_size", "train.batch_tokens")
     assert not (folder / "data/model").exists()
@@ -222,8 +245,7 @@ def test_two_gloo_processes_match_one_process(prepared, tmp_path, one_batch_loss
 
 def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
-    set_params(folder, train={"max_steps": 100000, "time_budget_s": 1.5, "eval_interval": 100000,
-                              "schedule": "wsd"})
+    set_params(folder, train={"max_steps": 100000, "time_budget_s": 1.5, "eval_interval": 100000, "schedule": "wsd"})
     call_stage("train", folder)
     m = train_metrics(folder)
     assert 5 < m["steps"] < 100000
@@ -266,8 +288,17 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
 def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
     """As a command: an error in the middle of training is one line on stderr too."""
     folder = copy_project(prepared, tmp_path / "p")
-    set_params(folder, train={"lr": 1.0e30, "min_lr": 1.0e30, "warmup_steps": 0, "grad_clip": 0.0,
-                              "checkpoint_interval": 1, "eval_interval": 1000})
+    set_params(
+        folder,
+        train={
+            "lr": 1.0e30,
+            "min_lr": 1.0e30,
+            "warmup_steps": 0,
+            "grad_clip": 0.0,
+            "checkpoint_interval": 1,
+            "eval_interval": 1000,
+        },
+    )
     proc = run_stage("train", folder, check=False)
     assert proc.returncode == 1
     assert_clean_error(proc, "loss became", "train.lr", "data/checkpoints")

@@ -3,6 +3,7 @@
 The stages run in this process (what they compute, the errors they raise); `python -m
 pipeline.generate` runs as a command where its output and error format are what is under test.
 """
+
 import csv
 import json
 import math
@@ -94,7 +95,9 @@ def test_evaluate_reports_bits_per_byte_and_baselines(trained):
     ev = json.loads((trained / "metrics/eval.json").read_text())
     for split in ("val", "test"):
         s = ev[split]
-        assert s["bits_per_byte"] == pytest.approx(s["cross_entropy"] * s["tokens"] / math.log(2) / s["bytes"], rel=1e-3)
+        assert s["bits_per_byte"] == pytest.approx(
+            s["cross_entropy"] * s["tokens"] / math.log(2) / s["bytes"], rel=1e-3
+        )
         assert s["perplexity"] == pytest.approx(math.exp(s["cross_entropy"]), rel=1e-3)
         # The model beats the unigram baseline after 60 steps on this repetitive corpus, and a
         # bigram model of train beats the unigram one.
@@ -151,8 +154,9 @@ def test_generate_command_streams_the_seeded_continuation(trained, trained_model
 def test_generate_translates_a_pair_prompt(trained, trained_model, capsys, beam_size):
     """--translate renders `<src> text <tgt>` and decodes the target greedily (or by beam search)."""
     tok, model = trained_model
-    call_stage("generate", trained, "--translate", "Jesus wept.", "--max-new-tokens", "20",
-               "--beam-size", str(beam_size))
+    call_stage(
+        "generate", trained, "--translate", "Jesus wept.", "--max-new-tokens", "20", "--beam-size", str(beam_size)
+    )
     prompt = tok.pair_prompt(tok.encode(["Jesus wept."])[0])
     assert prompt == [tok.eos_id, tok.src_id, *tok.encode(["Jesus wept."])[0], tok.tgt_id]
     (new,) = generate(model, [prompt], tok.eos_id, Decoding(max_new_tokens=20, beam_size=beam_size))
@@ -218,8 +222,8 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_pro
         finished = len(new) < limit  # generate() drops the eos that ended it
         seq = torch.tensor([prompt + new + ([tok.eos_id] if finished else [])])
         logits, _ = model(seq[:, :-1])
-        logp = torch.log_softmax(logits[0, len(prompt) - 1:], dim=-1)
-        return logp.gather(1, seq[0, len(prompt):, None]).sum().item()
+        logp = torch.log_softmax(logits[0, len(prompt) - 1 :], dim=-1)
+        return logp.gather(1, seq[0, len(prompt) :, None]).sum().item()
 
     for p in prompts:
         g = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=limit))[0]
@@ -246,8 +250,8 @@ def test_text_statistics_on_known_text():
     from pipeline.scoring import text_statistics
 
     s = text_statistics(["a b a b a b", "c d e f"])
-    assert s["distinct_1"] == pytest.approx(6 / 10)      # a b c d e f over 10 words
-    assert s["distinct_2"] == pytest.approx(5 / 8)       # ab ba (x2 each... ) cd de ef
+    assert s["distinct_1"] == pytest.approx(6 / 10)  # a b c d e f over 10 words
+    assert s["distinct_2"] == pytest.approx(5 / 8)  # ab ba (x2 each... ) cd de ef
     assert s["repeated_4gram_fraction"] == pytest.approx(1 / 4)  # abab, baba, abab | cdef
     assert s["mean_words"] == 5.0 and s["texts"] == 2
 

@@ -1,5 +1,6 @@
 """Zip and tar archives: the members matching a glob, in name order; a member that would land
 outside the archive's folder if extracted (an absolute path, `..`, a link) is refused."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ def archive_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the archive members matching `pattern`, in name order."""
     try:
         with _archive_entries(archive) as entries:
-            for name, is_link, read in sorted((entry for entry in entries if fnmatch.fnmatchcase(entry[0], pattern)),
-                                              key=lambda entry: entry[0]):
+            for name, is_link, read in sorted(
+                (entry for entry in entries if fnmatch.fnmatchcase(entry[0], pattern)), key=lambda entry: entry[0]
+            ):
                 check_member(archive, name, is_link)
                 data = read()
                 if data is not None:
@@ -44,12 +46,22 @@ def _archive_entries(archive: Path) -> Iterator[list[tuple[str, bool, Callable[[
     read() returns the member's bytes, or None for a tar member that is not a regular file."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zip_file:
-            yield [(info.filename, (info.external_attr >> 16) & 0o170000 == 0o120000,
-                    functools.partial(zip_file.read, info)) for info in zip_file.infolist() if not info.is_dir()]
+            yield [
+                (
+                    info.filename,
+                    (info.external_attr >> 16) & 0o170000 == 0o120000,
+                    functools.partial(zip_file.read, info),
+                )
+                for info in zip_file.infolist()
+                if not info.is_dir()
+            ]
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
-            yield [(member.name, member.issym() or member.islnk(), functools.partial(_tar_file_bytes, tar, member))
-                   for member in tar.getmembers() if not member.isdir()]
+            yield [
+                (member.name, member.issym() or member.islnk(), functools.partial(_tar_file_bytes, tar, member))
+                for member in tar.getmembers()
+                if not member.isdir()
+            ]
     else:
         raise PipelineError(f"{archive}: neither a zip nor a tar archive")
 

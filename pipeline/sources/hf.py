@@ -1,5 +1,6 @@
 """Hugging Face datasets (the [hf] extra): rows streamed by `datasets.load_dataset`, from the hub or
 from local files, as records."""
+
 from __future__ import annotations
 
 import glob
@@ -18,7 +19,9 @@ def records_from_hf(src: Source, stats: Counter) -> Iterator[dict]:
     try:
         import datasets
     except ImportError:
-        raise PipelineError(f"source '{src.name}': kind 'hf' needs the datasets library: pip install -e \".[hf]\"") from None
+        raise PipelineError(
+            f"source '{src.name}': kind 'hf' needs the datasets library: pip install -e \".[hf]\""
+        ) from None
     datasets.disable_progress_bars()
     where = f"source '{src.name}' (dataset {src.dataset!r})"
     files = [str(Path(os.path.expanduser(f))) for f in src.data_files]
@@ -26,8 +29,16 @@ def records_from_hf(src: Source, stats: Counter) -> Iterator[dict]:
         if not glob.glob(pattern):
             raise PipelineError(f"{where}: no file matches data_files '{pattern}'")
     try:
-        rows = iter(datasets.load_dataset(src.dataset, src.config or None, data_files=files or None,
-                                          split=src.hf_split, revision=src.revision or None, streaming=True))
+        rows = iter(
+            datasets.load_dataset(
+                src.dataset,
+                src.config or None,
+                data_files=files or None,
+                split=src.hf_split,
+                revision=src.revision or None,
+                streaming=True,
+            )
+        )
         columns = named_columns(src)
         for i, row in enumerate(rows):
             stats["rows"] += 1

@@ -1,4 +1,5 @@
 """read_documents: a source's files (or archive members) as records, by the source's format."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,8 +14,9 @@ from pipeline.sources.tables import records_from_sqlite, records_from_table
 from pipeline.sources.text import decode_text, documents, text_lines
 
 
-def read_documents(src: Source, files: Iterator[tuple[str, bytes | Path]], scratch: Path,
-                   stats: Counter) -> Iterator[dict]:
+def read_documents(
+    src: Source, files: Iterator[tuple[str, bytes | Path]], scratch: Path, stats: Counter
+) -> Iterator[dict]:
     """Records of each file. Text, JSON lines, CSV/TSV and Parquet are streamed (memory: a document
     or a chunk of rows); the other formats read a file (or archive member) at a time."""
     columns = named_columns(src)
@@ -47,9 +49,10 @@ def read_documents(src: Source, files: Iterator[tuple[str, bytes | Path]], scrat
         if src.format == "gettext":
             yield from records_from_catalog(data, name, stats)
         elif src.format == "aligned":
-            (tgt_name, tgt_path), = local_files(src, src.target_path)
+            ((tgt_name, tgt_path),) = local_files(src, src.target_path)
             tgt_data = read_local(tgt_path)
-            yield from records_from_aligned(decode_text(data, name, stats), decode_text(tgt_data, tgt_name, stats),
-                                            name, tgt_name, stats)
+            yield from records_from_aligned(
+                decode_text(data, name, stats), decode_text(tgt_data, tgt_name, stats), name, tgt_name, stats
+            )
         else:
             yield from records_from_sqlite(data, src.query, name, scratch)

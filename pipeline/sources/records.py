@@ -1,5 +1,6 @@
 """The record schema, a document {"text"} or a pair {"src", "tgt"} plus its "origin", and the
 line-based record readers: JSON lines, and two aligned files of sentence pairs."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) 
         elif isinstance(row.get("text"), str):
             columns = ("text", ["text"])
         else:
-            raise PipelineError(f"{where}: expected a string 'text' field, or string 'src' and 'tgt' fields "
-                                f"(or name them with text_columns / pair_columns)")
+            raise PipelineError(
+                f"{where}: expected a string 'text' field, or string 'src' and 'tgt' fields "
+                f"(or name them with text_columns / pair_columns)"
+            )
     kind, names = columns
     values = []
     for name in names:
@@ -57,13 +60,15 @@ def records_from_jsonl(lines: Iterable[str], origin: str, columns=None) -> Itera
         except json.JSONDecodeError:
             raise PipelineError(f"{origin}:{lineno}: not valid JSON") from None
         if not isinstance(obj, dict):
-            raise PipelineError(f"{origin}:{lineno}: expected an object with a string 'text' field, "
-                                f"or string 'src' and 'tgt' fields")
+            raise PipelineError(
+                f"{origin}:{lineno}: expected an object with a string 'text' field, or string 'src' and 'tgt' fields"
+            )
         yield record(obj, columns, origin, f"{origin}:{lineno}")
 
 
-def records_from_aligned(src_text: str, tgt_text: str, src_origin: str, tgt_origin: str,
-                         stats: Counter) -> Iterator[dict]:
+def records_from_aligned(
+    src_text: str, tgt_text: str, src_origin: str, tgt_origin: str, stats: Counter
+) -> Iterator[dict]:
     """Pairs from two files whose line i translate each other; a line empty on either side is skipped."""
     src_lines = src_text.replace("\r\n", "\n").split("\n")
     tgt_lines = tgt_text.replace("\r\n", "\n").split("\n")
@@ -71,8 +76,10 @@ def records_from_aligned(src_text: str, tgt_text: str, src_origin: str, tgt_orig
         if lines and lines[-1] == "":
             lines.pop()
     if len(src_lines) != len(tgt_lines):
-        raise PipelineError(f"{src_origin} has {len(src_lines)} lines but {tgt_origin} has {len(tgt_lines)}; "
-                            f"aligned files need one line per sentence on both sides")
+        raise PipelineError(
+            f"{src_origin} has {len(src_lines)} lines but {tgt_origin} has {len(tgt_lines)}; "
+            f"aligned files need one line per sentence on both sides"
+        )
     for src_line, tgt_line in zip(src_lines, tgt_lines):
         if src_line.strip() and tgt_line.strip():
             yield {"src": src_line.strip(), "tgt": tgt_line.strip(), "origin": src_origin.rsplit("/", 1)[-1]}

@@ -1,5 +1,6 @@
 """Tables: CSV, TSV and Parquet files read by pandas a chunk of rows at a time, and SQLite
 databases (archive members) read by a query."""
+
 from __future__ import annotations
 
 import csv
@@ -65,9 +66,14 @@ def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> I
     with open_stream(data) as f:
         reader = _LinesAsFile(text_lines(f, origin, stats))
         try:
-            yield from pd.read_csv(reader, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
-                                   quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
-                                   chunksize=TABLE_ROWS)
+            yield from pd.read_csv(
+                reader,
+                sep="," if fmt == "csv" else "\t",
+                dtype=str,
+                keep_default_na=False,
+                quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
+                chunksize=TABLE_ROWS,
+            )
         except pd.errors.EmptyDataError:
             return
 
@@ -96,8 +102,12 @@ def records_from_table(data: bytes | Path, fmt: str, origin: str, columns, stats
             if fmt == "parquet" and not (pd.api.types.is_string_dtype(df[name]) or df[name].dtype == object):
                 raise PipelineError(f"{origin}: column {name!r} holds {df[name].dtype}, expected strings")
         for row in df[columns[1]].itertuples(index=False, name=None):
-            yield record(dict(zip(columns[1], row)), columns, origin,
-                         f"{origin}:{row_number}" if fmt != "parquet" else f"{origin} row {row_number}")
+            yield record(
+                dict(zip(columns[1], row)),
+                columns,
+                origin,
+                f"{origin}:{row_number}" if fmt != "parquet" else f"{origin} row {row_number}",
+            )
             row_number += 1
 
 

@@ -1,6 +1,7 @@
 """Text: UTF-8 decoding with its damage counted (invalid bytes become U+FFFD, NUL bytes and a BOM
 are removed), the check that refuses binary files, a file's lines read as a stream, and cutting
 lines into documents (the whole file, paragraphs or lines, optionally merged into chunks)."""
+
 from __future__ import annotations
 
 import itertools
@@ -95,6 +96,7 @@ def documents(lines: Iterable[str], how: str, chunk_chars: int) -> Iterator[str]
     characters, so a long work becomes many documents of similar size (what the split needs).
     Streams: memory holds one document.
     """
+
     def units() -> Iterator[str]:
         if how == "file":
             text = "\n".join(lines).strip("\n")
