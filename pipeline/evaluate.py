@@ -27,7 +27,16 @@ from pipeline.checkpoint import load_model
 from pipeline.common import atomic_write_text, read_json, read_jsonl, run_main, set_torch_threads, write_json
 from pipeline.generate import Decoding, generate
 from pipeline.report import first_per_prompt, translation_table, write_report
-from pipeline.scoring import NgramBaselines, bits_per_byte, corpus_scores, nats_of_range, summarize, text_statistics
+from pipeline.scoring import (
+    NgramBaselines,
+    bits_per_byte,
+    bleu_tokenizer,
+    corpus_scores,
+    nats_of_range,
+    summarize,
+    text_statistics,
+    units,
+)
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens
 
 CHECKPOINT = Path("data/model/best.safetensors")
@@ -66,12 +75,12 @@ def score_split(model, split: str, baselines: NgramBaselines, batch_size: int, s
         result["sources"][name] = split_scores(counts)
         total.update(counts)
     result.update(split_scores(total))
-    result["bits_per_byte_vs_unigram"] = round(result["bits_per_byte"] / result["unigram_bits_per_byte"], 4)
     return result
 
 
 def split_scores(counts) -> dict:
-    return {
+    """Cross-entropy, perplexity and bits per byte of the model and the baselines, from summed counts."""
+    scores = {
         **summarize(counts["nats"], counts["tokens"], counts["bytes"]),
         "unigram_bits_per_byte": bits_per_byte(counts["uni"], counts["bytes"]),
         "bigram_bits_per_byte": bits_per_byte(counts["bi"], counts["bytes"]),
@@ -81,45 +90,63 @@ def split_scores(counts) -> dict:
             "bigram_bits_per_byte": bits_per_byte(counts["text_bi"], counts["bytes"]),
         },
     }
+    scores["bits_per_byte_vs_unigram"] = round(scores["bits_per_byte"] / max(scores["unigram_bits_per_byte"], 1e-9), 4)
+    return scores
 
 
 def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[dict | None, list[dict]]:
-    pairs = [r for r in read_jsonl(CLEAN_DIR / "test.jsonl") if "src" in r]
-    if e.max_pairs:
-        pairs = pairs[: e.max_pairs]
-    if not pairs:
+    """Translate the test pairs of each pair source (a direction), score them against the references
+    with the BLEU tokenizer that fits the target's script, beside copying the source."""
+    by_source: dict[str, list[dict]] = {}
+    for r in read_jsonl(CLEAN_DIR / "test.jsonl"):
+        if "src" in r:
+            by_source.setdefault(r["source"], []).append(r)
+    if not by_source:
         return None, []
     new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
     # Keep room for the target: a source longer than the context is cut from the left.
     room = model.block_size - new_tokens if model.bounded_context else None
-    prompts = [
-        tok.pair_prompt(ids)[-room:] if room else tok.pair_prompt(ids) for ids in tok.encode([r["src"] for r in pairs])
-    ]
-    refs = [r["tgt"] for r in pairs]
-    result: dict = {
-        "pairs": len(pairs),
-        "beam_size": e.beam_size,
-        "bootstrap_samples": e.bootstrap,
-        "max_target_ratio": e.max_target_ratio,
-    }
-    hyps = {}
     decodings = {"greedy": Decoding(new_tokens, e.max_target_ratio)}
     if e.beam_size > 1:
         decodings["beam"] = Decoding(
             new_tokens, e.max_target_ratio, beam_size=e.beam_size, length_penalty=e.length_penalty
         )
-    for name, decoding in decodings.items():
-        out = generate(
-            model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device, progress=f"translate ({name})"
-        )
-        hyps[name] = [tok.decode(o).strip() for o in out]
-        result[name], signatures = corpus_scores(hyps[name], refs, e.bootstrap)
-    result["copy_source"], _ = corpus_scores([r["src"] for r in pairs], refs, e.bootstrap)
-    result["signatures"] = signatures
-    shown = [
-        {"src": r["src"], "ref": r["tgt"], **{k: h[i] for k, h in hyps.items()}}
-        for i, r in enumerate(pairs[:SHOWN_TRANSLATIONS])
-    ]
+    result: dict = {
+        "beam_size": e.beam_size,
+        "bootstrap_samples": e.bootstrap,
+        "max_target_ratio": e.max_target_ratio,
+        "directions": {},
+    }
+    shown = []
+    for source, pairs in by_source.items():
+        pairs = pairs[: e.max_pairs] if e.max_pairs else pairs
+        prompts = [
+            tok.pair_prompt(ids)[-room:] if room else tok.pair_prompt(ids)
+            for ids in tok.encode([r["src"] for r in pairs])
+        ]
+        refs = [r["tgt"] for r in pairs]
+        tokenize = bleu_tokenizer(refs)
+        direction: dict = {"pairs": len(pairs), "bleu_tokenize": tokenize}
+        hyps = {}
+        for name, decoding in decodings.items():
+            out = generate(
+                model,
+                prompts,
+                tok.eos_id,
+                decoding,
+                batch_size=e.batch_size,
+                device=device,
+                progress=f"translate {source} ({name})",
+            )
+            hyps[name] = [tok.decode(o).strip() for o in out]
+            direction[name], signatures = corpus_scores(hyps[name], refs, e.bootstrap, tokenize=tokenize)
+        direction["copy_source"], _ = corpus_scores([r["src"] for r in pairs], refs, e.bootstrap, tokenize=tokenize)
+        direction["signatures"] = signatures
+        result["directions"][source] = direction
+        shown += [
+            {"direction": source, "src": r["src"], "ref": r["tgt"], **{k: h[i] for k, h in hyps.items()}}
+            for i, r in enumerate(pairs[:SHOWN_TRANSLATIONS])
+        ]
     return result, shown
 
 
@@ -147,7 +174,7 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
     val = list(read_jsonl(CLEAN_DIR / "val.jsonl"))
     docs = [r["text"] for r in val if "text" in r] or [r["tgt"] for r in val if "tgt" in r]
     reference = (
-        [" ".join(docs[i % len(docs)].split()[: max(len(t.split()), 1)]) for i, t in enumerate(texts)] if docs else []
+        [" ".join(units(docs[i % len(docs)])[: max(len(units(t)), 1)]) for i, t in enumerate(texts)] if docs else []
     )
     return samples, {"model": text_statistics(texts), "held_out_text": text_statistics(reference)}
 
@@ -189,13 +216,12 @@ def main() -> None:
     t1 = time.perf_counter()
     metrics["translation"], shown = translate_test_pairs(model, tok, e, device)
     t2 = time.perf_counter()
-    if metrics["translation"]:
-        translation = metrics["translation"]
-        greedy, best = translation["greedy"], translation.get("beam", translation["greedy"])
+    for source, direction in (metrics["translation"] or {}).get("directions", {}).items():
+        greedy, best = direction["greedy"], direction.get("beam", direction["greedy"])
         print(
-            f"evaluate: test translation of {translation['pairs']} pairs: BLEU {greedy['bleu']} greedy, "
-            f"{best['bleu']} beam; chrF {greedy['chrf']} greedy, {best['chrf']} beam; "
-            f"copying the source: BLEU {translation['copy_source']['bleu']}",
+            f"evaluate: test translation, {source} ({direction['pairs']} pairs): chrF {greedy['chrf']} greedy, "
+            f"{best['chrf']} beam; BLEU ({direction['bleu_tokenize']}) {greedy['bleu']} greedy, {best['bleu']} beam; "
+            f"copying the source: chrF {direction['copy_source']['chrf']}, BLEU {direction['copy_source']['bleu']}",
             flush=True,
         )
     samples, metrics["generation"] = sample_prompts(model, tok, e, device)

@@ -70,19 +70,27 @@ def _ci(scores: dict, name: str) -> str:
 
 
 def translation_table(translations: list[dict]) -> list[str]:
+    """Example translations, a table per direction (pair source)."""
+
     def esc(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
     cols = [k for k in ("greedy", "beam") if k in translations[0]]
-    lines = [
-        "## Translations",
-        "",
-        "| source | reference | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
-    for row in translations:
-        lines.append(f"| {esc(row['src'])} | {esc(row['ref'])} | " + " | ".join(esc(row[c]) for c in cols) + " |")
-    return lines + [""]
+    lines = ["## Translations", ""]
+    for direction in dict.fromkeys(row["direction"] for row in translations):
+        lines += [
+            f"{direction}:",
+            "",
+            "| source | reference | " + " | ".join(cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+        ]
+        for row in translations:
+            if row["direction"] == direction:
+                lines.append(
+                    f"| {esc(row['src'])} | {esc(row['ref'])} | " + " | ".join(esc(row[c]) for c in cols) + " |"
+                )
+        lines.append("")
+    return lines
 
 
 def first_per_prompt(samples: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -111,12 +119,14 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
         "",
     ]
     translation = metrics.get("translation")
-    if translation:
-        best = translation.get("beam", translation["greedy"])
+    directions = translation["directions"] if translation else {}
+    for source, direction in directions.items():
+        best = direction.get("beam", direction["greedy"])
+        decoding = f"beam {translation['beam_size']}" if "beam" in direction else "greedy"
         lines += [
-            f"On {translation['pairs']:,} held-out translation pairs it reaches BLEU {best['bleu']} and chrF {best['chrf']} "
-            f"({'beam ' + str(translation['beam_size']) if 'beam' in translation else 'greedy'}); copying the source scores "
-            f"BLEU {translation['copy_source']['bleu']}, chrF {translation['copy_source']['chrf']}.",
+            f"Translating {direction['pairs']:,} held-out pairs of {source}, it reaches chrF {best['chrf']} and BLEU "
+            f"{best['bleu']} ({decoding}); copying the source scores chrF {direction['copy_source']['chrf']}, "
+            f"BLEU {direction['copy_source']['bleu']}.",
             "",
         ]
 
@@ -188,23 +198,27 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
                 ]
             )
     lines += _table(["split / source", "model bits/byte", "text tokens alone", "unigram", "bigram", "perplexity"], rows)
-    if translation:
+    for source, direction in directions.items():
         rows = [
-            [name, _ci(translation[name], "bleu"), _ci(translation[name], "chrf"), _ci(translation[name], "ter")]
+            [name, _ci(direction[name], "chrf"), _ci(direction[name], "bleu"), _ci(direction[name], "ter")]
             for name in ("greedy", "beam", "copy_source")
-            if name in translation
+            if name in direction
         ]
         lines += [
-            f"Translation of {translation['pairs']:,} test pairs (95% bootstrap intervals, {translation['bootstrap_samples']} samples; "
+            f"Translation, {source}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
+            f"{translation['bootstrap_samples']} samples; BLEU tokenizer `{direction['bleu_tokenize']}`; "
             "TER: lower is better):",
             "",
         ]
-        lines += _table(["decoding", "BLEU", "chrF", "TER"], rows)
-        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in translation["signatures"].values()), ""]
+        lines += _table(["decoding", "chrF", "BLEU", "TER"], rows)
+        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in direction["signatures"].values()), ""]
     generation = metrics.get("generation")
     if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
-        lines += ["Sampled text beside real held-out text of the same lengths (words split on spaces):", ""]
+        lines += [
+            "Sampled text beside real held-out text of the same lengths (in words; a character counts as one in scripts written without spaces):",
+            "",
+        ]
         lines += _table(
             ["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")]
         )

@@ -7,13 +7,16 @@
   loss on special tokens is also returned, for bits per byte of the text tokens alone (as nanochat
   reports it).
 - `NgramBaselines`: unigram and bigram models counted on train, the baselines beside the model.
-- `corpus_scores`: BLEU, chrF and TER (sacrebleu) with bootstrap confidence intervals.
-- `text_statistics`: diversity of generated text (distinct-n, repeated 4-grams, length).
+- `corpus_scores`: chrF, BLEU and TER (sacrebleu) with bootstrap confidence intervals;
+  `bleu_tokenizer` picks BLEU's tokenizer from the references' script (`zh` for Chinese...).
+- `text_statistics`: diversity of generated text (distinct-n, repeated 4-grams, length), in
+  `units`: words, or characters in scripts written without spaces (Chinese, Japanese, Thai).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -90,8 +93,40 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
     return round(nats / math.log(2) / max(n_bytes, 1), 4)
 
 
-def corpus_scores(hyps: list[str], refs: list[str], n_bootstrap: int, seed: int = 12345) -> tuple[dict, dict]:
-    """BLEU, chrF and TER with 95% bootstrap confidence intervals; and their signatures.
+# Scripts written without spaces between words: each of their characters is a unit of its own
+# (the way sacrebleu's zh tokenizer and chrF see them). Han, kana, Thai, Lao, Myanmar, Khmer.
+NO_SPACE_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+UNIT = re.compile(f"[{NO_SPACE_CHARS}]|[^\\s{NO_SPACE_CHARS}]+")
+KANA, HAN = re.compile("[\u3040-\u30ff]"), re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+NO_SPACE = re.compile(f"[{NO_SPACE_CHARS}]")
+
+
+def units(text: str) -> list[str]:
+    """Whitespace words, with each character of a script written without spaces a unit of its own."""
+    return UNIT.findall(text)
+
+
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's tokenizer for references in this script: `zh` for Chinese, `ja-mecab` for
+    Japanese (`char` without MeCab), `char` for other scripts without spaces, `13a` otherwise."""
+    import importlib.util
+
+    sample = "".join(references[:2000])
+    letters = max(sum(ch.isalpha() for ch in sample), 1)
+    if len(KANA.findall(sample)) > 0.05 * letters:
+        return "ja-mecab" if importlib.util.find_spec("MeCab") and importlib.util.find_spec("ipadic") else "char"
+    if len(HAN.findall(sample)) > 0.3 * letters:
+        return "zh"
+    if len(NO_SPACE.findall(sample)) > 0.3 * letters:
+        return "char"
+    return "13a"
+
+
+def corpus_scores(
+    hyps: list[str], refs: list[str], n_bootstrap: int, seed: int = 12345, tokenize: str = "13a"
+) -> tuple[dict, dict]:
+    """chrF, BLEU (with sacrebleu's tokenizer `tokenize`) and TER with 95% bootstrap confidence
+    intervals; and their signatures.
 
     The interval resamples the test sentences `n_bootstrap` times and recomputes each corpus
     score from sacrebleu's per-sentence sufficient statistics, as `corpus_score(n_bootstrap=...)`
@@ -102,7 +137,12 @@ def corpus_scores(hyps: list[str], refs: list[str], n_bootstrap: int, seed: int 
     scores, signatures = {}, {}
     rng = np.random.default_rng(seed)
     resamples = rng.integers(0, len(hyps), size=(n_bootstrap, len(hyps))) if n_bootstrap > 1 else None
-    for name, metric in (("bleu", sacrebleu.BLEU()), ("chrf", sacrebleu.CHRF()), ("ter", sacrebleu.TER())):
+    metrics = (
+        ("chrf", sacrebleu.CHRF()),
+        ("bleu", sacrebleu.BLEU(tokenize=tokenize)),
+        ("ter", sacrebleu.TER(asian_support=tokenize != "13a")),
+    )
+    for name, metric in metrics:
         scores[name] = round(float(metric.corpus_score(hyps, [refs]).score), 2)
         signatures[name] = str(metric.get_signature())
         if resamples is not None:
@@ -114,8 +154,9 @@ def corpus_scores(hyps: list[str], refs: list[str], n_bootstrap: int, seed: int 
 
 
 def text_statistics(texts: list[str]) -> dict:
-    """Diversity of text, on whitespace words: distinct-1/2 over all texts, repeated 4-grams within each."""
-    words = [t.split() for t in texts]
+    """Diversity of text, in `units` (words; a character in scripts without spaces): distinct-1/2
+    over all texts, repeated 4-grams within each, mean length."""
+    words = [units(t) for t in texts]
 
     def ngrams(w, n):
         return [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]

@@ -50,9 +50,10 @@ def test_repro_writes_every_output_and_sane_metrics(repo):
     assert train["final_val_loss"] < 6.2  # ln(512) = 6.24 at the start
     ev = load(repo, "eval.json")
     assert 0 < ev["test"]["bits_per_byte"] < ev["test"]["unigram_bits_per_byte"]
-    assert ev["translation"]["pairs"] == 20
-    assert ev["translation"]["signatures"]["bleu"].startswith("nrefs:1|")
-    assert ev["translation"]["beam"]["chrf"] >= 0 and ev["val"]["bigram_bits_per_byte"] > 0
+    direction = ev["translation"]["directions"]["bible_en_ru"]
+    assert direction["pairs"] == 20 and direction["bleu_tokenize"] == "13a"
+    assert direction["signatures"]["bleu"].startswith("nrefs:1|")
+    assert direction["beam"]["chrf"] >= 0 and ev["val"]["bigram_bits_per_byte"] > 0
 
 
 def test_repro_again_does_nothing(repo):

@@ -9,6 +9,7 @@ midway.
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,20 @@ def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp
     assert state["progress"]["step"] == 60 and state["progress"]["tokens_seen"] == 60 * 16 * 64
     assert len(state["progress"]["rng"]) == 1 and "state" in state["optimizer"]
     assert state["loader"]["next_step"] == 60 and state["scheduler"]["schedule"] == "cosine"
+
+
+def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):
+    """Dropout draws from torch's global RNG, saved in each checkpoint: nothing else (such as
+    measuring the CPU's peak FLOP/s for MFU) may draw from it between the restore and the steps."""
+    reference = copy_project(prepared, tmp_path / "ref")
+    set_params(reference, model={"dropout": 0.1}, train={"checkpoint_interval": 10})
+    call_stage("train", reference)
+    folder = copy_project(reference, tmp_path / "p")
+    shutil.rmtree(folder / "data/checkpoints/step_0000060")  # resume from step 50
+    shutil.rmtree(folder / "data/model")
+    call_stage("train", folder)
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):

@@ -80,7 +80,7 @@ def test_recurrent_baselines_train_and_evaluate(prepared, tmp_path, arch):
     call_stage("train", folder)
     call_stage("evaluate", folder)
     ev = json.loads((folder / "metrics/eval.json").read_text())
-    assert ev["val"]["bits_per_byte"] > 0 and ev["translation"]["pairs"] == 20
+    assert ev["val"]["bits_per_byte"] > 0 and ev["translation"]["directions"]["pairs"]["pairs"] == 20
 
 
 def test_block_size_larger_than_token_file_is_a_clean_error(trained, tmp_path):
@@ -109,17 +109,26 @@ def test_evaluate_reports_bits_per_byte_and_baselines(trained):
 
 def test_evaluate_scores_translation_with_confidence_intervals_and_baseline(trained):
     tr = json.loads((trained / "metrics/eval.json").read_text())["translation"]
-    assert tr["pairs"] == 20 and tr["beam_size"] == 2
+    assert tr["beam_size"] == 2 and tr["bootstrap_samples"] == 100
+    assert list(tr["directions"]) == ["pairs"]  # one direction per pair source
+    direction = tr["directions"]["pairs"]
+    assert direction["pairs"] == 20 and direction["bleu_tokenize"] == "13a"  # Russian references
     for decoding in ("greedy", "beam", "copy_source"):
-        scores = tr[decoding]
+        scores = direction[decoding]
         for metric in ("bleu", "chrf", "ter"):
             assert 0 <= scores[metric] and scores[f"{metric}_ci95"] >= 0, (decoding, metric)
         assert scores["chrf"] <= 100 and scores["bleu"] <= 100
     # Copying an English source scores near zero chrF against Russian references.
-    assert tr["copy_source"]["chrf"] < 15
-    sig = tr["signatures"]
-    assert sig["bleu"].startswith("nrefs:1|") and tr["bootstrap_samples"] == 100
+    assert direction["copy_source"]["chrf"] < 15
+    sig = direction["signatures"]
+    assert sig["bleu"].startswith("nrefs:1|") and "tok:13a" in sig["bleu"]
     assert "chrF" not in sig["bleu"] and set(sig) == {"bleu", "chrf", "ter"}
+    # Per source, the model's bits per byte beside the unigram's, as for the split.
+    ev = json.loads((trained / "metrics/eval.json").read_text())
+    for source in ev["test"]["sources"].values():
+        assert source["bits_per_byte_vs_unigram"] == pytest.approx(
+            source["bits_per_byte"] / source["unigram_bits_per_byte"], abs=1e-3
+        )
 
 
 def test_evaluate_writes_generation_statistics_samples_and_report(trained):
@@ -128,11 +137,12 @@ def test_evaluate_writes_generation_statistics_samples_and_report(trained):
     for k in ("distinct_1", "distinct_2", "repeated_4gram_fraction"):
         assert 0 <= g["model"][k] <= 1 and 0 <= g["held_out_text"][k] <= 1
     samples = (trained / "metrics/samples.md").read_text()
-    assert "## ROMEO:" in samples and "| source | reference | greedy | beam |" in samples
+    assert "## ROMEO:" in samples and "pairs:\n\n| source | reference | greedy | beam |" in samples
     report = (trained / "metrics/report.md").read_text()
     for section in ("# Evaluation report", "## Model", "## Data", "## Metrics", "## Loss", "## Samples"):
         assert section in report, section
     assert "sonnets" in report and "bits per byte" in report and "| greedy |" in report
+    assert "Translation, pairs: 20 test pairs" in report and "| decoding | chrF | BLEU | TER |" in report
     assert (trained / "metrics/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -254,6 +264,35 @@ def test_text_statistics_on_known_text():
     assert s["distinct_2"] == pytest.approx(5 / 8)  # ab ba (x2 each... ) cd de ef
     assert s["repeated_4gram_fraction"] == pytest.approx(1 / 4)  # abab, baba, abab | cdef
     assert s["mean_words"] == 5.0 and s["texts"] == 2
+
+
+def test_text_statistics_count_characters_in_scripts_without_spaces():
+    from pipeline.scoring import text_statistics, units
+
+    assert units("Blessed are   the meek.") == "Blessed are   the meek.".split()
+    assert units("Резервное копирование данных") == ["Резервное", "копирование", "данных"]
+    assert units("资源类型 (Resource Types)") == ["资", "源", "类", "型", "(Resource", "Types)"]
+    s = text_statistics(["在起初神创造天地", "地是空虚混沌"])
+    assert s["mean_words"] == 7.0  # characters, not the one "word" per line that spaces give
+    assert s["distinct_1"] == pytest.approx(13 / 14, abs=1e-4)  # 地 twice
+
+
+def test_bleu_tokenizer_follows_the_script_of_the_references():
+    from pipeline.scoring import bleu_tokenizer, corpus_scores
+
+    assert bleu_tokenizer(["В начале сотворил Бог небо и землю."]) == "13a"
+    assert bleu_tokenizer(["In the beginning God created the heaven and the earth."]) == "13a"
+    assert bleu_tokenizer(["起初，神创造天地。", "资源类型"]) == "zh"
+    assert bleu_tokenizer(["สวัสดีครับ"]) == "char"  # Thai: no spaces, no sacrebleu tokenizer of its own
+    assert bleu_tokenizer(["はじめに神は天と地とを創造された。"]) in ("ja-mecab", "char")
+    # Copying an English source against Chinese references: 13a sees each Chinese sentence as one
+    # word, so a hypothesis sharing a few characters scores nothing, while zh scores the characters.
+    refs = ["起初神创造天地", "地是空虚混沌"]
+    hyps = ["起初神创造", "地是空虚"]
+    zh, sig = corpus_scores(hyps, refs, 0, tokenize="zh")
+    plain, _ = corpus_scores(hyps, refs, 0)
+    assert zh["bleu"] > 30 and plain["bleu"] == 0.0
+    assert "tok:zh" in sig["bleu"] and "asian_support" not in sig["bleu"]
 
 
 def test_bootstrap_interval_agrees_with_sacrebleus_own():
