@@ -88,7 +88,7 @@ class Clean:
     normalization: Literal["NFC", "NFKC"] = "NFC"
     min_chars: int = 3
     max_chars: int = 20000
-    max_length_ratio: float = 3.0
+    max_length_ratio: float = 3.0  # pairs: longer / shorter side, in characters (a CJK one counts 3)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     split_salt: str = "lmpipe"

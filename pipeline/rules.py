@@ -24,15 +24,25 @@ QUALITY_REASONS = (
     "quality_symbols",
 )
 
+# A digit, in any script but the full-width forms (０-９): Chinese and Japanese text writes
+# statistics and dates in full-width digits, which are not phone numbers or addresses.
+_D = "[^\\D\uff10-\uff19]"
 PII = {  # kind: pattern; replaced by [KIND]
     "email": re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
     "ip": re.compile(
-        r"(?<![\w.:])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+        rf"(?<![\w.:])(?:(?:25[0-5]|2[0-4]{_D}|1?{_D}?{_D})\.){{3}}(?:25[0-5]|2[0-4]{_D}|1?{_D}?{_D})(?![\w.])"
         r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
     ),
-    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"),
+    "phone": re.compile(
+        rf"(?<![\w+])(?:\+{_D}{{1,3}}[ .-]?)?(?:\({_D}{{1,4}}\)[ .-]?)?{_D}{{2,4}}(?:[ .-]?{_D}{{2,4}}){{1,4}}(?!\w)"
+    ),
 }
-_DIGIT = re.compile(r"\d")
+_DIGIT = re.compile(_D)
+# Characters of the CJK scripts (Han, kana, Hangul, their punctuation and the full-width forms):
+# one carries about what three Latin letters do, so the pair length ratio counts each as 3 (as
+# UTF-8 does), and every other character as 1 (Cyrillic or Greek text, 2 bytes a letter in
+# UTF-8, is not counted double).
+_CJK = re.compile("[\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[^\S\n]+")
@@ -96,12 +106,17 @@ def scrub_pii(text: str, counts: Counter) -> str:
         return text
 
     def phone(match: re.Match) -> str:
-        if not 9 <= sum(ch.isdigit() for ch in match.group()) <= 15:
+        if not 9 <= len(_DIGIT.findall(match.group())) <= 15:
             return match.group()
         counts["phone"] += 1
         return "[PHONE]"
 
     return PII["phone"].sub(phone, text)
+
+
+def weighted_length(text: str) -> int:
+    """Characters, a CJK one counting 3: a length fair to both sides of a pair in any scripts."""
+    return len(text) if text.isascii() else len(text) + 2 * len(_CJK.findall(text))
 
 
 def drop_reason(texts: list[str], settings: P.Clean) -> str | None:
@@ -112,8 +127,10 @@ def drop_reason(texts: list[str], settings: P.Clean) -> str | None:
         return "too_short"
     if max(lengths) > settings.max_chars:
         return "too_long"
-    if len(texts) == 2 and max(lengths) / min(lengths) > settings.max_length_ratio:
-        return "length_ratio"
+    if len(texts) == 2:
+        weighted = [weighted_length(t) for t in texts]
+        if max(weighted) / min(weighted) > settings.max_length_ratio:
+            return "length_ratio"
     return None
 
 

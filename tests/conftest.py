@@ -271,3 +271,71 @@ def reproduced(tmp_path_factory) -> Path:
     sh(dst, "git", "commit", "-qm", "tiny")
     sh(dst, "dvc", "repro")
     return dst
+
+
+# --- projects for the collect and clean tests -------------------------------------------------
+
+
+def text_source(name: str, path: str, split: str = "file", **kw) -> dict:
+    return {"name": name, "kind": "file", "format": "text", "path": path, "split": split, **kw}
+
+
+def jsonl_source(name: str, path: str, **kw) -> dict:
+    return {"name": name, "kind": "file", "format": "jsonl", "path": path, **kw}
+
+
+def collect_project(folder: Path, sources: list[dict], **collect) -> Path:
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0, **collect}))
+    return folder
+
+
+def raw_records(folder: Path, name: str) -> list[dict]:
+    lines = (folder / "data" / "raw" / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def raw_texts(folder: Path, name: str) -> list[str]:
+    return [r["text"] for r in raw_records(folder, name)]
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def filler_docs(n: int, start: int = 0) -> list[dict]:
+    lines = SONNET.split("\n")
+    return [{"text": f"Document {i}: {lines[i % len(lines)]}"} for i in range(start, start + n)]
+
+
+def filler_pairs(n: int, start: int = 0) -> list[dict]:
+    return [
+        {"src": f"{PAIRS[i % len(PAIRS)][0]} [{i}]", "tgt": f"{PAIRS[i % len(PAIRS)][1]} [{i}]"}
+        for i in range(start, start + n)
+    ]
+
+
+def clean_project(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None = None, **clean) -> Path:
+    """A project with a text and/or a pairs source (JSON lines), collected; clean overrides `clean` params.
+    One worker unless asked: the stage runs in this process (call_stage), which is not forked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    if docs is not None:
+        write_jsonl(folder / "corpus" / "docs.jsonl", docs)
+        sources.append(jsonl_source("docs", "corpus/docs.jsonl"))
+    if pairs is not None:
+        write_jsonl(folder / "corpus" / "pairs.jsonl", pairs)
+        sources.append(jsonl_source("pairs", "corpus/pairs.jsonl"))
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean={"workers": 1, **clean}))
+    call_stage("collect", folder)
+    return folder
+
+
+def read_split(folder: Path, split: str) -> list[dict]:
+    path = folder / "data" / "clean" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_clean_metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))

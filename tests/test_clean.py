@@ -8,9 +8,14 @@ from pathlib import Path
 
 from conftest import (
     PAIRS,
-    SONNET,
     assert_clean_error,
     call_stage,
+    clean_project,
+    filler_docs,
+    filler_pairs,
+    jsonl_source,
+    read_clean_metrics,
+    read_split,
     run_stage,
     snapshot,
     stage_error,
@@ -23,54 +28,8 @@ from pipeline.rules import QUALITY_REASONS, normalize
 SPLITS = ("train", "val", "test")
 
 
-def write_jsonl(path: Path, records: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def jsonl_source(name: str, path: str) -> dict:
-    return {"name": name, "kind": "file", "format": "jsonl", "path": path}
-
-
-def filler_docs(n: int, start: int = 0) -> list[dict]:
-    lines = SONNET.split("\n")
-    return [{"text": f"Document {i}: {lines[i % len(lines)]}"} for i in range(start, start + n)]
-
-
-def filler_pairs(n: int, start: int = 0) -> list[dict]:
-    return [
-        {"src": f"{PAIRS[i % len(PAIRS)][0]} [{i}]", "tgt": f"{PAIRS[i % len(PAIRS)][1]} [{i}]"}
-        for i in range(start, start + n)
-    ]
-
-
-def build(folder: Path, docs: list[dict] | None = None, pairs: list[dict] | None = None, **clean) -> Path:
-    """A project with a text and/or a pairs source (JSON lines), collected; clean overrides `clean` params.
-    One worker unless asked: the stage runs in this process (call_stage), which is not forked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = []
-    if docs is not None:
-        write_jsonl(folder / "corpus" / "docs.jsonl", docs)
-        sources.append(jsonl_source("docs", "corpus/docs.jsonl"))
-    if pairs is not None:
-        write_jsonl(folder / "corpus" / "pairs.jsonl", pairs)
-        sources.append(jsonl_source("pairs", "corpus/pairs.jsonl"))
-    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean={"workers": 1, **clean}))
-    call_stage("collect", folder)
-    return folder
-
-
-def read_split(folder: Path, split: str) -> list[dict]:
-    path = folder / "data" / "clean" / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def all_records(folder: Path) -> dict[str, list[dict]]:
     return {s: read_split(folder, s) for s in SPLITS}
-
-
-def read_metrics(folder: Path) -> dict:
-    return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))
 
 
 # --- normalisation -----------------------------------------------------------------------------
@@ -117,7 +76,7 @@ def test_line_ends_and_spaces_are_made_uniform():
 def test_the_stage_writes_normalised_text(tmp_path):
     docs = filler_docs(40) + [{"text": "<b>Cafe\u0301</b>\r\n\r\n\r\nnext\u200b  line &amp; more\x00"}]
     pairs = filler_pairs(40) + [{"src": "Two\nlines  <i>here</i>", "tgt": "Две\r\nстроки"}]
-    folder = build(tmp_path, docs, pairs)
+    folder = clean_project(tmp_path, docs, pairs)
     call_stage("clean", folder)
     kept = [r for s in SPLITS for r in read_split(folder, s)]
     assert {"source": "docs", "text": "Caf\u00e9\n\nnext line & more"} in kept
@@ -144,9 +103,9 @@ def test_each_drop_reason_is_counted(tmp_path):
         {"src": base[0]["src"], "tgt": base[0]["tgt"]},  # duplicate pair
         {"src": base[1]["src"], "tgt": "Совсем другой перевод."},  # same source, another target
     ]
-    folder = build(tmp_path, docs, pairs, min_chars=3, max_chars=200, max_length_ratio=3.0)
+    folder = clean_project(tmp_path, docs, pairs, min_chars=3, max_chars=200, max_length_ratio=3.0)
     call_stage("clean", folder)
-    metrics = read_metrics(folder)
+    metrics = read_clean_metrics(folder)
     for part in (metrics, metrics["sources"]["docs"], metrics["sources"]["pairs"]):  # the optional rules are off: zero
         assert all(part["dropped"].pop(r) == 0 for r in ("near_duplicate", "contaminated", *QUALITY_REASONS))
     assert metrics["sources"]["docs"]["dropped"] == {
@@ -174,9 +133,9 @@ def test_each_drop_reason_is_counted(tmp_path):
 
 
 def test_metrics_agree_with_the_split_files(tmp_path):
-    folder = build(tmp_path, filler_docs(80), filler_pairs(80))
+    folder = clean_project(tmp_path, filler_docs(80), filler_pairs(80))
     call_stage("clean", folder)
-    metrics = read_metrics(folder)
+    metrics = read_clean_metrics(folder)
     records = all_records(folder)
     assert metrics["splits"] == {s: len(records[s]) for s in SPLITS}
     assert all(metrics["splits"][s] > 0 for s in SPLITS)
@@ -195,8 +154,8 @@ def test_metrics_agree_with_the_split_files(tmp_path):
 
 
 def test_split_is_deterministic(tmp_path):
-    a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
-    b = build(tmp_path / "b", filler_docs(80), filler_pairs(80))
+    a = clean_project(tmp_path / "a", filler_docs(80), filler_pairs(80))
+    b = clean_project(tmp_path / "b", filler_docs(80), filler_pairs(80))
     call_stage("clean", a)
     first = snapshot(a, "data/clean", "metrics/clean.json")
     call_stage("clean", a)
@@ -206,9 +165,9 @@ def test_split_is_deterministic(tmp_path):
 
 
 def test_split_is_stable_when_the_corpus_grows(tmp_path):
-    small = build(tmp_path / "small", filler_docs(80), filler_pairs(80))
+    small = clean_project(tmp_path / "small", filler_docs(80), filler_pairs(80))
     # more documents, some before the old ones, and the old ones in another order
-    grown = build(
+    grown = clean_project(
         tmp_path / "grown",
         filler_docs(80, start=80) + filler_docs(80)[::-1],
         filler_pairs(40, start=80) + filler_pairs(80)[::-1] + filler_pairs(40, start=120),
@@ -226,8 +185,8 @@ def test_split_is_stable_when_the_corpus_grows(tmp_path):
 
 
 def test_split_salt_draws_another_split(tmp_path):
-    a = build(tmp_path / "a", filler_docs(80), filler_pairs(80))
-    b = build(tmp_path / "b", filler_docs(80), filler_pairs(80), split_salt="another")
+    a = clean_project(tmp_path / "a", filler_docs(80), filler_pairs(80))
+    b = clean_project(tmp_path / "b", filler_docs(80), filler_pairs(80), split_salt="another")
     call_stage("clean", a)
     call_stage("clean", b)
     split_a, split_b = all_records(a), all_records(b)
@@ -250,7 +209,7 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
             {"src": src.replace(" ", "  "), "tgt": f"{tgt} (вариант) #{i}"},
             {"src": f"<i>{src}</i>", "tgt": f"{tgt} (ещё) #{i}"},
         ]
-    folder = build(tmp_path, filler_docs(20), pairs)
+    folder = clean_project(tmp_path, filler_docs(20), pairs)
     call_stage("clean", folder)
     records = all_records(folder)
     sources = {s: [r["src"] for r in records[s] if "src" in r] for s in SPLITS}
@@ -259,14 +218,14 @@ def test_no_test_pair_source_appears_in_train(tmp_path):
     assert not set(sources["val"]) & set(sources["train"])
     assert not set(sources["test"]) & set(sources["val"])
     assert sum(len(v) for v in sources.values()) == 120
-    assert read_metrics(folder)["sources"]["pairs"]["dropped"]["duplicate"] == 240
+    assert read_clean_metrics(folder)["sources"]["pairs"]["dropped"]["duplicate"] == 240
 
 
 # --- user errors -------------------------------------------------------------------------------
 
 
 def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_path):
-    folder = build(tmp_path, filler_docs(60), filler_pairs(60))
+    folder = clean_project(tmp_path, filler_docs(60), filler_pairs(60))
     call_stage("clean", folder)
     before = snapshot(folder, "data", "metrics")
     params = tiny_params(
@@ -288,3 +247,25 @@ def test_clean_before_collect_is_a_clean_error(tmp_path):
     proc = run_stage("clean", tmp_path, check=False)
     assert_clean_error(proc, "data/raw/manifest.json")
     assert not (tmp_path / "data" / "clean").exists()
+
+
+def test_the_length_ratio_is_fair_to_chinese_and_russian(tmp_path):
+    """A CJK character counts as 3 (about what it carries in Latin letters, and its UTF-8 bytes), any
+    other character as 1: correct English-Chinese pairs are kept, Russian is not counted double."""
+    good = [
+        {"src": "Resource Types", "tgt": "资源类型"},  # 14 characters vs 4: 3.5 by characters
+        {"src": "In the beginning God created the heaven and the earth.", "tgt": "起初，神创造天地。"},
+        {
+            "src": "Blessed are the meek: for they shall inherit the earth.",
+            "tgt": "Блаженны кроткие, ибо они наследуют землю.",
+        },
+    ]
+    bad = [
+        {"src": "OK", "tgt": "这是一个非常长的中文句子没有对应的英文"},  # 2 vs 19 x 3
+        {"src": "Resource", "tgt": "Это очень длинное предложение без соответствующего английского текста."},
+    ]
+    folder = clean_project(tmp_path, filler_docs(40), filler_pairs(40) + good + bad, max_length_ratio=3.0, min_chars=2)
+    call_stage("clean", folder)
+    kept = {r.get("src") for s in SPLITS for r in read_split(folder, s)}
+    assert {p["src"] for p in good} <= kept and not {p["src"] for p in bad} & kept
+    assert read_clean_metrics(folder)["sources"]["pairs"]["dropped"]["length_ratio"] == 2

@@ -9,35 +9,23 @@ needs PyPI, as CI has: marked `network`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, call_stage, run_stage, snapshot, stage_error, tiny_params, write_params
+from conftest import (
+    assert_clean_error,
+    call_stage,
+    collect_project,
+    jsonl_source,
+    raw_records,
+    raw_texts,
+    run_stage,
+    snapshot,
+    stage_error,
+    text_source,
+    write_jsonl,
+)
 
 from pipeline.sources.text import split_text
-
-
-def text_source(name: str, path: str, split: str = "file", **kw) -> dict:
-    return {"name": name, "kind": "file", "format": "text", "path": path, "split": split, **kw}
-
-
-def jsonl_source(name: str, path: str, **kw) -> dict:
-    return {"name": name, "kind": "file", "format": "jsonl", "path": path, **kw}
-
-
-def setup(folder: Path, sources: list[dict], **collect) -> Path:
-    write_params(folder, tiny_params({"sources": sources, "max_documents": 0, **collect}))
-    return folder
-
-
-def raw(folder: Path, name: str) -> list[dict]:
-    lines = (folder / "data" / "raw" / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
-    assert lines[-1] == ""
-    return [json.loads(line) for line in lines[:-1]]
-
-
-def texts(folder: Path, name: str) -> list[str]:
-    return [r["text"] for r in raw(folder, name)]
 
 
 def counts(metrics: dict) -> dict:
@@ -49,11 +37,6 @@ def nbytes(*strings: str) -> int:
     return sum(len(s.encode("utf-8")) for s in strings)
 
 
-def write_jsonl(path: Path, records: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
 # --- text sources -------------------------------------------------------------------------------
 
 TEXT = "Alpha one\r\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDelta\n"
@@ -62,7 +45,7 @@ TEXT = "Alpha one\r\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDe
 def test_text_split_as_file_paragraphs_and_lines(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_bytes(TEXT.encode("utf-8"))
-    setup(
+    collect_project(
         tmp_path,
         [
             text_source("whole", "corpus/a.txt", "file"),
@@ -71,17 +54,17 @@ def test_text_split_as_file_paragraphs_and_lines(tmp_path):
         ],
     )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "whole") == ["Alpha one\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDelta"]
-    assert texts(tmp_path, "paras") == ["Alpha one\nalpha two", "Beta one", "Gamma one\ngamma two", "Delta"]
-    assert texts(tmp_path, "lines") == ["Alpha one", "alpha two", "Beta one", "Gamma one", "gamma two", "Delta"]
-    assert {r["origin"] for r in raw(tmp_path, "paras")} == {"a.txt"}
+    assert raw_texts(tmp_path, "whole") == ["Alpha one\nalpha two\n\nBeta one\n  \t\nGamma one\ngamma two\n\n\n\nDelta"]
+    assert raw_texts(tmp_path, "paras") == ["Alpha one\nalpha two", "Beta one", "Gamma one\ngamma two", "Delta"]
+    assert raw_texts(tmp_path, "lines") == ["Alpha one", "alpha two", "Beta one", "Gamma one", "gamma two", "Delta"]
+    assert {r["origin"] for r in raw_records(tmp_path, "paras")} == {"a.txt"}
 
 
 def test_chunk_chars_merges_consecutive_units_into_documents_of_at_least_that_size(tmp_path):
     paras = [f"Paragraph {i:02d}" for i in range(7)]  # 12 characters each
     (tmp_path / "p.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
     (tmp_path / "l.txt").write_text("\n".join(paras) + "\n", encoding="utf-8")
-    setup(
+    collect_project(
         tmp_path,
         [
             text_source("paras", "p.txt", "paragraphs", chunk_chars=30),
@@ -90,9 +73,14 @@ def test_chunk_chars_merges_consecutive_units_into_documents_of_at_least_that_si
         ],
     )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "paras") == ["\n\n".join(paras[0:3]), "\n\n".join(paras[3:6]), paras[6]]
-    assert texts(tmp_path, "lines") == ["\n".join(paras[0:2]), "\n".join(paras[2:4]), "\n".join(paras[4:6]), paras[6]]
-    assert texts(tmp_path, "plain") == paras
+    assert raw_texts(tmp_path, "paras") == ["\n\n".join(paras[0:3]), "\n\n".join(paras[3:6]), paras[6]]
+    assert raw_texts(tmp_path, "lines") == [
+        "\n".join(paras[0:2]),
+        "\n".join(paras[2:4]),
+        "\n".join(paras[4:6]),
+        paras[6],
+    ]
+    assert raw_texts(tmp_path, "plain") == paras
 
 
 def test_split_text_function():
@@ -106,9 +94,9 @@ def test_glob_reads_several_files_in_name_order(tmp_path):
     folder.mkdir()
     for name in ("b.txt", "c.txt", "a.txt", "skip.md"):  # written out of order
         (folder / name).write_text(f"Text of {name}\n", encoding="utf-8")
-    setup(tmp_path, [text_source("books", "corpus/*.txt", "file")])
+    collect_project(tmp_path, [text_source("books", "corpus/*.txt", "file")])
     call_stage("collect", tmp_path)
-    records = raw(tmp_path, "books")
+    records = raw_records(tmp_path, "books")
     assert [r["text"] for r in records] == ["Text of a.txt", "Text of b.txt", "Text of c.txt"]
     assert [r["origin"] for r in records] == ["a.txt", "b.txt", "c.txt"]
 
@@ -117,9 +105,9 @@ def test_a_folder_reads_every_file_below_it_in_name_order(tmp_path):
     for name in ("b.txt", "sub/a.txt", "a.txt"):
         (tmp_path / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "corpus" / name).write_text(f"Text of {name}\n", encoding="utf-8")
-    setup(tmp_path, [text_source("books", "corpus", "file")])
+    collect_project(tmp_path, [text_source("books", "corpus", "file")])
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "books") == ["Text of a.txt", "Text of b.txt", "Text of sub/a.txt"]
+    assert raw_texts(tmp_path, "books") == ["Text of a.txt", "Text of b.txt", "Text of sub/a.txt"]
 
 
 def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
@@ -127,10 +115,10 @@ def test_invalid_utf8_and_bom_are_decoded_without_crashing(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(
         b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n" + b'{"text": "bad \xc3 byte"}\r\n'
     )
-    setup(tmp_path, [text_source("latin", "latin1.txt", "lines"), jsonl_source("js", "bom.jsonl")])
+    collect_project(tmp_path, [text_source("latin", "latin1.txt", "lines"), jsonl_source("js", "bom.jsonl")])
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "latin") == ["Caf\ufffd au lait", "na\ufffdve \ufffd\ufffd end"]
-    assert texts(tmp_path, "js") == ["first", "bad \ufffd byte"]
+    assert raw_texts(tmp_path, "latin") == ["Caf\ufffd au lait", "na\ufffdve \ufffd\ufffd end"]
+    assert raw_texts(tmp_path, "js") == ["first", "bad \ufffd byte"]
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
     assert (metrics["latin"]["invalid_utf8"], metrics["latin"]["bom"]) == (4, 1)
     assert (metrics["js"]["invalid_utf8"], metrics["js"]["bom"]) == (1, 1)
@@ -147,9 +135,9 @@ def test_jsonl_text_records(tmp_path):
     (tmp_path / "docs.jsonl").write_text(
         (tmp_path / "docs.jsonl").read_text(encoding="utf-8") + "\n  \n", encoding="utf-8"
     )  # blank lines are skipped
-    setup(tmp_path, [jsonl_source("docs", "docs.jsonl")])
+    collect_project(tmp_path, [jsonl_source("docs", "docs.jsonl")])
     call_stage("collect", tmp_path)
-    records = raw(tmp_path, "docs")
+    records = raw_records(tmp_path, "docs")
     assert [r["text"] for r in records] == ["One document.", "Two\nlines.", "Кириллица и 😀"]
     assert all(set(r) == {"text", "origin"} and r["origin"] == "docs.jsonl" for r in records)
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
@@ -159,9 +147,9 @@ def test_jsonl_text_records(tmp_path):
 def test_jsonl_pair_records(tmp_path):
     pairs = [("Good morning.", "Доброе утро."), ("Thank you.", "Спасибо.")]
     write_jsonl(tmp_path / "pairs.jsonl", [{"src": s, "tgt": t, "score": 0.9} for s, t in pairs])
-    setup(tmp_path, [jsonl_source("pairs", "pairs.jsonl")])
+    collect_project(tmp_path, [jsonl_source("pairs", "pairs.jsonl")])
     call_stage("collect", tmp_path)
-    records = raw(tmp_path, "pairs")
+    records = raw_records(tmp_path, "pairs")
     assert [(r["src"], r["tgt"]) for r in records] == pairs
     assert all(set(r) == {"src", "tgt", "origin"} for r in records)
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
@@ -173,18 +161,18 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     """JSON allows U+2028, U+2029 and U+0085 raw inside strings (json.dumps(ensure_ascii=False) writes them)."""
     docs = ["before\u2028after", "para\u2029graph", "next\x85line"]
     write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
-    setup(tmp_path, [jsonl_source("docs", "docs.jsonl")])
+    collect_project(tmp_path, [jsonl_source("docs", "docs.jsonl")])
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "docs") == docs
+    assert raw_texts(tmp_path, "docs") == docs
 
 
 def test_max_documents_keeps_the_first_n_of_each_source(tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(f"line {i}" for i in range(10)) + "\n", encoding="utf-8")
     write_jsonl(tmp_path / "p.jsonl", [{"src": f"source {i}", "tgt": f"target {i}"} for i in range(10)])
-    setup(tmp_path, [text_source("t", "t.txt", "lines"), jsonl_source("p", "p.jsonl")], max_documents=3)
+    collect_project(tmp_path, [text_source("t", "t.txt", "lines"), jsonl_source("p", "p.jsonl")], max_documents=3)
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "t") == ["line 0", "line 1", "line 2"]
-    assert [r["src"] for r in raw(tmp_path, "p")] == ["source 0", "source 1", "source 2"]
+    assert raw_texts(tmp_path, "t") == ["line 0", "line 1", "line 2"]
+    assert [r["src"] for r in raw_records(tmp_path, "p")] == ["source 0", "source 1", "source 2"]
     metrics = json.loads((tmp_path / "metrics/collect.json").read_text(encoding="utf-8"))
     assert counts(metrics) == {
         "t": {"documents": 3, "bytes": nbytes("line 0", "line 1", "line 2")},
@@ -197,7 +185,7 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
     (tmp_path / "s.txt").write_text("\n\n".join(paras), encoding="utf-8")
     pairs = [{"src": "Jesus wept.", "tgt": "Иисус прослезился."}]
     write_jsonl(tmp_path / "p.jsonl", pairs)
-    setup(
+    collect_project(
         tmp_path,
         [text_source("sonnet", "s.txt", "paragraphs", license="public domain"), jsonl_source("verse", "p.jsonl")],
     )
@@ -244,9 +232,9 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
 def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
-    setup(tmp_path, [text_source("a", "a.txt"), text_source("b", "b.txt")])
+    collect_project(tmp_path, [text_source("a", "a.txt"), text_source("b", "b.txt")])
     call_stage("collect", tmp_path)
-    setup(tmp_path, [text_source("b", "b.txt")])
+    collect_project(tmp_path, [text_source("b", "b.txt")])
     call_stage("collect", tmp_path)
     assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["b.jsonl", "manifest.json"]
     assert counts(json.loads((tmp_path / "metrics/collect.json").read_text())) == {"b": {"documents": 1, "bytes": 6}}
@@ -258,7 +246,7 @@ def test_rerun_replaces_outputs_and_drops_removed_sources(tmp_path):
 def test_jsonl_line_that_is_not_json_is_a_clean_error_naming_file_and_line(tmp_path):
     """The command line: exit status 1, one `error:` line on stderr, no traceback, nothing written."""
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "broken"\n{"text": "ok"}\n', encoding="utf-8")
-    setup(tmp_path, [jsonl_source("bad", "bad.jsonl")])
+    collect_project(tmp_path, [jsonl_source("bad", "bad.jsonl")])
     proc = run_stage("collect", tmp_path, check=False)
     assert proc.returncode == 1
     assert_clean_error(proc, "bad.jsonl:3", "not valid JSON")
@@ -267,13 +255,13 @@ def test_jsonl_line_that_is_not_json_is_a_clean_error_naming_file_and_line(tmp_p
 
 def test_jsonl_object_without_text_or_pair_is_a_clean_error(tmp_path):
     write_jsonl(tmp_path / "odd.jsonl", [{"text": "ok"}, {"body": "no text field"}])
-    setup(tmp_path, [jsonl_source("odd", "odd.jsonl")])
+    collect_project(tmp_path, [jsonl_source("odd", "odd.jsonl")])
     stage_error("collect", tmp_path, "odd.jsonl:2", "expected a string 'text' field")
 
 
 def test_missing_file_is_a_clean_error_naming_the_source(tmp_path):
     (tmp_path / "here.txt").write_text("present\n", encoding="utf-8")
-    setup(tmp_path, [text_source("here", "here.txt"), text_source("elsewhere", "nowhere/*.txt")])
+    collect_project(tmp_path, [text_source("here", "here.txt"), text_source("elsewhere", "nowhere/*.txt")])
     stage_error("collect", tmp_path, "source 'elsewhere'", "no file matches path 'nowhere/*.txt'")
     assert not (tmp_path / "data/raw").exists()
 
@@ -281,17 +269,17 @@ def test_missing_file_is_a_clean_error_naming_the_source(tmp_path):
 def test_source_mixing_text_and_pairs_is_a_clean_error(tmp_path):
     write_jsonl(tmp_path / "mix" / "1.jsonl", [{"src": "a source", "tgt": "a target"}])
     write_jsonl(tmp_path / "mix" / "2.jsonl", [{"text": "a plain document"}])
-    setup(tmp_path, [jsonl_source("mixed", "mix/*.jsonl")])
+    collect_project(tmp_path, [jsonl_source("mixed", "mix/*.jsonl")])
     stage_error("collect", tmp_path, "source 'mixed'", "mixes text records and src/tgt pairs", "2.jsonl")
 
 
 def test_failed_collect_leaves_earlier_outputs_untouched(tmp_path):
     (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
-    setup(tmp_path, [text_source("a", "a.txt")])
+    collect_project(tmp_path, [text_source("a", "a.txt")])
     call_stage("collect", tmp_path)
     before = snapshot(tmp_path, "data", "metrics")
     (tmp_path / "bad.jsonl").write_text("not json\n", encoding="utf-8")
-    setup(tmp_path, [text_source("a", "a.txt"), jsonl_source("bad", "bad.jsonl")])
+    collect_project(tmp_path, [text_source("a", "a.txt"), jsonl_source("bad", "bad.jsonl")])
     stage_error("collect", tmp_path, "bad.jsonl:1", "not valid JSON")
     assert snapshot(tmp_path, "data", "metrics") == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # no temp folder left
@@ -316,7 +304,7 @@ def test_pypi_source_with_wrong_sha256_is_refused(tmp_path):
         "split": "paragraphs",
     }
     cache = tmp_path / "cache"
-    setup(tmp_path, [source], cache_dir=str(cache))
+    collect_project(tmp_path, [source], cache_dir=str(cache))
     stage_error("collect", tmp_path, "source 'shakespeare'", "sha256 mismatch", wrong)
     assert not (tmp_path / "data/raw").exists()
     # the refused archive is not kept in the cache

@@ -17,8 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import zstandard
-from conftest import call_stage, stage_error
-from test_collect import raw, setup, texts
+from conftest import call_stage, collect_project, raw_records, raw_texts, stage_error
 
 
 def source(name: str, fmt: str, path: str, **kw) -> dict:
@@ -43,15 +42,15 @@ JSONL = b'{"text": "first document"}\n{"text": "second document"}\n'
 )
 def test_compressed_files_are_read_transparently(tmp_path, suffix, compress):
     (tmp_path / f"docs.jsonl{suffix}").write_bytes(compress(JSONL))
-    setup(tmp_path, [source("docs", "jsonl", f"docs.jsonl{suffix}")])
+    collect_project(tmp_path, [source("docs", "jsonl", f"docs.jsonl{suffix}")])
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "docs") == ["first document", "second document"]
+    assert raw_texts(tmp_path, "docs") == ["first document", "second document"]
 
 
 def test_a_truncated_gzip_is_a_clean_error_naming_the_file(tmp_path):
     data = gzip.compress(JSONL * 50)
     (tmp_path / "docs.jsonl.gz").write_bytes(data[: len(data) // 2])
-    setup(tmp_path, [source("docs", "jsonl", "docs.jsonl.gz")])
+    collect_project(tmp_path, [source("docs", "jsonl", "docs.jsonl.gz")])
     stage_error("collect", tmp_path, "docs.jsonl.gz", "truncated or corrupt gz file", "EOFError")
     assert not (tmp_path / "data/raw").exists()
 
@@ -62,7 +61,7 @@ def test_csv_tsv_and_parquet_with_named_columns(tmp_path):
     )
     (tmp_path / "pairs.tsv").write_text("en\tru\nGood morning\tДоброе утро\nThank you\tСпасибо\n", encoding="utf-8")
     pd.DataFrame({"text": ["parquet one", "parquet two"]}).to_parquet(tmp_path / "docs.parquet")
-    setup(
+    collect_project(
         tmp_path,
         [
             source("csv", "csv", "docs.csv", text_columns=["title", "body"]),
@@ -71,23 +70,23 @@ def test_csv_tsv_and_parquet_with_named_columns(tmp_path):
         ],
     )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "csv") == ["A\n\nHello, world", "B\n\nLine one\nline two"]
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "tsv")] == [
+    assert raw_texts(tmp_path, "csv") == ["A\n\nHello, world", "B\n\nLine one\nline two"]
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "tsv")] == [
         ("Good morning", "Доброе утро"),
         ("Thank you", "Спасибо"),
     ]
-    assert texts(tmp_path, "pq") == ["parquet one", "parquet two"]
+    assert raw_texts(tmp_path, "pq") == ["parquet one", "parquet two"]
 
 
 def test_a_table_without_the_named_column_is_a_clean_error(tmp_path):
     pd.DataFrame({"body": ["x"]}).to_csv(tmp_path / "docs.csv", index=False)
-    setup(tmp_path, [source("csv", "csv", "docs.csv", text_columns=["text"])])
+    collect_project(tmp_path, [source("csv", "csv", "docs.csv", text_columns=["text"])])
     stage_error("collect", tmp_path, "docs.csv", "no column 'text'", "body")
 
 
 def test_a_parquet_file_with_the_wrong_schema_is_a_clean_error(tmp_path):
     pd.DataFrame({"text": [1, 2]}).to_parquet(tmp_path / "numbers.parquet")
-    setup(tmp_path, [source("pq", "parquet", "numbers.parquet")])
+    collect_project(tmp_path, [source("pq", "parquet", "numbers.parquet")])
     stage_error("collect", tmp_path, "numbers.parquet", "column 'text'", "int64")
     (tmp_path / "numbers.parquet").write_bytes(b"PAR1 not really parquet")
     stage_error("collect", tmp_path, "numbers.parquet", "not a readable PARQUET")
@@ -96,9 +95,9 @@ def test_a_parquet_file_with_the_wrong_schema_is_a_clean_error(tmp_path):
 def test_pairs_from_two_aligned_files(tmp_path):
     (tmp_path / "en.txt").write_text("One\r\nTwo\n\nFour\n", encoding="utf-8")
     (tmp_path / "ru.txt").write_text("Один\nДва\nТри\nЧетыре\n", encoding="utf-8")
-    setup(tmp_path, [source("pairs", "aligned", "en.txt", target_path="ru.txt")])
+    collect_project(tmp_path, [source("pairs", "aligned", "en.txt", target_path="ru.txt")])
     call_stage("collect", tmp_path)
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "pairs")] == [
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "pairs")] == [
         ("One", "Один"),
         ("Two", "Два"),
         ("Four", "Четыре"),
@@ -111,22 +110,22 @@ def test_pairs_from_two_aligned_files(tmp_path):
 def test_damaged_text_is_cleaned_and_counted(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfline one\r\nbad \xff byte\r\nnul\x00here\r\n")
     (tmp_path / "b.txt").write_bytes(b"")
-    setup(tmp_path, [source("t", "text", "*.txt", split="lines")])
+    collect_project(tmp_path, [source("t", "text", "*.txt", split="lines")])
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "t") == ["line one", "bad \ufffd byte", "nulhere"]
+    assert raw_texts(tmp_path, "t") == ["line one", "bad \ufffd byte", "nulhere"]
     m = metrics(tmp_path)["t"]
     assert (m["files"], m["empty_files"], m["invalid_utf8"], m["nul_bytes"], m["bom"]) == (2, 1, 1, 1, 1)
 
 
 def test_a_binary_file_given_as_text_is_a_clean_error(tmp_path):
     (tmp_path / "image.txt").write_bytes(bytes(range(256)) * 40)
-    setup(tmp_path, [source("t", "text", "image.txt")])
+    collect_project(tmp_path, [source("t", "text", "image.txt")])
     stage_error("collect", tmp_path, "image.txt", "looks like a binary file")
 
 
 def test_a_50_mb_single_line_is_one_document(tmp_path):
     (tmp_path / "long.txt").write_bytes(b"word " * 10_000_000)
-    setup(tmp_path, [source("t", "text", "long.txt", split="lines")])
+    collect_project(tmp_path, [source("t", "text", "long.txt", split="lines")])
     call_stage("collect", tmp_path)
     assert metrics(tmp_path)["t"]["documents"] == 1 and metrics(tmp_path)["t"]["bytes"] == 50_000_000
 
@@ -148,7 +147,7 @@ def test_local_archives_are_read_by_member_glob(tmp_path):
     tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha", "corpus/b.txt": b"Beta", "corpus/c.md": b"no"})
     with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
         z.writestr("more/c.txt", "Gamma")
-    setup(
+    collect_project(
         tmp_path,
         [
             source("tar", "text", "corpus.tar.gz", members="corpus/*.txt"),
@@ -156,7 +155,7 @@ def test_local_archives_are_read_by_member_glob(tmp_path):
         ],
     )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "tar") == ["Alpha", "Beta"] and texts(tmp_path, "zip") == ["Gamma"]
+    assert raw_texts(tmp_path, "tar") == ["Alpha", "Beta"] and raw_texts(tmp_path, "zip") == ["Gamma"]
 
 
 @pytest.mark.parametrize("bad", ["corpus/../../evil.txt", "/abs/evil.txt", "link"])
@@ -165,7 +164,7 @@ def test_unsafe_archive_members_are_refused(tmp_path, bad):
         tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha"}, link="corpus/evil.txt")
     else:
         tar_with(tmp_path / "corpus.tar.gz", {"corpus/a.txt": b"Alpha", bad: b"Evil"})
-    setup(tmp_path, [source("tar", "text", "corpus.tar.gz", members="*evil.txt")])
+    collect_project(tmp_path, [source("tar", "text", "corpus.tar.gz", members="*evil.txt")])
     if bad == "link":
         stage_error("collect", tmp_path, "corpus.tar.gz", "member 'corpus/evil.txt' is a link; refused")
     else:
@@ -178,7 +177,7 @@ def test_unsafe_archive_members_are_refused(tmp_path, bad):
 def test_zip_with_a_parent_path_member_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
         z.writestr("../evil.txt", "Evil")
-    setup(tmp_path, [source("zip", "text", "bad.zip", members="*.txt")])
+    collect_project(tmp_path, [source("zip", "text", "bad.zip", members="*.txt")])
     stage_error("collect", tmp_path, "bad.zip", "member '../evil.txt' is a path outside the archive's folder; refused")
 
 
@@ -197,7 +196,7 @@ def test_large_compressed_files_are_streamed_in_bounded_memory(tmp_path, fmt, sp
             f.write("text\n")
         for _ in range(n // 1000):
             f.write(unit * 1000)
-    setup(tmp_path, [source("big", fmt, f"big.{fmt}.gz", split=split)])
+    collect_project(tmp_path, [source("big", fmt, f"big.{fmt}.gz", split=split)])
     probe = (
         "import resource, subprocess, sys; p = subprocess.run([sys.executable, '-m', 'pipeline.collect']); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
@@ -221,7 +220,7 @@ def test_tables_are_read_in_chunks_of_rows_in_order(tmp_path):
     df.to_parquet(tmp_path / "big.parquet", row_group_size=7_000)
     with gzip.open(tmp_path / "big.csv.gz", "wt", encoding="utf-8") as f:
         df.to_csv(f, index=False)
-    setup(tmp_path, [source("pq", "parquet", "big.parquet"), source("csv", "csv", "big.csv.gz")])
+    collect_project(tmp_path, [source("pq", "parquet", "big.parquet"), source("csv", "csv", "big.csv.gz")])
     call_stage("collect", tmp_path)
     for name in ("pq", "csv"):
-        assert texts(tmp_path, name) == [f"row {i}" for i in range(n)]
+        assert raw_texts(tmp_path, name) == [f"row {i}" for i in range(n)]

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import call_stage, stage_error
-from test_collect import raw, setup, texts
+from conftest import call_stage, collect_project, raw_records, raw_texts, stage_error
 
 BODY = gzip.compress(b'{"text": "served over HTTP"}\n{"text": "second line"}\n' * 200)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -74,9 +73,9 @@ def url_source(url: str, sha: str = SHA, **kw) -> dict:
 
 def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
     Handler.calls.clear()
-    setup(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], cache_dir=str(tmp_path / "cache"))
+    collect_project(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], cache_dir=str(tmp_path / "cache"))
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
+    assert raw_texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
     assert (tmp_path / "cache/downloads" / SHA / "docs.jsonl.gz").read_bytes() == BODY
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text())["sources"][0]
     assert manifest["url"] == f"{server}/docs.jsonl.gz" and manifest["sha256"] == SHA
@@ -86,9 +85,9 @@ def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
 
 def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
     Handler.calls.clear()
-    setup(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
+    collect_project(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
+    assert raw_texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
     assert Handler.calls == [("/flaky", None), ("/flaky", f"bytes={len(BODY) // 2}-")]  # resumed, not restarted
 
 
@@ -101,7 +100,7 @@ def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
     ],
 )
 def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server, path, sha, needles):
-    setup(
+    collect_project(
         tmp_path,
         [url_source(f"{server}{path}", sha)],
         cache_dir=str(tmp_path / "cache"),
@@ -114,7 +113,7 @@ def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server
 
 
 def test_an_unreachable_host_is_a_clean_error(tmp_path):
-    setup(
+    collect_project(
         tmp_path,
         [url_source("http://127.0.0.1:9/nothing")],
         cache_dir=str(tmp_path / "cache"),
@@ -191,7 +190,7 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
         ],
     )
     assert gettext.GNUTranslations(open(tmp_path / "de.mo", "rb")).gettext("Open") == "Öffnen"  # a valid .mo
-    setup(
+    collect_project(
         tmp_path,
         [
             {"name": "po", "kind": "file", "format": "gettext", "path": "ru.po"},
@@ -199,12 +198,12 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
         ],
     )
     call_stage("collect", tmp_path)
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "po")] == [
         ("Save changes", "Сохранить изменения"),
         ('A long message on two lines with "quotes".', "Длинное сообщение в две строки с «кавычками»."),
         ("One file", "Один файл"),
     ]
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "mo")] == [("Open", "Öffnen"), ("Close", "Schließen")]
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "mo")] == [("Open", "Öffnen"), ("Close", "Schließen")]
     m = json.loads((tmp_path / "metrics/collect.json").read_text())
     assert (
         m["po"]["gettext_fuzzy"],
@@ -217,19 +216,19 @@ def test_gettext_catalogs_become_pairs_skipping_what_is_not_a_translation(tmp_pa
 
 def test_a_broken_catalog_is_a_clean_error_naming_file_and_line(tmp_path):
     (tmp_path / "bad.po").write_text('msgid "ok"\nmsgstr "fine"\n\nmsgid unquoted\n', encoding="utf-8")
-    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "bad.po"}])
+    collect_project(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "bad.po"}])
     stage_error("collect", tmp_path, "bad.po:4", "quoted string")
     (tmp_path / "bad.po").unlink()
     (tmp_path / "bad.mo").write_bytes(struct.pack("<7I", 0x950412DE, 0, 5, 28, 68, 0, 0))
-    setup(tmp_path, [{"name": "mo", "kind": "file", "format": "gettext", "path": "bad.mo"}])
+    collect_project(tmp_path, [{"name": "mo", "kind": "file", "format": "gettext", "path": "bad.mo"}])
     stage_error("collect", tmp_path, "bad.mo", "truncated or corrupt .mo")
 
 
 def test_an_obsolete_entry_between_others_does_not_hide_the_next_one(tmp_path):
     (tmp_path / "mid.po").write_text('#~ msgid "Old"\n#~ msgstr "Alt"\n\nmsgid "New"\nmsgstr "Neu"\n', encoding="utf-8")
-    setup(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "mid.po"}])
+    collect_project(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "mid.po"}])
     call_stage("collect", tmp_path)
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "po")] == [("New", "Neu")]
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "po")] == [("New", "Neu")]
     assert json.loads((tmp_path / "metrics/collect.json").read_text())["po"]["gettext_obsolete"] == 1
 
 
@@ -245,7 +244,7 @@ def test_a_hugging_face_dataset_is_streamed_from_local_files(tmp_path):
     with open(tmp_path / "hf" / "pairs.jsonl", "w", encoding="utf-8") as f:
         for src, tgt in [("Jesus wept.", "Иисус прослезился."), ("Amen.", "Аминь.")]:
             f.write(json.dumps({"en": src, "ru": tgt}, ensure_ascii=False) + "\n")
-    setup(
+    collect_project(
         tmp_path,
         [
             {
@@ -265,10 +264,10 @@ def test_a_hugging_face_dataset_is_streamed_from_local_files(tmp_path):
         ],
     )
     call_stage("collect", tmp_path)
-    assert texts(tmp_path, "articles") == [
+    assert raw_texts(tmp_path, "articles") == [
         f"Title {i}-{j}\n\nBody of article {i}-{j}." for i in range(2) for j in range(3)
     ]
-    assert [(r["src"], r["tgt"]) for r in raw(tmp_path, "bilingual")] == [
+    assert [(r["src"], r["tgt"]) for r in raw_records(tmp_path, "bilingual")] == [
         ("Jesus wept.", "Иисус прослезился."),
         ("Amen.", "Аминь."),
     ]
@@ -312,7 +311,7 @@ def test_hugging_face_source_errors_are_one_line(tmp_path, column, data_files, n
 
     (tmp_path / "hf").mkdir()
     pd.DataFrame({"body": ["one", "two"]}).to_parquet(tmp_path / "hf" / "part-0.parquet")
-    setup(
+    collect_project(
         tmp_path,
         [
             {
