@@ -10,19 +10,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.model import IGNORE
+
+
+def pair_sources(data: np.ndarray, src_id: int, tgt_id: int) -> np.ndarray:
+    """Which tokens of a token file are a pair's `<src> source <tgt>`: as prediction targets they
+    do not count when the loss is on the targets only (train.pair_loss: target)."""
+    delta = np.zeros(len(data) + 1, dtype=np.int8)
+    delta[np.flatnonzero(data == src_id)] += 1
+    delta[np.flatnonzero(data == tgt_id) + 1] -= 1
+    return np.cumsum(delta[:-1], dtype=np.int8) > 0
+
 
 def window_starts(n_tokens: int, block_size: int, rows: int, *key: int) -> np.ndarray:
     """`rows` random window starts, a pure function of `key` (e.g. seed, stream, step)."""
     return np.random.default_rng(list(key)).integers(0, n_tokens - block_size, size=rows)
 
 
-def windows(data: np.ndarray, starts, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (the same windows shifted by one token), on `device`."""
+def windows(data: np.ndarray, starts, block_size: int, device, ignored=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (the same windows shifted by one token), on `device`; targets where
+    `ignored` (a boolean array over `data`) is true become IGNORE."""
     rows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if ignored is not None:
+        y = y.masked_fill(torch.from_numpy(np.stack([ignored[s + 1 : s + block_size + 1] for s in starts])), IGNORE)
     if device.type == "cuda":
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
+        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+    return x, y
 
 
 def step_batches(
@@ -35,14 +50,15 @@ def step_batches(
     rank: int = 0,
     world: int = 1,
     device=torch.device("cpu"),
+    ignored=None,
 ) -> list:
     """This process's micro-batches of training step `step`: its slice of the global batch."""
     starts = window_starts(len(data), block_size, accum * world * batch_size, seed, 0, step)
     mine = starts.reshape(accum, world, batch_size)[:, rank]
-    return [windows(data, s, block_size, device) for s in mine]
+    return [windows(data, s, block_size, device, ignored) for s in mine]
 
 
-def fixed_batches(data, block_size: int, batch_size: int, n: int, seed: int, stream: int, device) -> list:
+def fixed_batches(data, block_size: int, batch_size: int, n: int, seed: int, stream: int, device, ignored=None) -> list:
     """The same n batches every time: validation curves compare like with like."""
     starts = window_starts(len(data), block_size, n * batch_size, seed, stream)
-    return [windows(data, starts[i * batch_size : (i + 1) * batch_size], block_size, device) for i in range(n)]
+    return [windows(data, starts[i * batch_size : (i + 1) * batch_size], block_size, device, ignored) for i in range(n)]

@@ -248,8 +248,12 @@ def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool 
     return logits, loss
 
 
+IGNORE = -100  # a target that does not count (F.cross_entropy's ignore_index): a pair's source, say
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `x @ weight.T + bias` against `targets`, a chunk of rows at a time.
+    """Mean cross-entropy of `x @ weight.T + bias` against `targets` (those equal to IGNORE left
+    out), a chunk of rows at a time.
 
     Each chunk's logits are made, turned into its loss and at once into the gradients of x,
     weight and bias (softmax minus one-hot), then dropped; backward only scales the stored
@@ -268,24 +272,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        n = x.size(0)
+        counted = targets != IGNORE
+        n = counted.sum().clamp(min=1)  # the mean is over the targets that count
         w = weight.to(dtype)
         gx = torch.empty_like(x) if want_x else None
         gw = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         gb = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
-            for s in range(0, n, LinearCrossEntropy.CHUNK):
+            for s in range(0, x.size(0), LinearCrossEntropy.CHUNK):
                 xc, yc = x[s : s + LinearCrossEntropy.CHUNK].to(dtype), targets[s : s + LinearCrossEntropy.CHUNK]
+                ignored = ~counted[s : s + LinearCrossEntropy.CHUNK]
+                some_ignored = bool(ignored.any())
+                if some_ignored:
+                    yc = yc.masked_fill(ignored, 0)  # any index; these rows' loss and gradient are zeroed
                 logits = (xc @ w.t()).float()
                 if bias is not None:
                     logits += bias.float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                row_loss = lse - logits.gather(1, yc[:, None]).squeeze(1)
+                total += (row_loss.masked_fill(ignored, 0.0) if some_ignored else row_loss).sum()
                 if not (want_x or want_w or want_b):
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
+                if some_ignored:
+                    g.masked_fill_(ignored[:, None], 0.0)
                 g /= n
                 if want_x:
                     gx[s : s + len(yc)] = (g.to(dtype) @ w).to(x.dtype)

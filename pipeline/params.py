@@ -149,6 +149,7 @@ class Train:
     batch_tokens: int = 0  # global batch in tokens per optimizer step (0: one micro-batch per process)
     max_steps: int = 850
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
+    pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     lr: float = 2.5e-3

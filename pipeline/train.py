@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline import params as P
 from pipeline.checkpoint import Checkpoints, copy_weights, fingerprint, save_weights
 from pipeline.common import PipelineError, atomic_dir, read_json, run_main, sha256_file, write_json
-from pipeline.dataloader import fixed_batches, step_batches
+from pipeline.dataloader import fixed_batches, pair_sources, step_batches
 from pipeline.distributed import (
     Processes,
     any_rank,
@@ -49,7 +49,7 @@ from pipeline.distributed import (
 from pipeline.hardware import CudaAutocast, peak_flops
 from pipeline.model import build_model, count_parameters, flops_per_token
 from pipeline.optim import estimate_loss, lr_at, make_optimizer, train_step
-from pipeline.tokenizer import TOKENS_DIR, load_tokens, token_files_fingerprint
+from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens, token_files_fingerprint
 
 OUT_DIR = Path("data/model")
 METRICS = Path("metrics/train.json")
@@ -77,6 +77,13 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     # Data, and how a global batch is split into micro-batches on each process
     train_data, val_data = load_tokens("train"), load_tokens("val")
     vocab_size = read_json(TOKENS_DIR / "train.json")["vocab_size"]
+    ignored = {"train": None, "val": None}  # targets that do not count: pairs' sources, with pair_loss: target
+    if t.pair_loss == "target":
+        tok = Tokenizer(TOKENS_DIR / "tokenizer.model")
+        ignored = {
+            split: pair_sources(data, tok.src_id, tok.tgt_id)
+            for split, data in (("train", train_data), ("val", val_data))
+        }
     check_long_enough(cfg, train=train_data, val=val_data)
     accum, global_tokens = batch_plan(cfg, t, procs)
     tokenizer_sha = sha256_file(TOKENS_DIR / "tokenizer.model")
@@ -100,8 +107,12 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     if t.compile is True or (t.compile == "auto" and cuda):
         model = torch.compile(model)
     peak = peak_flops(device) if procs.main else None
-    val_batches = fixed_batches(val_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 1, device)
-    train_eval_batches = fixed_batches(train_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 2, device)
+    val_batches = fixed_batches(
+        val_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 1, device, ignored["val"]
+    )
+    train_eval_batches = fixed_batches(
+        train_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 2, device, ignored["train"]
+    )
     if procs.main:
         print(
             f"train: {cfg.arch} with {n_params:,} parameters on {procs.world} x {device.type}; up to "
@@ -142,7 +153,16 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         lr = lr_at(step, t, progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0)
         t0 = time.perf_counter()
         micro_batches = step_batches(
-            train_data, cfg.block_size, t.batch_size, accum, t.seed, step, procs.rank, procs.world, device
+            train_data,
+            cfg.block_size,
+            t.batch_size,
+            accum,
+            t.seed,
+            step,
+            procs.rank,
+            procs.world,
+            device,
+            ignored["train"],
         )
         loss, grad_norm = train_step(model, optimizer, micro_batches, lr, t.grad_clip, autocast, sync)
         loss = mean_over_ranks(procs, loss)

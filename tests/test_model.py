@@ -171,3 +171,29 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeyp
     assert logits.shape == (3, 10, V) and torch.allclose(loss, plain, atol=1e-6)
     for a, b in zip(torch.autograd.grad(loss * 2, [x, *head.parameters()]), ref):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, monkeypatch):
+    """A pair's source, when the loss is on the targets only: IGNORE targets count nowhere, in both
+    output paths, as in F.cross_entropy's ignore_index (a chunk of only ignored rows included)."""
+    from pipeline.model import IGNORE, LinearCrossEntropy, output_layer
+
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, V, bias=bias)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    y = torch.randint(V, (3, 10))
+    y[0, :9] = IGNORE  # the first chunk (7 rows) ignored whole, the second in part
+    y[2, 4] = IGNORE
+    counted = y != IGNORE
+    plain = torch.nn.functional.cross_entropy(head(x)[counted], y[counted])  # only the counted rows
+    ref = torch.autograd.grad(plain, [x, *head.parameters()])
+    for return_logits in (False, True):
+        _, loss = output_layer(head, x, y, return_logits=return_logits)
+        assert torch.allclose(loss, plain, atol=1e-6), return_logits
+        for a, b in zip(torch.autograd.grad(loss, [x, *head.parameters()]), ref):
+            assert torch.allclose(a, b, atol=1e-6), return_logits
+    assert torch.equal(
+        torch.autograd.grad(output_layer(head, x, y, return_logits=False)[1], x)[0][0, :9], torch.zeros(9, 16)
+    )  # no gradient reaches the ignored positions

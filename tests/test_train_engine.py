@@ -333,3 +333,32 @@ def test_compiled_training_matches_eager(prepared, tmp_path):
         call_stage("train", folder)
         losses[compile_] = step_losses(folder)
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_pair_loss_target_leaves_the_source_out_of_the_targets(prepared, tmp_path, capsys):
+    """train.pair_loss: target: the targets from <src> to <tgt> are IGNORE, inputs untouched; the
+    target tokens and the </s> after them count, and so does every token of a text document."""
+    import numpy as np
+
+    from pipeline.dataloader import pair_sources, windows
+    from pipeline.model import IGNORE
+    from pipeline.tokenizer import Tokenizer, load_tokens
+
+    tok = Tokenizer(prepared / "data/tokens/tokenizer.model")
+    eos, src, tgt = tok.eos_id, tok.src_id, tok.tgt_id
+    data = np.array([eos, 7, 8, eos, src, 9, 10, tgt, 11, 12, eos, 13, eos, src, 14, tgt, 15, eos], dtype=np.uint16)
+    ignored = pair_sources(data, src, tgt)
+    assert ignored.tolist() == [False] * 4 + [True] * 4 + [False] * 5 + [True] * 3 + [False] * 2
+    x, y = windows(data, [2, 9], 8, torch.device("cpu"), ignored)
+    assert torch.equal(x, torch.from_numpy(np.stack([data[2:10], data[9:17]]).astype(np.int64)))
+    assert y[0].tolist() == [eos, IGNORE, IGNORE, IGNORE, IGNORE, 11, 12, eos]
+    assert y[1].tolist() == [eos, 13, eos, IGNORE, IGNORE, IGNORE, 15, eos]
+    # The real token files: the ignored share is the pairs' sources, and training runs on the rest.
+    train = load_tokens("train", prepared / "data/tokens")
+    share = pair_sources(train, src, tgt).mean()
+    assert 0.05 < share < 0.5
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"pair_loss": "target", "max_steps": 20, "eval_interval": 10})
+    call_stage("train", folder)
+    metrics = train_metrics(folder)
+    assert metrics["steps"] == 20 and metrics["best_val_loss"] < 8

@@ -1,0 +1,88 @@
+"""Pair training: the loss on every token against the loss on the targets only (train.pair_loss).
+
+    python benchmarks/pair_loss.py                        # params.yaml's model and steps, both variants
+    python benchmarks/pair_loss.py --max-steps 300 --pairs 200
+
+Runs the train stage (`python -m pipeline.train`) once per variant in a scratch copy of the
+project that links data/tokens (run `dvc repro tokenize` first), with everything else as in
+params.yaml. Then translates the first --pairs **val** pairs (greedy; val, not test, since this
+chooses a default) and prints chrF and BLEU (sacrebleu, the BLEU tokenizer that fits the
+references), and val bits per byte over all tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import params as P  # noqa: E402
+from pipeline.checkpoint import load_model  # noqa: E402
+from pipeline.common import read_jsonl  # noqa: E402
+from pipeline.generate import Decoding, generate  # noqa: E402
+from pipeline.scoring import bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
+from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["all", "target"], choices=["all", "target"])
+    ap.add_argument("--max-steps", type=int, default=0, help="override train.max_steps (0: params.yaml's)")
+    ap.add_argument("--pairs", type=int, default=300, help="val pairs to translate")
+    args = ap.parse_args()
+    tokens = ROOT / "data" / "tokens"
+    if not (tokens / "train.bin").exists():
+        sys.exit("error: data/tokens/train.bin missing; run `dvc repro tokenize` first")
+    tok = Tokenizer(tokens / "tokenizer.model")
+    val = load_tokens("val", tokens)
+    val_bytes = json.loads((tokens / "val.json").read_text())["bytes"]
+    pairs = [r for r in read_jsonl(ROOT / "data" / "clean" / "val.jsonl") if "src" in r][: args.pairs]
+    refs = [r["tgt"] for r in pairs]
+    tokenize = bleu_tokenizer(refs)
+    base = P.read_yaml(ROOT / "params.yaml")
+    for variant in args.variants:
+        overlay = {"train": {"pair_loss": variant, "checkpoint_interval": 0}}
+        if args.max_steps:
+            overlay["train"]["max_steps"] = args.max_steps
+        data = P.merge(base, overlay)
+        model_cfg = P.parse(data).model
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            (work / "data").mkdir()
+            os.symlink(tokens, work / "data" / "tokens")
+            (work / "params.yaml").write_text(json.dumps(data))
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.train"], cwd=work, env=env, capture_output=True, text=True
+            )
+            if proc.returncode:
+                sys.exit(f"{variant}: train failed\n{proc.stderr[-2000:]}")
+            wall = time.perf_counter() - t0
+            model = load_model(work / "data" / "model" / "best.safetensors", tok)
+            train = json.loads((work / "metrics" / "train.json").read_text())
+        bpb = nats_of_range(model, val, 1, len(val), 32)[0] / math.log(2) / val_bytes
+        room = model_cfg.block_size - 128
+        prompts = [tok.pair_prompt(ids)[-room:] for ids in tok.encode([r["src"] for r in pairs])]
+        out = generate(model, prompts, tok.eos_id, Decoding(128, max_ratio=2.0), batch_size=32)
+        hyps = [tok.decode(o).strip() for o in out]
+        scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
+        print(
+            f"RESULT pair_loss={variant}: {train['steps']} steps, best val loss {train['best_val_loss']:.4f} "
+            f"(the loss it trains on), val {bpb:.4f} bits/byte (all tokens); {len(pairs)} val pairs greedy: "
+            f"chrF {scores['chrf']}, BLEU ({tokenize}) {scores['bleu']}; train stage {wall:.0f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
