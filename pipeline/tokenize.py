@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import math
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,6 +94,14 @@ def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
         )
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if too_small:  # Chinese text has thousands of characters: each needs a piece of its own
+            needed = int(too_small.group(1))
+            raise PipelineError(
+                f"tokenize.vocab_size: {t.vocab_size} is too small for the train text, whose characters "
+                f"need {needed} pieces at tokenize.character_coverage {t.character_coverage}; set it to at "
+                f"least {needed} (e.g. {2 ** math.ceil(math.log2(needed))}), or lower character_coverage"
+            ) from None
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise PipelineError(
                 f"tokenize.vocab_size: {t.vocab_size} is larger than the train text "

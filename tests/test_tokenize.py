@@ -11,7 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error, call_stage, copy_project, run_stage, snapshot, stage_error, write_params
+from conftest import (
+    assert_clean_error,
+    call_stage,
+    copy_project,
+    jsonl_source,
+    run_stage,
+    snapshot,
+    stage_error,
+    tiny_params,
+    write_jsonl,
+    write_params,
+)
 
 from pipeline.params import read_yaml
 from pipeline.tokenizer import Tokenizer
@@ -194,6 +205,24 @@ def test_vocab_size_larger_than_the_text_supports_is_a_clean_error(prepared, tmp
     assert_clean_error(proc, "tokenize.vocab_size", "60000")
     assert snapshot(folder, "data", "metrics") == before
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["clean", "raw", "tokens"]  # no temp folder left
+
+
+def test_a_vocabulary_too_small_for_chinese_text_says_what_it_needs(tmp_path):
+    """Thousands of distinct Chinese characters need a piece each: the error names the key, the
+    number of pieces needed and a size to use (512 once was reported as "larger than supported")."""
+    import random
+
+    rnd = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(2000)]
+    docs = [{"text": "".join(rnd.choices(chars, k=60)) + "。"} for _ in range(400)]
+    folder = tmp_path / "p"
+    write_jsonl(folder / "corpus" / "zh.jsonl", docs)
+    write_params(folder, tiny_params({"sources": [jsonl_source("zh", "corpus/zh.jsonl")], "max_documents": 0}))
+    for stage in ("collect", "clean"):
+        call_stage(stage, folder)
+    message = stage_error("tokenize", folder, "tokenize.vocab_size: 512 is too small", "character_coverage")
+    needed = int(message.split(" need ")[1].split()[0])
+    assert 2000 < needed < 2400 and f"at least {needed} (e.g. 4096)" in message  # 2,000 characters + bytes
 
 
 def test_tokenize_before_clean_is_a_clean_error(prepared, tmp_path):
