@@ -97,6 +97,10 @@ def collect_source(
             if max_documents and documents >= max_documents:
                 break
     if documents == 0:
+        skipped = {k: stats[k] for k in GETTEXT_COUNTS if stats[k]} if src.format == "gettext" else {}
+        if skipped:  # a catalog with entries, none of them translated
+            counts = ", ".join(f"{k.removeprefix('gettext_').replace('_', ' ')} {v}" for k, v in skipped.items())
+            raise PipelineError(f"source '{src.name}': no translated entries in {src.members or src.path} ({counts})")
         raise PipelineError(
             f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
         )

@@ -224,6 +224,19 @@ def test_a_broken_catalog_is_a_clean_error_naming_file_and_line(tmp_path):
     stage_error("collect", tmp_path, "bad.mo", "truncated or corrupt .mo")
 
 
+def test_a_catalog_with_no_translated_entries_says_so(tmp_path):
+    po = 'msgid "Resource Types"\nmsgstr ""\n\n#, fuzzy\nmsgid "Open"\nmsgstr "打开"\n\nmsgid "%s"\nmsgstr "%s"\n'
+    (tmp_path / "zh.po").write_text(po, encoding="utf-8")
+    collect_project(tmp_path, [{"name": "zh", "kind": "file", "format": "gettext", "path": "zh.po"}])
+    stage_error(
+        "collect",
+        tmp_path,
+        "source 'zh': no translated entries in zh.po",
+        "fuzzy 1, untranslated 1, placeholder only 1",
+    )
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
 def test_an_obsolete_entry_between_others_does_not_hide_the_next_one(tmp_path):
     (tmp_path / "mid.po").write_text('#~ msgid "Old"\n#~ msgstr "Alt"\n\nmsgid "New"\nmsgstr "Neu"\n', encoding="utf-8")
     collect_project(tmp_path, [{"name": "po", "kind": "file", "format": "gettext", "path": "mid.po"}])
