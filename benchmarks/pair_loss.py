@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from scratch_train import train_in_scratch  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
-from pipeline.checkpoint import load_model  # noqa: E402
 from pipeline.common import read_jsonl  # noqa: E402
 from pipeline.generate import Decoding, generate  # noqa: E402
 from pipeline.scoring import bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
@@ -55,25 +53,12 @@ def main() -> None:
             overlay["train"]["max_steps"] = args.max_steps
         data = P.merge(base, overlay)
         model_cfg = P.parse(data).model
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            (work / "data").mkdir()
-            os.symlink(tokens, work / "data" / "tokens")
-            (work / "params.yaml").write_text(json.dumps(data))
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.train"], cwd=work, env=env, capture_output=True, text=True
-            )
-            if proc.returncode:
-                sys.exit(f"{variant}: train failed\n{proc.stderr[-2000:]}")
-            wall = time.perf_counter() - t0
-            model = load_model(work / "data" / "model" / "best.safetensors", tok)
-            train = json.loads((work / "metrics" / "train.json").read_text())
+        model, train, wall = train_in_scratch(data, f"pair_loss={variant}", tok)
         bpb = nats_of_range(model, val, 1, len(val), 32)[0] / math.log(2) / val_bytes
-        room = model_cfg.block_size - 128
+        new_tokens = min(128, model_cfg.block_size - 4)  # as evaluate does: room for the target
+        room = model_cfg.block_size - new_tokens
         prompts = [tok.pair_prompt(ids)[-room:] for ids in tok.encode([r["src"] for r in pairs])]
-        out = generate(model, prompts, tok.eos_id, Decoding(128, max_ratio=2.0), batch_size=32)
+        out = generate(model, prompts, tok.eos_id, Decoding(new_tokens, max_ratio=2.0), batch_size=32)
         hyps = [tok.decode(o).strip() for o in out]
         scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
         print(

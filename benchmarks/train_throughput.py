@@ -26,12 +26,8 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -159,8 +155,8 @@ def _vocab(base: P.Params) -> int:
 def compare(seconds: float, names: list[str]) -> None:
     """Each architecture through the train stage with the same time_budget_s; val bits per byte."""
     import numpy as np
+    from scratch_train import train_in_scratch
 
-    from pipeline.checkpoint import load_model
     from pipeline.scoring import nats_of_range
 
     tokens = ROOT / "data" / "tokens"
@@ -174,29 +170,14 @@ def compare(seconds: float, names: list[str]) -> None:
     )
     base = P.read_yaml(ROOT / "params.yaml")
     for name in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            (work / "data").mkdir()
-            os.symlink(tokens, work / "data" / "tokens")
-            data = P.merge(
-                P.merge(base, COMPARE[name]),
-                {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
-            )
-            P.parse(data)
-            (work / "params.yaml").write_text(json.dumps(data))
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.train"], cwd=work, env=env, capture_output=True, text=True
-            )
-            if proc.returncode:
-                sys.exit(f"{name}: train failed\n{proc.stderr[-2000:]}")
-            wall = time.perf_counter() - t0
-            m = json.loads((work / "metrics" / "train.json").read_text())
-            model = load_model(work / "data" / "model" / "best.safetensors")
-            nats, _ = nats_of_range(model, val, 1, len(val), 32)
-            bpb = nats / math.log(2) / val_meta["bytes"]
-            shutil.rmtree(work / "data" / "checkpoints", ignore_errors=True)
+        data = P.merge(
+            P.merge(base, COMPARE[name]),
+            {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
+        )
+        P.parse(data)
+        model, m, wall = train_in_scratch(data, name)
+        nats, _ = nats_of_range(model, val, 1, len(val), 32)
+        bpb = nats / math.log(2) / val_meta["bytes"]
         cfg = data["model"]
         size = (
             f"{cfg['n_layer']}x{cfg['n_embd']}"
