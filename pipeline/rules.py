@@ -122,15 +122,13 @@ def weighted_length(text: str) -> int:
 def drop_reason(texts: list[str], settings: P.Clean) -> str | None:
     if any(not t for t in texts):
         return "empty"
-    lengths = [len(t) for t in texts]
-    if min(lengths) < settings.min_chars:
+    weighted = [weighted_length(t) for t in texts]
+    if min(weighted) < settings.min_chars:  # "打开" (open) is as long as "open"
         return "too_short"
-    if max(lengths) > settings.max_chars:
+    if max(len(t) for t in texts) > settings.max_chars:
         return "too_long"
-    if len(texts) == 2:
-        weighted = [weighted_length(t) for t in texts]
-        if max(weighted) / min(weighted) > settings.max_length_ratio:
-            return "length_ratio"
+    if len(texts) == 2 and max(weighted) / min(weighted) > settings.max_length_ratio:
+        return "length_ratio"
     return None
 
 

@@ -249,9 +249,10 @@ def test_clean_before_collect_is_a_clean_error(tmp_path):
     assert not (tmp_path / "data" / "clean").exists()
 
 
-def test_the_length_ratio_is_fair_to_chinese_and_russian(tmp_path):
+def test_lengths_are_fair_to_chinese_and_russian(tmp_path):
     """A CJK character counts as 3 (about what it carries in Latin letters, and its UTF-8 bytes), any
-    other character as 1: correct English-Chinese pairs are kept, Russian is not counted double."""
+    other character as 1, for the length ratio and min_chars: correct English-Chinese pairs are
+    kept, Russian is not counted double."""
     good = [
         {"src": "Resource Types", "tgt": "资源类型"},  # 14 characters vs 4: 3.5 by characters
         {"src": "In the beginning God created the heaven and the earth.", "tgt": "起初，神创造天地。"},
@@ -259,13 +260,16 @@ def test_the_length_ratio_is_fair_to_chinese_and_russian(tmp_path):
             "src": "Blessed are the meek: for they shall inherit the earth.",
             "tgt": "Блаженны кроткие, ибо они наследуют землю.",
         },
+        {"src": "Open", "tgt": "打开"},  # 2 characters, but as long as "open": not too short
     ]
     bad = [
-        {"src": "OK", "tgt": "这是一个非常长的中文句子没有对应的英文"},  # 2 vs 19 x 3
+        {"src": "Okay", "tgt": "这是一个非常长的中文句子没有对应的英文"},  # 4 vs 19 x 3
         {"src": "Resource", "tgt": "Это очень длинное предложение без соответствующего английского текста."},
     ]
-    folder = clean_project(tmp_path, filler_docs(40), filler_pairs(40) + good + bad, max_length_ratio=3.0, min_chars=2)
+    short = [{"src": "OK", "tgt": "好的"}]  # the English side is too short
+    folder = clean_project(tmp_path, filler_docs(40), filler_pairs(40) + good + bad + short, min_chars=3)
     call_stage("clean", folder)
     kept = {r.get("src") for s in SPLITS for r in read_split(folder, s)}
-    assert {p["src"] for p in good} <= kept and not {p["src"] for p in bad} & kept
-    assert read_clean_metrics(folder)["sources"]["pairs"]["dropped"]["length_ratio"] == 2
+    assert {p["src"] for p in good} <= kept and not {p["src"] for p in bad + short} & kept
+    dropped = read_clean_metrics(folder)["sources"]["pairs"]["dropped"]
+    assert dropped["length_ratio"] == 2 and dropped["too_short"] == 1
