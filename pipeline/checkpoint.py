@@ -201,8 +201,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict
 class Checkpoints:
     """The resumable checkpoints of one training run: resume from the newest, save a new one."""
 
-    m: P.Model
-    t: P.Train
+    model_cfg: P.Model
+    train_cfg: P.Train
     vocab_size: int
     fingerprint: dict
     procs: Processes
@@ -210,19 +210,19 @@ class Checkpoints:
 
     @property
     def folder(self) -> Path:
-        return Path(self.t.checkpoint_dir)
+        return Path(self.train_cfg.checkpoint_dir)
 
     def resume(self, model, optimizer) -> tuple[Progress, dict | None]:
         """Load the newest compatible checkpoint into `model` and `optimizer` (and the RNG state);
         return its progress and best weights. A fresh start (nothing compatible, or train.resume:
         never) returns a new Progress and deletes the old checkpoints."""
-        found = list_checkpoints(self.folder) if self.t.resume != "never" else []
+        found = list_checkpoints(self.folder) if self.train_cfg.resume != "never" else []
         progress, best_weights, resumed = Progress(), None, False
         if found:
             weights, saved_best, opt_state, saved, saved_fp = read_checkpoint(found[0])
             why = why_incompatible(saved_fp, self.fingerprint)
             if why is None:
-                load_full_state(model, optimizer, weights, opt_state, self.procs, self.t)
+                load_full_state(model, optimizer, weights, opt_state, self.procs, self.train_cfg)
                 progress, best_weights, resumed = saved, saved_best, True
                 if len(progress.rng) == self.procs.world:
                     rng = progress.rng[self.procs.rank]
@@ -230,8 +230,11 @@ class Checkpoints:
                     if self.device.type == "cuda" and rng.get("cuda") is not None:
                         torch.cuda.set_rng_state(rng["cuda"], self.device)
                 if self.procs.main:
-                    print(f"train: resuming from {found[0]} (step {progress.step} of {self.t.max_steps})", flush=True)
-            elif self.t.resume == "strict":
+                    print(
+                        f"train: resuming from {found[0]} (step {progress.step} of {self.train_cfg.max_steps})",
+                        flush=True,
+                    )
+            elif self.train_cfg.resume == "strict":
                 raise PipelineError(
                     f"{found[0]}: cannot resume, it was made with {why} (train.resume: strict); "
                     f"delete {self.folder} or set train.resume: auto to start fresh"
@@ -246,7 +249,7 @@ class Checkpoints:
 
     def save(self, model, optimizer, progress: Progress, best_weights: dict | None) -> None:
         """A checkpoint of this step (every process takes part: FSDP gathers, RNG states are collected)."""
-        weights, opt_state = full_state(model, optimizer, self.procs, self.t)
+        weights, opt_state = full_state(model, optimizer, self.procs, self.train_cfg)
         cuda = self.device.type == "cuda"
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         progress.rng = gather_objects(self.procs, rng)
@@ -258,8 +261,8 @@ class Checkpoints:
                 opt_state,
                 progress,
                 self.fingerprint,
-                self.m,
-                self.t,
+                self.model_cfg,
+                self.train_cfg,
                 self.vocab_size,
             )
         barrier(self.procs)

@@ -32,11 +32,12 @@ def windows(data: np.ndarray, starts, block_size: int, device, ignored=None) -> 
     `ignored` (a boolean array over `data`) is true become IGNORE."""
     rows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(rows)
+    if device.type == "cuda":
+        xy = xy.pin_memory().to(device, non_blocking=True)
     x, y = xy[:, :-1], xy[:, 1:]
     if ignored is not None:
-        y = y.masked_fill(torch.from_numpy(np.stack([ignored[s + 1 : s + block_size + 1] for s in starts])), IGNORE)
-    if device.type == "cuda":
-        x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+        mask = torch.from_numpy(np.stack([ignored[s + 1 : s + block_size + 1] for s in starts]))
+        y = y.masked_fill(mask.to(device, non_blocking=True), IGNORE)
     return x, y
 
 

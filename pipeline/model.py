@@ -274,6 +274,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         counted = targets != IGNORE
         n = counted.sum().clamp(min=1)  # the mean is over the targets that count
+        any_ignored = not bool(counted.all())  # one check per call; the chunks mask only if needed
         w = weight.to(dtype)
         gx = torch.empty_like(x) if want_x else None
         gw = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
@@ -282,21 +283,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             for s in range(0, x.size(0), LinearCrossEntropy.CHUNK):
                 xc, yc = x[s : s + LinearCrossEntropy.CHUNK].to(dtype), targets[s : s + LinearCrossEntropy.CHUNK]
-                ignored = ~counted[s : s + LinearCrossEntropy.CHUNK]
-                some_ignored = bool(ignored.any())
-                if some_ignored:
+                if any_ignored:
+                    ignored = ~counted[s : s + LinearCrossEntropy.CHUNK]
                     yc = yc.masked_fill(ignored, 0)  # any index; these rows' loss and gradient are zeroed
                 logits = (xc @ w.t()).float()
                 if bias is not None:
                     logits += bias.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 row_loss = lse - logits.gather(1, yc[:, None]).squeeze(1)
-                total += (row_loss.masked_fill(ignored, 0.0) if some_ignored else row_loss).sum()
+                total += (row_loss.masked_fill(ignored, 0.0) if any_ignored else row_loss).sum()
                 if not (want_x or want_w or want_b):
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
-                if some_ignored:
+                if any_ignored:
                     g.masked_fill_(ignored[:, None], 0.0)
                 g /= n
                 if want_x:

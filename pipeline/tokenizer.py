@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pipeline.common import PipelineError, read_json, sha256_file
+from pipeline.common import PipelineError, read_json
 
 TOKENS_DIR = Path("data/tokens")
 SRC, TGT = "<src>", "<tgt>"
@@ -85,9 +85,10 @@ def load_tokens(split: str, folder: Path = TOKENS_DIR) -> np.ndarray:
     return data
 
 
-def token_files_fingerprint(folder: Path = TOKENS_DIR) -> str:
-    """The token files' identity: tokenizer, sidecars, and the sizes and ends of the .bin files."""
-    h = hashlib.sha256(sha256_file(folder / "tokenizer.model").encode())
+def token_files_fingerprint(tokenizer_sha256: str, folder: Path = TOKENS_DIR) -> str:
+    """The token files' identity: the tokenizer (its sha256, as the caller computed it), sidecars,
+    and the sizes and ends of the .bin files."""
+    h = hashlib.sha256(tokenizer_sha256.encode())
     for split in ("train", "val"):
         h.update((folder / f"{split}.json").read_bytes())
         path = folder / f"{split}.bin"

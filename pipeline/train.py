@@ -101,7 +101,12 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     model, sync = wrap_model(raw_model, procs, t, device)
     optimizer = make_optimizer(model, t, device)
     checkpoints = Checkpoints(
-        cfg, t, vocab_size, fingerprint(cfg, t, vocab_size, token_files_fingerprint(), procs.world), procs, device
+        cfg,
+        t,
+        vocab_size,
+        fingerprint(cfg, t, vocab_size, token_files_fingerprint(tokenizer_sha), procs.world),
+        procs,
+        device,
     )
     progress, best_weights = checkpoints.resume(raw_model, optimizer)
     if t.compile is True or (t.compile == "auto" and cuda):
@@ -184,11 +189,11 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             )
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update()
-        if t.checkpoint_interval and progress.step % t.checkpoint_interval == 0:
+        if checkpoint_due(progress.step, t):
             checkpoints.save(raw_model, optimizer, progress, best_weights)
     bar.close()
 
-    if stopped or not (t.checkpoint_interval and progress.step % t.checkpoint_interval == 0):
+    if stopped or not checkpoint_due(progress.step, t):
         checkpoints.save(raw_model, optimizer, progress, best_weights)  # unless the interval just wrote it
     if stopped:
         if live:
@@ -262,6 +267,11 @@ def batch_plan(cfg: P.Model, t: P.Train, procs: Processes) -> tuple[int, int]:
             f"processes = {t.batch_size} x {cfg.block_size} x {procs.world} = {micro_tokens}"
         )
     return global_tokens // micro_tokens, global_tokens
+
+
+def checkpoint_due(step: int, t: P.Train) -> bool:
+    """Whether `step` ends a train.checkpoint_interval (0: only the final checkpoint)."""
+    return bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
 
 
 class StopOnSignals:
