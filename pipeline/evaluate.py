@@ -60,17 +60,15 @@ def score_split(model, split: str, baselines: NgramBaselines, batch_size: int, s
         prev, nxt = np.asarray(data[start - 1 : end - 1]), np.asarray(data[start:end])
         uni, bi = baselines.nats(prev, nxt)
         text = ~np.isin(nxt, special)
-        uni_text, bi_text = baselines.nats(prev[text], nxt[text])
-        tokens = end - start
         counts = {
             "nats": nats,
-            "uni": uni,
-            "bi": bi,
-            "tokens": tokens,
+            "uni": float(uni.sum()),
+            "bi": float(bi.sum()),
+            "tokens": end - start,
             "bytes": n_bytes,
             "text_nats": nats - special_nats,
-            "text_uni": uni_text,
-            "text_bi": bi_text,
+            "text_uni": float(uni[text].sum()),
+            "text_bi": float(bi[text].sum()),
         }
         result["sources"][name] = split_scores(counts)
         total.update(counts)

@@ -65,8 +65,8 @@ class NgramBaselines:
         self.history = np.bincount(train[:-1], minlength=vocab_size).astype(np.float64)
         self.followers = np.bincount(codes // vocab_size, minlength=vocab_size).astype(np.float64)
 
-    def nats(self, prev: np.ndarray, nxt: np.ndarray) -> tuple[float, float]:
-        """Total nats of predicting `nxt` after `prev`: (unigram, bigram)."""
+    def nats(self, prev: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nats of predicting each of `nxt` after `prev`: (unigram, bigram), one per token."""
         prev, nxt = prev.astype(np.int64), nxt.astype(np.int64)
         p_uni = np.exp(self.logp_unigram[nxt])
         code = prev * self.V + nxt
@@ -75,7 +75,7 @@ class NgramBaselines:
         c_prev, n_types = self.history[prev], self.followers[prev]
         denom = np.maximum(c_prev + n_types, 1.0)
         p_bi = np.where(c_prev > 0, (c_pair + n_types * p_uni) / denom, p_uni)
-        return float(-np.log(p_uni).sum()), float(-np.log(p_bi).sum())
+        return -np.log(p_uni), -np.log(p_bi)
 
 
 def summarize(nats: float, tokens: int, n_bytes: int) -> dict:
