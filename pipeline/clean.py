@@ -89,7 +89,9 @@ def main() -> None:
         pool = Pool(settings)
         try:
             for src in manifest["sources"]:
-                per_source[src["name"]] = clean_source(src["name"], src["pairs"], settings, state, pool, writers)
+                per_source[src["name"]] = clean_source(
+                    src["name"], src["pairs"], settings, state, pool, writers, (src.get("languages") or ["", ""])[1]
+                )
         finally:
             pool.close()
             for w in writers.values():
@@ -171,15 +173,20 @@ class Examples:
                 self.kept[reason][j] = item
 
 
-def clean_source(name: str, pairs: bool, settings: P.Clean, state: State, pool: Pool, writers: dict) -> dict:
-    """Clean one source's records into the split writers (train: a scratch file); return its counts."""
+def clean_source(
+    name: str, pairs: bool, settings: P.Clean, state: State, pool: Pool, writers: dict, tgt_lang: str = ""
+) -> dict:
+    """Clean one source's records into the split writers (train: a scratch file); return its counts.
+    Pairs of a source with languages carry their target's ("tgt_lang")."""
     kept = Counter()
     kept_bytes = Counter()
     dropped = Counter({r: 0 for r in DROP_REASONS})
     documents_in = bytes_in = 0
     pii = Counter()
     lengths = state.lengths[name]
-    for shard in pool.map(prepare_shard, read_shards(RAW_DIR / f"{name}.jsonl", settings.shard_bytes), name, pairs):
+    for shard in pool.map(
+        prepare_shard, read_shards(RAW_DIR / f"{name}.jsonl", settings.shard_bytes), name, pairs, tgt_lang
+    ):
         documents_in += shard.documents_in
         bytes_in += shard.bytes_in
         lengths["in"].update(shard.lengths_in)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
+from pipeline.languages import CHECKED_PAIRS, check_sides
 from pipeline.params import Source
 from pipeline.params import load as load_params
 from pipeline.sources.archives import archive_members
@@ -80,6 +81,7 @@ def collect_source(
     documents = size = 0
     pairs = None
     stats: Counter = Counter()
+    first: list[dict] = []  # the first pairs, to check their sides against the source's languages
     with tempfile.TemporaryDirectory(dir=out) as scratch, open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f:
         records = records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
         for rec in records:
@@ -92,6 +94,8 @@ def collect_source(
                     f"({rec['origin']}); split it into two sources"
                 )
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if src.languages and len(first) < CHECKED_PAIRS:
+                first.append(rec)
             documents += 1
             size += utf8_bytes(rec)
             if max_documents and documents >= max_documents:
@@ -104,6 +108,11 @@ def collect_source(
         raise PipelineError(
             f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
         )
+    if src.languages:
+        key = f"source '{src.name}': languages"
+        if not pairs:
+            raise PipelineError(f"{key}: set for a source of text documents; languages name the sides of pairs")
+        check_sides(first, src.languages, key)
     input_stats = {k: stats[k] for k in INPUT_COUNTS + (GETTEXT_COUNTS if src.format == "gettext" else ())}
     noted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files")
     print(
@@ -117,6 +126,7 @@ def collect_source(
         **lineage,
         "license": src.license,
         "pairs": bool(pairs),
+        **({"languages": src.languages} if src.languages else {}),
         "documents": documents,
         "bytes": size,
         "input": input_stats,

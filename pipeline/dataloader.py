@@ -27,6 +27,22 @@ def window_starts(n_tokens: int, block_size: int, rows: int, *key: int) -> np.nd
     return np.random.default_rng(list(key)).integers(0, n_tokens - block_size, size=rows)
 
 
+def mixture_starts(
+    sources: dict[str, dict], weights: dict[str, float], n_tokens: int, block_size: int, rows: int, *key: int
+) -> np.ndarray:
+    """`rows` window starts drawn source by source: a source's windows are its share of the tokens
+    times its weight (1 when not listed; 0: never), each start uniform within the source's token
+    range ({"start", "end"} in the token file's sidecar). A pure function of `key`, as window_starts."""
+    names = list(sources)
+    sizes = np.array([sources[n]["end"] - sources[n]["start"] for n in names], dtype=np.float64)
+    p = sizes * np.array([weights.get(n, 1.0) for n in names])
+    rng = np.random.default_rng(list(key))
+    which = rng.choice(len(names), size=rows, p=p / p.sum())
+    lo = np.array([sources[n]["start"] for n in names])
+    hi = np.maximum(lo + 1, np.minimum([sources[n]["end"] - block_size for n in names], n_tokens - block_size))
+    return rng.integers(lo[which], hi[which])
+
+
 def windows(data: np.ndarray, starts, block_size: int, device, ignored=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (the same windows shifted by one token), on `device`; targets where
     `ignored` (a boolean array over `data`) is true become IGNORE."""
@@ -52,9 +68,15 @@ def step_batches(
     world: int = 1,
     device=torch.device("cpu"),
     ignored=None,
+    mixture: tuple[dict, dict] | None = None,
 ) -> list:
-    """This process's micro-batches of training step `step`: its slice of the global batch."""
-    starts = window_starts(len(data), block_size, accum * world * batch_size, seed, 0, step)
+    """This process's micro-batches of training step `step`: its slice of the global batch. With
+    `mixture` (the sources of the token file, their weights), windows are drawn by mixture_starts."""
+    rows = accum * world * batch_size
+    if mixture:
+        starts = mixture_starts(*mixture, len(data), block_size, rows, seed, 0, step)
+    else:
+        starts = window_starts(len(data), block_size, rows, seed, 0, step)
     mine = starts.reshape(accum, world, batch_size)[:, rank]
     return [windows(data, s, block_size, device, ignored) for s in mine]
 

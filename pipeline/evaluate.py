@@ -92,23 +92,34 @@ def split_scores(counts) -> dict:
     return scores
 
 
-def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[dict | None, list[dict]]:
-    """Translate the test pairs of each pair source (a direction), score them against the references
-    with the BLEU tokenizer that fits the target's script, beside copying the source."""
+def pairs_by_source(split: str) -> dict[str, list[dict]]:
     by_source: dict[str, list[dict]] = {}
-    for r in read_jsonl(CLEAN_DIR / "test.jsonl"):
+    for r in read_jsonl(CLEAN_DIR / f"{split}.jsonl"):
         if "src" in r:
             by_source.setdefault(r["source"], []).append(r)
+    return by_source
+
+
+def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[dict | None, list[dict]]:
+    """Translate the test pairs of each pair source (a direction), score them against the references
+    with the BLEU tokenizer that fits the target's script, beside copying the source. The beam's
+    size and length penalty are chosen per direction by chrF on the first `tune_pairs` val pairs."""
+    by_source = pairs_by_source("test")
     if not by_source:
         return None, []
+    val_pairs = pairs_by_source("val") if e.tune_pairs else {}
     new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
     # Keep room for the target: a source longer than the context is cut from the left.
     room = model.block_size - new_tokens if model.bounded_context else None
-    decodings = {"greedy": Decoding(new_tokens, e.max_target_ratio)}
-    if e.beam_size > 1:
-        decodings["beam"] = Decoding(
-            new_tokens, e.max_target_ratio, beam_size=e.beam_size, length_penalty=e.length_penalty
-        )
+
+    def translate(pairs: list[dict], decoding: Decoding, label: str) -> list[str]:
+        prompts = [
+            tok.pair_prompt(ids, r.get("tgt_lang"))[-room:] if room else tok.pair_prompt(ids, r.get("tgt_lang"))
+            for ids, r in zip(tok.encode([r["src"] for r in pairs]), pairs)
+        ]
+        out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device, progress=label)
+        return [tok.decode(o).strip() for o in out]
+
     result: dict = {
         "beam_size": e.beam_size,
         "bootstrap_samples": e.bootstrap,
@@ -118,26 +129,28 @@ def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> t
     shown = []
     for source, pairs in by_source.items():
         pairs = pairs[: e.max_pairs] if e.max_pairs else pairs
-        prompts = [
-            tok.pair_prompt(ids)[-room:] if room else tok.pair_prompt(ids)
-            for ids in tok.encode([r["src"] for r in pairs])
-        ]
         refs = [r["tgt"] for r in pairs]
         tokenize = bleu_tokenizer(refs)
         direction: dict = {"pairs": len(pairs), "bleu_tokenize": tokenize}
+        if pairs[0].get("tgt_lang"):
+            direction["target_language"] = pairs[0]["tgt_lang"]
+        decodings = {"greedy": Decoding(new_tokens, e.max_target_ratio)}
+        beam_size, length_penalty = e.beam_size, e.length_penalty
+        tune = val_pairs.get(source, [])[: e.tune_pairs] if e.beam_size > 1 else []
+        if tune:
+            beam_size, length_penalty, direction["beam_chosen_on_val"] = choose_beam(
+                translate, tune, source, e, new_tokens, tokenize
+            )
+        if beam_size > 1:
+            decodings["beam"] = Decoding(
+                new_tokens, e.max_target_ratio, beam_size=beam_size, length_penalty=length_penalty
+            )
         hyps = {}
         for name, decoding in decodings.items():
-            out = generate(
-                model,
-                prompts,
-                tok.eos_id,
-                decoding,
-                batch_size=e.batch_size,
-                device=device,
-                progress=f"translate {source} ({name})",
-            )
-            hyps[name] = [tok.decode(o).strip() for o in out]
+            hyps[name] = translate(pairs, decoding, f"translate {source} ({name})")
             direction[name], signatures = corpus_scores(hyps[name], refs, e.bootstrap, tokenize=tokenize)
+            if name == "beam":
+                direction[name].update(beam_size=beam_size, length_penalty=length_penalty)
         direction["copy_source"], _ = corpus_scores([r["src"] for r in pairs], refs, e.bootstrap, tokenize=tokenize)
         direction["signatures"] = signatures
         result["directions"][source] = direction
@@ -146,6 +159,26 @@ def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> t
             for i, r in enumerate(pairs[:SHOWN_TRANSLATIONS])
         ]
     return result, shown
+
+
+def choose_beam(
+    translate, pairs: list[dict], source: str, e: P.Evaluate, new_tokens: int, tokenize: str
+) -> tuple[int, float, dict]:
+    """The beam size and length penalty with the best chrF on `pairs` (val), over the grid of
+    tune_beam_sizes x tune_length_penalties (the first best on ties); and every point's chrF."""
+    refs = [r["tgt"] for r in pairs]
+    grid = []
+    for size in e.tune_beam_sizes:
+        for penalty in e.tune_length_penalties if size > 1 else [1.0]:
+            hyps = translate(
+                pairs,
+                Decoding(new_tokens, e.max_target_ratio, beam_size=size, length_penalty=penalty),
+                f"val {source} (beam {size}, length penalty {penalty:g})",
+            )
+            scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
+            grid.append({"beam_size": size, "length_penalty": penalty, "chrf": scores["chrf"], "bleu": scores["bleu"]})
+    best = max(grid, key=lambda g: g["chrf"])
+    return best["beam_size"], best["length_penalty"], {"pairs": len(pairs), "by": "chrf", "grid": grid}
 
 
 def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[list[tuple[str, str]], dict]:

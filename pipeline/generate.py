@@ -209,10 +209,23 @@ def generate(
     return results
 
 
+def target_language(tok: Tokenizer, to: str) -> str | None:
+    """--to, checked; or the tokenizer's one target language; None for a model trained without tags."""
+    if to:
+        tok.language_id(to)
+        return to
+    if len(tok.languages) > 1:
+        raise PipelineError(f"--to: the model translates into {', '.join(sorted(tok.languages))}; choose one")
+    return next(iter(tok.languages), None)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.generate", description="Generate text with a trained model.")
     ap.add_argument("prompt", help="text to continue (with --translate: the source sentence)")
     ap.add_argument("--translate", action="store_true", help="render the prompt as a pair source and decode its target")
+    ap.add_argument(
+        "--to", default="", metavar="LANG", help="--translate: the target language (default: the model's only one)"
+    )
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     ap.add_argument("--max-new-tokens", type=int, default=200)
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = Tokenizer(args.tokenizer)
     model = load_model(args.checkpoint, tok, args.tokenizer)
     ids = tok.encode([args.prompt])[0]
-    prompt = tok.pair_prompt(ids) if args.translate else [tok.eos_id, *ids]
+    prompt = tok.pair_prompt(ids, target_language(tok, args.to)) if args.translate else [tok.eos_id, *ids]
     if model.bounded_context and len(prompt) >= model.block_size:
         keep = model.block_size - 1
         print(

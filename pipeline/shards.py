@@ -138,7 +138,7 @@ def _lines(shard: Shard) -> Iterator[tuple[int, bytes, dict]]:
             yield i, line, json_line(line, shard.path, i)
 
 
-def prepare_shard(shard: Shard, name: str, pairs: bool) -> PreparedShard:
+def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> PreparedShard:
     """Normalise, scrub, filter and hash one shard of a source's records: counts, the records in
     order (Dropped, or Candidate with its line, split and keys), and for the candidates, row by row:
     LSH band keys and 1-byte signatures, and the n-gram hashes of val and test."""
@@ -169,6 +169,8 @@ def prepare_shard(shard: Shard, name: str, pairs: bool) -> PreparedShard:
         fields = (
             f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
         )
+        if tgt_lang:
+            fields += f', "tgt_lang": {_json_str(tgt_lang)}'
         records.append(
             Candidate(
                 f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),

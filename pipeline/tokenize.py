@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -33,6 +34,7 @@ import sentencepiece as spm
 
 from pipeline import params as P
 from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
+from pipeline.languages import tag
 from pipeline.tokenizer import ENCODE_BATCH, SRC, TGT, TOKENS_DIR, Tokenizer, dtype_for
 
 CLEAN_DIR = Path("data/clean")
@@ -67,7 +69,20 @@ def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     ), rate
 
 
-def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
+def target_languages(path: Path) -> list[str]:
+    """The target languages of the pairs in a split file: each gets a tag <2xx> in the vocabulary.
+    Only lines that mention the key are parsed."""
+    found = set()
+    with open(path, "rb") as f:
+        for line in f:
+            if b'"tgt_lang"' in line:
+                lang = json.loads(line).get("tgt_lang")
+                if lang:
+                    found.add(lang)
+    return sorted(found)
+
+
+def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()) -> Tokenizer:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -83,7 +98,7 @@ def train_tokenizer(records, t: P.Tokenize, out: Path) -> Tokenizer:
             split_digits=True,
             allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"],
-            control_symbols=[SRC, TGT],
+            control_symbols=[SRC, TGT, *map(tag, languages)],
             unk_id=0,
             bos_id=1,
             eos_id=2,
@@ -153,7 +168,10 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
                     runs.append((current, len(flat)))
                 elif not runs:
                     runs.append((current, 0))
-                tok.render(r, encoded, flat)
+                try:
+                    tok.render(r, encoded, flat)
+                except PipelineError as e:
+                    raise PipelineError(f"{path_in}: source '{current}': {e} (no pairs of it in train?)") from None
                 sources[current]["documents"] += 1
             ids = np.fromiter(flat, dtype, len(flat))
             for (name, start), (_, end) in zip(runs, [*runs[1:], (None, len(flat))]):
@@ -190,7 +208,7 @@ def main() -> None:
         "splits": {},
     }
     with atomic_dir(OUT_DIR) as out:
-        tok = train_tokenizer(records, t, out)
+        tok = train_tokenizer(records, t, out, target_languages(paths["train"]))
         for name, path in paths.items():
             meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)
             write_json(out / f"{name}.json", meta)

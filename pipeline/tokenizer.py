@@ -2,7 +2,9 @@
 
 `Tokenizer` wraps the sentencepiece model that `tokenize` trains. It is lossless
 (decode(encode(text)) == text) and every token has an exact UTF-8 byte length, so bits per byte
-are exact. A document is rendered as `text </s>`, a pair as `<src> source <tgt> target </s>`.
+are exact. A document is rendered as `text </s>`, a pair as `<src> source <tgt> target </s>`, or
+`<src> <2ru> source <tgt> target </s>` when its source names the languages (the target's tag,
+pipeline.languages).
 
 Token files: data/tokens/{split}.bin, a flat stream of token ids (uint16 when the vocabulary fits,
 else uint32) beginning with </s>, and a JSON sidecar {split}.json with its dtype, vocabulary size,
@@ -20,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pipeline.common import PipelineError, read_json
+from pipeline.languages import tag
 
 TOKENS_DIR = Path("data/tokens")
 SRC, TGT = "<src>", "<tgt>"
@@ -38,6 +41,12 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()
         self.src_id = self.sp.piece_to_id(SRC)
         self.tgt_id = self.sp.piece_to_id(TGT)
+        # target-language tags <2xx>: control pieces, as <src> and <tgt>
+        self.languages = {
+            piece[2:-1]: i
+            for i in range(self.vocab_size)
+            if self.sp.is_control(i) and (piece := self.sp.id_to_piece(i)).startswith("<2") and piece.endswith(">")
+        }
 
     def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
@@ -50,14 +59,25 @@ class Tokenizer:
         the ids of the record's texts in text_fields() order: text, or src then tgt."""
         if "src" in record:
             out.append(self.src_id)
+            if "tgt_lang" in record:
+                out.append(self.language_id(record["tgt_lang"]))
             out += next(ids)
             out.append(self.tgt_id)
         out += next(ids)
         out.append(self.eos_id)
 
-    def pair_prompt(self, src_ids: list[int]) -> list[int]:
+    def language_id(self, code: str) -> int:
+        if code not in self.languages:
+            known = ", ".join(sorted(self.languages)) or "none: its pair sources name no languages"
+            raise PipelineError(
+                f"target language '{code}': the tokenizer has no tag {tag(code)} (its languages: {known})"
+            )
+        return self.languages[code]
+
+    def pair_prompt(self, src_ids: list[int], tgt_lang: str | None = None) -> list[int]:
         """What the model sees before it writes a target: the same context as in training."""
-        return [self.eos_id, self.src_id, *src_ids, self.tgt_id]
+        lang = [self.language_id(tgt_lang)] if tgt_lang else []
+        return [self.eos_id, self.src_id, *lang, *src_ids, self.tgt_id]
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each token stands for: control tokens 0, byte tokens 1."""

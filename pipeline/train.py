@@ -76,7 +76,9 @@ def main() -> None:
 def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop: StopOnSignals) -> None:
     # Data, and how a global batch is split into micro-batches on each process
     train_data, val_data = load_tokens("train"), load_tokens("val")
-    vocab_size = read_json(TOKENS_DIR / "train.json")["vocab_size"]
+    train_meta = read_json(TOKENS_DIR / "train.json")
+    vocab_size = train_meta["vocab_size"]
+    mixture = source_mixture(t, train_meta["sources"])
     ignored = {"train": None, "val": None}  # targets that do not count: pairs' sources, with pair_loss: target
     if t.pair_loss == "target":
         tok = Tokenizer(TOKENS_DIR / "tokenizer.model")
@@ -168,6 +170,7 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             procs.world,
             device,
             ignored["train"],
+            mixture,
         )
         loss, grad_norm = train_step(model, optimizer, micro_batches, lr, t.grad_clip, autocast, sync)
         loss = mean_over_ranks(procs, loss)
@@ -255,6 +258,21 @@ def check_long_enough(cfg: P.Model, **splits) -> None:
                 f"model.block_size: {cfg.block_size} is too large for {TOKENS_DIR}/{name}.bin "
                 f"({len(data)} tokens); lower it or add text"
             )
+
+
+def source_mixture(t: P.Train, sources: dict[str, dict]) -> tuple[dict, dict] | None:
+    """What step_batches needs to draw windows by train.source_weights (None: uniformly)."""
+    if not t.source_weights:
+        return None
+    for name in t.source_weights:
+        if name not in sources:
+            raise PipelineError(
+                f"train.source_weights.{name}: no such source in {TOKENS_DIR}/train.json "
+                f"(sources: {', '.join(sources)})"
+            )
+    if not any(t.source_weights.get(name, 1.0) > 0 for name in sources):
+        raise PipelineError("train.source_weights: every source of the train split has weight 0")
+    return sources, t.source_weights
 
 
 def batch_plan(cfg: P.Model, t: P.Train, procs: Processes) -> tuple[int, int]:

@@ -89,6 +89,7 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
                 "format": "jsonl",
                 "path": str(folder / "pairs.jsonl"),
                 "license": "public domain",
+                "languages": ["en", "ru"],
             },
         ]
     }

@@ -99,7 +99,7 @@ def test_control_tokens_stand_for_no_bytes(tok):
     assert tb[tok.eos_id] == 0 and tb[tok.src_id] == 0 and tb[tok.tgt_id] == 0
     assert len({tok.eos_id, tok.src_id, tok.tgt_id}) == 3
     assert tok.vocab_size == 512 and len(tb) == 512
-    assert int((tb > 0).sum()) == tok.vocab_size - 5  # all but unk, bos, eos, <src>, <tgt> stand for bytes
+    assert int((tb > 0).sum()) == tok.vocab_size - 6  # all but unk, bos, eos, <src>, <tgt>, <2ru> stand for bytes
 
 
 # --- the token files ----------------------------------------------------------------------------

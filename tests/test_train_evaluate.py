@@ -142,7 +142,7 @@ def test_evaluate_writes_generation_statistics_samples_and_report(trained):
     for section in ("# Evaluation report", "## Model", "## Data", "## Metrics", "## Loss", "## Samples"):
         assert section in report, section
     assert "sonnets" in report and "bits per byte" in report and "| greedy |" in report
-    assert "Translation, pairs: 20 test pairs" in report and "| decoding | chrF | BLEU | TER |" in report
+    assert "Translation, pairs (into ru): 20 test pairs" in report and "| decoding | chrF | BLEU | TER |" in report
     assert (trained / "metrics/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -162,13 +162,14 @@ def test_generate_command_streams_the_seeded_continuation(trained, trained_model
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_generate_translates_a_pair_prompt(trained, trained_model, capsys, beam_size):
-    """--translate renders `<src> text <tgt>` and decodes the target greedily (or by beam search)."""
+    """--translate renders `<src> <2ru> text <tgt>` (the model's one target language) and decodes the
+    target greedily (or by beam search)."""
     tok, model = trained_model
     call_stage(
         "generate", trained, "--translate", "Jesus wept.", "--max-new-tokens", "20", "--beam-size", str(beam_size)
     )
-    prompt = tok.pair_prompt(tok.encode(["Jesus wept."])[0])
-    assert prompt == [tok.eos_id, tok.src_id, *tok.encode(["Jesus wept."])[0], tok.tgt_id]
+    prompt = tok.pair_prompt(tok.encode(["Jesus wept."])[0], "ru")
+    assert prompt == [tok.eos_id, tok.src_id, tok.languages["ru"], *tok.encode(["Jesus wept."])[0], tok.tgt_id]
     (new,) = generate(model, [prompt], tok.eos_id, Decoding(max_new_tokens=20, beam_size=beam_size))
     assert len(new) > 0
     assert capsys.readouterr().out == tok.decode(new) + "\n"  # the translation alone, not the source

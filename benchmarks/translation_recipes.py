@@ -1,13 +1,15 @@
-"""Pair training: the loss on every token against the loss on the targets only (train.pair_loss).
+"""Training recipes for translation, compared on val pairs: each variant is params.yaml with an overlay.
 
-    python benchmarks/pair_loss.py                        # params.yaml's model and steps, both variants
-    python benchmarks/pair_loss.py --max-steps 300 --pairs 200
+    python benchmarks/translation_recipes.py              # train.pair_loss all against target
+    python benchmarks/translation_recipes.py --max-steps 300 --pairs 200
+    python benchmarks/translation_recipes.py --variant 'base={}' \
+        --variant 'pairs_x4={"train": {"source_weights": {"bible_en_ru": 4}}}'
 
 Runs the train stage (`python -m pipeline.train`) once per variant in a scratch copy of the
 project that links data/tokens (run `dvc repro tokenize` first), with everything else as in
-params.yaml. Then translates the first --pairs **val** pairs (greedy; val, not test, since this
-chooses a default) and prints chrF and BLEU (sacrebleu, the BLEU tokenizer that fits the
-references), and val bits per byte over all tokens.
+params.yaml. Then translates the first --pairs **val** pairs of each pair source (greedy; val,
+not test, since this chooses a default) and prints chrF and BLEU (sacrebleu, the BLEU tokenizer
+that fits the references), and val bits per byte over all tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=["all", "target"], choices=["all", "target"])
+    ap.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=JSON",
+        help="a name and a params overlay (JSON); default: train.pair_loss all, then target",
+    )
     ap.add_argument("--max-steps", type=int, default=0, help="override train.max_steps (0: params.yaml's)")
     ap.add_argument("--pairs", type=int, default=300, help="val pairs to translate")
     args = ap.parse_args()
@@ -46,13 +53,15 @@ def main() -> None:
     refs = [r["tgt"] for r in pairs]
     tokenize = bleu_tokenizer(refs)
     base = P.read_yaml(ROOT / "params.yaml")
-    for variant in args.variants:
-        overlay = {"train": {"pair_loss": variant, "checkpoint_interval": 0}}
+    variants = [v.split("=", 1) for v in args.variant or []] or [
+        (f"pair_loss={v}", json.dumps({"train": {"pair_loss": v}})) for v in ("all", "target")
+    ]
+    for name, overlay in variants:
+        data = P.merge(P.merge(base, json.loads(overlay)), {"train": {"checkpoint_interval": 0}})
         if args.max_steps:
-            overlay["train"]["max_steps"] = args.max_steps
-        data = P.merge(base, overlay)
+            data = P.merge(data, {"train": {"max_steps": args.max_steps}})
         model_cfg = P.parse(data).model
-        model, train, wall = train_in_scratch(data, f"pair_loss={variant}", tok)
+        model, train, wall = train_in_scratch(data, name, tok)
         bpb = nats_of_range(model, val, 1, len(val), 32)[0] / math.log(2) / val_bytes
         new_tokens = min(128, model_cfg.block_size - 4)  # as evaluate does: room for the target
         room = model_cfg.block_size - new_tokens
@@ -61,7 +70,7 @@ def main() -> None:
         hyps = [tok.decode(o).strip() for o in out]
         scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
         print(
-            f"RESULT pair_loss={variant}: {train['steps']} steps, best val loss {train['best_val_loss']:.4f} "
+            f"RESULT {name}: {train['steps']} steps, best val loss {train['best_val_loss']:.4f} "
             f"(the loss it trains on), val {bpb:.4f} bits/byte (all tokens); {len(pairs)} val pairs greedy: "
             f"chrF {scores['chrf']}, BLEU ({tokenize}) {scores['bleu']}; train stage {wall:.0f} s",
             flush=True,
