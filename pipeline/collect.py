@@ -82,6 +82,7 @@ def collect_source(
     pairs = None
     stats: Counter = Counter()
     first: list[dict] = []  # the first pairs, to check their sides against the source's languages
+    empty_sides: Counter = Counter()  # pairs whose source (src) or target (tgt) is empty
     with tempfile.TemporaryDirectory(dir=out) as scratch, open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f:
         records = records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
         for rec in records:
@@ -96,6 +97,8 @@ def collect_source(
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             if src.languages and len(first) < CHECKED_PAIRS:
                 first.append(rec)
+            if is_pair:
+                empty_sides.update(side for side in ("src", "tgt") if not rec[side].strip())
             documents += 1
             size += utf8_bytes(rec)
             if max_documents and documents >= max_documents:
@@ -108,6 +111,10 @@ def collect_source(
         raise PipelineError(
             f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
         )
+    for side, name in (("src", "source"), ("tgt", "target")):
+        if pairs and empty_sides[side] == documents:
+            columns = f" (column '{src.pair_columns[side == 'tgt']}')" if src.pair_columns else ""
+            raise PipelineError(f"source '{src.name}': the {name} side{columns} is empty in all {documents} pairs")
     if src.languages:
         key = f"source '{src.name}': languages"
         if not pairs:

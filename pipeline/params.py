@@ -120,7 +120,7 @@ class Clean:
 class Tokenize:
     model_type: Literal["bpe", "unigram", "char", "word"] = "bpe"
     vocab_size: int = 4096
-    character_coverage: float = 0.9995
+    character_coverage: float | Literal["auto"] = 0.9995  # auto: the most that fits the vocabulary
     max_sentence_chars: int = 4000
     sample_bytes: int = 100_000_000  # learn the pieces from a hash-chosen sample of about this much train text (0: all)
     num_threads: int = 0  # 0: all cores
@@ -215,7 +215,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(value, args[0], key)
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for arg in args[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return _convert(value, arg, key)
+            except PipelineError:
+                pass
+        return _convert(value, args[-1], key)
     if origin is list:
         if not isinstance(value, list):
             raise PipelineError(f"{key}: expected a list, got {value!r}")
@@ -342,7 +349,10 @@ def _check(p: Params) -> None:
     )
     t = p.tokenize
     need(t.vocab_size >= 16, f"tokenize.vocab_size: {t.vocab_size} is too small (at least 16)")
-    need(0 < t.character_coverage <= 1, "tokenize.character_coverage: must be in (0, 1]")
+    need(
+        t.character_coverage == "auto" or 0.98 <= t.character_coverage <= 1,
+        f"tokenize.character_coverage: must be in [0.98, 1] (sentencepiece's range) or auto, got {t.character_coverage}",
+    )
     need(t.sample_bytes >= 0, f"tokenize.sample_bytes: must be >= 0, got {t.sample_bytes}")
     m = p.model
     for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):

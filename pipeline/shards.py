@@ -175,8 +175,14 @@ def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> P
             Candidate(
                 f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),
                 split,
-                # exact duplicates: on the pair, and on the source side alone
-                (text_key("pair", *texts), text_key("src", texts[0])) if pairs else (text_key("text", texts[0]),),
+                # exact duplicates: on the pair, and on the source side alone (per target language:
+                # one sentence translated into several languages is several directions, not duplicates)
+                (
+                    text_key("pair", *texts),
+                    text_key("src", tgt_lang, texts[0]) if tgt_lang else text_key("src", texts[0]),
+                )
+                if pairs
+                else (text_key("text", texts[0]),),
                 sum(len(t.encode("utf-8")) for t in texts),
                 sum(map(len, texts)),
             )

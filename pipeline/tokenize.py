@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,15 +83,49 @@ def target_languages(path: Path) -> list[str]:
     return sorted(found)
 
 
-def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()) -> Tokenizer:
+def fitting_coverage(sentences: list[str], vocab_size: int, reserved: int) -> tuple[float, int]:
+    """tokenize.character_coverage auto: (coverage, vocabulary size). The coverage is the share of
+    character occurrences that the most frequent characters reach when each gets a piece of its own
+    beside the `reserved` ones (byte and control pieces), within sentencepiece's range [0.98,
+    0.9995]; the characters left out are written as UTF-8 bytes (byte fallback), so nothing is lost.
+    Where even 0.98 does not fit (thousands of Chinese characters in a small vocabulary), the
+    vocabulary grows to hold it, to a multiple of 64."""
+    counts = Counter()
+    for s in sentences:
+        counts.update(s)
+    freq = sorted(counts.values(), reverse=True)
+    total = sum(freq) or 1
+    covered = np.cumsum(freq) / total
+    kept = max(vocab_size - reserved, 0)
+    reach = float(covered[min(kept, len(freq)) - 1]) if kept and freq else 0.0
+    coverage = round(min(0.9995, max(0.98, math.floor(reach * 1e4) / 1e4 - 0.0005)), 4)
+    needed = int(np.searchsorted(covered, 0.98)) + 1 + reserved
+    if needed > vocab_size:
+        vocab_size = 64 * math.ceil((needed + 64) / 64)
+    return coverage, vocab_size
+
+
+def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()) -> tuple[Tokenizer, float]:
+    """The sentencepiece model learnt from `records`, and the character coverage it used."""
     model = io.BytesIO()
+    sentences = training_sentences(records, t.max_sentence_chars)
+    coverage, vocab_size = t.character_coverage, t.vocab_size
+    if coverage == "auto":
+        sentences = list(sentences)
+        coverage, vocab_size = fitting_coverage(sentences, t.vocab_size, 256 + 3 + 1 + 2 + len(languages))
+        if vocab_size != t.vocab_size:
+            print(
+                f"tokenize: vocab_size {t.vocab_size} cannot hold the characters of the train text "
+                f"(character_coverage: auto); using {vocab_size}",
+                flush=True,
+            )
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(records, t.max_sentence_chars),
+            sentence_iterator=iter(sentences),
             model_writer=model,
             model_type=t.model_type,
-            vocab_size=t.vocab_size,
-            character_coverage=t.character_coverage,
+            vocab_size=vocab_size,
+            character_coverage=coverage,
             byte_fallback=True,
             normalization_rule_name="identity",
             add_dummy_prefix=False,
@@ -113,13 +148,14 @@ def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()
         if too_small:  # Chinese text has thousands of characters: each needs a piece of its own
             needed = int(too_small.group(1))
             raise PipelineError(
-                f"tokenize.vocab_size: {t.vocab_size} is too small for the train text, whose characters "
-                f"need {needed} pieces at tokenize.character_coverage {t.character_coverage}; set it to at "
-                f"least {needed} (e.g. {2 ** math.ceil(math.log2(needed))}), or lower character_coverage"
+                f"tokenize.vocab_size: {vocab_size} is too small for the train text, whose characters "
+                f"need {needed} pieces at tokenize.character_coverage {coverage}; set it to at least "
+                f"{needed} (e.g. {2 ** math.ceil(math.log2(needed))})"
+                + (", or character_coverage: auto" if t.character_coverage != "auto" else "")
             ) from None
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise PipelineError(
-                f"tokenize.vocab_size: {t.vocab_size} is larger than the train text "
+                f"tokenize.vocab_size: {vocab_size} is larger than the train text "
                 f"supports ({msg.split(']')[-1].strip()})"
             ) from None
         raise PipelineError(f"tokenize: sentencepiece training failed: {msg}") from None
@@ -128,7 +164,7 @@ def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()
     (out / "tokenizer.vocab").write_text(
         "".join(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i)}\n" for i in range(tok.vocab_size)), encoding="utf-8"
     )
-    return tok
+    return tok, coverage
 
 
 def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) -> dict:
@@ -208,7 +244,8 @@ def main() -> None:
         "splits": {},
     }
     with atomic_dir(OUT_DIR) as out:
-        tok = train_tokenizer(records, t, out, target_languages(paths["train"]))
+        tok, metrics["character_coverage"] = train_tokenizer(records, t, out, target_languages(paths["train"]))
+        metrics["vocab_size"] = tok.vocab_size  # more than asked where character_coverage auto needed it
         for name, path in paths.items():
             meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)
             write_json(out / f"{name}.json", meta)
@@ -222,7 +259,7 @@ def main() -> None:
     summary = ", ".join(
         f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items()
     )
-    print(f"tokenize: vocab {t.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")
+    print(f"tokenize: vocab {tok.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")
 
 
 if __name__ == "__main__":

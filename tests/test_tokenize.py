@@ -217,12 +217,56 @@ def test_a_vocabulary_too_small_for_chinese_text_says_what_it_needs(tmp_path):
     docs = [{"text": "".join(rnd.choices(chars, k=60)) + "。"} for _ in range(400)]
     folder = tmp_path / "p"
     write_jsonl(folder / "corpus" / "zh.jsonl", docs)
-    write_params(folder, tiny_params({"sources": [jsonl_source("zh", "corpus/zh.jsonl")], "max_documents": 0}))
+    write_params(
+        folder,
+        tiny_params(
+            {"sources": [jsonl_source("zh", "corpus/zh.jsonl")], "max_documents": 0},
+            tokenize={"character_coverage": 0.9995},
+        ),
+    )
     for stage in ("collect", "clean"):
         call_stage(stage, folder)
-    message = stage_error("tokenize", folder, "tokenize.vocab_size: 512 is too small", "character_coverage")
+    message = stage_error("tokenize", folder, "tokenize.vocab_size: 512 is too small", "character_coverage: auto")
     needed = int(message.split(" need ")[1].split()[0])
     assert 2000 < needed < 2400 and f"at least {needed} (e.g. 4096)" in message  # 2,000 characters + bytes
+
+
+def test_the_tiny_preset_takes_chinese_text(tmp_path, capsys):
+    """character_coverage: auto (the tiny preset's) gives the most frequent characters a piece each
+    and writes the rarest as bytes; where sentencepiece's least coverage (0.98) does not fit the
+    vocabulary, it grows and says so. 3,000 distinct characters in Zipf's proportions (as in Chinese
+    prose), then 250: both tokenize, losslessly."""
+    import random
+
+    rnd = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(3000)]
+    weights = [1 / (rank + 1) for rank in range(len(chars))]
+    docs = [{"text": "".join(rnd.choices(chars, weights, k=80)) + "。"} for _ in range(1500)]
+    folder = tmp_path / "p"
+    write_jsonl(folder / "corpus" / "zh.jsonl", docs)
+    write_params(folder, tiny_params({"sources": [jsonl_source("zh", "corpus/zh.jsonl")], "max_documents": 0}))
+    for stage in ("collect", "clean", "tokenize"):
+        call_stage(stage, folder)
+    metrics = json.loads((folder / "metrics/tokenize.json").read_text())
+    assert metrics["vocab_size"] > 2000 and metrics["vocab_size"] % 64 == 0 and metrics["character_coverage"] == 0.98
+    assert "vocab_size 512 cannot hold the characters" in capsys.readouterr().out
+    tok = Tokenizer(folder / "data/tokens/tokenizer.model")
+    assert (
+        tok.vocab_size
+        == metrics["vocab_size"]
+        == json.loads((folder / "data/tokens/train.json").read_text())["vocab_size"]
+    )
+    text = docs[0]["text"] + docs[1]["text"]
+    ids = tok.encode([text])[0]
+    assert tok.decode(ids) == text and any(tok.sp.is_byte(i) for i in ids)  # rare characters as bytes
+
+    few = [chr(0x4E00 + i) for i in range(250)]
+    docs = [{"text": "".join(rnd.choices(few, weights[:250], k=80)) + "。"} for _ in range(1500)]
+    write_jsonl(folder / "corpus" / "zh.jsonl", docs)
+    for stage in ("collect", "clean", "tokenize"):
+        call_stage(stage, folder)
+    metrics = json.loads((folder / "metrics/tokenize.json").read_text())
+    assert metrics["vocab_size"] == 512 and 0.98 <= metrics["character_coverage"] < 0.9995
 
 
 def test_tokenize_before_clean_is_a_clean_error(prepared, tmp_path):

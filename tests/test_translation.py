@@ -163,3 +163,40 @@ def test_generate_translates_into_a_named_language_only(prepared, tmp_path):
     set_params(folder, train={"max_steps": 2})
     call_stage("train", folder)
     stage_error("generate", folder, "'fr'", "<2fr>", "ru", args=("Jesus wept.", "--translate", "--to", "fr"))
+
+
+@pytest.mark.parametrize("side", ["src", "tgt"])
+def test_a_pair_source_with_an_empty_side_is_one_line(tmp_path, side):
+    with open(tmp_path / "p.jsonl", "w", encoding="utf-8") as f:
+        for src, tgt in PAIRS:
+            pair = {"en": src, "ru": tgt}
+            pair["en" if side == "src" else "ru"] = "  "
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    collect_project(tmp_path, [jsonl_source("bible", str(tmp_path / "p.jsonl"), pair_columns=["en", "ru"])])
+    name, column = ("source", "en") if side == "src" else ("target", "ru")
+    stage_error("collect", tmp_path, f"source 'bible': the {name} side (column '{column}') is empty in all 6 pairs")
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_one_source_text_in_several_directions_is_not_a_duplicate(tmp_path):
+    """The same English verses into Russian and into French: two directions, each kept whole, in
+    the same split (the split follows the source side), so no test verse is trained on in either."""
+    fr = [(src, f"En français : {src.lower()}") for src, _ in PAIRS]  # Latin script, another target
+    ru_path, fr_path = write_pairs(tmp_path / "ru.jsonl", PAIRS), write_pairs(tmp_path / "fr.jsonl", fr)
+    collect_project(
+        tmp_path,
+        [
+            jsonl_source("en_ru", ru_path, languages=["en", "ru"]),
+            jsonl_source("en_fr", fr_path, languages=["en", "fr"]),
+        ],
+    )
+    call_stage("collect", tmp_path)
+    call_stage("clean", tmp_path)
+    report = json.loads((tmp_path / "metrics/clean.json").read_text())
+    assert report["dropped"]["duplicate"] == 0 and report["documents_kept"] == 120
+    split_of = {}
+    for split in ("train", "val", "test"):
+        for line in open(tmp_path / f"data/clean/{split}.jsonl", encoding="utf-8"):
+            r = json.loads(line)
+            split_of.setdefault(r["src"], set()).add(split)
+    assert all(len(splits) == 1 for splits in split_of.values())
