@@ -147,9 +147,9 @@ class Model:
 class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 16  # sequences per micro-batch, per process
+    batch_size: int = 8  # sequences per micro-batch, per process
     batch_tokens: int = 0  # global batch in tokens per optimizer step (0: one micro-batch per process)
-    max_steps: int = 850
+    max_steps: int = 1700
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
     source_weights: dict[str, float] = field(default_factory=dict)  # windows from a source: x its token share
@@ -157,13 +157,13 @@ class Train:
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     lr: float = 2.5e-3
     min_lr: float = 2.5e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     decay_embeddings: bool = True  # weight decay on embedding matrices too (never on norms or biases)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_batches: int = 10
     checkpoint_interval: int = 200  # steps between resumable checkpoints (and one at the end)
     checkpoint_dir: str = "data/checkpoints"
