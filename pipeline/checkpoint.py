@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import params as P
-from pipeline.common import PipelineError, first_line, sha256_file
+from pipeline.common import PipelineError, first_line, remove_stale, sha256_file
 from pipeline.distributed import Processes, barrier, full_state, gather_objects, load_full_state
 from pipeline.model import build_model
 from pipeline.params import Model as ModelConfig
@@ -151,6 +151,8 @@ def save_checkpoint(
     """Write step_NNNNNNN/ atomically (a temporary folder renamed); keep the newest few."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{progress.step:07d}"
+    for stale in folder.glob(".step_*.tmp-*"):  # a killed run's half-written checkpoint
+        remove_stale(folder, stale.name.rsplit(".tmp-", 1)[0])
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

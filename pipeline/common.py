@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -54,6 +55,31 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove `prefix`.tmp-PID and `prefix`.old-PID entries of `folder` whose process is gone: what
+    a killed stage left behind (a live process's, a concurrent run's, are left alone)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.glob(f"{glob.escape(prefix)}.*-*"):
+        kind, _, pid = entry.name[len(prefix) + 1 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces `path` only if the block succeeds.
@@ -62,6 +88,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, path.name)
     tmp = _tmp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -80,6 +107,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, path.name)
     tmp = _tmp_sibling(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

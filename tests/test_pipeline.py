@@ -6,10 +6,11 @@ few hundred documents. These tests run in order on one copy of that repository.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, sh
+from conftest import copy_project, sh, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -60,6 +61,19 @@ def test_repro_again_does_nothing(repo):
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
     assert "up to date" in out
+
+
+def test_train_rerun_by_dvc_keeps_every_row_of_the_curves(repo, tmp_path):
+    """DVC re-runs train when its model is gone; train resumes from its last checkpoint. The curves
+    (metrics/train, declared `persist`) must not lose the rows before it: the same bytes as before."""
+    folder = copy_project(repo, tmp_path / "p")
+    plots = folder / "metrics/train/plots"
+    before = snapshot(folder, "metrics/train/plots")
+    assert len((plots / "metrics/train/step_loss.tsv").read_text().splitlines()) > 50
+    shutil.rmtree(folder / "data/model")
+    out = sh(folder, "dvc", "repro", "train").stdout
+    assert "Running stage 'train'" in out and (folder / "data/model/best.safetensors").is_file()
+    assert snapshot(folder, "metrics/train/plots") == before
 
 
 def test_experiment_changes_only_what_it_must(repo):
