@@ -24,7 +24,16 @@ import torch
 
 from pipeline import params as P
 from pipeline.checkpoint import load_model
-from pipeline.common import atomic_write_text, read_json, read_jsonl, run_main, set_torch_threads, write_json
+from pipeline.common import (
+    PipelineError,
+    atomic_dir,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    run_main,
+    set_torch_threads,
+    write_json,
+)
 from pipeline.generate import Decoding, generate
 from pipeline.report import first_per_prompt, translation_table, write_report
 from pipeline.scoring import (
@@ -38,8 +47,10 @@ from pipeline.scoring import (
     units,
 )
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens
+from pipeline.understanding import build_tasks, read_task, score_cloze, score_multiple_choice, write_task
 
 CHECKPOINT = Path("data/model/best.safetensors")
+TASKS_DIR = Path("data/tasks")
 CLEAN_DIR = Path("data/clean")
 METRICS = Path("metrics/eval.json")
 SAMPLES = Path("metrics/samples.md")
@@ -210,6 +221,36 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
     return samples, {"model": text_statistics(texts), "held_out_text": text_statistics(reference)}
 
 
+def understanding(model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str) -> dict:
+    """Build the default tasks from the test split into data/tasks/, then score them and the user's
+    task files. A bad task file is one line (printed, and in the metrics); the other tasks still run."""
+    test = list(read_jsonl(CLEAN_DIR / "test.jsonl"))
+    with atomic_dir(TASKS_DIR) as out:
+        paths = []
+        for name, items in build_tasks(test, e.seed, e.task_items).items() if e.task_items else ():
+            write_task(out / f"{name}.jsonl", items)
+            paths.append(TASKS_DIR / f"{name}.jsonl")
+    results = {}
+    for path in [*paths, *map(Path, e.task_files)]:
+        try:
+            items = read_task(path)
+            if "answer_text" in items[0]:
+                scores = score_cloze(model, tok, items, baselines, e.batch_size, device)
+            else:
+                scores = score_multiple_choice(model, tok, items, baselines, e.batch_size)
+        except PipelineError as err:
+            print(f"evaluate: task skipped: {err}", flush=True)
+            results[path.stem] = {"file": str(path), "error": str(err)}
+            continue
+        results[path.stem] = {"file": str(path), **scores}
+        print(
+            f"evaluate: understanding, {path.stem} ({scores['items']} items): model {scores['model']['accuracy']}, "
+            f"bigram {scores['bigram']['accuracy']}, chance {scores['chance']}",
+            flush=True,
+        )
+    return results
+
+
 def samples_markdown(samples: list[tuple[str, str]], e: P.Evaluate, translations: list[dict]) -> str:
     lines = [
         "# Samples",
@@ -257,12 +298,20 @@ def main() -> None:
         )
     samples, metrics["generation"] = sample_prompts(model, tok, e, device)
     t3 = time.perf_counter()
-    metrics["seconds"] = {"scoring": round(t1 - t0, 1), "translation": round(t2 - t1, 1), "sampling": round(t3 - t2, 1)}
+    metrics["understanding"] = understanding(model, tok, e, baselines, device)
+    t4 = time.perf_counter()
+    metrics["seconds"] = {
+        "scoring": round(t1 - t0, 1),
+        "translation": round(t2 - t1, 1),
+        "sampling": round(t3 - t2, 1),
+        "understanding": round(t4 - t3, 1),
+    }
     write_json(METRICS, metrics)
     atomic_write_text(SAMPLES, samples_markdown(samples, e, shown))
     write_report(metrics, samples, shown)
     print(
-        f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s "
+        f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s, "
+        f"understanding {t4 - t3:.0f} s "
         f"-> {METRICS}, {SAMPLES}, metrics/report.md"
     )
 

@@ -185,6 +185,8 @@ class Evaluate:
     tune_beam_sizes: list[int] = field(default_factory=lambda: [2, 4])  # (by chrF; 0 pairs: use the two above)
     tune_length_penalties: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
     bootstrap: int = 1000  # resamples for 95% confidence intervals (0: none)
+    task_items: int = 400  # understanding: items per default task, built from the test split (0: none)
+    task_files: list[str] = field(default_factory=list)  # more tasks of your own, JSON lines (pipeline.understanding)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     samples_per_prompt: int = 8
     sample_tokens: int = 200
@@ -385,6 +387,7 @@ def _check(p: Params) -> None:
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
+    need(e.task_items >= 0, f"evaluate.task_items: must be >= 0, got {e.task_items}")
     need(e.tune_pairs >= 0, f"evaluate.tune_pairs: must be >= 0, got {e.tune_pairs}")
     need(
         bool(e.tune_beam_sizes) and all(b >= 1 for b in e.tune_beam_sizes),

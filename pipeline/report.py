@@ -58,6 +58,34 @@ def plot_loss(path: Path = LOSS_PNG) -> bool:
     return True
 
 
+def understanding_section(tasks: dict) -> list[str]:
+    """A table of the multiple-choice and cloze tasks: model, bigram, chance, items, intervals."""
+    if not tasks:
+        return []
+    lines = [
+        "Understanding: tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; "
+        "multiple choice by log-likelihood per byte (unnormalised beside it), cloze by exact match; "
+        "95% Wilson intervals:",
+        "",
+    ]
+    rows = []
+    for name, t in tasks.items():
+        if "error" in t:
+            rows.append([name, f"skipped: {t['error']}", "", "", "", ""])
+            continue
+        cells = [_accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "bigram")]
+        rows.append([name, *cells, t["chance"], t["items"]])
+    lines += _table(["task", "model", "model, unnormalised", "bigram", "chance", "items"], rows)
+    return lines
+
+
+def _accuracy_cell(scores: dict | None) -> str:
+    if not scores:
+        return ""
+    lo, hi = scores["ci95"]
+    return f"{scores['accuracy']} [{lo}, {hi}]"
+
+
 def _decoding_label(direction: dict, name: str) -> str:
     """greedy, copy_source, or the beam with its size and length penalty."""
     scores = direction[name]
@@ -234,6 +262,7 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
                 f"(size/penalty: chrF): {grid}.",
                 "",
             ]
+    lines += understanding_section(metrics.get("understanding") or {})
     generation = metrics.get("generation")
     if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]

@@ -65,6 +65,18 @@ class NgramBaselines:
         self.history = np.bincount(train[:-1], minlength=vocab_size).astype(np.float64)
         self.followers = np.bincount(codes // vocab_size, minlength=vocab_size).astype(np.float64)
 
+    def most_likely_next(self, prev: int) -> int:
+        """The bigram's most likely token after `prev` (its most frequent follower in train; the
+        unigram's most frequent token after a token never followed)."""
+        if not hasattr(self, "_argmax"):
+            best = np.full(self.V, int(np.argmax(self.logp_unigram)), dtype=np.int64)
+            prevs = self.codes // self.V
+            order = np.lexsort((self.pair_counts, prevs))  # by prev, then count: each group's last is its max
+            last_of_group = order[np.r_[prevs[order][1:] != prevs[order][:-1], True]]
+            best[prevs[last_of_group]] = self.codes[last_of_group] % self.V
+            self._argmax = best
+        return int(self._argmax[prev])
+
     def nats(self, prev: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nats of predicting each of `nxt` after `prev`: (unigram, bigram), one per token."""
         prev, nxt = prev.astype(np.int64), nxt.astype(np.int64)

@@ -1,0 +1,342 @@
+"""Understanding: multiple-choice tasks scored by the model's likelihood, as the standard harnesses
+do (HellaSwag, nanochat's CORE), and a cloze task scored by exact match.
+
+A task is a JSON lines file, one item per line. A multiple-choice item is
+    {"context": "...", "choices": ["...", "...", ...], "answer": 0}
+and the model picks the choice it finds most likely after the context: the sum of its tokens'
+log-probabilities, divided by the choice's UTF-8 bytes ("per byte"; the raw sum is reported too).
+Two variants:
+    {"context": "...", "choices": [...], "continuation": "...", "answer": i}
+        the choices sit between context and continuation, and the model picks the choice after
+        which the continuation is most likely (who speaks: "HELENA.\\n" before a speech);
+    {"src": "...", "tgt_lang": "ru", "choices": [...], "answer": i}
+        the context is a pair's prompt `<src> <2ru> source <tgt>`: which text translates `src`.
+A cloze item {"context": "...", "answer_text": "word"} is scored by exact match of the first
+word the model writes greedily.
+
+The default tasks are built from the **test** split only (nothing in them was trained on), seeded:
+- next_line: a few lines of a play, then the true next line among three lines of other test
+  passages;
+- who_speaks: a speech, and its speaker among other speakers of the same or neighbouring test
+  passages (the same play, as the passages are in order);
+- translation: an English verse, and its Russian translation among three other test verses';
+- last_word: a passage whose last word already occurs in it (predictable from the context, in
+  the manner of LAMBADA), that word to be written.
+Each is scored beside the bigram baseline (the same likelihoods from train's bigram counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.common import PipelineError
+
+ITEMS_PER_TASK = 400
+SPEAKER = re.compile(r"^([A-Z][A-Z' ]{1,30}[A-Z])\.$")  # "HELENA." on a line of its own
+WORD = re.compile(r"[A-Za-z']+")
+
+
+# --- building the default tasks from the test split ---------------------------------------------
+
+
+def build_tasks(records: list[dict], seed: int, n: int = ITEMS_PER_TASK) -> dict[str, list[dict]]:
+    """The default tasks from test records (text documents and pairs), deterministic in `seed`."""
+    texts = [r["text"] for r in records if "text" in r]
+    pairs = [r for r in records if "src" in r]
+    tasks = {
+        "next_line": next_line_items(texts, random.Random(f"{seed}/next_line"), n),
+        "who_speaks": who_speaks_items(texts, random.Random(f"{seed}/who_speaks"), n),
+        "translation": translation_items(pairs, random.Random(f"{seed}/translation"), n),
+        "last_word": last_word_items(texts, random.Random(f"{seed}/last_word"), n),
+    }
+    return {name: items for name, items in tasks.items() if items}
+
+
+def _verse_lines(text: str) -> list[str]:
+    """Lines of a passage that are spoken text: not blank, not a speaker's name, not [a stage direction]."""
+    return [
+        line.strip()
+        for line in text.split("\n")
+        if len(line.strip()) >= 20 and not SPEAKER.match(line.strip()) and not line.strip().startswith("[")
+    ]
+
+
+def _pick(rng: random.Random, pool: list, k: int, exclude) -> list:
+    out: list = []
+    for _ in range(50 * k):
+        if len(out) == k:
+            break
+        c = rng.choice(pool)
+        if c != exclude and c not in out:
+            out.append(c)
+    return out if len(out) == k else []
+
+
+def _shuffled(rng: random.Random, answer, distractors: list) -> tuple[list, int]:
+    choices = [answer, *distractors]
+    rng.shuffle(choices)
+    return choices, choices.index(answer)
+
+
+def next_line_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
+    pool = [(d, line) for d, t in enumerate(texts) for line in _verse_lines(t)]
+    candidates = []
+    for t in texts:
+        lines = t.split("\n")
+        for i in range(3, len(lines)):
+            line = lines[i].strip()
+            if len(line) >= 20 and not SPEAKER.match(line) and not line.startswith("[") and all(lines[i - 3 : i]):
+                candidates.append(("\n".join(lines[max(0, i - 4) : i]) + "\n", line))
+    items = []
+    for context, line in rng.sample(candidates, min(n, len(candidates))):
+        distractors = _pick(rng, [text for _, text in pool], 3, line)
+        if distractors:
+            choices, answer = _shuffled(rng, line, distractors)
+            items.append({"context": context, "choices": choices, "answer": answer})
+    return items
+
+
+def who_speaks_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
+    speeches = []  # (passage index, speaker, context before the speech, the speech)
+    for d, t in enumerate(texts):
+        blocks = t.split("\n\n")
+        for b, block in enumerate(blocks):
+            head, _, speech = block.partition("\n")
+            m = SPEAKER.match(head.strip())
+            if m and len(speech.strip()) >= 40 and b > 0:
+                before = "\n\n".join(blocks[max(0, b - 2) : b]) + "\n\n"
+                speeches.append((d, m.group(1), before, speech))
+    names_near: dict[int, list[str]] = {}
+    for d, name, _, _ in speeches:
+        names_near.setdefault(d, [])
+        if name not in names_near[d]:
+            names_near[d].append(name)
+    items = []
+    for d, name, before, speech in rng.sample(speeches, min(n, len(speeches))):
+        near = [x for k in (d - 1, d, d + 1) for x in names_near.get(k, []) if x != name]
+        distractors = _pick(rng, sorted(set(near)), 3, name) if len(set(near)) >= 3 else []
+        if distractors:
+            choices, answer = _shuffled(rng, name, distractors)
+            items.append(
+                {
+                    "context": before,
+                    "choices": [f"{c}.\n" for c in choices],
+                    "continuation": speech,
+                    "answer": answer,
+                }
+            )
+    return items
+
+
+def translation_items(pairs: list[dict], rng: random.Random, n: int) -> list[dict]:
+    items = []
+    for r in rng.sample(pairs, min(n, len(pairs))):
+        same = [p["tgt"] for p in pairs if p["source"] == r["source"]]
+        distractors = _pick(rng, same, 3, r["tgt"])
+        if distractors:
+            choices, answer = _shuffled(rng, r["tgt"], distractors)
+            item = {"src": r["src"], "choices": choices, "answer": answer}
+            if r.get("tgt_lang"):
+                item["tgt_lang"] = r["tgt_lang"]
+            items.append(item)
+    return items
+
+
+def last_word_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
+    candidates = []
+    for t in texts:
+        lines = t.split("\n")
+        for i in range(4, len(lines)):
+            words = WORD.findall(lines[i])
+            if len(words) < 4 or not lines[i].rstrip().endswith((".", ",", ";", ":", "!", "?")):
+                continue
+            last = words[-1]
+            cut = lines[i].rfind(last)
+            # the space before the word stays with it, as the tokenizer writes it (" word")
+            context = "\n".join(lines[max(0, i - 8) : i]) + "\n" + lines[i][:cut].rstrip(" ")
+            if len(last) >= 3 and re.search(rf"\b{re.escape(last)}\b", context[:-1]):
+                candidates.append({"context": context, "answer_text": last})
+    return rng.sample(candidates, min(n, len(candidates)))
+
+
+# --- task files ------------------------------------------------------------------------------
+
+
+def write_task(path: Path, items: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+def read_task(path: Path) -> list[dict]:
+    """A task file's items, checked: one line naming the file and line for the first bad one."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such task file")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                raise PipelineError(f"{path}:{lineno}: not valid JSON") from None
+            items.append(check_item(item, f"{path}:{lineno}"))
+    if not items:
+        raise PipelineError(f"{path}: no items")
+    kinds = {"answer_text" in item for item in items}
+    if len(kinds) > 1:
+        raise PipelineError(f"{path}: mixes cloze items (answer_text) and multiple-choice items")
+    return items
+
+
+def check_item(item, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise PipelineError(f"{where}: expected a JSON object")
+    has_context = isinstance(item.get("context"), str) or isinstance(item.get("src"), str)
+    if "answer_text" in item:
+        if not isinstance(item.get("context"), str) or not isinstance(item["answer_text"], str):
+            raise PipelineError(f"{where}: a cloze item needs string 'context' and 'answer_text'")
+        return item
+    choices = item.get("choices")
+    if not has_context:
+        raise PipelineError(f"{where}: expected a string 'context' (or 'src' for a translation item)")
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+        raise PipelineError(f"{where}: 'choices' must be a list of non-empty strings")
+    if len(choices) < 2:
+        raise PipelineError(f"{where}: {len(choices)} choice(s); a multiple-choice item needs at least two")
+    answer = item.get("answer")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise PipelineError(f"{where}: 'answer' must be the index of a choice (0 to {len(choices) - 1})")
+    if "continuation" in item and not isinstance(item["continuation"], str):
+        raise PipelineError(f"{where}: 'continuation' must be a string")
+    return item
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def choice_sequences(tok, item: dict) -> list[tuple[list[int], int, int, int]]:
+    """Per choice: (token ids, start and end of the scored span, its UTF-8 bytes)."""
+    if "src" in item:
+        context = tok.pair_prompt(tok.encode([item["src"]])[0], item.get("tgt_lang"))
+    else:
+        context = [tok.eos_id, *tok.encode([item["context"]])[0]] if item["context"] else [tok.eos_id]
+    continuation = item.get("continuation")
+    out = []
+    for choice, ids in zip(item["choices"], tok.encode(item["choices"])):
+        if continuation is None:
+            seq = [*context, *ids]
+            out.append((seq, len(context), len(seq), len(choice.encode("utf-8"))))
+        else:
+            cont = tok.encode([continuation])[0]
+            seq = [*context, *ids, *cont]
+            out.append((seq, len(seq) - len(cont), len(seq), len(continuation.encode("utf-8"))))
+    return out
+
+
+@torch.no_grad()
+def span_nats(model, sequences: list[tuple[list[int], int, int, int]], batch_size: int, baselines) -> tuple:
+    """Nats of each sequence's scored span under the model and under the bigram baseline."""
+    device = next(model.parameters()).device
+    limit = model.block_size + 1 if model.bounded_context else None
+    model_nats, bigram_nats = [], []
+    for seq, start, end, _ in sequences:
+        prev, nxt = np.asarray(seq[start - 1 : end - 1]), np.asarray(seq[start:end])
+        bigram_nats.append(float(baselines.nats(prev, nxt)[1].sum()))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    model_nats = [0.0] * len(sequences)
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        rows, spans = [], []
+        for i in batch:
+            seq, start, end, _ = sequences[i]
+            cut = max(0, len(seq) - limit) if limit else 0  # keep the end: the scored span and what leads to it
+            rows.append(seq[cut:])
+            spans.append((max(start - cut, 1), end - cut))
+        width = max(len(r) for r in rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        for k, r in enumerate(rows):
+            x[k, : len(r)] = torch.tensor(r)
+        logits, _ = model(x[:, :-1].to(device))
+        logp = F.log_softmax(logits.float(), dim=-1)
+        for k, (i, (s, e)) in enumerate(zip(batch, spans)):
+            targets = x[k, s:e].to(device)
+            model_nats[i] = -float(logp[k, s - 1 : e - 1].gather(-1, targets[:, None]).sum())
+    return model_nats, bigram_nats
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy(correct: list[bool]) -> dict:
+    lo, hi = wilson(sum(correct), len(correct))
+    return {"accuracy": round(sum(correct) / max(len(correct), 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def score_multiple_choice(model, tok, items: list[dict], baselines, batch_size: int) -> dict:
+    sequences, owner = [], []
+    for i, item in enumerate(items):
+        for s in choice_sequences(tok, item):
+            sequences.append(s)
+            owner.append(i)
+    model_nats, bigram_nats = span_nats(model, sequences, batch_size, baselines)
+    per_item: list[list[tuple]] = [[] for _ in items]
+    for (_, _, _, n_bytes), m, b, i in zip(sequences, model_nats, bigram_nats, owner):
+        per_item[i].append((m, b, n_bytes))
+    picks = {"model": [], "model_unnormalized": [], "bigram": []}
+    for item, scores in zip(items, per_item):
+        picks["model"].append(int(np.argmin([m / nb for m, _, nb in scores])) == item["answer"])
+        picks["model_unnormalized"].append(int(np.argmin([m for m, _, _ in scores])) == item["answer"])
+        picks["bigram"].append(int(np.argmin([b / nb for _, b, nb in scores])) == item["answer"])
+    chance = float(np.mean([1 / len(item["choices"]) for item in items]))
+    return {
+        "items": len(items),
+        "metric": "accuracy (log-likelihood per byte)",
+        "chance": round(chance, 4),
+        **{name: accuracy(c) for name, c in picks.items()},
+    }
+
+
+def score_cloze(model, tok, items: list[dict], baselines, batch_size: int, device: str) -> dict:
+    """Exact match of the first word written greedily (model), or by the bigram's most likely next tokens."""
+    from pipeline.generate import Decoding, generate
+
+    prompts = [[tok.eos_id, *ids] for ids in tok.encode([item["context"] for item in items])]
+    out = generate(model, prompts, tok.eos_id, Decoding(8), batch_size=batch_size, device=device)
+    model_hits = [first_word(tok.decode(o)) == item["answer_text"] for o, item in zip(out, items)]
+    bigram_hits = []
+    for prompt, item in zip(prompts, items):
+        ids, last = [], prompt[-1]
+        for _ in range(8):
+            last = baselines.most_likely_next(last)
+            ids.append(last)
+        bigram_hits.append(first_word(tok.decode(ids)) == item["answer_text"])
+    return {
+        "items": len(items),
+        "metric": "exact match of the first word written greedily",
+        "chance": 0.0,
+        "model": accuracy(model_hits),
+        "bigram": accuracy(bigram_hits),
+    }
+
+
+def first_word(text: str) -> str:
+    """The word a continuation begins with, after the spaces that separate it from the context."""
+    m = WORD.match(text.lstrip(" "))
+    return m.group(0) if m else ""

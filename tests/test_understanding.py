@@ -1,0 +1,112 @@
+"""Understanding: multiple-choice and cloze tasks built from the test split, their files, and their scores."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import PAIRS, SONNET, call_stage, copy_project, set_params
+
+from pipeline.common import PipelineError
+from pipeline.scoring import NgramBaselines
+from pipeline.understanding import build_tasks, check_item, read_task, wilson
+
+PLAY = """HELENA.
+Not my virginity yet.
+There shall your master have a thousand loves,
+A mother, and a mistress, and a friend,
+A phoenix, captain, and an enemy,
+
+PAROLLES.
+What one, i' faith? What one, i' faith, my lady?
+
+HELENA.
+That I wish well.--'Tis pity, pity, pity that I wish well.
+
+BERTRAM.
+Stay; the king--the king will have his way, and I must stay.
+
+LAFEU.
+Pardon, my lord, for me and for my tidings, my good lord.
+
+KING.
+I'll fee thee to stand up, and fee thee well, and fee thee again."""
+
+
+def records() -> list[dict]:
+    texts = [{"source": "plays", "text": PLAY}, {"source": "sonnets", "text": SONNET + "\nShall I compare thee?"}]
+    pairs = [{"source": "bible", "src": s, "tgt": t, "tgt_lang": "ru"} for s, t in PAIRS]
+    return texts + pairs
+
+
+def test_default_tasks_are_built_from_the_records_given_deterministically():
+    tasks = build_tasks(records(), seed=0, n=50)
+    assert tasks == build_tasks(records(), seed=0, n=50)
+    assert set(tasks) == {"next_line", "who_speaks", "translation", "last_word"}
+    for name, items in tasks.items():
+        for item in items:
+            check_item(item, name)
+    speakers = {"HELENA.\n", "PAROLLES.\n", "BERTRAM.\n", "LAFEU.\n", "KING.\n"}
+    for item in tasks["who_speaks"]:
+        assert set(item["choices"]) <= speakers and len(item["choices"]) == 4
+        assert item["continuation"] in PLAY and item["context"].endswith("\n\n")
+    truth = dict(PAIRS)
+    for item in tasks["translation"]:
+        assert item["choices"][item["answer"]] == truth[item["src"]] and item["tgt_lang"] == "ru"
+        assert set(item["choices"]) <= set(truth.values())
+    for item in tasks["next_line"]:
+        assert len(set(item["choices"])) == 4
+    for item in tasks["last_word"]:  # the word occurs before in its passage: predictable from context
+        assert item["answer_text"] in item["context"] and len(item["answer_text"]) >= 3
+
+
+def test_bad_task_files_are_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    good = {"context": "To be, or not to be", "choices": [", that is the question", " a banana"], "answer": 0}
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(PipelineError, match=r"mine.jsonl:2: not valid JSON"):
+        read_task(path)
+    path.write_text(json.dumps({**good, "choices": ["only one"]}) + "\n")
+    with pytest.raises(PipelineError, match=r"mine.jsonl:1: 1 choice\(s\); .* at least two"):
+        read_task(path)
+    path.write_text(json.dumps({**good, "answer": 2}) + "\n")
+    with pytest.raises(PipelineError, match=r"mine.jsonl:1: 'answer' must be the index of a choice \(0 to 1\)"):
+        read_task(path)
+    path.write_text("\n")
+    with pytest.raises(PipelineError, match=r"mine.jsonl: no items"):
+        read_task(path)
+
+
+def test_wilson_interval_and_bigram_argmax():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+    b = NgramBaselines(np.array([1, 2, 1, 2, 1, 3, 4, 4, 4, 4]), 6)
+    assert b.most_likely_next(1) == 2 and b.most_likely_next(4) == 4
+    assert b.most_likely_next(5) == 4  # never followed: the most frequent token
+
+
+def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, tmp_path, capsys):
+    folder = copy_project(prepared, tmp_path / "p")
+    mine = folder / "mine.jsonl"
+    item = {"context": "Shall I compare thee to a summer's", "choices": [" day?", " xylophone?"], "answer": 0}
+    mine.write_text("\n".join(json.dumps(item) for _ in range(5)) + "\n")
+    (folder / "broken.jsonl").write_text(json.dumps({**item, "choices": ["x"]}) + "\n")
+    set_params(folder, train={"max_steps": 30}, evaluate={"prompts": [], "task_files": ["mine.jsonl", "broken.jsonl"]})
+    call_stage("train", folder)
+    call_stage("evaluate", folder)
+    tasks = json.loads((folder / "metrics/eval.json").read_text())["understanding"]
+    assert tasks["broken"]["error"].startswith("broken.jsonl:1: 1 choice(s)")
+    assert "task skipped: broken.jsonl:1" in capsys.readouterr().out
+    assert tasks["mine"]["items"] == 5 and tasks["mine"]["chance"] == 0.5
+    for name in ("mine", "next_line", "translation"):
+        t = tasks[name]
+        for who in ("model", "model_unnormalized", "bigram"):
+            lo, hi = t[who]["ci95"]
+            assert 0 <= lo <= t[who]["accuracy"] <= hi <= 1, (name, who)
+    assert tasks["mine"]["model"]["accuracy"] in (0.0, 1.0)  # the same item five times
+    assert sorted(p.name for p in (folder / "data/tasks").iterdir()) == sorted(
+        f"{n}.jsonl" for n in tasks if n not in ("mine", "broken")
+    )
+    report = (folder / "metrics/report.md").read_text()
+    assert "| task | model | model, unnormalised | bigram | chance | items |" in report
+    assert "| broken | skipped: broken.jsonl:1" in report
