@@ -197,6 +197,8 @@ def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> P
         if minhash:
             sig = minhash.signatures(words)[: len(sources)]
             bands, signatures = minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)
+            if tgt_lang:  # near duplicates within a direction: other directions of the same text are not
+                bands ^= np.uint64(text_key("lang", tgt_lang))
         if heldout_texts:
             hashes, owner = words.ngrams(ngram)  # in text order, so each row's n-grams are contiguous
             mine = owner >= len(sources)

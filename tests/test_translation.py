@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import (
     PAIRS,
+    SONNET,
     call_stage,
     collect_project,
     copy_project,
@@ -178,11 +179,20 @@ def test_a_pair_source_with_an_empty_side_is_one_line(tmp_path, side):
     assert not (tmp_path / "data" / "raw").exists()
 
 
-def test_one_source_text_in_several_directions_is_not_a_duplicate(tmp_path):
-    """The same English verses into Russian and into French: two directions, each kept whole, in
-    the same split (the split follows the source side), so no test verse is trained on in either."""
-    fr = [(src, f"En français : {src.lower()}") for src, _ in PAIRS]  # Latin script, another target
-    ru_path, fr_path = write_pairs(tmp_path / "ru.jsonl", PAIRS), write_pairs(tmp_path / "fr.jsonl", fr)
+@pytest.mark.parametrize("near_dup", [False, True])
+def test_one_source_text_in_several_directions_is_not_a_duplicate(tmp_path, near_dup):
+    """The same English verses into Russian and into French: two directions, each kept whole (nor
+    near duplicates of each other), in the same split (the split follows the source side), so no
+    test verse is trained on in either."""
+    import random
+
+    rng = random.Random(0)
+    en_words = SONNET.replace("\n", " ").split()
+    ru_words = " ".join(t for _, t in PAIRS).split()
+    sentences = [" ".join(rng.sample(en_words, 12)) for _ in range(60)]  # no two alike
+    ru = [(en, " ".join(rng.sample(ru_words, 10))) for en in sentences]
+    fr = [(en, f"En français : {en.lower()}") for en in sentences]  # Latin script, another target
+    ru_path, fr_path = write_pairs(tmp_path / "ru.jsonl", ru, 60), write_pairs(tmp_path / "fr.jsonl", fr, 60)
     collect_project(
         tmp_path,
         [
@@ -190,10 +200,12 @@ def test_one_source_text_in_several_directions_is_not_a_duplicate(tmp_path):
             jsonl_source("en_fr", fr_path, languages=["en", "fr"]),
         ],
     )
+    set_params(tmp_path, clean={"near_dup": near_dup})
     call_stage("collect", tmp_path)
     call_stage("clean", tmp_path)
     report = json.loads((tmp_path / "metrics/clean.json").read_text())
-    assert report["dropped"]["duplicate"] == 0 and report["documents_kept"] == 120
+    assert report["dropped"]["duplicate"] == 0 and report["dropped"]["near_duplicate"] == 0
+    assert report["documents_kept"] == 120
     split_of = {}
     for split in ("train", "val", "test"):
         for line in open(tmp_path / f"data/clean/{split}.jsonl", encoding="utf-8"):
