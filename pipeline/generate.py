@@ -46,6 +46,9 @@ class Decoding:
     seed: int = 0
 
     def check(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "max_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise PipelineError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise PipelineError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
         if self.max_new_tokens <= 0:
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     decoding.check()
     if not args.prompt.strip():
         raise PipelineError("prompt: empty; give some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise PipelineError("prompt: not valid UTF-8 text") from None
     tok = Tokenizer(args.tokenizer)
     model = load_model(args.checkpoint, tok, args.tokenizer)
     ids = tok.encode([args.prompt])[0]

@@ -36,7 +36,12 @@ class Tokenizer:
         model_file = Path(model_file)
         if not model_file.is_file():
             raise PipelineError(f"{model_file}: tokenizer missing (run the tokenize stage: dvc repro)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError):
+            raise PipelineError(
+                f"{model_file}: not a sentencepiece model (damaged?); re-run the tokenize stage"
+            ) from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
         self.src_id = self.sp.piece_to_id(SRC)
@@ -95,10 +100,24 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 def load_tokens(split: str, folder: Path = TOKENS_DIR) -> np.ndarray:
     """A split's token ids, memory-mapped, checked against its sidecar."""
-    meta = read_json(folder / f"{split}.json")
+    sidecar = folder / f"{split}.json"
+    meta = read_json(sidecar)
     path = folder / f"{split}.bin"
     if not path.is_file():
         raise PipelineError(f"{path}: missing (run the tokenize stage: dvc repro)")
+    if (
+        not isinstance(meta, dict)
+        or meta.get("dtype") not in ("uint16", "uint32")
+        or not isinstance(meta.get("tokens"), int)
+    ):
+        raise PipelineError(
+            f"{sidecar}: expected a 'dtype' of uint16 or uint32 and a token count; re-run the tokenize stage"
+        )
+    if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
+        raise PipelineError(
+            f"{path}: {path.stat().st_size} bytes, not a whole number of {meta['dtype']} tokens (truncated?); "
+            "re-run the tokenize stage"
+        )
     data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     if len(data) != meta["tokens"]:
         raise PipelineError(f"{path}: {len(data)} tokens but its sidecar says {meta['tokens']}; re-run tokenize")

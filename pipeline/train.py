@@ -77,13 +77,18 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     # Data, and how a global batch is split into micro-batches on each process
     train_data, val_data = load_tokens("train"), load_tokens("val")
     train_meta = read_json(TOKENS_DIR / "train.json")
-    vocab_size = train_meta["vocab_size"]
+    vocab_size = train_meta.get("vocab_size")
+    tokenizer = Tokenizer(TOKENS_DIR / "tokenizer.model")
+    if vocab_size != tokenizer.vocab_size:
+        raise PipelineError(
+            f"{TOKENS_DIR}/train.json: vocabulary {vocab_size} but {TOKENS_DIR}/tokenizer.model has "
+            f"{tokenizer.vocab_size} pieces; re-run the tokenize stage"
+        )
     mixture = source_mixture(t, train_meta["sources"])
     ignored = {"train": None, "val": None}  # targets that do not count: pairs' sources, with pair_loss: target
     if t.pair_loss == "target":
-        tok = Tokenizer(TOKENS_DIR / "tokenizer.model")
         ignored = {
-            split: pair_sources(data, tok.src_id, tok.tgt_id)
+            split: pair_sources(data, tokenizer.src_id, tokenizer.tgt_id)
             for split, data in (("train", train_data), ("val", val_data))
         }
     check_long_enough(cfg, train=train_data, val=val_data)

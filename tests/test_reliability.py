@@ -1,9 +1,12 @@
 """What killed runs leave behind, and what the next run does with it."""
 
+import json
+import os
 import subprocess
 import sys
 
-from conftest import call_stage, copy_project
+import pytest
+from conftest import assert_clean_error, call_stage, copy_project, run_stage, set_params, snapshot, stage_error
 
 from pipeline.common import atomic_dir, remove_stale
 
@@ -44,3 +47,59 @@ def test_a_killed_trainings_half_written_checkpoint_is_removed(prepared, tmp_pat
     (stale / "model.safetensors").write_bytes(b"\0" * 10)
     call_stage("train", folder)
     assert not stale.exists() and any(p.name.startswith("step_") for p in checkpoints.iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(prepared, tmp_path_factory):
+    folder = copy_project(prepared, tmp_path_factory.mktemp("reliability") / "p")
+    set_params(folder, train={"max_steps": 2})
+    call_stage("train", folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        (
+            lambda t: t.joinpath("train.bin").write_bytes(t.joinpath("train.bin").read_bytes()[:-3]),
+            ["train.bin", "truncated"],
+        ),
+        (lambda t: _sidecar(t, dtype="banana"), ["train.json", "uint16 or uint32"]),
+        (lambda t: _sidecar(t, dtype="float64"), ["train.json", "uint16 or uint32"]),
+        (lambda t: _sidecar(t, dtype=None), ["train.json", "uint16 or uint32"]),
+        (lambda t: _sidecar(t, vocab_size=1000), ["train.json", "vocabulary 1000", "tokenizer.model has 512"]),
+    ],
+)
+def test_damaged_token_files_are_one_line_and_leave_the_model_alone(trained_tiny, tmp_path, damage, needles):
+    folder = copy_project(trained_tiny, tmp_path / "p")
+    before = snapshot(folder, "data/model", "metrics")
+    damage(folder / "data/tokens")
+    stage_error("train", folder, *needles)
+    assert snapshot(folder, "data/model", "metrics") == before
+
+
+def _sidecar(tokens, **changes):
+    meta = json.loads((tokens / "train.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    (tokens / "train.json").write_text(json.dumps(meta))
+
+
+def test_a_tokenizer_of_random_bytes_is_one_line(trained_tiny, tmp_path):
+    folder = copy_project(trained_tiny, tmp_path / "p")
+    (folder / "data/tokens/tokenizer.model").write_bytes(bytes(range(256)) * 4)
+    before = snapshot(folder, "metrics")
+    for stage, args in (("generate", ("ROMEO:",)), ("evaluate", ())):
+        stage_error(stage, folder, "tokenizer.model", "not a sentencepiece model", args=args)
+    assert snapshot(folder, "metrics") == before
+
+
+def test_generate_refuses_a_prompt_of_invalid_utf8_and_a_nan_temperature(trained_tiny):
+    proc = run_stage("generate", trained_tiny, os.fsdecode(b"\xff\xfe ROMEO"), check=False)
+    assert_clean_error(proc, "prompt", "UTF-8")
+    proc = run_stage("generate", trained_tiny, "ROMEO:", "--temperature", "nan", check=False)
+    assert_clean_error(proc, "temperature", "finite")
+    assert proc.stdout == ""  # nothing printed before the error

@@ -178,12 +178,13 @@ def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path, capsys):
     # Training params that change the result are named too.
     set_params(folder, train={"lr": 1.0e-3})
     assert "train.lr: 0.005 -> 0.001" in train()
-    # Another architecture, another vocabulary.
+    # Another architecture; other token files (a sidecar that differs: the vocabulary itself must
+    # agree with tokenizer.model, which train checks first).
     set_params(folder, model={"arch": "lstm"})
     assert "model.arch" in train()
     sidecar = folder / "data/tokens/train.json"
     meta = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + 8}))
+    sidecar.write_text(json.dumps({**meta, "documents": meta["documents"] + 1}))
     assert "different token files (vocabulary or data changed)" in train()
 
 
