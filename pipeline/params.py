@@ -207,13 +207,19 @@ class Params:
     evaluate: Evaluate = field(default_factory=Evaluate)
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (ints to floats, dicts to dataclasses)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise PipelineError(f"{key}: {value!r} is not one of {choices}")
+            raise PipelineError(f"{key}: {_quote(value)} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -227,23 +233,23 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, args[-1], key)
     if origin is list:
         if not isinstance(value, list):
-            raise PipelineError(f"{key}: expected a list, got {value!r}")
+            raise PipelineError(f"{key}: expected a list, got {_quote(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise PipelineError(f"{key}: expected a mapping, got {value!r}")
+            raise PipelineError(f"{key}: expected a mapping, got {_quote(value)}")
         key_tp, value_tp = typing.get_args(tp)
         return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise PipelineError(f"{key}: expected true or false, got {value!r}")
+            raise PipelineError(f"{key}: expected true or false, got {_quote(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PipelineError(f"{key}: expected an integer, got {value!r}")
+            raise PipelineError(f"{key}: expected an integer, got {_quote(value)}")
         return value
     if tp is float:
         # PyYAML reads 1e-3 (no dot) as a string; accept any spelling float() does.
@@ -253,11 +259,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PipelineError(f"{key}: expected a number, got {value!r}")
+            raise PipelineError(f"{key}: expected a number, got {_quote(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise PipelineError(f"{key}: expected a string, got {value!r}")
+            raise PipelineError(f"{key}: expected a string, got {_quote(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
@@ -267,7 +273,7 @@ def _build(cls: type, data: Any, key: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PipelineError(f"{where}: expected a mapping, got {data!r}")
+        raise PipelineError(f"{where}: expected a mapping, got {_quote(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for name in data:
@@ -415,12 +421,26 @@ def parse(data: Any, where: str = PARAMS_FILE) -> Params:
     return params
 
 
+MAX_PARAMS_BYTES = 1 << 20
+MAX_ALIASES = 50
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such params file")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise PipelineError(f"{path}: {path.stat().st_size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        # Aliases are counted before anything is built: a few expand a document exponentially
+        # ("billion laughs"), which safe_load would build in full.
+        aliases = sum(isinstance(t, yaml.AliasToken) for t in yaml.scan(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_ALIASES:
+            raise PipelineError(f"{path}: {aliases} YAML aliases (*name); at most {MAX_ALIASES} are allowed")
+        return yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""

@@ -6,7 +6,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_clean_error, call_stage, copy_project, run_stage, set_params, snapshot, stage_error
+from conftest import (
+    REPO,
+    assert_clean_error,
+    call_stage,
+    copy_project,
+    run_stage,
+    set_params,
+    snapshot,
+    stage_error,
+    write_params,
+)
 
 from pipeline.common import atomic_dir, remove_stale
 
@@ -103,3 +113,23 @@ def test_generate_refuses_a_prompt_of_invalid_utf8_and_a_nan_temperature(trained
     proc = run_stage("generate", trained_tiny, "ROMEO:", "--temperature", "nan", check=False)
     assert_clean_error(proc, "temperature", "finite")
     assert proc.stdout == ""  # nothing printed before the error
+
+
+def test_a_params_file_of_many_aliases_is_refused_before_it_expands(tmp_path):
+    """The "billion laughs": nine levels of ten aliases each would expand to 10**9 strings."""
+    lines = ['a0: &a0 "lol"']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\nevaluate:\n  prompts: *a9\n")
+    proc = run_stage("params", tmp_path, "check", check=False)
+    assert_clean_error(proc, "params.yaml", "91 YAML aliases", "at most 50")
+
+
+def test_an_ill_typed_huge_value_is_quoted_short(tmp_path):
+    from pipeline.params import merge, read_yaml
+
+    data = merge(read_yaml(REPO / "params.yaml"), {"model": {"n_layer": "x" * 100_000}})
+    write_params(tmp_path, data)
+    proc = run_stage("params", tmp_path, "check", check=False)
+    assert_clean_error(proc, "model.n_layer", "expected an integer", "(100,002 characters)")
+    assert len(proc.stderr) < 300
