@@ -19,6 +19,7 @@ This module is the step; how a source is fetched and read is in pipeline/sources
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -83,8 +84,15 @@ def collect_source(
     stats: Counter = Counter()
     first: list[dict] = []  # the first pairs, to check their sides against the source's languages
     empty_sides: Counter = Counter()  # pairs whose source (src) or target (tgt) is empty
-    with tempfile.TemporaryDirectory(dir=out) as scratch, open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f:
-        records = records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
+    with (
+        tempfile.TemporaryDirectory(dir=out) as scratch,
+        open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f,
+        # closed here, while its scratch files still exist (a generator left open at max_documents
+        # would clean up after the folder is gone, and Python would print that error at exit)
+        contextlib.closing(
+            records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
+        ) as records,
+    ):
         for rec in records:
             is_pair = "src" in rec
             if pairs is None:

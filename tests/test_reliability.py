@@ -10,6 +10,7 @@ from conftest import (
     REPO,
     assert_clean_error,
     call_stage,
+    collect_project,
     copy_project,
     run_stage,
     set_params,
@@ -133,3 +134,21 @@ def test_an_ill_typed_huge_value_is_quoted_short(tmp_path):
     proc = run_stage("params", tmp_path, "check", check=False)
     assert_clean_error(proc, "model.n_layer", "expected an integer", "(100,002 characters)")
     assert len(proc.stderr) < 300
+
+
+def test_collect_stopping_early_in_a_database_prints_nothing_at_exit(tmp_path):
+    """max_documents stops reading a SQLite source midway: its scratch copy is closed while it
+    still exists, with no "Exception ignored" traceback at exit."""
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "verses.db")
+    con.execute("CREATE TABLE v (en TEXT, ru TEXT)")
+    con.executemany("INSERT INTO v VALUES (?, ?)", [(f"Jesus wept {i}.", f"Иисус прослезился {i}.") for i in range(50)])
+    con.commit()
+    con.close()
+    source = {"name": "db", "kind": "file", "format": "sqlite", "path": "verses.db", "query": "SELECT en, ru FROM v"}
+    collect_project(tmp_path, [source], max_documents=10)
+    proc = run_stage("collect", tmp_path)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert len((tmp_path / "data/raw/db.jsonl").read_text(encoding="utf-8").splitlines()) == 10
+    assert (tmp_path / "verses.db").is_file()  # the user's file, never the scratch copy, stays
