@@ -107,10 +107,16 @@ def main() -> None:
         }
         if totals["train"] == 0:
             documents_in = sum(source_metrics["documents_in"] for source_metrics in per_source.values())
+            dropped = {reason: n for reason, n in _sum_dropped(per_source).items() if n} or "none"
+            kept = sum(totals.values())
+            hint = (
+                f"the {kept} kept went to val/test: the corpus is too small to split (add text, or split "
+                "it into more documents: a source's `split`/`chunk_chars`)"
+                if kept
+                else "check clean.min_chars/max_chars and the sources"
+            )
             raise PipelineError(
-                "clean: no training documents left after cleaning "
-                f"(in: {documents_in}, "
-                f"dropped: {_sum_dropped(per_source)}); check clean.min_chars/max_chars and the sources"
+                f"clean: no training documents left after cleaning (in: {documents_in}, dropped: {dropped}); {hint}"
             )
         for split in ("val", "test"):
             if totals[split] == 0:

@@ -241,6 +241,14 @@ def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_
     assert sorted(p.name for p in (folder / "data").iterdir()) == ["clean", "raw"]  # no temp folder left
 
 
+def test_a_corpus_too_small_to_split_says_so_not_that_rules_dropped_it(tmp_path):
+    """One document, nothing dropped: it went to val or test, and train is empty (the message once
+    blamed clean.min_chars/max_chars)."""
+    folder = clean_project(tmp_path, filler_docs(1), val_fraction=0.01, test_fraction=0.98)  # it goes to test
+    message = stage_error("clean", folder, "no training documents", "dropped: none", "too small to split")
+    assert "min_chars" not in message
+
+
 def test_clean_before_collect_is_a_clean_error(tmp_path):
     """The command line: exit status, one line on stderr, no traceback."""
     write_params(tmp_path, tiny_params({"sources": [jsonl_source("docs", "corpus/docs.jsonl")]}))
