@@ -103,22 +103,24 @@ def split_scores(counts) -> dict:
     return scores
 
 
-def pairs_by_source(split: str) -> dict[str, list[dict]]:
+def pairs_by_source(records: list[dict]) -> dict[str, list[dict]]:
     by_source: dict[str, list[dict]] = {}
-    for r in read_jsonl(CLEAN_DIR / f"{split}.jsonl"):
+    for r in records:
         if "src" in r:
             by_source.setdefault(r["source"], []).append(r)
     return by_source
 
 
-def translate_test_pairs(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[dict | None, list[dict]]:
+def translate_test_pairs(
+    model, tok: Tokenizer, e: P.Evaluate, device: str, test: list[dict], val: list[dict]
+) -> tuple[dict | None, list[dict]]:
     """Translate the test pairs of each pair source (a direction), score them against the references
     with the BLEU tokenizer that fits the target's script, beside copying the source. The beam's
     size and length penalty are chosen per direction by chrF on the first `tune_pairs` val pairs."""
-    by_source = pairs_by_source("test")
+    by_source = pairs_by_source(test)
     if not by_source:
         return None, []
-    val_pairs = pairs_by_source("val") if e.tune_pairs else {}
+    val_pairs = pairs_by_source(val) if e.tune_pairs else {}
     new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
     # Keep room for the target: a source longer than the context is cut from the left.
     room = model.block_size - new_tokens if model.bounded_context else None
@@ -192,7 +194,9 @@ def choose_beam(
     return best["beam_size"], best["length_penalty"], {"pairs": len(pairs), "by": "chrf", "grid": grid}
 
 
-def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[list[tuple[str, str]], dict]:
+def sample_prompts(
+    model, tok: Tokenizer, e: P.Evaluate, device: str, val: list[dict]
+) -> tuple[list[tuple[str, str]], dict]:
     """Sample `samples_per_prompt` continuations of each prompt; their statistics beside real text's."""
     if not e.prompts:
         return [], {}
@@ -213,7 +217,6 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
     samples = [(label, tok.decode(o)) for label, o in zip(labels, out)]
     texts = [s for _, s in samples]
     # Real held-out text of the same lengths: the start of val documents (text ones first).
-    val = list(read_jsonl(CLEAN_DIR / "val.jsonl"))
     docs = [r["text"] for r in val if "text" in r] or [r["tgt"] for r in val if "tgt" in r]
     reference = (
         [" ".join(units(docs[i % len(docs)])[: max(len(units(t)), 1)]) for i, t in enumerate(texts)] if docs else []
@@ -221,10 +224,11 @@ def sample_prompts(model, tok: Tokenizer, e: P.Evaluate, device: str) -> tuple[l
     return samples, {"model": text_statistics(texts), "held_out_text": text_statistics(reference)}
 
 
-def understanding(model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str) -> dict:
+def understanding(
+    model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str, test: list[dict]
+) -> dict:
     """Build the default tasks from the test split into data/tasks/, then score them and the user's
     task files. A bad task file is one line (printed, and in the metrics); the other tasks still run."""
-    test = list(read_jsonl(CLEAN_DIR / "test.jsonl"))
     with atomic_dir(TASKS_DIR) as out:
         paths = []
         for name, items in build_tasks(test, e.seed, e.task_items).items() if e.task_items else ():
@@ -286,7 +290,9 @@ def main() -> None:
             flush=True,
         )
     t1 = time.perf_counter()
-    metrics["translation"], shown = translate_test_pairs(model, tok, e, device)
+    # the held-out records, read once: test for translation and the tasks, val for tuning and samples
+    test, val = (list(read_jsonl(CLEAN_DIR / f"{split}.jsonl")) for split in ("test", "val"))
+    metrics["translation"], shown = translate_test_pairs(model, tok, e, device, test, val)
     t2 = time.perf_counter()
     for source, direction in (metrics["translation"] or {}).get("directions", {}).items():
         greedy, best = direction["greedy"], direction.get("beam", direction["greedy"])
@@ -296,9 +302,9 @@ def main() -> None:
             f"copying the source: chrF {direction['copy_source']['chrf']}, BLEU {direction['copy_source']['bleu']}",
             flush=True,
         )
-    samples, metrics["generation"] = sample_prompts(model, tok, e, device)
+    samples, metrics["generation"] = sample_prompts(model, tok, e, device, val)
     t3 = time.perf_counter()
-    metrics["understanding"] = understanding(model, tok, e, baselines, device)
+    metrics["understanding"] = understanding(model, tok, e, baselines, device, test)
     t4 = time.perf_counter()
     metrics["seconds"] = {
         "scoring": round(t1 - t0, 1),

@@ -78,9 +78,8 @@ def check_sides(pairs: list[dict], languages: list[str], key: str) -> None:
             continue
         share = script_share([p[side] for p in pairs[:CHECKED_PAIRS]], script)
         if share < MIN_SCRIPT_SHARE:
-            other = "target" if side == "src" else "source"
             raise PipelineError(
                 f"{key}: '{code}' for the {'source' if side == 'src' else 'target'} side, but only "
                 f"{share:.0%} of its letters are {script} script (is this language not in the source, "
-                f"or are the {other} and {'source' if other == 'target' else 'target'} sides swapped?)"
+                "or are the source and target sides swapped?)"
             )

@@ -109,10 +109,12 @@ def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()
     """The sentencepiece model learnt from `records`, and the character coverage it used."""
     model = io.BytesIO()
     sentences = training_sentences(records, t.max_sentence_chars)
+    controls = [SRC, TGT, *map(tag, languages)]
     coverage, vocab_size = t.character_coverage, t.vocab_size
     if coverage == "auto":
         sentences = list(sentences)
-        coverage, vocab_size = fitting_coverage(sentences, t.vocab_size, 256 + 3 + 1 + 2 + len(languages))
+        # pieces that are not characters: 256 bytes, <unk> <s> </s>, "\n" and the control symbols
+        coverage, vocab_size = fitting_coverage(sentences, t.vocab_size, 256 + 3 + 1 + len(controls))
         if vocab_size != t.vocab_size:
             print(
                 f"tokenize: vocab_size {t.vocab_size} cannot hold the characters of the train text "
@@ -133,7 +135,7 @@ def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()
             split_digits=True,
             allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"],
-            control_symbols=[SRC, TGT, *map(tag, languages)],
+            control_symbols=controls,
             unk_id=0,
             bos_id=1,
             eos_id=2,

@@ -137,10 +137,12 @@ def who_speaks_items(texts: list[str], rng: random.Random, n: int) -> list[dict]
 
 
 def translation_items(pairs: list[dict], rng: random.Random, n: int) -> list[dict]:
+    targets: dict[str, list[str]] = {}  # per source: distractors come from the same direction
+    for p in pairs:
+        targets.setdefault(p["source"], []).append(p["tgt"])
     items = []
     for r in rng.sample(pairs, min(n, len(pairs))):
-        same = [p["tgt"] for p in pairs if p["source"] == r["source"]]
-        distractors = _pick(rng, same, 3, r["tgt"])
+        distractors = _pick(rng, targets[r["source"]], 3, r["tgt"])
         if distractors:
             choices, answer = _shuffled(rng, r["tgt"], distractors)
             item = {"src": r["src"], "choices": choices, "answer": answer}
@@ -231,13 +233,13 @@ def choice_sequences(tok, item: dict) -> list[tuple[list[int], int, int, int]]:
     else:
         context = [tok.eos_id, *tok.encode([item["context"]])[0]] if item["context"] else [tok.eos_id]
     continuation = item.get("continuation")
+    cont = tok.encode([continuation])[0] if continuation is not None else None
     out = []
     for choice, ids in zip(item["choices"], tok.encode(item["choices"])):
-        if continuation is None:
+        if cont is None:
             seq = [*context, *ids]
             out.append((seq, len(context), len(seq), len(choice.encode("utf-8"))))
         else:
-            cont = tok.encode([continuation])[0]
             seq = [*context, *ids, *cont]
             out.append((seq, len(seq) - len(cont), len(seq), len(continuation.encode("utf-8"))))
     return out
@@ -248,10 +250,10 @@ def span_nats(model, sequences: list[tuple[list[int], int, int, int]], batch_siz
     """Nats of each sequence's scored span under the model and under the bigram baseline."""
     device = next(model.parameters()).device
     limit = model.block_size + 1 if model.bounded_context else None
-    model_nats, bigram_nats = [], []
-    for seq, start, end, _ in sequences:
-        prev, nxt = np.asarray(seq[start - 1 : end - 1]), np.asarray(seq[start:end])
-        bigram_nats.append(float(baselines.nats(prev, nxt)[1].sum()))
+    bigram_nats = [
+        float(baselines.nats(np.asarray(seq[start - 1 : end - 1]), np.asarray(seq[start:end]))[1].sum())
+        for seq, start, end, _ in sequences
+    ]
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     model_nats = [0.0] * len(sequences)
     for b in range(0, len(order), batch_size):
