@@ -1,4 +1,5 @@
-"""Training recipes for translation, compared on val pairs: each variant is params.yaml with an overlay.
+"""Training recipes for translation and question answering, compared on val: each variant is
+params.yaml with an overlay.
 
     python benchmarks/translation_recipes.py              # train.pair_loss all against target
     python benchmarks/translation_recipes.py --max-steps 300 --pairs 200
@@ -9,7 +10,8 @@ Runs the train stage (`python -m pipeline.train`) once per variant in a scratch 
 project that links data/tokens (run `dvc repro tokenize` first), with everything else as in
 params.yaml. Then translates the first --pairs **val** pairs of each pair source (greedy; val,
 not test, since this chooses a default) and prints chrF and BLEU (sacrebleu, the BLEU tokenizer
-that fits the references), and val bits per byte over all tokens.
+that fits the references), val bits per byte over all tokens, and the exact match of greedy
+answers to the val QA pairs (pipeline.qa) overall and per template, beside the majority answer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from scratch_train import train_in_scratch  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.common import read_jsonl  # noqa: E402
 from pipeline.generate import Decoding, generate  # noqa: E402
+from pipeline.qa import answer, answer_scores, group_of, majority_answers, qa_items  # noqa: E402
 from pipeline.scoring import bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
 from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
 
@@ -49,7 +52,10 @@ def main() -> None:
     tok = Tokenizer(tokens / "tokenizer.model")
     val = load_tokens("val", tokens)
     val_bytes = json.loads((tokens / "val.json").read_text())["bytes"]
-    pairs = [r for r in read_jsonl(ROOT / "data" / "clean" / "val.jsonl") if "src" in r][: args.pairs]
+    val_records = list(read_jsonl(ROOT / "data" / "clean" / "val.jsonl"))
+    pairs = [r for r in val_records if "src" in r and "task" not in r][: args.pairs]
+    questions = qa_items(val_records)
+    majority = majority_answers(qa_items(read_jsonl(ROOT / "data" / "clean" / "train.jsonl", lambda b: b'"task"' in b)))
     refs = [r["tgt"] for r in pairs]
     tokenize = bleu_tokenizer(refs)
     base = P.read_yaml(ROOT / "params.yaml")
@@ -65,7 +71,10 @@ def main() -> None:
         bpb = nats_of_range(model, val, 1, len(val), 32)[0] / math.log(2) / val_bytes
         new_tokens = min(128, model_cfg.block_size - 4)  # as evaluate does: room for the target
         room = model_cfg.block_size - new_tokens
-        prompts = [tok.pair_prompt(ids)[-room:] for ids in tok.encode([r["src"] for r in pairs])]
+        prompts = [
+            tok.pair_prompt(ids, r.get("tgt_lang"))[-room:]
+            for ids, r in zip(tok.encode([r["src"] for r in pairs]), pairs)
+        ]
         out = generate(model, prompts, tok.eos_id, Decoding(new_tokens, max_ratio=2.0), batch_size=32)
         hyps = [tok.decode(o).strip() for o in out]
         scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
@@ -75,6 +84,19 @@ def main() -> None:
             f"chrF {scores['chrf']}, BLEU ({tokenize}) {scores['bleu']}; train stage {wall:.0f} s",
             flush=True,
         )
+        if questions:
+            answers = answer(model, tok, [q["src"] for q in questions], Decoding(32), 32, "cpu")
+            groups = ["all", *dict.fromkeys(map(group_of, questions))]
+            for g in groups:
+                rows = [i for i, q in enumerate(questions) if g == "all" or group_of(q) == g]
+                truths = [questions[i]["tgt"] for i in rows]
+                em = answer_scores([answers[i] for i in rows], truths, 0)
+                base = answer_scores([majority.get(group_of(questions[i]), "") for i in rows], truths, 0)
+                print(
+                    f"RESULT {name}: QA {g} ({len(rows)} val questions): exact match {em['exact_match']} "
+                    f"{em['exact_match_ci95']}, F1 {em['f1']}; majority answer {base['exact_match']}, F1 {base['f1']}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

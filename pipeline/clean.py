@@ -50,13 +50,15 @@ from pipeline.common import (
     atomic_dir,
     atomic_write_text,
     read_json,
+    read_jsonl,
     run_main,
     text_fields,
     utf8_bytes,
     write_json,
 )
 from pipeline.dedup import KeyIndex, NearDuplicates
-from pipeline.rules import PII, QUALITY_REASONS
+from pipeline.qa import DEFAULT_QA_SOURCE, default_items
+from pipeline.rules import PII, QUALITY_REASONS, normalize
 from pipeline.shards import Candidate, Dropped, Pool, ngram_shard, prepare_shard, read_shards
 
 RAW_DIR = Path("data/raw")
@@ -90,7 +92,15 @@ def main() -> None:
         try:
             for src in manifest["sources"]:
                 per_source[src["name"]] = clean_source(
-                    src["name"], src["pairs"], settings, state, pool, writers, (src.get("languages") or ["", ""])[1]
+                    src["name"],
+                    src["pairs"],
+                    settings,
+                    state,
+                    pool,
+                    writers,
+                    (src.get("languages") or ["", ""])[1],
+                    src.get("task", ""),
+                    keep_origin="titles" in src,  # the default QA set asks for a play's title
                 )
         finally:
             pool.close()
@@ -101,6 +111,7 @@ def main() -> None:
             contaminated = decontaminate(scratch, out, settings, state, per_source)
         else:
             (out / "decontaminated.jsonl").touch()
+        qa_counts = add_default_qa(out, settings, manifest)
         totals = {
             split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
             for split in SPLITS
@@ -134,6 +145,7 @@ def main() -> None:
         "contaminated_removed_from_train": contaminated,
         "splits": totals,
         "sources": per_source,
+        "default_qa": qa_counts,
     }
     write_json(METRICS, metrics)
     atomic_write_text(REPORT, clean_report(metrics, state.lengths, state.examples.kept))
@@ -142,6 +154,29 @@ def main() -> None:
         f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR} "
         f"({pool.workers} worker{'s' if pool.workers > 1 else ''})"
     )
+
+
+def add_default_qa(out: Path, settings: P.Clean, manifest: dict) -> dict:
+    """Append the default QA set (pipeline.qa) to the split files, each item in the split of its
+    passage; return the items per template and split."""
+    if not settings.qa_templates or not settings.qa_items:
+        return {}
+    titles = {
+        (src["name"], origin): normalize(title, settings.normalization, True)
+        for src in manifest["sources"]
+        for origin, title in src.get("titles", {}).items()
+    }
+    splits = {split: [r for r in read_jsonl(out / f"{split}.jsonl") if "task" not in r] for split in SPLITS}
+    items = default_items(splits, titles, settings.qa_templates, settings.qa_items, settings.split_salt)
+    counts = {template: dict.fromkeys(SPLITS, 0) for template in settings.qa_templates}
+    for split, split_items in items.items():
+        with open(out / f"{split}.jsonl", "a", encoding="utf-8") as f:
+            for item in split_items:
+                f.write(json.dumps({"source": DEFAULT_QA_SOURCE, **item}, ensure_ascii=False) + "\n")
+                counts[item["template"]][split] += 1
+    if any(n for c in counts.values() for n in c.values()):
+        print(f"clean: default QA set {counts}", flush=True)
+    return counts
 
 
 # --- The main process: decisions that depend on earlier documents, in input order. ---
@@ -180,10 +215,18 @@ class Examples:
 
 
 def clean_source(
-    name: str, pairs: bool, settings: P.Clean, state: State, pool: Pool, writers: dict, tgt_lang: str = ""
+    name: str,
+    pairs: bool,
+    settings: P.Clean,
+    state: State,
+    pool: Pool,
+    writers: dict,
+    tgt_lang: str = "",
+    task: str = "",
+    keep_origin: bool = False,
 ) -> dict:
     """Clean one source's records into the split writers (train: a scratch file); return its counts.
-    Pairs of a source with languages carry their target's ("tgt_lang")."""
+    Pairs of a source with languages carry their target's ("tgt_lang"); those of a QA source, "task"."""
     kept = Counter()
     kept_bytes = Counter()
     dropped = Counter({r: 0 for r in DROP_REASONS})
@@ -191,7 +234,13 @@ def clean_source(
     pii = Counter()
     lengths = state.lengths[name]
     for shard in pool.map(
-        prepare_shard, read_shards(RAW_DIR / f"{name}.jsonl", settings.shard_bytes), name, pairs, tgt_lang
+        prepare_shard,
+        read_shards(RAW_DIR / f"{name}.jsonl", settings.shard_bytes),
+        name,
+        pairs,
+        tgt_lang,
+        task,
+        keep_origin,
     ):
         documents_in += shard.documents_in
         bytes_in += shard.bytes_in

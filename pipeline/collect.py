@@ -41,6 +41,7 @@ OUT_DIR = Path("data/raw")
 METRICS = Path("metrics/collect.json")
 # What the manifest and the metrics count of each source's input; gettext sources count more.
 INPUT_COUNTS = ("files", "empty_files", "invalid_utf8", "nul_bytes", "bom", "empty_aligned_lines")
+TITLE_CHARS = 100
 GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "gettext_placeholder_only")
 
 
@@ -83,6 +84,7 @@ def collect_source(
     pairs = None
     stats: Counter = Counter()
     first: list[dict] = []  # the first pairs, to check their sides against the source's languages
+    titles: dict[str, str] = {}  # text files: each file's first line, its title (the default QA set asks for it)
     empty_sides: Counter = Counter()  # pairs whose source (src) or target (tgt) is empty
     with (
         tempfile.TemporaryDirectory(dir=out) as scratch,
@@ -103,6 +105,8 @@ def collect_source(
                     f"({rec['origin']}); split it into two sources"
                 )
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if src.format == "text" and src.kind != "hf" and rec["origin"] not in titles:
+                titles[rec["origin"]] = rec["text"].strip().split("\n", 1)[0].strip()[:TITLE_CHARS]
             if src.languages and len(first) < CHECKED_PAIRS:
                 first.append(rec)
             if is_pair:
@@ -142,6 +146,8 @@ def collect_source(
         "license": src.license,
         "pairs": bool(pairs),
         **({"languages": src.languages} if src.languages else {}),
+        **({"task": src.task} if src.task else {}),
+        **({"titles": titles} if titles else {}),
         "documents": documents,
         "bytes": size,
         "input": input_stats,

@@ -9,6 +9,8 @@
   confidence intervals) for greedy and beam decoding of each source, and for copying the source.
 - Text sampled from fixed prompts: distinct-1/2, repeated 4-grams, mean length, beside the same
   statistics of real held-out text.
+- Understanding: multiple-choice and cloze tasks built from test (pipeline.understanding), and
+  question answering on the test QA pairs: exact match and F1 beside the majority answer (pipeline.qa).
 
 Writes metrics/eval.json, metrics/samples.md, and metrics/report.md with metrics/loss.png.
 """
@@ -35,6 +37,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.generate import Decoding, generate
+from pipeline.qa import answer_test_questions
 from pipeline.report import first_per_prompt, translation_table, write_report
 from pipeline.scoring import (
     NgramBaselines,
@@ -104,9 +107,10 @@ def split_scores(counts) -> dict:
 
 
 def pairs_by_source(records: list[dict]) -> dict[str, list[dict]]:
+    """The translation pairs (not QA pairs) of each source."""
     by_source: dict[str, list[dict]] = {}
     for r in records:
-        if "src" in r:
+        if "src" in r and "task" not in r:
             by_source.setdefault(r["source"], []).append(r)
     return by_source
 
@@ -306,18 +310,30 @@ def main() -> None:
     t3 = time.perf_counter()
     metrics["understanding"] = understanding(model, tok, e, baselines, device, test)
     t4 = time.perf_counter()
+    train_qa = list(read_jsonl(CLEAN_DIR / "train.jsonl", lambda line: b'"task"' in line))
+    metrics["question_answering"], answered = answer_test_questions(model, tok, e, device, test, train_qa)
+    for group, g in (metrics["question_answering"] or {}).get("groups", {}).items():
+        best = g.get("beam", g["greedy"])
+        print(
+            f"evaluate: question answering, {group} ({g['items']} items): exact match {g['greedy']['exact_match']} "
+            f"greedy, {best['exact_match']} beam, majority answer {g.get('majority', {}).get('exact_match')}; "
+            f"F1 {g['greedy']['f1']} greedy, {best['f1']} beam",
+            flush=True,
+        )
+    t5 = time.perf_counter()
     metrics["seconds"] = {
         "scoring": round(t1 - t0, 1),
         "translation": round(t2 - t1, 1),
         "sampling": round(t3 - t2, 1),
         "understanding": round(t4 - t3, 1),
+        "question_answering": round(t5 - t4, 1),
     }
     write_json(METRICS, metrics)
     atomic_write_text(SAMPLES, samples_markdown(samples, e, shown))
-    write_report(metrics, samples, shown)
+    write_report(metrics, samples, shown, answered)
     print(
         f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s, "
-        f"understanding {t4 - t3:.0f} s "
+        f"understanding {t4 - t3:.0f} s, question answering {t5 - t4:.0f} s "
         f"-> {METRICS}, {SAMPLES}, metrics/report.md"
     )
 

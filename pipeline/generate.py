@@ -3,6 +3,7 @@
     python -m pipeline.generate "ROMEO:"                      # continue text, streamed
     python -m pipeline.generate --translate "In the beginning God created the heaven and the earth."
     python -m pipeline.generate --translate --beam-size 4 "Jesus wept."
+    python -m pipeline.generate --ask "Who says: 'To be, or not to be: that is the question:'?"
 
 Decoding is incremental: a GPT keeps a key/value cache, a recurrent model its hidden state. When
 a GPT's cache reaches its context (block_size), the last half context is re-encoded and decoding
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import load_model
 from pipeline.common import PipelineError, run_main
+from pipeline.qa import ANSWER_TOKENS, TASK, answer, check_question, question_text
 from pipeline.tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("data/model/best.safetensors")
@@ -224,24 +226,38 @@ def target_language(tok: Tokenizer, to: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.generate", description="Generate text with a trained model.")
-    ap.add_argument("prompt", help="text to continue (with --translate: the source sentence)")
+    ap.add_argument("prompt", nargs="?", help="text to continue (with --translate: the source sentence)")
     ap.add_argument("--translate", action="store_true", help="render the prompt as a pair source and decode its target")
+    ap.add_argument("--ask", metavar="QUESTION", help="answer a question (a model trained on QA pairs), greedily")
+    ap.add_argument("--context", default="", metavar="TEXT", help="--ask: the passage the question is about")
     ap.add_argument(
         "--to", default="", metavar="LANG", help="--translate: the target language (default: the model's only one)"
     )
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=None, help="0: greedy; default 0.8, or 0 with --translate")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help=f"default 200 ({ANSWER_TOKENS} with --ask)")
+    ap.add_argument(
+        "--temperature", type=float, default=None, help="0: greedy; default 0.8, or 0 with --translate and --ask"
+    )
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    temperature = args.temperature if args.temperature is not None else (0.0 if args.translate else 0.8)
+    if args.ask is not None:
+        if args.prompt is not None or args.translate:
+            raise PipelineError("--ask: give the question alone (no prompt, no --translate)")
+        check_question(args.ask)
+    elif args.context:
+        raise PipelineError("--context: only with --ask")
+    elif args.prompt is None:
+        raise PipelineError("prompt: missing; give some text to continue (or --ask QUESTION)")
+    deterministic = args.translate or args.ask is not None
+    temperature = args.temperature if args.temperature is not None else (0.0 if deterministic else 0.8)
+    max_new_tokens = args.max_new_tokens or (ANSWER_TOKENS if args.ask is not None else 200)
     decoding = Decoding(
-        args.max_new_tokens,
+        max_new_tokens,
         temperature=temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -250,15 +266,23 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     decoding.check()
-    if not args.prompt.strip():
+    text = question_text(args.ask, args.context) if args.ask is not None else args.prompt
+    if not text.strip():
         raise PipelineError("prompt: empty; give some text to continue")
     try:
-        args.prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
-        raise PipelineError("prompt: not valid UTF-8 text") from None
+        raise PipelineError(
+            f"{'--ask/--context' if args.ask is not None else 'prompt'}: not valid UTF-8 text"
+        ) from None
     tok = Tokenizer(args.tokenizer)
     model = load_model(args.checkpoint, tok, args.tokenizer)
-    ids = tok.encode([args.prompt])[0]
+    if args.ask is not None:
+        tok.task_id(TASK)  # a model trained without QA pairs cannot answer: say so
+        (reply,) = answer(model, tok, [text], decoding, 1, "cpu")
+        print(reply)
+        return
+    ids = tok.encode([text])[0]
     prompt = tok.pair_prompt(ids, target_language(tok, args.to)) if args.translate else [tok.eos_id, *ids]
     if model.bounded_context and len(prompt) >= model.block_size:
         keep = model.block_size - 1

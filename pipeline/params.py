@@ -21,6 +21,7 @@ import yaml
 
 from pipeline.common import PipelineError
 from pipeline.languages import check_code
+from pipeline.qa import TEMPLATES as QA_TEMPLATES
 
 PARAMS_FILE = "params.yaml"
 
@@ -62,6 +63,10 @@ class Source:
     # format jsonl/csv/tsv/parquet: which fields hold the text (default: "text", or "src" and "tgt")
     text_columns: list[str] = field(default_factory=list)  # several are joined by a blank line
     pair_columns: list[str] = field(default_factory=list)  # [source column, target column]
+    # question answering: rows of a question, its answer and an optional passage, read as QA pairs
+    # `<src> <qa> [passage] question <tgt> answer </s>` (pipeline/qa.py); jsonl, csv, tsv, parquet or hf
+    task: Literal["", "qa"] = ""
+    qa_columns: list[str] = field(default_factory=list)  # [question, answer] or [question, answer, context]
     # format: text
     split: Literal["file", "paragraphs", "lines"] = "file"
     chunk_chars: int = 0  # merge consecutive units into documents of at least this size
@@ -112,6 +117,9 @@ class Clean:
     minhash_seed: int = 1
     decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
     report_examples: int = 10  # dropped examples per reason in metrics/clean_report.md
+    # the default QA set, built from the splits' passages (pipeline/qa.py): who_says, which_play, which_book
+    qa_templates: list[str] = field(default_factory=lambda: list(QA_TEMPLATES))
+    qa_items: int = 4000  # at most this many items per template, over all splits
     shard_bytes: int = 4_000_000  # input is prepared in shards of about this many bytes of JSON lines
     workers: int = 0  # processes preparing shards (0: all cores); the output is the same for any number
 
@@ -332,6 +340,20 @@ def _check(p: Params) -> None:
             f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}",
         )
         need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
+        if s.task or s.qa_columns:
+            need(s.task == "qa", f"{k}.qa_columns: only for a QA source (task: qa)")
+            need(
+                s.format in ("jsonl", "csv", "tsv", "parquet") or s.kind == "hf",
+                f"{k}.task: qa reads rows of jsonl, csv, tsv, parquet or an hf dataset, not format '{s.format}'",
+            )
+            need(
+                not (s.text_columns or s.pair_columns or s.languages),
+                f"{k}.task: a QA source names its columns with qa_columns (not text_columns/pair_columns/languages)",
+            )
+            need(
+                len(s.qa_columns) in (0, 2, 3),
+                f"{k}.qa_columns: expected [question, answer] or [question, answer, context], got {s.qa_columns}",
+            )
     need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     need(
         p.collect.download_timeout_s > 0 and p.collect.download_retries >= 0,
@@ -346,6 +368,9 @@ def _check(p: Params) -> None:
         "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0",
     )
     need(c.shard_bytes >= 1, f"clean.shard_bytes: must be >= 1, got {c.shard_bytes}")
+    for j, name in enumerate(c.qa_templates):
+        need(name in QA_TEMPLATES, f"clean.qa_templates[{j}]: {name!r} is not one of {', '.join(QA_TEMPLATES)}")
+    need(c.qa_items >= 0, f"clean.qa_items: must be >= 0, got {c.qa_items}")
     need(c.workers >= 0, f"clean.workers: must be >= 0 (0: all cores), got {c.workers}")
     need(
         0 < c.min_mean_word_length <= c.max_mean_word_length,

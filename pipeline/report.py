@@ -58,12 +58,57 @@ def plot_loss(path: Path = LOSS_PNG) -> bool:
     return True
 
 
-def understanding_section(tasks: dict) -> list[str]:
-    """A table of the multiple-choice and cloze tasks: model, bigram, chance, items, intervals."""
-    if not tasks:
+def understanding_section(tasks: dict, qa: dict | None = None, answered: list[dict] = ()) -> list[str]:
+    """ "Understanding and QA": a table of the multiple-choice and cloze tasks (model, bigram,
+    chance, items, intervals), a table of the QA groups (exact match and F1 of greedy and beam
+    answers beside the majority answer), and a few answered questions beside the truth."""
+    if not tasks and not qa:
         return []
+    lines = ["## Understanding and QA", ""]
+    if tasks:
+        lines += _tasks_table(tasks)
+    if qa:
+        lines += _qa_table(qa)
+    if answered:
+        cols = [k for k in ("greedy", "beam") if k in answered[0]]
+        lines += ["Answered test questions:", ""]
+        lines += _table(
+            ["question", "truth", *cols],
+            [[_esc(r["question"]), _esc(r["truth"]), *(_esc(r[c]) for c in cols)] for r in answered],
+        )
+    return lines
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _qa_table(qa: dict) -> list[str]:
+    def cell(scores: dict | None) -> str:
+        if not scores:
+            return ""
+        lo, hi = scores["exact_match_ci95"]
+        return f"{scores['exact_match']} [{lo}, {hi}] / {scores['f1']}"
+
     lines = [
-        "Understanding: tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; "
+        "Question answering on the test QA pairs (the default set of `clean.qa_templates`, one question per "
+        "template shown below the table, and any QA source): exact match [95% Wilson interval] / token F1, "
+        "after SQuAD's normalisation; the baseline always gives the most frequent answer of the template's "
+        "train items:",
+        "",
+    ]
+    rows = []
+    for group, g in qa["groups"].items():
+        majority = f"{cell(g.get('majority'))} ({_esc(g['majority_answer'])})" if "majority" in g else ""
+        rows.append([group, cell(g["greedy"]), cell(g.get("beam")), majority, g["items"], g["train_items"]])
+    lines += _table(["template", "greedy", "beam", "majority answer", "test items", "train items"], rows)
+    lines += [f"- {group}: {_esc(g['example_question'])}" for group, g in qa["groups"].items()] + [""]
+    return lines
+
+
+def _tasks_table(tasks: dict) -> list[str]:
+    lines = [
+        "Tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; "
         "multiple choice by log-likelihood per byte (unnormalised beside it), cloze by exact match; "
         "95% Wilson intervals:",
         "",
@@ -107,10 +152,6 @@ def _ci(scores: dict, name: str) -> str:
 
 def translation_table(translations: list[dict]) -> list[str]:
     """Example translations, a table per direction (pair source)."""
-
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")
-
     cols = [k for k in ("greedy", "beam") if k in translations[0]]
     lines = ["## Translations", ""]
     for direction in dict.fromkeys(row["direction"] for row in translations):
@@ -123,7 +164,7 @@ def translation_table(translations: list[dict]) -> list[str]:
         for row in translations:
             if row["direction"] == direction:
                 lines.append(
-                    f"| {esc(row['src'])} | {esc(row['ref'])} | " + " | ".join(esc(row[c]) for c in cols) + " |"
+                    f"| {_esc(row['src'])} | {_esc(row['ref'])} | " + " | ".join(_esc(row[c]) for c in cols) + " |"
                 )
         lines.append("")
     return lines
@@ -137,7 +178,9 @@ def first_per_prompt(samples: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return list(first.items())
 
 
-def write_report(metrics: dict, samples: list[tuple[str, str]], translations: list[dict]) -> None:
+def write_report(
+    metrics: dict, samples: list[tuple[str, str]], translations: list[dict], answered: list[dict] = ()
+) -> None:
     model_info = read_json("data/model/config.json")
     train = read_json("metrics/train.json")
     manifest = read_json("data/raw/manifest.json")["sources"]
@@ -262,7 +305,6 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
                 f"(size/penalty: chrF): {grid}.",
                 "",
             ]
-    lines += understanding_section(metrics.get("understanding") or {})
     generation = metrics.get("generation")
     if generation:
         keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
@@ -273,6 +315,8 @@ def write_report(metrics: dict, samples: list[tuple[str, str]], translations: li
         lines += _table(
             ["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")]
         )
+
+    lines += understanding_section(metrics.get("understanding") or {}, metrics.get("question_answering"), answered)
 
     if plot_loss():
         lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]

@@ -119,15 +119,17 @@ def weighted_length(text: str) -> int:
     return len(text) if text.isascii() else len(text) + 2 * len(_CJK.findall(text))
 
 
-def drop_reason(texts: list[str], settings: P.Clean) -> str | None:
+def drop_reason(texts: list[str], settings: P.Clean, qa: bool = False) -> str | None:
+    """Why a document or pair is dropped (None: kept). A QA pair's answer may be short ("42") and
+    much shorter than its question: min_chars and the length ratio apply to neither."""
     if any(not t for t in texts):
         return "empty"
     weighted = [weighted_length(t) for t in texts]
-    if min(weighted) < settings.min_chars:  # "打开" (open) is as long as "open"
+    if (weighted[0] if qa else min(weighted)) < settings.min_chars:  # "打开" (open) is as long as "open"
         return "too_short"
     if max(len(t) for t in texts) > settings.max_chars:
         return "too_long"
-    if len(texts) == 2 and max(weighted) / min(weighted) > settings.max_length_ratio:
+    if len(texts) == 2 and not qa and max(weighted) / min(weighted) > settings.max_length_ratio:
         return "length_ratio"
     return None
 

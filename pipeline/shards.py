@@ -138,10 +138,14 @@ def _lines(shard: Shard) -> Iterator[tuple[int, bytes, dict]]:
             yield i, line, json_line(line, shard.path, i)
 
 
-def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> PreparedShard:
+def prepare_shard(
+    shard: Shard, name: str, pairs: bool, tgt_lang: str = "", task: str = "", keep_origin: bool = False
+) -> PreparedShard:
     """Normalise, scrub, filter and hash one shard of a source's records: counts, the records in
     order (Dropped, or Candidate with its line, split and keys), and for the candidates, row by row:
-    LSH band keys and 1-byte signatures, and the n-gram hashes of val and test."""
+    LSH band keys and 1-byte signatures, and the n-gram hashes of val and test. A record keeps its
+    "meta" and, with `keep_origin`, its "origin" file (the default QA set asks about them); a QA
+    pair (`task`) keeps the lines of its passage and question."""
     settings, minhash = _WORKER["settings"], _WORKER["minhash"]
     documents_in = bytes_in = 0
     lengths_in, pii, records = Counter(), Counter(), []
@@ -155,10 +159,10 @@ def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> P
         documents_in += 1
         bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
         lengths_in[sum(map(len, raw_texts))] += 1
-        texts = [normalize(t, settings.normalization, pairs) for t in raw_texts]
+        texts = [normalize(t, settings.normalization, pairs and not task) for t in raw_texts]
         if settings.scrub_pii:
             texts = [scrub_pii(t, pii) for t in texts]
-        reason = drop_reason(texts, settings)
+        reason = drop_reason(texts, settings, qa=bool(task))
         if reason is None and settings.quality_filters and not pairs:
             reason = quality_reason(texts[0], settings)
         if reason:
@@ -171,6 +175,12 @@ def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> P
         )
         if tgt_lang:
             fields += f', "tgt_lang": {_json_str(tgt_lang)}'
+        if task:
+            fields += f', "task": {_json_str(task)}'
+        if keep_origin and isinstance(rec.get("origin"), str):
+            fields += f', "origin": {_json_str(rec["origin"])}'
+        if isinstance(rec.get("meta"), dict):
+            fields += f', "meta": {json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)}'
         records.append(
             Candidate(
                 f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),
@@ -179,7 +189,7 @@ def prepare_shard(shard: Shard, name: str, pairs: bool, tgt_lang: str = "") -> P
                 # one sentence translated into several languages is several directions, not duplicates)
                 (
                     text_key("pair", *texts),
-                    text_key("src", tgt_lang, texts[0]) if tgt_lang else text_key("src", texts[0]),
+                    text_key("src", tgt_lang or task, texts[0]) if tgt_lang or task else text_key("src", texts[0]),
                 )
                 if pairs
                 else (text_key("text", texts[0]),),

@@ -70,16 +70,18 @@ def sample(path: Path, sample_bytes: int) -> tuple[Iterator[dict], float]:
     ), rate
 
 
-def target_languages(path: Path) -> list[str]:
-    """The target languages of the pairs in a split file: each gets a tag <2xx> in the vocabulary.
-    Only lines that mention the key are parsed."""
+def pair_tags(path: Path) -> list[str]:
+    """The tags of the pairs in a split file, each a control piece of the vocabulary: a target
+    language's <2xx>, a task's <qa>. Only lines that mention the keys are parsed."""
     found = set()
     with open(path, "rb") as f:
         for line in f:
-            if b'"tgt_lang"' in line:
-                lang = json.loads(line).get("tgt_lang")
-                if lang:
-                    found.add(lang)
+            if b'"tgt_lang"' in line or b'"task"' in line:
+                record = json.loads(line)
+                if record.get("tgt_lang"):
+                    found.add(tag(record["tgt_lang"]))
+                if record.get("task"):
+                    found.add(f"<{record['task']}>")
     return sorted(found)
 
 
@@ -105,11 +107,12 @@ def fitting_coverage(sentences: list[str], vocab_size: int, reserved: int) -> tu
     return coverage, vocab_size
 
 
-def train_tokenizer(records, t: P.Tokenize, out: Path, languages: list[str] = ()) -> tuple[Tokenizer, float]:
-    """The sentencepiece model learnt from `records`, and the character coverage it used."""
+def train_tokenizer(records, t: P.Tokenize, out: Path, tags: list[str] = ()) -> tuple[Tokenizer, float]:
+    """The sentencepiece model learnt from `records`, and the character coverage it used; `tags`
+    (pair_tags) become control pieces beside <src> and <tgt>."""
     model = io.BytesIO()
     sentences = training_sentences(records, t.max_sentence_chars)
-    controls = [SRC, TGT, *map(tag, languages)]
+    controls = [SRC, TGT, *tags]
     coverage, vocab_size = t.character_coverage, t.vocab_size
     if coverage == "auto":
         sentences = list(sentences)
@@ -246,7 +249,7 @@ def main() -> None:
         "splits": {},
     }
     with atomic_dir(OUT_DIR) as out:
-        tok, metrics["character_coverage"] = train_tokenizer(records, t, out, target_languages(paths["train"]))
+        tok, metrics["character_coverage"] = train_tokenizer(records, t, out, pair_tags(paths["train"]))
         metrics["vocab_size"] = tok.vocab_size  # more than asked where character_coverage auto needed it
         for name, path in paths.items():
             meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)

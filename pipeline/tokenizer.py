@@ -4,7 +4,8 @@
 (decode(encode(text)) == text) and every token has an exact UTF-8 byte length, so bits per byte
 are exact. A document is rendered as `text </s>`, a pair as `<src> source <tgt> target </s>`, or
 `<src> <2ru> source <tgt> target </s>` when its source names the languages (the target's tag,
-pipeline.languages).
+pipeline.languages), and a question/answer pair `<src> <qa> question <tgt> answer </s>` (the task's
+tag, pipeline.qa).
 
 Token files: data/tokens/{split}.bin, a flat stream of token ids (uint16 when the vocabulary fits,
 else uint32) beginning with </s>, and a JSON sidecar {split}.json with its dtype, vocabulary size,
@@ -46,12 +47,16 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()
         self.src_id = self.sp.piece_to_id(SRC)
         self.tgt_id = self.sp.piece_to_id(TGT)
-        # target-language tags <2xx>: control pieces, as <src> and <tgt>
-        self.languages = {
-            piece[2:-1]: i
+        # target-language tags <2xx> and task tags <qa>: control pieces, as <src> and <tgt>
+        tags = {
+            piece: i
             for i in range(self.vocab_size)
-            if self.sp.is_control(i) and (piece := self.sp.id_to_piece(i)).startswith("<2") and piece.endswith(">")
+            if self.sp.is_control(i)
+            and i not in (self.sp.bos_id(), self.eos_id)
+            and (piece := self.sp.id_to_piece(i)) not in (SRC, TGT)
         }
+        self.languages = {piece[2:-1]: i for piece, i in tags.items() if piece.startswith("<2")}
+        self.tasks = {piece[1:-1]: i for piece, i in tags.items() if not piece.startswith("<2")}
 
     def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
@@ -66,6 +71,8 @@ class Tokenizer:
             out.append(self.src_id)
             if "tgt_lang" in record:
                 out.append(self.language_id(record["tgt_lang"]))
+            if "task" in record:
+                out.append(self.task_id(record["task"]))
             out += next(ids)
             out.append(self.tgt_id)
         out += next(ids)
@@ -79,10 +86,17 @@ class Tokenizer:
             )
         return self.languages[code]
 
-    def pair_prompt(self, src_ids: list[int], tgt_lang: str | None = None) -> list[int]:
+    def task_id(self, task: str) -> int:
+        if task not in self.tasks:
+            raise PipelineError(
+                f"task '{task}': the tokenizer has no tag <{task}> (the model was trained without {task} pairs)"
+            )
+        return self.tasks[task]
+
+    def pair_prompt(self, src_ids: list[int], tgt_lang: str | None = None, task: str | None = None) -> list[int]:
         """What the model sees before it writes a target: the same context as in training."""
-        lang = [self.language_id(tgt_lang)] if tgt_lang else []
-        return [self.eos_id, self.src_id, *lang, *src_ids, self.tgt_id]
+        tags = ([self.language_id(tgt_lang)] if tgt_lang else []) + ([self.task_id(task)] if task else [])
+        return [self.eos_id, self.src_id, *tags, *src_ids, self.tgt_id]
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each token stands for: control tokens 0, byte tokens 1."""

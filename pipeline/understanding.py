@@ -10,7 +10,8 @@ Two variants:
         the choices sit between context and continuation, and the model picks the choice after
         which the continuation is most likely (who speaks: "HELENA.\\n" before a speech);
     {"src": "...", "tgt_lang": "ru", "choices": [...], "answer": i}
-        the context is a pair's prompt `<src> <2ru> source <tgt>`: which text translates `src`.
+        the context is a pair's prompt `<src> <2ru> source <tgt>`: which text translates `src`
+        (with "task": "qa" instead of "tgt_lang", `<src> <qa> question <tgt>`: which answers it).
 A cloze item {"context": "...", "answer_text": "word"} is scored by exact match of the first
 word the model writes greedily.
 
@@ -19,6 +20,8 @@ The default tasks are built from the **test** split only (nothing in them was tr
   passages;
 - who_speaks: a speech, and its speaker among other speakers of the same or neighbouring test
   passages (the same play, as the passages are in order);
+- which_book: a test verse in the default QA set's which_book question (pipeline.qa), and its
+  book among three other books;
 - translation: an English verse, and its Russian translation among three other test verses';
 - last_word: a passage whose last word already occurs in it (predictable from the context, in
   the manner of LAMBADA), that word to be written.
@@ -38,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import PipelineError
+from pipeline.qa import SPEAKER, passage_items
 
 ITEMS_PER_TASK = 400
-SPEAKER = re.compile(r"^([A-Z][A-Z' ]{1,30}[A-Z])\.$")  # "HELENA." on a line of its own
 WORD = re.compile(r"[A-Za-z']+")
 
 
@@ -50,10 +53,11 @@ WORD = re.compile(r"[A-Za-z']+")
 def build_tasks(records: list[dict], seed: int, n: int = ITEMS_PER_TASK) -> dict[str, list[dict]]:
     """The default tasks from test records (text documents and pairs), deterministic in `seed`."""
     texts = [r["text"] for r in records if "text" in r]
-    pairs = [r for r in records if "src" in r]
+    pairs = [r for r in records if "src" in r and "task" not in r]
     tasks = {
         "next_line": next_line_items(texts, random.Random(f"{seed}/next_line"), n),
         "who_speaks": who_speaks_items(texts, random.Random(f"{seed}/who_speaks"), n),
+        "which_book": which_book_items(records, random.Random(f"{seed}/which_book"), n),
         "translation": translation_items(pairs, random.Random(f"{seed}/translation"), n),
         "last_word": last_word_items(texts, random.Random(f"{seed}/last_word"), n),
     }
@@ -152,6 +156,21 @@ def translation_items(pairs: list[dict], rng: random.Random, n: int) -> list[dic
     return items
 
 
+def which_book_items(records: list[dict], rng: random.Random, n: int) -> list[dict]:
+    """The default QA set's which_book question (pipeline.qa) about test verses (records with a
+    book in their metadata) as multiple choice: the true book among three other books of test
+    verses, scored after the question's QA prompt."""
+    questions = [q for r in records if (r.get("meta") or {}).get("book") for q in passage_items(r, {}, ("which_book",))]
+    books = sorted({r["tgt"] for r in questions})
+    items = []
+    for r in rng.sample(questions, min(n, len(questions))):
+        distractors = _pick(rng, books, 3, r["tgt"])
+        if distractors:
+            choices, answer = _shuffled(rng, r["tgt"], distractors)
+            items.append({"src": r["src"], "task": r["task"], "choices": choices, "answer": answer})
+    return items
+
+
 def last_word_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
     candidates = []
     for t in texts:
@@ -229,7 +248,7 @@ def check_item(item, where: str) -> dict:
 def choice_sequences(tok, item: dict) -> list[tuple[list[int], int, int, int]]:
     """Per choice: (token ids, start and end of the scored span, its UTF-8 bytes)."""
     if "src" in item:
-        context = tok.pair_prompt(tok.encode([item["src"]])[0], item.get("tgt_lang"))
+        context = tok.pair_prompt(tok.encode([item["src"]])[0], item.get("tgt_lang"), item.get("task"))
     else:
         context = [tok.eos_id, *tok.encode([item["context"]])[0]] if item["context"] else [tok.eos_id]
     continuation = item.get("continuation")

@@ -208,6 +208,7 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
                 "path": "s.txt",
                 "license": "public domain",
                 "pairs": False,
+                "titles": {"s.txt": "Shall I compare thee"},  # each text file's first line (the default QA set)
                 "documents": 3,
                 "bytes": nbytes(*paras),
             },

@@ -1,5 +1,6 @@
-"""The record schema, a document {"text"} or a pair {"src", "tgt"} plus its "origin", and the
-line-based record readers: JSON lines, and two aligned files of sentence pairs."""
+"""The record schema, a document {"text"} or a pair {"src", "tgt"} plus its "origin" (a QA pair
+also "task": "qa", pipeline.qa), and the line-based record readers: JSON lines, and two aligned
+files of sentence pairs."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from collections.abc import Iterable, Iterator
 
 from pipeline.common import PipelineError
 from pipeline.params import Source
+from pipeline.qa import TASK, question_text
 
 
 def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) -> dict:
     """A document {"text"} or pair {"src", "tgt"} from a JSON object or table row (a mapping).
 
-    `columns` names the fields ("text", [names]) or ("pair", [source, target]); None means "text",
-    or "src" and "tgt".
+    `columns` names the fields ("text", [names]), ("pair", [source, target]) or ("qa", [question,
+    answer, context]: the context may be missing or empty); None means "text", or "src" and "tgt".
     """
     if columns is None:
         if isinstance(row.get("src"), str) and isinstance(row.get("tgt"), str):
@@ -29,7 +31,10 @@ def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) 
             )
     kind, names = columns
     values = []
-    for name in names:
+    for k, name in enumerate(names):
+        if kind == "qa" and k == 2 and row.get(name) in (None, ""):
+            values.append("")  # no passage: a closed-book question
+            continue
         if name not in row:
             raise PipelineError(f"{where}: no field {name!r} (has: {', '.join(map(str, row))})")
         if not isinstance(row[name], str):
@@ -37,11 +42,17 @@ def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) 
         values.append(row[name])
     if kind == "pair":
         return {"src": values[0], "tgt": values[1], "origin": origin}
+    if kind == "qa":
+        context = values[2] if len(values) > 2 else ""
+        return {"src": question_text(values[0], context), "tgt": values[1], "task": TASK, "origin": origin}
     return {"text": "\n\n".join(values), "origin": origin}
 
 
 def named_columns(src: Source) -> tuple[str, list[str]] | None:
-    """The columns `src` names for record(): its pair_columns or text_columns, else None (the defaults)."""
+    """The columns `src` names for record(): its pair_columns or text_columns, its QA columns, else
+    None (the defaults)."""
+    if src.task == TASK:
+        return "qa", src.qa_columns or ["question", "answer", "context"]
     if src.pair_columns:
         return "pair", src.pair_columns
     if src.text_columns:

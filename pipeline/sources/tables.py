@@ -96,14 +96,15 @@ def records_from_table(data: bytes | Path, fmt: str, origin: str, columns, stats
         if columns is None:
             names = set(df.columns)
             columns = ("pair", ["src", "tgt"]) if {"src", "tgt"} <= names else ("text", ["text"])
-        for name in columns[1]:
+        present = [n for n in columns[1] if n in df.columns] if columns[0] == "qa" else columns[1]
+        for name in columns[1][:2] if columns[0] == "qa" else columns[1]:  # a QA context column may be absent
             if name not in df.columns:
                 raise PipelineError(f"{origin}: no column {name!r} (columns: {', '.join(map(str, df.columns))})")
             if fmt == "parquet" and not (pd.api.types.is_string_dtype(df[name]) or df[name].dtype == object):
                 raise PipelineError(f"{origin}: column {name!r} holds {df[name].dtype}, expected strings")
-        for row in df[columns[1]].itertuples(index=False, name=None):
+        for row in df[present].itertuples(index=False, name=None):
             yield record(
-                dict(zip(columns[1], row)),
+                dict(zip(present, row)),
                 columns,
                 origin,
                 f"{origin}:{row_number}" if fmt != "parquet" else f"{origin} row {row_number}",
@@ -112,7 +113,9 @@ def records_from_table(data: bytes | Path, fmt: str, origin: str, columns, stats
 
 
 def records_from_sqlite(data: bytes, query: str, origin: str, scratch: Path) -> Iterator[dict]:
-    """Rows of `query` on a SQLite database (an archive member): (text) or (src, tgt)."""
+    """Rows of `query` on a SQLite database (an archive member): (text) or (src, tgt), and any
+    columns named `meta_<key>` as the record's metadata {"meta": {key: value}} (the default Bible's
+    book, which the default QA set asks for)."""
     # sqlite3 needs a file: write the member to a scratch file and open it read-only.
     with tempfile.NamedTemporaryFile(dir=scratch, suffix=".db", delete=False) as f:
         f.write(data)
@@ -123,14 +126,19 @@ def records_from_sqlite(data: bytes, query: str, origin: str, scratch: Path) -> 
             cur = con.execute(query)
         except sqlite3.Error as e:
             raise PipelineError(f"{origin}: query failed: {e}") from None
-        width = len(cur.description)
-        if width not in (1, 2):
-            raise PipelineError(f"{origin}: query must return 1 column (text) or 2 (src, tgt), got {width}")
+        names = [d[0] for d in cur.description]
+        meta = [k for k, name in enumerate(names) if name.startswith("meta_")]
+        width = len(names) - len(meta)
+        if width not in (1, 2) or meta != list(range(width, len(names))):
+            raise PipelineError(
+                f"{origin}: query must return 1 column (text) or 2 (src, tgt), then any meta_<key> columns; "
+                f"got {', '.join(names)}"
+            )
         for row in cur:
-            if width == 1:
-                yield {"text": str(row[0]), "origin": origin}
-            else:
-                yield {"src": str(row[0]), "tgt": str(row[1]), "origin": origin}
+            rec = {"text": str(row[0])} if width == 1 else {"src": str(row[0]), "tgt": str(row[1])}
+            if meta:
+                rec["meta"] = {names[k].removeprefix("meta_"): row[k] for k in meta}
+            yield {**rec, "origin": origin}
         con.close()
     finally:
         os.unlink(db)
