@@ -91,10 +91,10 @@ def main() -> None:
                 rows = [i for i, q in enumerate(questions) if g == "all" or group_of(q) == g]
                 truths = [questions[i]["tgt"] for i in rows]
                 em = answer_scores([answers[i] for i in rows], truths, 0)
-                base = answer_scores([majority.get(group_of(questions[i]), "") for i in rows], truths, 0)
+                baseline = answer_scores([majority.get(group_of(questions[i]), "") for i in rows], truths, 0)
                 print(
                     f"RESULT {name}: QA {g} ({len(rows)} val questions): exact match {em['exact_match']} "
-                    f"{em['exact_match_ci95']}, F1 {em['f1']}; majority answer {base['exact_match']}, F1 {base['f1']}",
+                    f"{em['exact_match_ci95']}, F1 {em['f1']}; majority answer {baseline['exact_match']}, F1 {baseline['f1']}",
                     flush=True,
                 )
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -42,7 +43,10 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path: str | Path, **meta) -
     if cfg.arch == "gpt" and cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # the same tensor as wte.weight
     info = {"model_config": dataclasses.asdict(cfg), **meta}
-    save_file(tensors, str(path), metadata={"lmpipe": json.dumps(info, sort_keys=True)})
+    try:
+        save_file(tensors, str(path), metadata={"lmpipe": json.dumps(info, sort_keys=True)})
+    except Exception as e:  # safetensors' own error type carries the OS's (a full disk, a read-only folder)
+        raise PipelineError(f"{path}: cannot write the weights ({first_line(e)})") from None
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -147,8 +151,10 @@ def save_checkpoint(
     m: P.Model,
     t: P.Train,
     vocab_size: int,
+    replaced: list[Path] = (),
 ) -> Path:
-    """Write step_NNNNNNN/ atomically (a temporary folder renamed); keep the newest few."""
+    """Write step_NNNNNNN/ atomically (a temporary folder renamed); then remove the `replaced`
+    checkpoints (an earlier run's) and keep the newest few."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{progress.step:07d}"
     for stale in folder.glob(".step_*.tmp-*"):  # a killed run's half-written checkpoint
@@ -156,6 +162,33 @@ def save_checkpoint(
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, weights, best, opt_state, progress, fp, m, t, vocab_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written checkpoint left behind
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in replaced:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(folder)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    weights: dict,
+    best: dict | None,
+    opt_state: dict,
+    progress: Progress,
+    fp: dict,
+    m: P.Model,
+    t: P.Train,
+    vocab_size: int,
+) -> None:
     save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
     if best is not None:
         save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
@@ -172,16 +205,17 @@ def save_checkpoint(
         },
         "format": 1,
     }
-    torch.save(state, tmp / "state.pt")
+    buffer = io.BytesIO()  # torch's zip writer would report a full disk as "unexpected pos ..."
+    torch.save(state, buffer)
+    try:
+        (tmp / "state.pt").write_bytes(buffer.getvalue())
+    except OSError as e:
+        raise PipelineError(
+            f"{tmp / 'state.pt'}: cannot write the checkpoint ({e.strerror or first_line(e)})"
+        ) from None
     for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(folder)[KEEP_CHECKPOINTS:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict]:
@@ -209,6 +243,7 @@ class Checkpoints:
     fingerprint: dict
     procs: Processes
     device: torch.device
+    replaced: list[Path] = field(default_factory=list)  # an earlier run's checkpoints, gone at the first save
 
     @property
     def folder(self) -> Path:
@@ -217,7 +252,8 @@ class Checkpoints:
     def resume(self, model, optimizer) -> tuple[Progress, dict | None]:
         """Load the newest compatible checkpoint into `model` and `optimizer` (and the RNG state);
         return its progress and best weights. A fresh start (nothing compatible, or train.resume:
-        never) returns a new Progress and deletes the old checkpoints."""
+        never) returns a new Progress; the old checkpoints go when its first checkpoint is saved
+        (a fresh run that fails before, on a full disk, leaves them as they were)."""
         found = list_checkpoints(self.folder) if self.train_cfg.resume != "never" else []
         progress, best_weights, resumed = Progress(), None, False
         if found:
@@ -244,9 +280,8 @@ class Checkpoints:
             elif self.procs.main:
                 print(f"train: not resuming {found[0]}: it was made with {why}; starting fresh", flush=True)
         barrier(self.procs)  # every process has read the checkpoint
-        if not resumed and self.procs.main:  # a fresh start replaces whatever checkpoints were there
-            for old in list_checkpoints(self.folder):
-                shutil.rmtree(old)
+        if not resumed:  # a fresh start replaces whatever checkpoints were there, once it has one
+            self.replaced = list_checkpoints(self.folder)
         return progress, best_weights
 
     def save(self, model, optimizer, progress: Progress, best_weights: dict | None) -> None:
@@ -266,5 +301,7 @@ class Checkpoints:
                 self.model_cfg,
                 self.train_cfg,
                 self.vocab_size,
+                self.replaced,
             )
+            self.replaced = []
         barrier(self.procs)

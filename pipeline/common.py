@@ -46,6 +46,10 @@ def run_main(main: Callable[[], Any]) -> None:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # the machine's, not the input's: a full disk, a read-only folder, no permission
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -94,8 +98,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise _naming(e, path) from None
         raise
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
     if path.exists():
@@ -109,8 +115,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent, path.name)
     tmp = _tmp_sibling(path)
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise _naming(e, path) from None
+        raise
     os.replace(tmp, path)
+
+
+def _naming(e: OSError, path: Path) -> PipelineError:
+    """A write's OSError (a full disk names no file) as one line naming what was being written."""
+    return PipelineError(f"{path}: {e.strerror or first_line(e)} while writing it; the earlier {path} is unchanged")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from pipeline import params as P
 from pipeline.checkpoint import Checkpoints, copy_weights, fingerprint, save_weights
-from pipeline.common import PipelineError, atomic_dir, read_json, run_main, sha256_file, write_json
+from pipeline.common import PipelineError, atomic_dir, read_json, remove_stale, run_main, sha256_file, write_json
 from pipeline.dataloader import fixed_batches, pair_sources, step_batches
 from pipeline.distributed import (
     Processes,
@@ -70,6 +72,7 @@ def main() -> None:
             f"accumulating), or model.block_size / model.n_embd"
         ) from None
     finally:
+        shutil.rmtree(Curves.scratch_of(os.getpid()), ignore_errors=True)  # a failed run's curves: never published
         shutdown(procs)
 
 
@@ -132,7 +135,8 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             f"{cfg.block_size} per process){f', at most {t.time_budget_s:g} s' if t.time_budget_s else ''}",
             flush=True,
         )
-    live = open_curves(progress.step) if procs.main else None
+    curves = Curves(progress.step) if procs.main else None
+    live = curves.live if curves else None
     bar = tqdm(
         total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True
     )
@@ -199,13 +203,15 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         bar.update()
         if checkpoint_due(progress.step, t):
             checkpoints.save(raw_model, optimizer, progress, best_weights)
+            if curves:
+                curves.publish()  # the curves a rerun resumes, beside the checkpoint it resumes from
     bar.close()
 
     if stopped or not checkpoint_due(progress.step, t):
         checkpoints.save(raw_model, optimizer, progress, best_weights)  # unless the interval just wrote it
     if stopped:
-        if live:
-            live.end()
+        if curves:
+            curves.end()
         signum = stop.signal or signal.SIGTERM  # another process received it
         raise PipelineError(
             f"train: stopped by {signal.Signals(signum).name} at step {progress.step}; checkpoint "
@@ -246,8 +252,8 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
                     "tokenizer_sha256": tokenizer_sha,
                 },
             )
-    if live:
-        live.end()
+    if curves:
+        curves.end()
     if procs.main:
         write_summary(cfg, progress, n_params, procs, flops_tok, peak, device)
 
@@ -321,15 +327,36 @@ class StopOnSignals:
             signal.signal(s, handler)
 
 
-def open_curves(step: int):
-    """dvclive's logger for metrics/train/, continuing the curves of a resumed run at `step`."""
-    from dvclive import Live
+class Curves:
+    """The curves of metrics/train/ (dvclive), logged into a scratch copy and published over them
+    at every checkpoint and at the end. A run that fails (a full disk, a read-only folder) leaves
+    the curves as the last checkpoint had them, the ones a rerun resumes from: never truncated or
+    half-written. A resumed run continues them at `step`."""
 
-    if step > 0:
-        truncate_curves(LIVE_DIR, step)
-    live = Live(dir=str(LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
-    live.step = step
-    return live
+    def __init__(self, step: int):
+        from dvclive import Live
+
+        remove_stale(LIVE_DIR.parent, f".{LIVE_DIR.name}")
+        self.scratch = self.scratch_of(os.getpid())
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        if step > 0 and LIVE_DIR.is_dir():
+            shutil.copytree(LIVE_DIR, self.scratch)
+            truncate_curves(self.scratch, step)
+        self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
+        self.live.step = step
+
+    @staticmethod
+    def scratch_of(pid: int) -> Path:
+        return LIVE_DIR.with_name(f".{LIVE_DIR.name}.tmp-{pid}")
+
+    def publish(self) -> None:
+        with atomic_dir(LIVE_DIR) as out:
+            shutil.copytree(self.scratch, out, dirs_exist_ok=True)
+
+    def end(self) -> None:
+        self.live.end()
+        self.publish()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def truncate_curves(live_dir: Path, step: int) -> None:

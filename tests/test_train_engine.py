@@ -139,7 +139,8 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
     set_params(folder, train={"max_steps": 100000, "checkpoint_interval": 0, "eval_interval": 1000})
     proc = start_train(folder)
-    wait_for(folder / CURVES / "lr.tsv", proc)
+    # training has begun: its curves are being logged (into a scratch copy, published at the end)
+    wait_for(folder / "metrics" / f".train.tmp-{proc.pid}" / "plots/metrics/lr.tsv", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -147,6 +148,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
     (ckpt,) = (folder / "data/checkpoints").iterdir()
     assert int(ckpt.name[5:]) > 0
     assert not (folder / "data/model").exists()
+    assert (folder / CURVES / "lr.tsv").is_file()  # the curves up to the checkpoint, published
     # It resumes from there: a run to a nearer end continues rather than restarts.
     set_params(folder, train={"max_steps": 100000})
     proc = start_train(folder)
