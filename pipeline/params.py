@@ -31,7 +31,7 @@ PARAMS_FILE = "params.yaml"
 # train.threads changes the last bits of the weights (float sums split differently), and
 # tokenize.num_threads is recorded in tokenizer.model (docs/LOG.md).
 OPERATIONAL = {
-    "collect": {"cache_dir", "download_timeout_s", "download_retries"},
+    "collect": {"cache_dir", "download_timeout_s", "download_retries", "download_min_rate", "download_deadline_s"},
     "clean": {"workers", "shard_bytes"},
     "tokenize": set(),
     "train": {"checkpoint_interval", "checkpoint_dir", "resume"},
@@ -87,6 +87,8 @@ class Collect:
     max_documents: int = 0  # per source, the first N documents (0: all); for quick runs
     download_timeout_s: float = 30.0  # kind url: per connection attempt and per read
     download_retries: int = 3  # kind url: further attempts after a network error or HTTP 5xx
+    download_min_rate: float = 1000.0  # kind url: bytes/s over every download_timeout_s, or the attempt fails
+    download_deadline_s: float = 3600.0  # kind url: the whole download, attempts included (0: none)
     sources: list[Source] = field(default_factory=list)
 
 
@@ -356,8 +358,11 @@ def _check(p: Params) -> None:
             )
     need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     need(
-        p.collect.download_timeout_s > 0 and p.collect.download_retries >= 0,
-        "collect.download_timeout_s/download_retries: must be > 0 / >= 0",
+        p.collect.download_timeout_s > 0
+        and p.collect.download_retries >= 0
+        and p.collect.download_min_rate >= 0
+        and p.collect.download_deadline_s >= 0,
+        "collect.download_timeout_s/download_retries/download_min_rate/download_deadline_s: must be > 0 / >= 0 / >= 0 / >= 0",
     )
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")

@@ -4,6 +4,7 @@ read from local files; the stage runs in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import gettext
 import gzip
 import hashlib
@@ -33,6 +34,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(3)
         if self.path == "/missing":
             self.send_error(404, "Not Found")
+            return
+        if self.path in ("/trickle", "/steady"):  # promise a MB, then send 1 byte (or 400) every 0.1 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client gives up and hangs up
+                for _ in range(100):
+                    self.wfile.write(b"x" * (1 if self.path == "/trickle" else 400))
+                    self.wfile.flush()
+                    time.sleep(0.1)
             return
         if self.path == "/flaky" and len([c for c in Handler.calls if c[0] == "/flaky"]) == 1:
             # first attempt: promise everything, send half, hang up
@@ -110,6 +121,33 @@ def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server
     stage_error("collect", tmp_path, "source 'web'", path, *needles)
     assert not (tmp_path / "data/raw").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize(
+    "path,settings,needles",
+    [
+        (
+            "/trickle",
+            {"download_min_rate": 100},
+            ["too slow", "bytes/s (collect.download_min_rate 100)", "after 2 attempts"],
+        ),
+        ("/steady", {"download_deadline_s": 1}, ["not downloaded within collect.download_deadline_s (1 s)"]),
+    ],
+)
+def test_a_slow_server_fails_the_minimum_rate_or_the_deadline(tmp_path, server, path, settings, needles):
+    collect_project(
+        tmp_path,
+        [url_source(f"{server}{path}")],
+        cache_dir=str(tmp_path / "cache"),
+        download_timeout_s=0.5,
+        download_retries=1,
+        **settings,
+    )
+    started = time.monotonic()
+    stage_error("collect", tmp_path, "source 'web'", path, *needles)
+    assert time.monotonic() - started < 8  # not the 10 s the server would take
+    parts = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert all(p.name.endswith(".part") and p.stat().st_size > 0 for p in parts)  # kept to resume, never empty
 
 
 def test_an_unreachable_host_is_a_clean_error(tmp_path):

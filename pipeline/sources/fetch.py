@@ -65,12 +65,17 @@ def fetch_pypi(src: Source, cache_dir: Path) -> Path:
     return cached
 
 
-def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Path:
+def fetch_url(
+    src: Source, cache_dir: Path, timeout: float, retries: int, min_rate: float = 0.0, deadline: float = 0.0
+) -> Path:
     """Return the verified file at `src.url`, downloading it once into `cache_dir`.
 
-    Each attempt has `timeout` seconds to connect and for every read; a network error, a timeout
-    or an HTTP 5xx is retried (`retries` more times, with backoff), resuming a partial download
-    with a Range request; HTTP 4xx and a sha256 mismatch are errors at once.
+    Each attempt has `timeout` seconds to connect and for every read, and must bring at least
+    `min_rate` bytes per second over every `timeout` seconds (a server that trickles a byte at a
+    time fails it); a network error, a timeout, a trickle or an HTTP 5xx is retried (`retries`
+    more times, with backoff), resuming a partial download with a Range request; HTTP 4xx and a
+    sha256 mismatch are errors at once, and so is running past `deadline` seconds in all (0: no
+    deadline). A partial download is kept (`.part`) for the next run to resume, unless empty.
     """
     import time
     import urllib.error
@@ -83,6 +88,16 @@ def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Pat
     part = cached.with_name(cached.name + ".part")
     print(f"collect: downloading {src.url}", flush=True)
     last_error = ""
+    start = time.monotonic()
+
+    def too_late() -> bool:
+        return bool(deadline) and time.monotonic() - start > deadline
+
+    def failed(reason: str) -> PipelineError:
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        return PipelineError(f"source '{src.name}': {src.url}: {reason}")
+
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
@@ -95,10 +110,21 @@ def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Pat
                 resumed = have and response.status == 206
                 expected = int(response.headers.get("Content-Length") or -1)
                 got = 0
+                window_start, window_got = time.monotonic(), 0
                 with open(part, "ab" if resumed else "wb") as f:
-                    while block := response.read(1 << 20):
+                    while block := response.read1(1 << 20):  # what has arrived, not a full MB
                         f.write(block)
                         got += len(block)
+                        window_got += len(block)
+                        if too_late():
+                            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s)")
+                        if time.monotonic() - window_start >= timeout:
+                            rate = window_got / (time.monotonic() - window_start)
+                            if rate < min_rate:
+                                raise TimeoutError(
+                                    f"too slow: {rate:,.0f} bytes/s (collect.download_min_rate {min_rate:g})"
+                                )
+                            window_start, window_got = time.monotonic(), 0
             if expected < 0 or got >= expected:
                 break
             last_error = f"connection closed after {got:,} of {expected:,} bytes"
@@ -111,10 +137,16 @@ def fetch_url(src: Source, cache_dir: Path, timeout: float, retries: int) -> Pat
             last_error = f"HTTP {e.code} {e.reason}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
-            last_error = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
+            last_error = (
+                str(reason)
+                if str(reason).startswith("too slow")
+                else ("timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason))
+            )
+        if too_late():
+            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s): {last_error}")
     else:
-        raise PipelineError(
-            f"source '{src.name}': {src.url}: {last_error} after {retries + 1} attempts "
+        raise failed(
+            f"{last_error} after {retries + 1} attempts "
             f"(collect.download_timeout_s {timeout:g}, download_retries {retries})"
         )
     digest = sha256_file(part)
