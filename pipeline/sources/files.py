@@ -13,18 +13,27 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
 from pipeline.common import PipelineError, first_line
 from pipeline.params import Source
-from pipeline.sources.archives import archive_members
+from pipeline.sources.archives import archive_members, too_large
 
 DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 COMPRESSED_SUFFIXES = (*DECOMPRESS, ".zst")
 # what opening, reading or closing a damaged compressed file raises
 CORRUPT_FILE_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
+
+
+class Limits(NamedTuple):
+    """What one read may hold in memory (0: no limit), so a decompression bomb (a 1 MB zip of
+    4 GB) is cut or refused rather than read whole: a document or line (collect.max_document_bytes),
+    and a file or archive member read whole (collect.max_file_bytes)."""
+
+    document_bytes: int = 0
+    file_bytes: int = 0
 
 
 def open_local(path: str | Path) -> BinaryIO:
@@ -42,13 +51,16 @@ def corrupt_file_error(path: str | Path, e: BaseException) -> PipelineError:
     return PipelineError(f"{path}: truncated or corrupt {Path(path).suffix.lower()[1:]} file ({first_line(e)})")
 
 
-def read_local(path: str | Path) -> bytes:
-    """A file's bytes, decompressed (a truncated one is an error)."""
+def read_local(path: str | Path, limit: int = 0) -> bytes:
+    """A file's bytes, decompressed (a truncated one is an error, and so is one over `limit` bytes)."""
     try:
         with open_local(path) as f:
-            return f.read()
+            data = f.read(limit + 1) if limit else f.read()
     except CORRUPT_FILE_ERRORS as e:
         raise corrupt_file_error(path, e) from None
+    if limit and len(data) > limit:
+        raise too_large(str(path), limit)
+    return data
 
 
 def open_stream(data: bytes | Path) -> BinaryIO:
@@ -56,9 +68,9 @@ def open_stream(data: bytes | Path) -> BinaryIO:
     return io.BytesIO(data) if isinstance(data, bytes) else open_local(data)
 
 
-def local_files(src: Source, pattern: str | None = None) -> Iterator[tuple[str, bytes | Path]]:
+def local_files(src: Source, pattern: str | None = None, limit: int = 0) -> Iterator[tuple[str, bytes | Path]]:
     """(name, Path) of the files matching `pattern` (src.path: a file, a glob or a folder), or
-    (name, bytes) of the members of those archives."""
+    (name, bytes) of the members of those archives (each at most `limit` bytes)."""
     pattern = os.path.expanduser(pattern or src.path)
     if os.path.isdir(pattern):  # a folder: every file below it
         pattern = os.path.join(pattern, "**", "*")
@@ -71,6 +83,6 @@ def local_files(src: Source, pattern: str | None = None) -> Iterator[tuple[str, 
         )
     for p in paths:
         if src.members and src.kind == "file":
-            yield from archive_members(Path(p), src.members)
+            yield from archive_members(Path(p), src.members, limit)
         else:
             yield p, Path(p)

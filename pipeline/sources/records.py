@@ -81,6 +81,7 @@ def records_from_aligned(
     src_text: str, tgt_text: str, src_origin: str, tgt_origin: str, stats: Counter
 ) -> Iterator[dict]:
     """Pairs from two files whose line i translate each other; a line empty on either side is skipped."""
+    stats["crlf_lines"] += src_text.count("\r\n") + tgt_text.count("\r\n")
     src_lines = src_text.replace("\r\n", "\n").split("\n")
     tgt_lines = tgt_text.replace("\r\n", "\n").split("\n")
     for lines in (src_lines, tgt_lines):

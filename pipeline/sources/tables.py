@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.common import PipelineError, first_line
-from pipeline.sources.files import COMPRESSED_SUFFIXES, open_stream, read_local
+from pipeline.sources.files import COMPRESSED_SUFFIXES, Limits, open_stream, read_local
 from pipeline.sources.records import record
 from pipeline.sources.text import text_lines
 
@@ -44,7 +44,7 @@ class _LinesAsFile(io.TextIOBase):
         return text[:n]
 
 
-def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> Iterator:
+def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter, limits: Limits = Limits()) -> Iterator:
     """A CSV, TSV (no quoting) or Parquet file as pandas DataFrames of up to TABLE_ROWS rows:
     memory holds one chunk, not the file."""
     import pandas as pd
@@ -55,7 +55,7 @@ def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> I
         except ImportError:
             raise PipelineError(f"{origin}: reading Parquet needs pyarrow (pip install pyarrow)") from None
         if isinstance(data, Path) and data.suffix.lower() in COMPRESSED_SUFFIXES:
-            data = read_local(data)  # Parquet needs to seek: a compressed one is read whole
+            data = read_local(data, limits.file_bytes)  # Parquet needs to seek: a compressed one is read whole
         if isinstance(data, Path) and data.stat().st_size == 0:
             stats["empty_files"] += 1
             return
@@ -64,7 +64,7 @@ def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> I
             yield batch.to_pandas()
         return
     with open_stream(data) as f:
-        reader = _LinesAsFile(text_lines(f, origin, stats))
+        reader = _LinesAsFile(text_lines(f, origin, stats, limits.document_bytes))
         try:
             yield from pd.read_csv(
                 reader,
@@ -78,11 +78,13 @@ def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter) -> I
             return
 
 
-def records_from_table(data: bytes | Path, fmt: str, origin: str, columns, stats: Counter) -> Iterator[dict]:
+def records_from_table(
+    data: bytes | Path, fmt: str, origin: str, columns, stats: Counter, limits: Limits = Limits()
+) -> Iterator[dict]:
     """Rows of a CSV, TSV (no quoting) or Parquet file, read with pandas a chunk at a time."""
     import pandas as pd
 
-    chunks = table_chunks(data, fmt, origin, stats)
+    chunks = table_chunks(data, fmt, origin, stats, limits)
     row_number = 2 if fmt != "parquet" else 1  # CSV rows are numbered as lines, after the header
     while True:
         try:

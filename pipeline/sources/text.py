@@ -58,25 +58,43 @@ def _without_bom(text: str, stats: Counter) -> str:
     return text
 
 
-def text_lines(stream: BinaryIO, origin: str, stats: Counter) -> Iterator[str]:
+def text_lines(stream: BinaryIO, origin: str, stats: Counter, limit: int = 0) -> Iterator[str]:
     """The lines of a file read as a stream (memory: one line at a time), decoded as decode_text()
-    decodes a whole file; CRLF and lone CR end lines too. An empty file is counted and yields nothing."""
+    decodes a whole file; CRLF and lone CR end lines too (counted in stats["crlf_lines"]). An empty
+    or whitespace-only file is counted (stats["empty_files"]) and yields nothing.
+    A line longer than `limit` bytes (a decompression bomb's) is cut there, counted in
+    stats["truncated_lines"]: memory holds at most `limit` bytes of it."""
     first = stream.read(65536)
-    if not first:
-        stats["empty_files"] += 1
-        return
+    if not first.strip():
+        rest = stream.read(65536)
+        while rest and not rest.strip():
+            rest = stream.read(65536)
+        if not rest:  # nothing but whitespace
+            stats["empty_files"] += 1
+            return
+        first += rest
     _refuse_binary(first, origin)
     start = True
-    parts: list[bytes] = []  # the line so far, when it spans blocks
+    parts: list[bytes] = []  # the line so far, when it spans blocks (at most `limit` bytes of it)
+    size, over = 0, False
     for block in itertools.chain([first], iter(lambda: stream.read(1 << 20), b"")):
         *complete, rest = block.split(b"\n")
         for raw in complete:
             if parts:
-                raw, parts = b"".join([*parts, raw]), []
+                raw, parts, size = b"".join([*parts, raw]), [], 0
+            if limit and (over or len(raw) > limit):
+                raw, over = raw[:limit], False
+                stats["truncated_lines"] += 1
             yield from _lines_of(_decode(raw, stats), start, stats)
             start = False
-        parts.append(rest)
+        keep = min(len(rest), limit - size) if limit else len(rest)
+        over = over or keep < len(rest)
+        if keep > 0:
+            parts.append(rest[:keep])
+            size += keep
     if any(parts):
+        if over:
+            stats["truncated_lines"] += 1
         yield from _lines_of(_decode(b"".join(parts), stats), start, stats)
 
 
@@ -86,33 +104,54 @@ def _lines_of(line: str, first: bool, stats: Counter) -> Iterator[str]:
     if "\r" not in line:
         yield line
     else:
+        stats["crlf_lines"] += line.endswith("\r")
         yield from line.removesuffix("\r").replace("\r", "\n").split("\n")
 
 
-def documents(lines: Iterable[str], how: str, chunk_chars: int) -> Iterator[str]:
+def documents(
+    lines: Iterable[str], how: str, chunk_chars: int, limit: int = 0, stats: Counter | None = None
+) -> Iterator[str]:
     """Cut a file's lines into documents: the whole file, blank-line paragraphs, or lines.
 
     With `chunk_chars`, consecutive units are merged into documents of at least that many
     characters, so a long work becomes many documents of similar size (what the split needs).
-    Streams: memory holds one document.
+    Streams: memory holds one document, of at most `limit` bytes: a longer file or paragraph is
+    cut there (its other lines skipped), counted in stats["truncated_documents"].
     """
+    stats = stats if stats is not None else Counter()
+
+    def bounded(unit_lines: Iterable[str]) -> Iterator[list[str]]:
+        """Groups of consecutive lines (a file, or each paragraph), each cut at `limit` bytes."""
+        group: list[str] = []
+        size, cut = 0, False
+        for line in unit_lines:
+            if line is None:  # the end of a group
+                if group:
+                    yield group
+                group, size, cut = [], 0, False
+                continue
+            if cut:
+                continue
+            size += len(line.encode("utf-8")) + 1
+            if limit and size > limit:
+                cut = True
+                stats["truncated_documents"] += 1
+                continue
+            group.append(line)
+        if group:
+            yield group
 
     def units() -> Iterator[str]:
         if how == "file":
-            text = "\n".join(lines).strip("\n")
-            if text.strip():
-                yield text
+            for group in bounded(lines):
+                text = "\n".join(group).strip("\n")
+                if text.strip():
+                    yield text
         elif how == "lines":
             yield from (line for line in lines if line.strip())
         else:
-            paragraph: list[str] = []
-            for line in lines:
-                if line.strip(" \t"):
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "\n".join(paragraph)
-                    paragraph = []
-            if paragraph:
+            marked = (line if line.strip(" \t") else None for line in lines)  # None: a blank line
+            for paragraph in bounded(marked):
                 yield "\n".join(paragraph)
 
     if chunk_chars <= 0:
