@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,7 +222,9 @@ def _write_checkpoint(
 def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict]:
     """(weights, best weights or None, optimizer state, progress, fingerprint); PipelineError if unreadable."""
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would be a second line
+            warnings.simplefilter("ignore")
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         weights = load_weights(path / "model.safetensors")[0].state_dict()
         best = load_weights(path / "best.safetensors")[0].state_dict() if (path / "best.safetensors").exists() else None
         progress = Progress(**state["progress"])

@@ -38,7 +38,7 @@ from pipeline.common import (
 )
 from pipeline.generate import Decoding, generate
 from pipeline.qa import answer_test_questions
-from pipeline.report import first_per_prompt, translation_table, write_report
+from pipeline.report import REPORT, first_per_prompt, plot_loss, report_markdown, translation_table
 from pipeline.scoring import (
     NgramBaselines,
     bits_per_byte,
@@ -328,9 +328,11 @@ def main() -> None:
         "understanding": round(t4 - t3, 1),
         "question_answering": round(t5 - t4, 1),
     }
+    report = report_markdown(metrics, samples, shown, answered)  # reads the other stages' outputs first
     write_json(METRICS, metrics)
     atomic_write_text(SAMPLES, samples_markdown(samples, e, shown))
-    write_report(metrics, samples, shown, answered)
+    atomic_write_text(REPORT, report)
+    plot_loss()
     print(
         f"evaluate: scoring {t1 - t0:.0f} s, translation {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s, "
         f"understanding {t4 - t3:.0f} s, question answering {t5 - t4:.0f} s "

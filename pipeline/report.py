@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.common import atomic_write_text, read_json
+from pipeline.common import read_json
 
 REPORT = Path("metrics/report.md")
 LOSS_PNG = Path("metrics/loss.png")
@@ -178,9 +178,12 @@ def first_per_prompt(samples: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return list(first.items())
 
 
-def write_report(
+def report_markdown(
     metrics: dict, samples: list[tuple[str, str]], translations: list[dict], answered: list[dict] = ()
-) -> None:
+) -> str:
+    """The report's text. It reads the other stages' outputs (config, train metrics, manifest),
+    and writes nothing: evaluate builds it before writing any of its outputs, so a missing input
+    leaves them all as they were."""
     model_info = read_json("data/model/config.json")
     train = read_json("metrics/train.json")
     manifest = read_json("data/raw/manifest.json")["sources"]
@@ -318,7 +321,7 @@ def write_report(
 
     lines += understanding_section(metrics.get("understanding") or {}, metrics.get("question_answering"), answered)
 
-    if plot_loss():
+    if _curve("val/loss")[0]:  # plot_loss() draws it
         lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]
 
     lines += ["## Samples", ""]
@@ -326,4 +329,4 @@ def write_report(
         lines += ["```", (prompt + text).strip()[:600], "```", ""]
     if translations:
         lines += translation_table(translations)
-    atomic_write_text(REPORT, "\n".join(lines))
+    return "\n".join(lines)

@@ -124,8 +124,11 @@ def load_tokens(split: str, folder: Path = TOKENS_DIR) -> np.ndarray:
         or meta.get("dtype") not in ("uint16", "uint32")
         or not isinstance(meta.get("tokens"), int)
     ):
+        found = (
+            f"dtype {meta.get('dtype')!r}, tokens {meta.get('tokens')!r}" if isinstance(meta, dict) else "not an object"
+        )
         raise PipelineError(
-            f"{sidecar}: expected a 'dtype' of uint16 or uint32 and a token count; re-run the tokenize stage"
+            f"{sidecar}: expected a 'dtype' of uint16 or uint32 and a token count ({found}); re-run the tokenize stage"
         )
     if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:
         raise PipelineError(
