@@ -109,7 +109,9 @@ def _qa_table(qa: dict) -> list[str]:
 def _tasks_table(tasks: dict) -> list[str]:
     lines = [
         "Tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; "
-        "multiple choice by log-likelihood per byte (unnormalised beside it), cloze by exact match; "
+        "multiple choice by log-likelihood per byte (beside it: unnormalised, and context-normalised: the "
+        "log-likelihood after the context minus that after an empty one, as GPT-3 scored some tasks), cloze "
+        "by exact match; "
         "95% Wilson intervals:",
         "",
     ]
@@ -118,9 +120,13 @@ def _tasks_table(tasks: dict) -> list[str]:
         if "error" in t:
             rows.append([name, f"skipped: {t['error']}", "", "", "", ""])
             continue
-        cells = [_accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "bigram")]
+        cells = [
+            _accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "model_context_normalized", "bigram")
+        ]
         rows.append([name, *cells, t["chance"], t["items"]])
-    lines += _table(["task", "model", "model, unnormalised", "bigram", "chance", "items"], rows)
+    lines += _table(
+        ["task", "model", "model, unnormalised", "model, context-normalised", "bigram", "chance", "items"], rows
+    )
     return lines
 
 

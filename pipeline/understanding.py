@@ -311,20 +311,39 @@ def accuracy(correct: list[bool]) -> dict:
 
 
 def score_multiple_choice(model, tok, items: list[dict], baselines, batch_size: int) -> dict:
+    """Accuracy of the choice the model finds most likely per byte (the headline), and of two
+    variants: the raw sum, and the likelihood with the context over that without it (each
+    choice's log-probability after the context minus after an empty one: GPT-3's normalisation
+    for answers whose own likelihood outweighs the context's say; not for items with a
+    continuation, which compare the choices on the same text already); beside the bigram's."""
     sequences, owner = [], []
+    neutral = [i for i, item in enumerate(items) if "continuation" not in item]
     for i, item in enumerate(items):
         for s in choice_sequences(tok, item):
             sequences.append(s)
             owner.append(i)
+    for i in neutral:  # the same choices after an empty context (source)
+        for s in choice_sequences(tok, {**items[i], "src" if "src" in items[i] else "context": ""}):
+            sequences.append(s)
+            owner.append(-1 - i)
     model_nats, bigram_nats = span_nats(model, sequences, batch_size, baselines)
     per_item: list[list[tuple]] = [[] for _ in items]
+    without_context: list[list[float]] = [[] for _ in items]
     for (_, _, _, n_bytes), m, b, i in zip(sequences, model_nats, bigram_nats, owner):
-        per_item[i].append((m, b, n_bytes))
+        if i >= 0:
+            per_item[i].append((m, b, n_bytes))
+        else:
+            without_context[-1 - i].append(m)
     picks = {"model": [], "model_unnormalized": [], "bigram": []}
     for item, scores in zip(items, per_item):
         picks["model"].append(int(np.argmin([m / nb for m, _, nb in scores])) == item["answer"])
         picks["model_unnormalized"].append(int(np.argmin([m for m, _, _ in scores])) == item["answer"])
         picks["bigram"].append(int(np.argmin([b / nb for _, b, nb in scores])) == item["answer"])
+    if neutral:
+        picks["model_context_normalized"] = [
+            int(np.argmin([m - u for (m, _, _), u in zip(per_item[i], without_context[i])])) == items[i]["answer"]
+            for i in neutral
+        ]
     chance = float(np.mean([1 / len(item["choices"]) for item in items]))
     return {
         "items": len(items),

@@ -100,7 +100,7 @@ def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, 
     assert tasks["mine"]["items"] == 5 and tasks["mine"]["chance"] == 0.5
     for name in ("mine", "next_line", "translation"):
         t = tasks[name]
-        for who in ("model", "model_unnormalized", "bigram"):
+        for who in ("model", "model_unnormalized", "model_context_normalized", "bigram"):
             lo, hi = t[who]["ci95"]
             assert 0 <= lo <= t[who]["accuracy"] <= hi <= 1, (name, who)
     assert tasks["mine"]["model"]["accuracy"] in (0.0, 1.0)  # the same item five times
@@ -108,5 +108,5 @@ def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, 
         f"{n}.jsonl" for n in tasks if n not in ("mine", "broken")
     )
     report = (folder / "metrics/report.md").read_text()
-    assert "| task | model | model, unnormalised | bigram | chance | items |" in report
+    assert "| task | model | model, unnormalised | model, context-normalised | bigram | chance | items |" in report
     assert "| broken | skipped: broken.jsonl:1" in report
