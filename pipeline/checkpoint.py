@@ -162,37 +162,6 @@ def save_checkpoint(
         remove_stale(folder, stale.name.rsplit(".tmp-", 1)[0])
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_checkpoint(tmp, weights, best, opt_state, progress, fp, m, t, vocab_size)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written checkpoint left behind
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in replaced:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    for old in list_checkpoints(folder)[KEEP_CHECKPOINTS:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint(
-    tmp: Path,
-    weights: dict,
-    best: dict | None,
-    opt_state: dict,
-    progress: Progress,
-    fp: dict,
-    m: P.Model,
-    t: P.Train,
-    vocab_size: int,
-) -> None:
-    save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
-    if best is not None:
-        save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
     state = {
         "optimizer": opt_state,
         "progress": progress.__dict__,
@@ -206,17 +175,34 @@ def _write_checkpoint(
         },
         "format": 1,
     }
-    buffer = io.BytesIO()  # torch's zip writer would report a full disk as "unexpected pos ..."
+    buffer = io.BytesIO()  # serialised here: torch's zip writer would report a full disk as "unexpected pos ..."
     torch.save(state, buffer)
+    tmp.mkdir()
     try:
-        (tmp / "state.pt").write_bytes(buffer.getvalue())
-    except OSError as e:
-        raise PipelineError(
-            f"{tmp / 'state.pt'}: cannot write the checkpoint ({e.strerror or first_line(e)})"
-        ) from None
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
+        if best is not None:
+            save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
+        try:
+            (tmp / "state.pt").write_bytes(buffer.getvalue())
+        except OSError as e:
+            raise PipelineError(
+                f"{tmp / 'state.pt'}: cannot write the checkpoint ({e.strerror or first_line(e)})"
+            ) from None
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written checkpoint left behind
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in replaced:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(folder)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict]:

@@ -171,7 +171,8 @@ class Train:
     max_steps: int = 1700
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
-    source_weights: dict[str, float] = field(default_factory=dict)  # windows from a source: x its token share
+    # windows from a source: x its token share; default_qa (the default QA set) may be absent
+    source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 8.0})
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     lr: float = 2.5e-3

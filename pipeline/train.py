@@ -51,6 +51,7 @@ from pipeline.distributed import (
 from pipeline.hardware import CudaAutocast, peak_flops
 from pipeline.model import build_model, count_parameters, flops_per_token
 from pipeline.optim import estimate_loss, lr_at, make_optimizer, train_step
+from pipeline.qa import DEFAULT_QA_SOURCE
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens, token_files_fingerprint
 
 OUT_DIR = Path("data/model")
@@ -273,17 +274,18 @@ def check_long_enough(cfg: P.Model, **splits) -> None:
 
 def source_mixture(t: P.Train, sources: dict[str, dict]) -> tuple[dict, dict] | None:
     """What step_batches needs to draw windows by train.source_weights (None: uniformly)."""
-    if not t.source_weights:
+    weights = {k: w for k, w in t.source_weights.items() if k in sources or k != DEFAULT_QA_SOURCE}
+    if not weights:  # e.g. the default's weight of the default QA set, on a corpus that yields no questions
         return None
-    for name in t.source_weights:
+    for name in weights:
         if name not in sources:
             raise PipelineError(
                 f"train.source_weights.{name}: no such source in {TOKENS_DIR}/train.json "
                 f"(sources: {', '.join(sources)})"
             )
-    if not any(t.source_weights.get(name, 1.0) > 0 for name in sources):
+    if not any(weights.get(name, 1.0) > 0 for name in sources):
         raise PipelineError("train.source_weights: every source of the train split has weight 0")
-    return sources, t.source_weights
+    return sources, weights
 
 
 def batch_plan(cfg: P.Model, t: P.Train, procs: Processes) -> tuple[int, int]:

@@ -222,6 +222,21 @@ def prepared(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def finished(prepared, tmp_path_factory) -> Path:
+    """`prepared` through every stage: checkpoints at steps 10 and 20, a model, its curves and its
+    evaluation (shared, read-only: the bad-input and fault tests damage copies of it)."""
+    folder = copy_project(prepared, tmp_path_factory.mktemp("finished") / "p")
+    set_params(
+        folder,
+        train={"max_steps": 20, "checkpoint_interval": 10, "eval_interval": 10},
+        evaluate={"prompts": [], "tune_pairs": 0, "task_items": 10, "max_pairs": 5},
+    )
+    call_stage("train", folder)
+    call_stage("evaluate", folder)
+    return folder
+
+
 # --- the whole pipeline as a user runs it: git, dvc ----------------------------------------------
 
 

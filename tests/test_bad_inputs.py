@@ -17,25 +17,11 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import call_stage, copy_project, set_params, snapshot
+from conftest import call_stage, copy_project, snapshot
 
 from pipeline.common import run_main
 
 OUTPUTS = ("data", "metrics")
-
-
-@pytest.fixture(scope="module")
-def done(prepared, tmp_path_factory):
-    """A tiny project through every stage: checkpoints, a model, its evaluation."""
-    folder = copy_project(prepared, tmp_path_factory.mktemp("bad") / "p")
-    set_params(
-        folder,
-        train={"max_steps": 10, "checkpoint_interval": 5, "eval_interval": 5},
-        evaluate={"prompts": [], "tune_pairs": 0, "task_items": 10, "max_pairs": 5},
-    )
-    call_stage("train", folder)
-    call_stage("evaluate", folder)
-    return folder
 
 
 def params_of(folder) -> dict:
@@ -348,14 +334,14 @@ CASES = [
     (
         "state-checkpoint-garbage",
         ["train"],
-        both(change("train", max_steps=12), write("data/checkpoints/step_0000010/state.pt", b"garbage")),
-        ["step_0000010", "not a readable checkpoint"],
+        both(change("train", max_steps=22), write("data/checkpoints/step_0000020/state.pt", b"garbage")),
+        ["step_0000020", "not a readable checkpoint"],
     ),
     (
         "state-checkpoint-pickle",
         ["train"],
-        both(change("train", max_steps=12), write("data/checkpoints/step_0000010/state.pt", pickle.dumps(Pickled()))),
-        ["step_0000010", "not a readable checkpoint"],
+        both(change("train", max_steps=22), write("data/checkpoints/step_0000020/state.pt", pickle.dumps(Pickled()))),
+        ["step_0000020", "not a readable checkpoint"],
     ),
     (
         "state-strict-incompatible",
@@ -395,8 +381,8 @@ def run(stage: str, folder, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case,command,damage,needles", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_loses_nothing(done, tmp_path, capsys, case, command, damage, needles):
-    folder = copy_project(done, tmp_path / "p")
+def test_bad_input_is_one_line_and_loses_nothing(finished, tmp_path, capsys, case, command, damage, needles):
+    folder = copy_project(finished, tmp_path / "p")
     if damage:
         damage(folder)
     before = snapshot(folder, *OUTPUTS)

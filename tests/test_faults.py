@@ -20,20 +20,6 @@ STAGES = ("collect", "clean", "tokenize", "train", "evaluate")
 OUTPUTS = ("data", "metrics", "params.yaml")
 
 
-@pytest.fixture(scope="module")
-def finished(prepared, tmp_path_factory):
-    """A project through every stage: a model with checkpoints and curves, and its evaluation."""
-    folder = copy_project(prepared, tmp_path_factory.mktemp("faults") / "p")
-    set_params(
-        folder,
-        train={"max_steps": 20, "checkpoint_interval": 10, "eval_interval": 10},
-        evaluate={"prompts": [], "tune_pairs": 0, "task_items": 10},
-    )
-    call_stage("train", folder)
-    call_stage("evaluate", folder)
-    return folder
-
-
 def _size(folder) -> int:
     return sum(f.stat().st_size + 4096 for f in folder.rglob("*"))
 
