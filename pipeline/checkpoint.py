@@ -31,6 +31,7 @@ from pipeline.params import Model as ModelConfig
 # Train params that do not change what is computed: a checkpoint made under other values resumes.
 OPERATIONAL = {"device", "threads", "compile", "checkpoint_interval", "checkpoint_dir", "resume"}
 KEEP_CHECKPOINTS = 2
+CURVES = "curves"  # a checkpoint's copy of the training curves up to its step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,9 +154,11 @@ def save_checkpoint(
     t: P.Train,
     vocab_size: int,
     replaced: list[Path] = (),
+    curves: Path | None = None,
 ) -> Path:
-    """Write step_NNNNNNN/ atomically (a temporary folder renamed); then remove the `replaced`
-    checkpoints (an earlier run's) and keep the newest few."""
+    """Write step_NNNNNNN/ atomically (a temporary folder renamed), with a copy of the training
+    `curves` so far (what a resumed run continues); then remove the `replaced` checkpoints (an
+    earlier run's) and keep the newest few."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{progress.step:07d}"
     for stale in folder.glob(".step_*.tmp-*"):  # a killed run's half-written checkpoint
@@ -182,13 +185,15 @@ def save_checkpoint(
         save_weights(weights, m, tmp / "model.safetensors", vocab_size=vocab_size, step=progress.step)
         if best is not None:
             save_weights(best, m, tmp / "best.safetensors", vocab_size=vocab_size, step=progress.best_step)
+        if curves is not None and curves.is_dir():
+            shutil.copytree(curves, tmp / CURVES)
         try:
             (tmp / "state.pt").write_bytes(buffer.getvalue())
         except OSError as e:
             raise PipelineError(
                 f"{tmp / 'state.pt'}: cannot write the checkpoint ({e.strerror or first_line(e)})"
             ) from None
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        for f in (p for p in tmp.rglob("*") if p.is_file()):  # on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     except BaseException:
@@ -233,6 +238,7 @@ class Checkpoints:
     procs: Processes
     device: torch.device
     replaced: list[Path] = field(default_factory=list)  # an earlier run's checkpoints, gone at the first save
+    resumed_from: Path | None = None
 
     @property
     def folder(self) -> Path:
@@ -251,6 +257,7 @@ class Checkpoints:
             if why is None:
                 load_full_state(model, optimizer, weights, opt_state, self.procs, self.train_cfg)
                 progress, best_weights, resumed = saved, saved_best, True
+                self.resumed_from = found[0]
                 if len(progress.rng) == self.procs.world:
                     rng = progress.rng[self.procs.rank]
                     torch.set_rng_state(rng["cpu"])
@@ -273,8 +280,9 @@ class Checkpoints:
             self.replaced = list_checkpoints(self.folder)
         return progress, best_weights
 
-    def save(self, model, optimizer, progress: Progress, best_weights: dict | None) -> None:
-        """A checkpoint of this step (every process takes part: FSDP gathers, RNG states are collected)."""
+    def save(self, model, optimizer, progress: Progress, best_weights: dict | None, curves: Path | None = None) -> None:
+        """A checkpoint of this step, with the `curves` folder so far (every process takes part:
+        FSDP gathers, RNG states are collected)."""
         weights, opt_state = full_state(model, optimizer, self.procs, self.train_cfg)
         cuda = self.device.type == "cuda"
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
@@ -291,6 +299,7 @@ class Checkpoints:
                 self.train_cfg,
                 self.vocab_size,
                 self.replaced,
+                curves,
             )
             self.replaced = []
         barrier(self.procs)

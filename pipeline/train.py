@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import params as P
-from pipeline.checkpoint import Checkpoints, copy_weights, fingerprint, save_weights
+from pipeline.checkpoint import CURVES, Checkpoints, copy_weights, fingerprint, save_weights
 from pipeline.common import PipelineError, atomic_dir, read_json, remove_stale, run_main, sha256_file, write_json
 from pipeline.dataloader import fixed_batches, pair_sources, step_batches
 from pipeline.distributed import (
@@ -136,7 +136,7 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             f"{cfg.block_size} per process){f', at most {t.time_budget_s:g} s' if t.time_budget_s else ''}",
             flush=True,
         )
-    curves = Curves(progress.step) if procs.main else None
+    curves = Curves(progress.step, checkpoints.resumed_from) if procs.main else None
     live = curves.live if curves else None
     bar = tqdm(
         total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True
@@ -203,13 +203,14 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update()
         if checkpoint_due(progress.step, t):
-            checkpoints.save(raw_model, optimizer, progress, best_weights)
+            checkpoints.save(raw_model, optimizer, progress, best_weights, curves and curves.scratch)
             if curves:
                 curves.publish()  # the curves a rerun resumes, beside the checkpoint it resumes from
     bar.close()
 
     if stopped or not checkpoint_due(progress.step, t):
-        checkpoints.save(raw_model, optimizer, progress, best_weights)  # unless the interval just wrote it
+        # unless the interval just wrote it
+        checkpoints.save(raw_model, optimizer, progress, best_weights, curves and curves.scratch)
     if stopped:
         if curves:
             curves.end()
@@ -330,19 +331,22 @@ class StopOnSignals:
 
 
 class Curves:
-    """The curves of metrics/train/ (dvclive), logged into a scratch copy and published over them
-    at every checkpoint and at the end. A run that fails (a full disk, a read-only folder) leaves
-    the curves as the last checkpoint had them, the ones a rerun resumes from: never truncated or
-    half-written. A resumed run continues them at `step`."""
+    """The curves of metrics/train/ (dvclive), logged into a scratch copy, saved with each
+    checkpoint and published over metrics/train/ after it and at the end. A run that fails (a full
+    disk, a read-only folder) leaves the curves as the last checkpoint had them: never truncated
+    or half-written. A run resumed from `checkpoint` continues that checkpoint's curves at `step`
+    (killed between a checkpoint and the publishing, metrics/train/ would lag behind it)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, checkpoint: Path | None = None):
         from dvclive import Live
 
         remove_stale(LIVE_DIR.parent, f".{LIVE_DIR.name}")
         self.scratch = self.scratch_of(os.getpid())
         shutil.rmtree(self.scratch, ignore_errors=True)
-        if step > 0 and LIVE_DIR.is_dir():
-            shutil.copytree(LIVE_DIR, self.scratch)
+        saved = checkpoint / CURVES if checkpoint is not None else None
+        earlier = saved if saved is not None and saved.is_dir() else LIVE_DIR  # older checkpoints hold none
+        if step > 0 and earlier.is_dir():
+            shutil.copytree(earlier, self.scratch)
             truncate_curves(self.scratch, step)
         self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
         self.live.step = step
