@@ -358,7 +358,14 @@ def test_dvc_yaml_declares_what_each_stage_reads_except_operational_knobs():
 
 # A new value for every operational knob (valid, and different from params.yaml's and the tiny preset's).
 OPERATIONAL_CHANGES = {
-    "collect": {"cache_dir": "~/.cache/lmpipe-elsewhere", "download_timeout_s": 7, "download_retries": 0},
+    "collect": {
+        "cache_dir": "~/.cache/lmpipe-elsewhere",
+        "download_timeout_s": 7,
+        "download_retries": 0,
+        "download_min_rate": 500,
+        "download_deadline_s": 1800,
+        "max_file_bytes": 3_000_000_000,
+    },
     "clean": {"workers": 1, "shard_bytes": 20_000},
     "train": {"checkpoint_interval": 7, "checkpoint_dir": "data/other_checkpoints", "resume": "never"},
 }
