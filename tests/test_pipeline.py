@@ -90,3 +90,44 @@ def test_experiment_changes_only_what_it_must(repo):
     assert metrics["val"]["bits_per_byte"] > 0
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json", "HEAD", "one-layer").stdout)
     assert "metrics/train.json" in diff
+
+
+def test_two_commits_with_other_params_differ_in_metrics_diff(repo, tmp_path):
+    """What a review of a pull request sees: `dvc metrics diff` between the two commits."""
+    folder = copy_project(repo, tmp_path / "p")
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "base", "--allow-empty")
+    sh(
+        folder,
+        "python",
+        "-c",
+        "import yaml; p = yaml.safe_load(open('params.yaml')); p['train']['max_steps'] = 30; yaml.safe_dump(p, open('params.yaml', 'w'), sort_keys=False)",
+    )
+    out = sh(folder, "dvc", "repro").stdout
+    assert "Running stage 'train'" in out and "Running stage 'tokenize'" not in out
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "fewer steps")
+    diff = json.loads(sh(folder, "dvc", "metrics", "diff", "--json", "HEAD~1", "HEAD").stdout)
+    assert diff["metrics/train.json"]["steps"] == {"old": 60, "new": 30, "diff": -30}
+    assert (
+        diff["metrics/eval.json"]["val.bits_per_byte"]["new"] != diff["metrics/eval.json"]["val.bits_per_byte"]["old"]
+    )
+    params = json.loads(sh(folder, "dvc", "params", "diff", "--json", "HEAD~1", "HEAD").stdout)
+    assert params["params.yaml"]["train.max_steps"] == {"old": 60, "new": 30, "diff": -30}
+    md = sh(folder, "dvc", "metrics", "diff", "--md", "HEAD~1", "HEAD").stdout
+    assert md.startswith("| Path") and "val.bits_per_byte" in md
+
+
+def test_a_folder_remote_shares_every_output_with_a_fresh_clone(repo, tmp_path):
+    folder = copy_project(repo, tmp_path / "p")
+    sh(folder, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "a shared remote")
+    sh(folder, "dvc", "push")
+    sh(tmp_path, "git", "clone", "-q", str(folder), "fresh")
+    fresh = tmp_path / "fresh"
+    sh(fresh, "dvc", "pull")
+    assert "up to date" in sh(fresh, "dvc", "status").stdout
+    assert "Running stage" not in sh(fresh, "dvc", "repro").stdout
+    for out in ("data/model/best.safetensors", "data/tokens/train.bin", "data/clean/train.jsonl"):
+        assert (fresh / out).read_bytes() == (folder / out).read_bytes(), out
