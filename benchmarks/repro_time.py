@@ -53,6 +53,7 @@ def main() -> None:
     print(f"{'total':>9}: {total:7.1f} s ({total / 60:.1f} min), {os.cpu_count()} CPU cores")
     ev = json.loads((clone / "metrics/eval.json").read_text())
     tr = json.loads((clone / "metrics/train.json").read_text())
+    tr |= json.loads((clone / "metrics/timing/train.json").read_text())
     val = ev["val"]
     print(
         f"train: {tr['parameters']:,} parameters, {tr['tokens_seen']:,} tokens, {tr['tokens_per_second']:,.0f} tokens/s"

@@ -19,7 +19,8 @@ from pipeline.checkpoint import load_model  # noqa: E402
 
 
 def train_in_scratch(data: dict, label: str, tokenizer=None):
-    """(the best model, metrics/train.json, wall seconds of the stage) of a run with params `data`."""
+    """(the best model, metrics/train.json with metrics/timing/train.json, wall seconds of the
+    stage) of a run with params `data`."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "data").mkdir()
@@ -35,4 +36,5 @@ def train_in_scratch(data: dict, label: str, tokenizer=None):
         wall = time.perf_counter() - t0
         model = load_model(work / "data" / "model" / "best.safetensors", tokenizer)
         metrics = json.loads((work / "metrics" / "train.json").read_text())
+        metrics |= json.loads((work / "metrics" / "timing" / "train.json").read_text())
     return model, metrics, wall

@@ -109,6 +109,7 @@ class Progress:
     last_val_loss: float = float("nan")
     last_train_loss: float = float("nan")
     rng: list = field(default_factory=list)  # per rank: torch CPU RNG state (and CUDA's)
+    peak_flops: float = 0.0  # the matmul rate MFU is measured against, kept so a resumed run's MFU is the run's
 
 
 def fingerprint(m: P.Model, t: P.Train, vocab_size: int, data_sha: str, world: int) -> dict:

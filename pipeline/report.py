@@ -191,7 +191,7 @@ def report_markdown(
     and writes nothing: evaluate builds it before writing any of its outputs, so a missing input
     leaves them all as they were."""
     model_info = read_json("data/model/config.json")
-    train = read_json("metrics/train.json")
+    train = read_json("metrics/train.json") | read_json("metrics/timing/train.json")
     manifest = read_json("data/raw/manifest.json")["sources"]
     tok = read_json("metrics/tokenize.json")
     val, test = metrics["val"], metrics["test"]

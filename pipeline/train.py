@@ -56,6 +56,7 @@ from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens, token_files_f
 
 OUT_DIR = Path("data/model")
 METRICS = Path("metrics/train.json")
+TIMING = Path("metrics/timing/train.json")
 LIVE_DIR = Path("metrics/train")
 
 
@@ -122,7 +123,9 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     progress, best_weights = checkpoints.resume(raw_model, optimizer)
     if t.compile is True or (t.compile == "auto" and cuda):
         model = torch.compile(model)
-    peak = peak_flops(device) if procs.main else None
+    if procs.main and not progress.peak_flops:  # measured once per run: a resumed run keeps its denominator
+        progress.peak_flops = peak_flops(device) or 0.0
+    peak = progress.peak_flops or None if procs.main else None
     val_batches = fixed_batches(
         val_data, cfg.block_size, t.batch_size, t.eval_batches, t.seed, 1, device, ignored["val"]
     )
@@ -396,6 +399,16 @@ def write_summary(
 ) -> None:
     tokens_per_second = progress.tokens_seen / max(progress.train_seconds, 1e-9)
     mfu = flops_tok * tokens_per_second / peak if peak else None
+    # wall-clock figures apart (metrics/timing/, not a DVC metric): they differ on every run and
+    # would bury the figures that matter in `dvc metrics diff`
+    write_json(
+        TIMING,
+        {
+            "tokens_per_second": round(tokens_per_second, 1),
+            "train_seconds": round(progress.train_seconds, 1),
+            "mfu": None if mfu is None else round(mfu, 4),
+        },
+    )
     write_json(
         METRICS,
         {
@@ -404,10 +417,7 @@ def write_summary(
             "processes": procs.world,
             "steps": progress.step,
             "tokens_seen": progress.tokens_seen,
-            "tokens_per_second": round(tokens_per_second, 1),
-            "train_seconds": round(progress.train_seconds, 1),
             "flops_per_token": flops_tok,
-            "mfu": None if mfu is None else round(mfu, 4),
             "final_train_loss": round(progress.last_train_loss, 4),
             "final_val_loss": round(progress.last_val_loss, 4),
             "best_val_loss": round(progress.best_val_loss, 4),
