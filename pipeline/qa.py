@@ -244,10 +244,10 @@ def answer_test_questions(
     first answered questions to show."""
     from pipeline.generate import Decoding
 
-    items = qa_items(test)
+    items, train_items = qa_items(test), qa_items(train)
     if not items or TASK not in tok.tasks:
         return None, []
-    majority = majority_answers(qa_items(train))
+    majority = majority_answers(train_items)
     new_tokens = min(ANSWER_TOKENS, e.max_new_tokens)
     decodings = {"greedy": Decoding(new_tokens)}
     if e.beam_size > 1:
@@ -259,7 +259,7 @@ def answer_test_questions(
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(items):
         groups.setdefault(group_of(r), []).append(i)
-    train_counts = Counter(group_of(r) for r in qa_items(train))
+    train_counts = Counter(group_of(r) for r in train_items)
     result: dict = {"metric": "exact match and token F1 after SQuAD normalisation", "groups": {}}
     for group, rows in groups.items():
         truths = [items[i]["tgt"] for i in rows]

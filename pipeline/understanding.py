@@ -317,23 +317,22 @@ def score_multiple_choice(model, tok, items: list[dict], baselines, batch_size: 
     for answers whose own likelihood outweighs the context's say; not for items with a
     continuation, which compare the choices on the same text already); beside the bigram's."""
     sequences, owner = [], []
-    neutral = [i for i, item in enumerate(items) if "continuation" not in item]
     for i, item in enumerate(items):
         for s in choice_sequences(tok, item):
             sequences.append(s)
             owner.append(i)
-    for i in neutral:  # the same choices after an empty context (source)
-        for s in choice_sequences(tok, {**items[i], "src" if "src" in items[i] else "context": ""}):
-            sequences.append(s)
-            owner.append(-1 - i)
+    neutral = [i for i, item in enumerate(items) if "continuation" not in item]
+    # the same choices after an empty context (source), scored in the same batches
+    empty = [{**items[i], "src" if "src" in items[i] else "context": ""} for i in neutral]
+    sequences += [s for item in empty for s in choice_sequences(tok, item)]
     model_nats, bigram_nats = span_nats(model, sequences, batch_size, baselines)
     per_item: list[list[tuple]] = [[] for _ in items]
-    without_context: list[list[float]] = [[] for _ in items]
     for (_, _, _, n_bytes), m, b, i in zip(sequences, model_nats, bigram_nats, owner):
-        if i >= 0:
-            per_item[i].append((m, b, n_bytes))
-        else:
-            without_context[-1 - i].append(m)
+        per_item[i].append((m, b, n_bytes))
+    without_context: list[list[float]] = [[] for _ in items]
+    rest = iter(model_nats[len(owner) :])
+    for i in neutral:
+        without_context[i] = [next(rest) for _ in items[i]["choices"]]
     picks = {"model": [], "model_unnormalized": [], "bigram": []}
     for item, scores in zip(items, per_item):
         picks["model"].append(int(np.argmin([m / nb for m, _, nb in scores])) == item["answer"])
