@@ -41,6 +41,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.qk_norm = cfg.qk_norm
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -50,6 +51,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # the angles of these T positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -73,11 +76,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc x)), 4x wide. SwiGLU: proj(silu(gate x) * (up x)), 8/3x wide (same parameters)."""
+    """GELU: proj(gelu(fc x)), 4x wide. SwiGLU: proj(silu(gate x) * (up x)), 8/3x wide (same
+    parameters). ReLU squared: proj(relu(fc x)^2), 4x wide."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         hidden = 4 * cfg.n_embd
         if self.swiglu:  # 2/3 of 4x keeps the parameter count; rounded up to a multiple of 64
             hidden = -(-(8 * cfg.n_embd // 3) // 64) * 64
@@ -90,6 +94,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)
         return self.dropout(self.proj(h))
@@ -138,7 +144,10 @@ class GPT(nn.Module):
         # GPT-2: scale the residual projections by depth so the residual stream stays O(1).
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init(m):

@@ -13,15 +13,63 @@ from pipeline import params as P
 
 
 def make_optimizer(model: torch.nn.Module, t: P.Train, device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (and on embeddings only if train.decay_embeddings)."""
+    """AdamW; weight decay on matrices only (and on embeddings only if train.decay_embeddings).
+
+    train.optimizer: muon gives the GPT's hidden matrices (those of its blocks) to Muon at
+    train.muon_lr, and the rest (embeddings, output layer, norms, biases) to AdamW at train.lr.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
+    hidden = set()
+    if t.optimizer == "muon":
+        hidden = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and ".blocks." in f".{name}"}
+    decay, no_decay, matrices = [], [], []
     for p in model.parameters():
+        if id(p) in hidden:
+            matrices.append(p)
+            continue
         skip = p.dim() < 2 or (id(p) in embeddings and not t.decay_embeddings)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+    adamw = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+    if not matrices:
+        return adamw
+    muon = torch.optim.Muon(
+        [{"params": matrices, "lr_ratio": t.muon_lr / t.lr}],
+        lr=t.muon_lr,
+        weight_decay=t.weight_decay,
+        momentum=t.muon_momentum,
+        adjust_lr_fn="original",
+    )
+    return Optimizers(adamw, muon)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for hidden matrices beside AdamW for the rest): the
+    interface train_step and the checkpoints use. A param group's `lr_ratio` scales the
+    scheduled learning rate for it."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {type(o).__name__: o.state_dict() for o in self.optimizers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o in self.optimizers:
+            o.load_state_dict(state[type(o).__name__])
 
 
 def lr_at(step: int, t: P.Train, time_fraction: float = 0.0) -> float:
@@ -49,7 +97,7 @@ def train_step(
     Returns the mean loss (this process) and the gradient norm before clipping.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     total = 0.0
     n = len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):

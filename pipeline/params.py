@@ -158,8 +158,10 @@ class Model:
     # gpt only
     positions: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     tie_embeddings: bool = True
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no weights) before attention
+    zero_init_proj: bool = False  # the residual projections (attention's and the MLP's) start at zero
 
 
 @dataclass
@@ -175,6 +177,9 @@ class Train:
     source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 8.0})
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the GPT's hidden matrices, AdamW for the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     lr: float = 2.5e-3
     min_lr: float = 2.5e-4
     warmup_steps: int = 100
@@ -427,6 +432,16 @@ def _check(p: Params) -> None:
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {tr.decay_fraction}")
     need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
     need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
+    need(
+        tr.optimizer == "adamw" or m.arch == "gpt",
+        f"train.optimizer: muon orthogonalises the GPT's hidden matrices; model.arch: {m.arch} has none (use adamw)",
+    )
+    need(
+        tr.optimizer == "adamw" or tr.strategy == "ddp",
+        "train.optimizer: muon needs whole matrices; train.strategy: fsdp shards them (use ddp)",
+    )
+    need(tr.muon_lr > 0, f"train.muon_lr: must be > 0, got {tr.muon_lr}")
+    need(0 <= tr.muon_momentum < 1, f"train.muon_momentum: must be in [0, 1), got {tr.muon_momentum}")
     need(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr, "train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
     need(
         tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,

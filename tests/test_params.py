@@ -149,7 +149,27 @@ BAD = [
     ("model.arch", "transformer", ["model.arch", "transformer"]),
     ("clean.normalization", "NFD", ["clean.normalization", "NFD"]),
     ("collect.sources.0.kind", "http", ["collect.sources[0].kind", "http"]),
+    ("train.optimizer", "sgd", ["train.optimizer", "sgd"]),
+    ("train.muon_lr", 0, ["train.muon_lr"]),
+    ("train.muon_momentum", 1.0, ["train.muon_momentum"]),
+    ("model.mlp", "relu3", ["model.mlp", "relu3"]),
+    ("model.qk_norm", "yes", ["model.qk_norm"]),
 ]
+
+
+@pytest.mark.parametrize(
+    "groups, needles",
+    [
+        ({"model": {"arch": "lstm"}, "train": {"optimizer": "muon"}}, ["train.optimizer", "model.arch: lstm"]),
+        ({"train": {"optimizer": "muon", "strategy": "fsdp"}}, ["train.optimizer", "train.strategy: fsdp"]),
+    ],
+)
+def test_an_option_combination_that_cannot_work_names_both_keys(good_params, groups, needles):
+    _, data = good_params
+    with pytest.raises(PipelineError) as e:
+        P.parse(P.merge(data, groups))
+    for needle in needles:
+        assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("key,value,needles", BAD, ids=[f"{k}={v!r}" for k, v, _ in BAD])

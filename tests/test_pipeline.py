@@ -92,6 +92,21 @@ def test_experiment_changes_only_what_it_must(repo):
     assert "metrics/train.json" in diff
 
 
+def test_compare_shows_the_experiments_side_by_side_and_plots_them(repo, tmp_path):
+    """After the experiment above: python -m pipeline.compare, its table and its scaling picture."""
+    png = tmp_path / "scaling.png"
+    out = sh(repo, "python", "-m", "pipeline.compare", "--plot", str(png)).stdout
+    head, *rows = out.splitlines()[:-1]
+    assert "val bits/byte" in head and "bible_en_ru chrF / BLEU" in head
+    one = next(r for r in rows if r.startswith("one-layer"))
+    exp = load(repo, "eval.json")  # the experiment's metrics are in the workspace after it ran
+    assert f"{exp['val']['bits_per_byte']:.4f}" in one and "gpt 1x" in one
+    assert "experiment(s) plotted" in out.splitlines()[-1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = sh(repo, "python", "-m", "pipeline.compare", "--md").stdout
+    assert md.startswith("| experiment | model |") and "one-layer" in md
+
+
 def test_two_commits_with_other_params_differ_in_metrics_diff(repo, tmp_path):
     """What a review of a pull request sees: `dvc metrics diff` between the two commits."""
     folder = copy_project(repo, tmp_path / "p")
@@ -131,3 +146,38 @@ def test_a_folder_remote_shares_every_output_with_a_fresh_clone(repo, tmp_path):
     assert "Running stage" not in sh(fresh, "dvc", "repro").stdout
     for out in ("data/model/best.safetensors", "data/tokens/train.bin", "data/clean/train.jsonl"):
         assert (fresh / out).read_bytes() == (folder / out).read_bytes(), out
+
+
+def test_an_s3_remote_shares_every_output_with_a_fresh_clone(repo, tmp_path):
+    """The same through S3: moto's server on 127.0.0.1 stands in for the bucket (the [s3] extra)."""
+    pytest.importorskip("dvc_s3")
+    boto3 = pytest.importorskip("boto3")
+    server = pytest.importorskip("moto.server")
+    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+        boto3.client("s3", endpoint_url=endpoint, **keys).create_bucket(Bucket="lmpipe")
+        folder = copy_project(repo, tmp_path / "p")
+        sh(folder, "dvc", "remote", "add", "-d", "shared", "s3://lmpipe/cache")
+        sh(folder, "dvc", "remote", "modify", "shared", "endpointurl", endpoint)
+        sh(folder, "git", "add", "-A")
+        sh(folder, "git", "commit", "-qm", "an S3 remote")
+        for clone in (folder, None):
+            if clone is None:
+                sh(tmp_path, "git", "clone", "-q", str(folder), "fresh")
+                clone = tmp_path / "fresh"
+            # credentials stay out of git: --local writes .dvc/config.local
+            sh(clone, "dvc", "remote", "modify", "--local", "shared", "access_key_id", "testing")
+            sh(clone, "dvc", "remote", "modify", "--local", "shared", "secret_access_key", "testing")
+        sh(folder, "dvc", "push")
+        fresh = tmp_path / "fresh"
+        sh(fresh, "dvc", "pull")
+        assert "up to date" in sh(fresh, "dvc", "status").stdout
+        assert "Running stage" not in sh(fresh, "dvc", "repro").stdout
+        for out in ("data/model/best.safetensors", "data/tokens/train.bin", "data/clean/train.jsonl"):
+            assert (fresh / out).read_bytes() == (folder / out).read_bytes(), out
+    finally:
+        moto.stop()
