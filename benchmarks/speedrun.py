@@ -39,14 +39,25 @@ from scratch_train import train_in_scratch  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.scoring import nats_of_range  # noqa: E402
 
-# Named recipes: overlays on params.yaml, so a row of docs/RECORDS.md is one `--recipe NAME`.
+# Named recipes: overlays on params.yaml, so a row of docs/RECORDS.md is one `--recipe NAME` (plus
+# -S options). "default" is params.yaml as it is; the others spell out everything they change, so
+# they stay what they were when params.yaml's defaults move.
+GPT2_192 = {  # params.yaml's default until 2026-11-30: GPT-2 style, 4 x 192, AdamW
+    "model": {"n_embd": 192, "n_head": 3, "positions": "learned", "norm": "layernorm", "mlp": "gelu"},
+    "train": {"optimizer": "adamw", "lr": 2.5e-3, "min_lr": 2.5e-4},
+}
+MUON = {"train": {"optimizer": "muon"}}
+WIDTH_128 = {"model": {"n_embd": 128, "n_head": 2}, "train": {"lr": 3.0e-3, "min_lr": 3.0e-4}}
 RECIPES: dict[str, dict] = {
     "default": {},
-    "gpt-128": {"model": {"n_embd": 128, "n_head": 2}, "train": {"lr": 3.0e-3, "min_lr": 3.0e-4}},
-    "rope-rms-swiglu": {"model": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}},
-    "muon": {"train": {"optimizer": "muon"}},
+    "gpt2-192": GPT2_192,
+    "gpt2-192-muon": P.merge(GPT2_192, MUON),
+    "gpt2-128": P.merge(GPT2_192, WIDTH_128),
+    "gpt2-128-muon": P.merge(P.merge(GPT2_192, WIDTH_128), MUON),
+    # the recurrent baselines: params/lstm.yaml (Adam 1e-3, constant), and its tanh RNN
+    "lstm": P.read_yaml(ROOT / "params" / "lstm.yaml"),
+    "rnn": P.merge(P.read_yaml(ROOT / "params" / "lstm.yaml"), {"model": {"arch": "rnn"}}),
 }
-RECIPES["gpt-128-muon"] = P.merge(RECIPES["gpt-128"], RECIPES["muon"])
 
 
 def override(data: dict, assignment: str) -> dict:

@@ -1,8 +1,8 @@
 """The language models: a GPT (decoder-only Transformer) and recurrent baselines (LSTM, GRU, RNN).
 
-The GPT is GPT-2 by default (learned positions, LayerNorm, GELU MLP, tied embeddings) and takes
-the options of later models from params.yaml: rotary positions (RoPE), RMSNorm, a SwiGLU MLP,
-untied embeddings. Attention goes only through `scaled_dot_product_attention` (flash on CUDA,
+The GPT is built from params.yaml's options: GPT-2's block (learned positions, LayerNorm, GELU
+MLP) or the later models' (rotary positions (RoPE), RMSNorm, a SwiGLU MLP; the default since it won
+at equal time, docs/RECORDS.md), tied or untied embeddings, ReLU squared, QK-norm. Attention goes only through `scaled_dot_product_attention` (flash on CUDA,
 the fused flash kernel on CPU).
 
 All share one interface:

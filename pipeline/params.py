@@ -149,16 +149,16 @@ class Tokenize:
 class Model:
     arch: Literal["gpt", "lstm", "gru", "rnn"] = "gpt"
     n_layer: int = 4
-    n_head: int = 3
-    n_embd: int = 192
+    n_head: int = 2
+    n_embd: int = 128
     n_hidden: int = 256  # lstm/gru/rnn hidden width
     block_size: int = 256
     dropout: float = 0.0
     bias: bool = False
     # gpt only
-    positions: Literal["learned", "rope"] = "learned"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    positions: Literal["learned", "rope"] = "rope"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "swiglu"
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (no weights) before attention
     zero_init_proj: bool = False  # the residual projections (attention's and the MLP's) start at zero
@@ -170,18 +170,18 @@ class Train:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 8  # sequences per micro-batch, per process
     batch_tokens: int = 0  # global batch in tokens per optimizer step (0: one micro-batch per process)
-    max_steps: int = 1700
+    max_steps: int = 2800
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
     # windows from a source: x its token share; default_qa (the default QA set) may be absent
     source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 8.0})
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the GPT's hidden matrices, AdamW for the rest
-    muon_lr: float = 0.02
+    optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for the GPT's hidden matrices, AdamW for the rest
+    muon_lr: float = 0.01
     muon_momentum: float = 0.95
-    lr: float = 2.5e-3
-    min_lr: float = 2.5e-4
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
     decay_embeddings: bool = True  # weight decay on embedding matrices too (never on norms or biases)

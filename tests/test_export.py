@@ -21,10 +21,11 @@ from pipeline.model import build_model  # noqa: E402
 from pipeline.params import Model  # noqa: E402
 from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
 
-LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the default block
+GPT2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}
 KINDS = {
-    "gpt2": ({}, "GPT2LMHeadModel"),  # the default GPT: learned positions, LayerNorm, GELU, tied, no bias
-    "gpt2-bias-untied": ({"bias": True, "tie_embeddings": False}, "GPT2LMHeadModel"),
+    "gpt2": (GPT2, "GPT2LMHeadModel"),  # tied, no biases
+    "gpt2-bias-untied": ({**GPT2, "bias": True, "tie_embeddings": False}, "GPT2LMHeadModel"),
     "llama": (LLAMA, "LlamaForCausalLM"),
     "llama-bias-untied": ({**LLAMA, "bias": True, "tie_embeddings": False}, "LlamaForCausalLM"),
 }
@@ -105,8 +106,8 @@ def test_greedy_continuation_is_the_same_as_pipeline_generate(exported):
     "options, named",
     [
         ({"arch": "lstm"}, "model.arch: lstm"),
-        ({"positions": "rope"}, "model.norm: layernorm"),
-        ({"norm": "rmsnorm"}, "model.norm: rmsnorm"),
+        ({**LLAMA, "norm": "layernorm"}, "model.norm: layernorm"),
+        ({**GPT2, "norm": "rmsnorm"}, "model.norm: rmsnorm"),
         ({**LLAMA, "mlp": "gelu"}, "model.mlp: gelu"),
         ({"qk_norm": True}, "model.qk_norm"),
         ({"mlp": "relu2"}, "model.mlp: relu2"),

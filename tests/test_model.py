@@ -9,16 +9,21 @@ from pipeline.params import Model
 V = 97
 
 
-# Every architecture, and the GPT with each modern option (and all of them together).
+# Every architecture, and the GPT with each option on GPT-2's block (and the modern ones together;
+# the default block is RoPE, RMSNorm and SwiGLU).
+GPT2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}
 VARIANTS = {
-    "gpt": {},
+    "gpt": GPT2,
     "lstm": {},
     "gru": {},
     "rnn": {},
-    "gpt-rope": {"positions": "rope"},
-    "gpt-rmsnorm": {"norm": "rmsnorm"},
-    "gpt-swiglu": {"mlp": "swiglu"},
-    "gpt-untied-bias": {"tie_embeddings": False, "bias": True},
+    "gpt-rope": {**GPT2, "positions": "rope"},
+    "gpt-rmsnorm": {**GPT2, "norm": "rmsnorm"},
+    "gpt-swiglu": {**GPT2, "mlp": "swiglu"},
+    "gpt-relu2": {**GPT2, "mlp": "relu2"},
+    "gpt-qknorm": {"qk_norm": True},
+    "gpt-zero-init": {"zero_init_proj": True},
+    "gpt-untied-bias": {**GPT2, "tie_embeddings": False, "bias": True},
     "gpt-modern": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False},
 }
 

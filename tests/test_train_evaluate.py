@@ -78,7 +78,7 @@ def test_train_is_deterministic_on_cpu(trained, tmp_path):
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
 def test_recurrent_baselines_train_and_evaluate(prepared, tmp_path, arch):
     folder = copy_project(prepared, tmp_path / arch)
-    set_params(folder, model={"arch": arch}, train={"max_steps": 10, "eval_interval": 5})
+    set_params(folder, model={"arch": arch}, train={"max_steps": 10, "eval_interval": 5, "optimizer": "adamw"})
     call_stage("train", folder)
     call_stage("evaluate", folder)
     ev = json.loads((folder / "metrics/eval.json").read_text())
@@ -225,9 +225,9 @@ def test_beam_search_of_one_is_greedy_and_batches_exactly(model_and_prompts):
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_prompts):
-    """Beam search (ranked by log-probability alone) ends with a finished translation at least as
-    likely as greedy's output: as likely as greedy's finished one, or, when greedy runs to the
-    token limit, as its unfinished one (whose probability bounds that of any way to finish it)."""
+    """Beam search (ranked by log-probability alone) ends with a translation at least as likely as
+    greedy's output (a finished one with its </s>; one that runs to the token limit unfinished,
+    whose probability bounds that of any way to finish it)."""
     model, tok, prompts = model_and_prompts
     limit = 40
 
@@ -241,7 +241,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_pro
     for p in prompts:
         g = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=limit))[0]
         b = generate(model, [p], tok.eos_id, Decoding(max_new_tokens=limit, beam_size=4, length_penalty=0.0))[0]
-        assert 0 < len(b) < limit, tok.decode(b)  # finished
+        assert len(b) > 0, p
         assert logprob(p, b) >= logprob(p, g) - 1e-4, (tok.decode(b), tok.decode(g))
 
 
