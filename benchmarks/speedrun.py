@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from scratch_train import train_in_scratch  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
-from pipeline.scoring import nats_of_range  # noqa: E402
+from pipeline.scoring import bits_per_byte, nats_of_range  # noqa: E402
 
 # Named recipes: overlays on params.yaml, so a row of docs/RECORDS.md is one `--recipe NAME` (plus
 # -S options). "default" is params.yaml as it is; the others spell out everything they change, so
@@ -80,7 +79,7 @@ def val_bits_per_byte(model) -> float:
     meta = json.loads((tokens / "val.json").read_text())
     data = np.memmap(tokens / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
     nats = sum(nats_of_range(model, data, s["start"], s["end"], 32)[0] for s in meta["sources"].values())
-    return nats / math.log(2) / sum(s["bytes"] for s in meta["sources"].values())
+    return bits_per_byte(nats, sum(s["bytes"] for s in meta["sources"].values()))
 
 
 def main() -> None:

@@ -43,8 +43,7 @@ def dvc_experiments(extra: list[str]) -> list[dict]:
         data = entry.get("data") or {}
         rev = entry.get("rev") or ""
         name = entry.get("name") or (rev if rev == "workspace" else rev[:7])
-        files = lambda kind: {f: (v or {}).get("data") or {} for f, v in (data.get(kind) or {}).items()}  # noqa: E731
-        rows.append({"name": name, "rev": rev, "params": files("params"), "metrics": files("metrics")})
+        rows.append({"name": name, "rev": rev, "params": by_file(data, "params"), "metrics": by_file(data, "metrics")})
         for group in entry.get("experiments") or []:
             for child in group.get("revs") or []:
                 add(child)
@@ -52,6 +51,11 @@ def dvc_experiments(extra: list[str]) -> list[dict]:
     for entry in entries:
         add(entry)
     return rows
+
+
+def by_file(data: dict, kind: str) -> dict:
+    """{file: its data} of one `dvc exp show --json` entry's params or metrics."""
+    return {f: (v or {}).get("data") or {} for f, v in (data.get(kind) or {}).items()}
 
 
 def summarize(row: dict) -> dict:
@@ -111,8 +115,10 @@ def table(summaries: list[dict], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(head), *(fmt(r) for r in body)])
+    # names left-aligned, numbers right-aligned
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *body]
+    )
 
 
 def plot(summaries: list[dict], path: Path) -> int:

@@ -46,19 +46,19 @@ def hf_architecture(cfg) -> str:
         raise PipelineError("export: model.qk_norm: true maps to neither Llama nor GPT-2")
     if cfg.mlp == "relu2":
         raise PipelineError("export: model.mlp: relu2 maps to neither Llama nor GPT-2")
-    llama = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
-    gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}
-    for name, want in (("llama", llama), ("gpt2", gpt2)):
-        if cfg.positions == want["positions"]:
-            wrong = [f"model.{k}: {getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
-            if wrong:
-                other = ", ".join(f"model.{k}: {v}" for k, v in want.items())
-                raise PipelineError(
-                    f"export: {', '.join(wrong)} does not map: {cfg.positions} positions export as "
-                    f"{'Llama' if name == 'llama' else 'GPT-2'}, which needs {other}"
-                )
-            return name
-    raise PipelineError(f"export: model.positions: {cfg.positions} does not map")  # not reached
+    # the positions choose the family (rope: Llama, learned: GPT-2); the rest must be that family's
+    name, title, want = (
+        ("llama", "Llama", {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"})
+        if cfg.positions == "rope"
+        else ("gpt2", "GPT-2", {"positions": "learned", "norm": "layernorm", "mlp": "gelu"})
+    )
+    wrong = [f"model.{k}: {getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
+    if wrong:
+        needs = ", ".join(f"model.{k}: {v}" for k, v in want.items())
+        raise PipelineError(
+            f"export: {', '.join(wrong)} does not map: {cfg.positions} positions export as {title}, which needs {needs}"
+        )
+    return name
 
 
 def llama_weights(state: dict, cfg) -> dict:
@@ -108,7 +108,7 @@ def gpt2_weights(state: dict, cfg) -> dict:
     return out
 
 
-def hf_config(arch: str, cfg, vocab_size: int, special: dict):
+def hf_config(arch: str, cfg, vocab_size: int, special: dict, mlp_width: int):
     import transformers
 
     ids = {"bos_token_id": special["<s>"], "eos_token_id": special["</s>"]}
@@ -116,7 +116,7 @@ def hf_config(arch: str, cfg, vocab_size: int, special: dict):
         return transformers.LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=cfg.n_embd,
-            intermediate_size=-(-(8 * cfg.n_embd // 3) // 64) * 64,  # pipeline.model.MLP's SwiGLU width
+            intermediate_size=mlp_width,
             num_hidden_layers=cfg.n_layer,
             num_attention_heads=cfg.n_head,
             num_key_value_heads=cfg.n_head,
@@ -164,17 +164,15 @@ def hf_tokenizer(model_file: Path):
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec.unk_id, byte_fallback=True)
     else:
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        merges = []  # the pairs that make each normal piece, by the piece's rank (its id)
-        for i, (piece, _, kind_) in enumerate(pieces):
-            if kind_ != NORMAL or len(piece) < 2:
-                continue
-            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
-            found = [(vocab[a], vocab[b], a, b) for a, b in splits if a in vocab and b in vocab]
-            merges += [(i, ia, ib, a, b) for ia, ib, a, b in found]
+        merges = []  # bpe: the pairs that make each normal piece, by the piece's rank (its id); char: none
+        for i, (piece, _, piece_type) in enumerate(pieces):
+            if kind == "bpe" and piece_type == NORMAL:
+                splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+                merges += [(i, vocab[a], vocab[b], a, b) for a, b in splits if a in vocab and b in vocab]
         merges.sort()
         model = models.BPE(
             vocab=vocab,
-            merges=[(a, b) for *_, a, b in merges] if kind == "bpe" else [],
+            merges=[(a, b) for *_, a, b in merges],
             unk_token=pieces[spec.unk_id][0],
             byte_fallback=True,
             fuse_unk=True,
@@ -204,7 +202,7 @@ def export_hf(weights: Path, tokenizer_file: Path, out_dir: Path) -> str:
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tensors = (llama_weights if arch == "llama" else gpt2_weights)(state, cfg)
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
-    config = hf_config(arch, cfg, model.vocab_size, special)
+    config = hf_config(arch, cfg, model.vocab_size, special, model.blocks[0].mlp.proj.in_features)
     config.architectures = ["LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel"]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

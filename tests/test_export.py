@@ -5,7 +5,6 @@ Needs the [hf] extra (transformers, protobuf); CI installs it with [dev]."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,4 +139,4 @@ def test_export_command_line_errors_are_one_line(prepared, tmp_path):
         check=False,
     )
     assert_clean_error(proc, "w.safetensors", "not a readable checkpoint")
-    assert not Path(tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
