@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -36,7 +34,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from scratch_train import train_in_scratch  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
+from pipeline.common import read_json  # noqa: E402
 from pipeline.scoring import bits_per_byte, nats_of_range  # noqa: E402
+from pipeline.tokenizer import load_tokens  # noqa: E402
 
 # Named recipes: overlays on params.yaml, so a row of docs/RECORDS.md is one `--recipe NAME` (plus
 # -S options). "default" is params.yaml as it is; the others spell out everything they change, so
@@ -46,6 +46,7 @@ GPT2_192 = {  # params.yaml's default until 2026-11-30: GPT-2 style, 4 x 192, Ad
     "train": {"optimizer": "adamw", "lr": 2.5e-3, "min_lr": 2.5e-4},
 }
 MUON = {"train": {"optimizer": "muon"}}
+LSTM = P.read_yaml(ROOT / "params" / "lstm.yaml")
 WIDTH_128 = {"model": {"n_embd": 128, "n_head": 2}, "train": {"lr": 3.0e-3, "min_lr": 3.0e-4}}
 RECIPES: dict[str, dict] = {
     "default": {},
@@ -54,8 +55,8 @@ RECIPES: dict[str, dict] = {
     "gpt2-128": P.merge(GPT2_192, WIDTH_128),
     "gpt2-128-muon": P.merge(P.merge(GPT2_192, WIDTH_128), MUON),
     # the recurrent baselines: params/lstm.yaml (Adam 1e-3, constant), and its tanh RNN
-    "lstm": P.read_yaml(ROOT / "params" / "lstm.yaml"),
-    "rnn": P.merge(P.read_yaml(ROOT / "params" / "lstm.yaml"), {"model": {"arch": "rnn"}}),
+    "lstm": LSTM,
+    "rnn": P.merge(LSTM, {"model": {"arch": "rnn"}}),
 }
 
 
@@ -76,8 +77,7 @@ def override(data: dict, assignment: str) -> dict:
 def val_bits_per_byte(model) -> float:
     """evaluate's val bits per byte: each source's token range scored on its own, summed."""
     tokens = ROOT / "data" / "tokens"
-    meta = json.loads((tokens / "val.json").read_text())
-    data = np.memmap(tokens / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    meta, data = read_json(tokens / "val.json"), load_tokens("val", tokens)
     nats = sum(nats_of_range(model, data, s["start"], s["end"], 32)[0] for s in meta["sources"].values())
     return bits_per_byte(nats, sum(s["bytes"] for s in meta["sources"].values()))
 
