@@ -56,6 +56,9 @@ COMPARE = {
 }
 
 
+GPT2_BLOCK = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": False}  # nanoGPT's
+
+
 def measure(args) -> None:
     base = P.load(ROOT / "params.yaml")
     overrides = {
@@ -68,82 +71,169 @@ def measure(args) -> None:
         )
         if v
     }
-    m = dataclasses.replace(base.model, **overrides)
-    t = dataclasses.replace(base.train, batch_size=args.batch_size or base.train.batch_size)
+    m = dataclasses.replace(base.model, **overrides, **(GPT2_BLOCK if args.gpt2_block else {}))
+    t = dataclasses.replace(base.train, optimizer=args.optimizer or base.train.optimizer)
     vocab = args.vocab or _vocab(base)
     cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = CudaAutocast() if cuda else nullcontext()
-    B, T = t.batch_size, m.block_size
+    batch_sizes = args.batch_size or [base.train.batch_size]
+    compiles = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
+    losses = {"auto": [None], "chunked": [True], "plain": [False], "both": [True, False]}[args.loss]
+    variants = [(c, chunked) for c in compiles for chunked in losses]
     print(
         f"device: {torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads'}; "
         f"torch {torch.__version__}"
     )
     print(
-        f"model: {m.arch} {m.n_layer}x{m.n_embd}, {m.n_head} heads, context {T}, vocabulary {vocab}, "
-        f"batch {B}x{T} tokens"
+        f"model: {m.arch} {m.n_layer}x{m.n_embd}, {m.n_head} heads, context {m.block_size}, vocabulary "
+        f"{vocab}, {m.positions} positions, {m.norm}, {m.mlp}; optimizer {t.optimizer}"
     )
+    fpt = flops_per_token(build_model(m, vocab), m.block_size)
+    n_params = count_parameters(build_model(m, vocab))
+    print(f"parameters: {n_params:,}; model FLOPs per token: {fpt / 1e6:.2f} M (6N + 12*L*d*T)")
+    if cuda:
+        measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt)
+    else:
+        for B in batch_sizes:
+            measure_cpu(args, m, dataclasses.replace(t, batch_size=B), vocab, variants, fpt)
 
-    variants = ["eager", "compiled"] if args.compile == "both" else [args.compile]
+
+def variant_name(compiled: bool, chunked: bool | None) -> str:
+    loss = {None: "", True: " chunked loss", False: " plain loss"}[chunked]
+    return ("compiled" if compiled else "eager") + loss
+
+
+def build_variant(m, t, vocab, device, compiled: bool, chunked: bool | None, compile_mode: str | None = None):
+    torch.manual_seed(0)
+    model = build_model(m, vocab).to(device)
+    model.chunked_loss = chunked
+    opt = make_optimizer(model, t, device)
+    fwd = torch.compile(model, dynamic=False, mode=compile_mode) if compiled else model
+    return fwd, opt
+
+
+def measure_cpu(args, m, t, vocab, variants, fpt) -> None:
+    """Rounds alternate a timed float32 matmul and timed steps of each variant: MFU per round
+    (both sides see the same machine state), medians reported."""
+    device, autocast = torch.device("cpu"), nullcontext()
+    B, T = t.batch_size, m.block_size
+    print(f"batch {B}x{T} tokens")
     runs = {}
-    for v in variants:
-        torch.manual_seed(0)
-        model = build_model(m, vocab).to(device)
-        opt = make_optimizer(model, t, device)
-        fwd = torch.compile(model) if v == "compiled" else model
-        x = torch.randint(vocab, (B, T), device=device)
-        y = torch.randint(vocab, (B, T), device=device)
+    for compiled, chunked in variants:
+        fwd, opt = build_variant(m, t, vocab, device, compiled, chunked)
+        x, y = torch.randint(vocab, (B, T)), torch.randint(vocab, (B, T))
         t0 = time.perf_counter()
         for _ in range(args.warmup):  # includes compilation
             train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
-        runs[v] = (fwd, opt, x, y)
-        print(f"{v}: {args.warmup} warm-up steps in {time.perf_counter() - t0:.1f} s", flush=True)
-    n_params = count_parameters(runs[variants[0]][0])
-    fpt = flops_per_token(build_model(m, vocab), T)
-    print(f"parameters: {n_params:,}; model FLOPs per token: {fpt / 1e6:.2f} M (6N + 12*L*d*T)")
-
-    if cuda:
-        peak_fixed = peak_flops(device)
-        if peak_fixed is None:
-            print(
-                f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; MFU is against an H100's 989 TFLOP/s"
-            )
-            peak_fixed = 989e12
-        print(f"peak: {peak_fixed / 1e12:.0f} TFLOP/s (bf16 dense, data sheet)")
-    results = {v: [] for v in variants}
+        name = variant_name(compiled, chunked)
+        runs[name] = (fwd, opt, x, y)
+        print(f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = {v: [] for v in runs}
     peaks = []
     steps_per_round = max(1, args.steps // args.rounds)
     for r in range(args.rounds):
-        if cuda:
-            peak = peak_fixed
-        else:
-            peak = cpu_matmul_flops(args.matmul, 5)
-            peaks.append(peak)
-        for v in variants:
-            fwd, opt, x, y = runs[v]
+        peak = cpu_matmul_flops(args.matmul, 5)
+        peaks.append(peak)
+        for v, (fwd, opt, x, y) in runs.items():
             times = []
             for _ in range(steps_per_round):
                 t0 = time.perf_counter()
-                train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)  # .item() synchronises
+                loss, _ = train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
+                float(loss)
                 times.append(time.perf_counter() - t0)
             tok_s = B * T / statistics.median(times)
             results[v].append((tok_s, fpt * tok_s / peak))
-        line = ", ".join(f"{v} {results[v][-1][0]:,.0f} tok/s MFU {results[v][-1][1]:.1%}" for v in variants)
-        print(f"round {r + 1}: " + (f"matmul {peak / 1e9:,.0f} GFLOP/s; " if not cuda else "") + line, flush=True)
-    if peaks:
-        print(
-            f"float32 matmul ({args.matmul}x{args.matmul}): median {statistics.median(peaks) / 1e9:,.0f} "
-            f"GFLOP/s, best {max(peaks) / 1e9:,.0f}"
-        )
-    for v in variants:
+        line = ", ".join(f"{v} {results[v][-1][0]:,.0f} tok/s MFU {results[v][-1][1]:.1%}" for v in runs)
+        print(f"round {r + 1}: matmul {peak / 1e9:,.0f} GFLOP/s; {line}", flush=True)
+    print(
+        f"float32 matmul ({args.matmul}x{args.matmul}): median {statistics.median(peaks) / 1e9:,.0f} "
+        f"GFLOP/s, best {max(peaks) / 1e9:,.0f}"
+    )
+    for v in runs:
         tok = statistics.median(x[0] for x in results[v])
         mfu = statistics.median(x[1] for x in results[v])
+        ratios = [a[0] / b[0] for a, b in zip(results[v], results[next(iter(runs))])]
         print(
-            f"RESULT {v}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} "
-            f"(median of {args.rounds} rounds)"
+            f"RESULT {v} batch {B}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} "
+            f"(median of {args.rounds} rounds; {statistics.median(ratios):.3f}x the first variant, "
+            f"median of the rounds' ratios)"
+        )
+
+
+def bf16_matmul_flops(size: int = 8192, repeats: int = 10) -> float:
+    """This GPU's bf16 matrix-product rate on random data (FLOP/s, mean of `repeats` after warm-up)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt) -> None:
+    """Each (micro-batch, variant): warm-up steps (compilation included), then `steps` steps
+    timed as the train stage runs them: no host synchronisation until the last has finished."""
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    autocast = CudaAutocast()
+    sheet = peak_flops(device)
+    if sheet is None:
+        print(f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; the data sheet's is an H100's")
+        sheet = 989e12
+    measured = [bf16_matmul_flops()]
+    print(
+        f"peak: {sheet / 1e12:.0f} TFLOP/s (bf16 dense, data sheet); measured bf16 matmul {measured[0] / 1e12:.0f} TFLOP/s"
+    )
+    rows = []
+    T = m.block_size
+    for B in batch_sizes:
+        for compiled, chunked in variants:
+            name = variant_name(compiled, chunked)
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fwd, opt = build_variant(m, t, vocab, device, compiled, chunked, args.compile_mode)
+            x = torch.randint(vocab, (B, T), device=device)
+            y = torch.randint(vocab, (B, T), device=device)
+            t0 = time.perf_counter()
+            try:
+                for _ in range(args.warmup):
+                    train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
+                torch.cuda.synchronize()
+                warm = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    loss, _ = train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
+                float(loss)  # the one wait, after the last step
+                dt = time.perf_counter() - t0
+            except torch.cuda.OutOfMemoryError:
+                print(f"RESULT {name} batch {B}: out of memory", flush=True)
+                del fwd, opt
+                continue
+            tok_s = args.steps * B * T / dt
+            memory = torch.cuda.max_memory_allocated() / 2**30
+            rows.append((name, B, tok_s, memory))
+            print(
+                f"{name} batch {B}: warm-up {warm:.1f} s; {tok_s:,.0f} tokens/s; peak memory {memory:.1f} GiB",
+                flush=True,
+            )
+            del fwd, opt, x, y
+    measured.append(bf16_matmul_flops())
+    rate = max(measured)
+    print(
+        f"measured bf16 matmul (8192^3, random data): {', '.join(f'{r / 1e12:.0f}' for r in measured)} "
+        f"TFLOP/s (before, after); MFU below against the higher"
+    )
+    for name, B, tok_s, memory in rows:
+        print(
+            f"RESULT {name} batch {B}: {tok_s:,.0f} tokens/s, MFU {fpt * tok_s / sheet:.1%} of the data "
+            f"sheet's {sheet / 1e12:.0f} TFLOP/s, {fpt * tok_s / rate:.1%} of the measured {rate / 1e12:.0f}; "
+            f"peak memory {memory:.1f} GiB ({args.steps} steps, one synchronisation)"
         )
 
 
@@ -199,9 +289,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--matmul", type=int, default=2048, help="size of the square float32 matmul (CPU peak)")
     ap.add_argument("--compile", choices=["eager", "compiled", "both"], default="both")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument(
+        "--loss",
+        choices=["auto", "chunked", "plain", "both"],
+        default="auto",
+        help="the loss-only output layer: chunked (LinearCrossEntropy), plain, or the device's default",
+    )
+    ap.add_argument("--gpt2-block", action="store_true", help="GPT-2's block (learned positions, LayerNorm, GELU)")
+    ap.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="override params.yaml")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")
-    for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab", "batch_size"):
+    for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help="override params.yaml")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[], help="micro-batches to measure (params.yaml's)")
     ap.add_argument(
         "--compare",
         type=float,

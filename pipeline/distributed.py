@@ -65,17 +65,19 @@ def any_rank(procs: Processes, *flags: bool) -> tuple[bool, ...]:
     """Each flag, true if it is true on any process (so that all processes stop together)."""
     if procs.world == 1:
         return tuple(bool(f) for f in flags)
-    x = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    x = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in x.tolist())
 
 
-def mean_over_ranks(procs: Processes, value: float) -> float:
+def mean_over_ranks(procs: Processes, values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` (a tensor on this process's device) over the processes."""
     if procs.world == 1:
-        return value
-    x = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(x)
-    return x.item() / procs.world
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / procs.world
 
 
 def gather_objects(procs: Processes, obj) -> list:

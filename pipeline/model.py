@@ -7,7 +7,7 @@ goes only through `scaled_dot_product_attention` (flash on CUDA, the fused flash
 
 All share one interface:
     logits, loss = model(idx, targets)      # loss: mean cross-entropy (None without targets)
-    None, loss = model(idx, targets, return_logits=False)  # the loss only, computed in chunks
+    None, loss = model(idx, targets, return_logits=False)  # the loss only (what training asks for)
     logits, state = model.decode(idx, state) # generation: logits of the last position, new state
 where `state` is the key/value cache of a GPT or the hidden state of a recurrent model. Weights
 on disk: pipeline.checkpoint.
@@ -123,6 +123,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     bounded_context = True  # at most block_size tokens of context (learned positions; the RoPE tables)
+    chunked_loss: bool | None = None  # the loss-only output layer in chunks; None: on CPU only (output_layer)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -178,7 +179,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, return_logits: bool = True):
         x, _ = self._run(idx)
-        return output_layer(self.lm_head, x, targets, return_logits)
+        return output_layer(self.lm_head, x, targets, return_logits, self.chunked_loss)
 
     @torch.inference_mode()
     def decode(self, idx, state=None):
@@ -204,6 +205,7 @@ class RecurrentLM(nn.Module):
     """The classic recurrent language model: embedding, LSTM (or GRU, or tanh RNN) layers, linear."""
 
     bounded_context = False  # the state carries any length of context
+    chunked_loss: bool | None = None  # as GPT's
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -223,7 +225,7 @@ class RecurrentLM(nn.Module):
 
     def forward(self, idx, targets=None, return_logits: bool = True):
         x, _ = self.rnn(self.drop(self.embed(idx)))
-        return output_layer(self.head, self.drop(x), targets, return_logits)
+        return output_layer(self.head, self.drop(x), targets, return_logits, self.chunked_loss)
 
     @torch.inference_mode()
     def decode(self, idx, state=None):
@@ -241,20 +243,29 @@ class RecurrentLM(nn.Module):
         return state.index_select(1, rows)
 
 
-def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool = True):
+def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool = True, chunked: bool | None = None):
     """(logits, mean cross-entropy against `targets`) from the last hidden states `x`.
 
-    With return_logits=False (what training asks for) the logits are None and the loss comes from
-    `LinearCrossEntropy`, which never holds the logits of the whole batch at once; its value and
-    gradients are those of the plain output layer and cross-entropy (tests/test_model.py).
+    With return_logits=False (what training asks for) the logits are None. The loss is then the
+    same either way (tests/test_model.py); how it is computed depends on the device:
+    - CPU (chunked=None, or True): `LinearCrossEntropy`, a chunk of rows at a time, which never
+      holds the logits of the whole batch and keeps the softmax in cache (faster on a CPU,
+      benchmarks/train_throughput.py --loss both, docs/LOG.md);
+    - CUDA (or chunked=False): the plain head and cross-entropy, which torch.compile fuses and
+      which runs without a Python loop or a host synchronisation (benchmarks/gpu.sh).
     """
     if targets is None:
         return head(x), None
-    if not return_logits:
+    if chunked is None:
+        chunked = not x.is_cuda
+    if not return_logits and chunked:
         return None, LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), head.weight, head.bias, targets.reshape(-1))
     logits = head(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-    return logits, loss
+    targets = targets.reshape(-1)
+    # the mean over the targets that count, and 0 (not NaN) when none does, as LinearCrossEntropy
+    counted = (targets != IGNORE).sum().clamp(min=1)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, ignore_index=IGNORE, reduction="sum")
+    return (logits if return_logits else None), loss / counted
 
 
 IGNORE = -100  # a target that does not count (F.cross_entropy's ignore_index): a pair's source, say

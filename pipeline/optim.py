@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 
 from pipeline import params as P
@@ -90,36 +89,38 @@ def lr_at(step: int, t: P.Train, time_fraction: float = 0.0) -> float:
 
 def train_step(
     model, optimizer, micro_batches, lr: float, grad_clip: float, autocast, sync=lambda last: nullcontext()
-) -> tuple[float, float | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over several micro-batches: the gradient of their mean loss.
 
     `sync(last)` is the context for each backward pass (DDP: no gradient all-reduce until the last).
-    Returns the mean loss (this process) and the gradient norm before clipping.
+    Returns the mean loss (this process) and the gradient norm before clipping, as 0-d float32
+    tensors on the model's device: nothing here waits for the device (on CUDA the next batch is
+    prepared while this step runs); the caller reads them when it logs (pipeline.train).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_ratio", 1.0)
-    total = 0.0
+    total = None
     n = len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):
         with sync(i == n - 1):
             with autocast:
                 _, loss = model(x, y, return_logits=False)
             (loss / n).backward()
-        total = total + loss.detach().float()  # stays on the device: no synchronisation per micro-batch
+        loss = loss.detach().float()
+        total = loss if total is None else total + loss
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # .item() synchronises, so timings around this call are honest on CUDA too
-    return float(total) / n, None if grad_norm is None else float(grad_norm)
+    return total / n, None if grad_norm is None else grad_norm.detach().float()
 
 
 @torch.no_grad()
 def estimate_loss(model, batches, autocast) -> float:
-    """Mean loss over fixed batches, in eval mode (no dropout)."""
+    """Mean loss over fixed batches, in eval mode (no dropout); one read of the device at the end."""
     model.eval()
-    losses = []
+    total = 0.0
     for x, y in batches:
         with autocast:
-            losses.append(model(x, y)[1].item())
+            total = total + model(x, y)[1].float()
     model.train()
-    return float(np.mean(losses))
+    return float(total) / len(batches)

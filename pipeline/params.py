@@ -41,7 +41,7 @@ OPERATIONAL = {
     },
     "clean": {"workers", "shard_bytes"},
     "tokenize": set(),
-    "train": {"checkpoint_interval", "checkpoint_dir", "resume"},
+    "train": {"checkpoint_interval", "checkpoint_dir", "resume", "log_interval"},
     "evaluate": set(),
 }
 
@@ -191,6 +191,9 @@ class Train:
     eval_interval: int = 200
     eval_batches: int = 10
     checkpoint_interval: int = 200  # steps between resumable checkpoints (and one at the end)
+    # steps whose loss and gradient norm are read from the device together (one wait per read;
+    # also before each evaluation and checkpoint). 0: every step on CPU, every 25 on CUDA
+    log_interval: int = 0
     checkpoint_dir: str = "data/checkpoints"
     resume: Literal["auto", "strict", "never"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only
@@ -431,6 +434,7 @@ def _check(p: Params) -> None:
         need(w >= 0, f"train.source_weights.{name}: must be >= 0, got {w:g}")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {tr.decay_fraction}")
     need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
+    need(tr.log_interval >= 0, f"train.log_interval: must be >= 0, got {tr.log_interval}")
     need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
     need(
         tr.optimizer == "adamw" or m.arch == "gpt",

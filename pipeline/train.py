@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -67,11 +68,11 @@ def main() -> None:
     try:
         with StopOnSignals() as stop:
             train(cfg, t, procs, device, stop)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as e:
         raise PipelineError(
             f"train: CUDA out of memory with micro-batches of {t.batch_size} x {cfg.block_size} "
-            f"tokens; lower train.batch_size (train.batch_tokens keeps the global batch by "
-            f"accumulating), or model.block_size / model.n_embd"
+            f"tokens ({gpu_memory_tried(e, device)}); lower train.batch_size (train.batch_tokens "
+            f"keeps the global batch by accumulating), or model.block_size / model.n_embd"
         ) from None
     finally:
         shutil.rmtree(Curves.scratch_of(os.getpid()), ignore_errors=True)  # a failed run's curves: never published
@@ -145,16 +146,19 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True
     )
 
+    pending = PendingSteps(t.log_interval or (25 if cuda else 1), global_tokens, flops_tok, peak)
     while True:
         step = progress.step
-        time_up = bool(t.time_budget_s) and progress.train_seconds >= t.time_budget_s
+        time_up = bool(t.time_budget_s) and progress.train_seconds + pending.elapsed() >= t.time_budget_s
         stopped, time_up = any_rank(procs, stop.requested, time_up)  # every process stops at the same step
         if stopped:
+            pending.read(progress, procs, live, bar, t)
             break
         last = step >= t.max_steps or time_up
 
         # Evaluate: loss on fixed val and train batches; keep the best weights
         if step % t.eval_interval == 0 or last:
+            pending.read(progress, procs, live, bar, t)
             progress.last_val_loss = estimate_loss(model, val_batches, autocast)
             progress.last_train_loss = estimate_loss(model, train_eval_batches, autocast)
             if live:
@@ -169,9 +173,10 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
         if last:
             break
 
-        # One optimizer step: forward and backward over the micro-batches, clip, AdamW
-        lr = lr_at(step, t, progress.train_seconds / t.time_budget_s if t.time_budget_s else 0.0)
-        t0 = time.perf_counter()
+        # One optimizer step: forward and backward over the micro-batches, clip, AdamW. Nothing
+        # here waits for the device: the loss and gradient norm are read every log_interval steps.
+        pending.start()
+        lr = lr_at(step, t, (progress.train_seconds + pending.elapsed()) / t.time_budget_s if t.time_budget_s else 0.0)
         micro_batches = step_batches(
             train_data,
             cfg.block_size,
@@ -186,25 +191,11 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
             mixture,
         )
         loss, grad_norm = train_step(model, optimizer, micro_batches, lr, t.grad_clip, autocast, sync)
-        loss = mean_over_ranks(procs, loss)
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            raise PipelineError(
-                f"train: loss became {loss} at step {step}; lower train.lr (now {t.lr}) or "
-                f"raise train.warmup_steps; the last good checkpoint in {t.checkpoint_dir} "
-                f"and {OUT_DIR} were left as they were"
-            )
-        progress.train_seconds += dt
-        progress.tokens_seen += global_tokens
+        pending.add(step, lr, loss, grad_norm)
         progress.step = step + 1
-
-        # Log, and checkpoint every checkpoint_interval steps
-        if live:
-            log_step(
-                live, loss, lr, grad_norm, global_tokens / dt, flops_tok * global_tokens / dt / peak if peak else None
-            )
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update()
+        if pending.due() or checkpoint_due(progress.step, t):
+            pending.read(progress, procs, live, bar, t)
         if checkpoint_due(progress.step, t):
             checkpoints.save(raw_model, optimizer, progress, best_weights, curves and curves.scratch)
             if curves:
@@ -267,6 +258,17 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
 # The helpers of the loop, in the order it uses them
 
 
+def gpu_memory_tried(error: Exception, device: torch.device) -> str:
+    """What an out-of-memory error tried: the allocation, beside the GPU's memory."""
+    tried = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+    said = f"tried to allocate {tried.group(1)}" if tried else "an allocation failed"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return said
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return f"{said} with {peak:.1f} GiB allocated at the peak, of {total:.0f} GiB"
+
+
 def check_long_enough(cfg: P.Model, **splits) -> None:
     for name, data in splits.items():
         if len(data) < cfg.block_size + 2:
@@ -309,6 +311,59 @@ def checkpoint_due(step: int, t: P.Train) -> bool:
     return bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
 
 
+class PendingSteps:
+    """Training steps whose loss and gradient norm are still on the device.
+
+    They are read together (one wait for the device, one all-reduce across processes) every
+    `interval` steps and before an evaluation, a checkpoint or the end: then each step's loss is
+    checked, logged to the curves, and the wall-clock time since the first of them, which covers
+    exactly their computation, is added to the training time and shared among them for tokens/s.
+    """
+
+    def __init__(self, interval: int, global_tokens: int, flops_tok: int, peak: float | None):
+        self.interval, self.global_tokens, self.flops_tok, self.peak = interval, global_tokens, flops_tok, peak
+        self.steps: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the first pending step began (the device may still be working on them)."""
+        return 0.0 if self.t0 is None else time.perf_counter() - self.t0
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.steps.append((step, lr, loss, grad_norm))
+
+    def due(self) -> bool:
+        return len(self.steps) >= self.interval
+
+    def read(self, progress, procs: Processes, live, bar, t: P.Train) -> None:
+        if not self.steps:
+            self.t0 = None
+            return
+        losses = mean_over_ranks(procs, torch.stack([s[2] for s in self.steps])).tolist()  # waits for the device
+        norms = [s[3] for s in self.steps]
+        norms = norms if norms[0] is None else torch.stack(norms).tolist()
+        dt = time.perf_counter() - self.t0
+        for (step, lr, _, _), loss, grad_norm in zip(self.steps, losses, norms):
+            if not math.isfinite(loss):
+                raise PipelineError(
+                    f"train: loss became {loss} at step {step}; lower train.lr (now {t.lr}) or "
+                    f"raise train.warmup_steps; the last good checkpoint in {t.checkpoint_dir} "
+                    f"and {OUT_DIR} were left as they were"
+                )
+            if live:
+                step_time = dt / len(self.steps)
+                tok_s = self.global_tokens / step_time
+                log_step(live, loss, lr, grad_norm, tok_s, self.flops_tok * tok_s / self.peak if self.peak else None)
+        progress.train_seconds += dt
+        progress.tokens_seen += self.global_tokens * len(self.steps)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        self.steps, self.t0 = [], None
+
+
 class StopOnSignals:
     """While active, SIGTERM and SIGINT only set `requested` (and `signal`): the loop checkpoints
     and stops at the end of its step."""
@@ -341,8 +396,6 @@ class Curves:
     (killed between a checkpoint and the publishing, metrics/train/ would lag behind it)."""
 
     def __init__(self, step: int, checkpoint: Path | None = None):
-        from dvclive import Live
-
         remove_stale(LIVE_DIR.parent, f".{LIVE_DIR.name}")
         self.scratch = self.scratch_of(os.getpid())
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -351,7 +404,12 @@ class Curves:
         if step > 0 and earlier.is_dir():
             shutil.copytree(earlier, self.scratch)
             truncate_curves(self.scratch, step)
-        self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
+        try:
+            from dvclive import Live
+        except ImportError:  # a GPU machine with torch but no DVC: the same files, written by TsvLive
+            self.live = TsvLive(self.scratch, step)
+        else:
+            self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
         self.live.step = step
 
     @staticmethod
@@ -366,6 +424,38 @@ class Curves:
         self.live.end()
         self.publish()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class TsvLive:
+    """dvclive's files without dvclive (where it is not installed): each metric's rows in
+    plots/metrics/<name>.tsv (step, value) and the latest values in metrics.json."""
+
+    def __init__(self, folder: Path, step: int):
+        self.folder, self.step = folder, step
+        summary = folder / "metrics.json"
+        self.summary = read_json(summary) if step > 0 and summary.exists() else {}
+
+    def log_metric(self, name: str, value: float, plot: bool = True) -> None:
+        tsv = self.folder / "plots" / "metrics" / f"{name}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        new = not tsv.exists()
+        with open(tsv, "a", newline="") as f:
+            if new:
+                f.write(f"step\t{tsv.stem}\n")
+            f.write(f"{self.step}\t{value}\n")
+        *groups, key = name.split("/")
+        node = self.summary
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[key] = value
+
+    def next_step(self) -> None:
+        self.summary["step"] = self.step  # as dvclive: the step of the last next_step, kept by end()
+        self.end()
+        self.step += 1
+
+    def end(self) -> None:
+        write_json(self.folder / "metrics.json", {**self.summary, "step": self.summary.get("step", self.step)})
 
 
 def truncate_curves(live_dir: Path, step: int) -> None:

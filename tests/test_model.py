@@ -154,8 +154,9 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
     assert flops_per_token(r, 16) == 6 * (count_parameters(r) - r.embed.weight.numel())
 
 
+@pytest.mark.parametrize("chunked", [True, False])  # the CPU's path, and the CUDA one (plain, for compile)
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeypatch):
+def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunked, monkeypatch):
     from pipeline.model import LinearCrossEntropy
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)  # several chunks and a short last one
@@ -167,7 +168,7 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeyp
     ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
     from pipeline.model import output_layer
 
-    logits, loss = output_layer(head, x, y, return_logits=False)
+    logits, loss = output_layer(head, x, y, return_logits=False, chunked=chunked)
     assert logits is None and torch.allclose(loss, plain, atol=1e-6)
     got = torch.autograd.grad(loss * 2, [x, *head.parameters()])
     for a, b in zip(got, ref):
@@ -178,8 +179,9 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(bias, monkeyp
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, monkeypatch):
+def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, chunked, monkeypatch):
     """A pair's source, when the loss is on the targets only: IGNORE targets count nowhere, in both
     output paths, as in F.cross_entropy's ignore_index (a chunk of only ignored rows included)."""
     from pipeline.model import IGNORE, LinearCrossEntropy, output_layer
@@ -195,10 +197,14 @@ def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, monkey
     plain = torch.nn.functional.cross_entropy(head(x)[counted], y[counted])  # only the counted rows
     ref = torch.autograd.grad(plain, [x, *head.parameters()])
     for return_logits in (False, True):
-        _, loss = output_layer(head, x, y, return_logits=return_logits)
+        _, loss = output_layer(head, x, y, return_logits=return_logits, chunked=chunked)
         assert torch.allclose(loss, plain, atol=1e-6), return_logits
         for a, b in zip(torch.autograd.grad(loss, [x, *head.parameters()]), ref):
             assert torch.allclose(a, b, atol=1e-6), return_logits
+    # a batch with no target that counts (a window inside a source): loss 0 and no gradient, not NaN
+    _, none = output_layer(head, x, torch.full_like(y, IGNORE), return_logits=False, chunked=chunked)
+    assert none.item() == 0.0 and torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
     assert torch.equal(
-        torch.autograd.grad(output_layer(head, x, y, return_logits=False)[1], x)[0][0, :9], torch.zeros(9, 16)
+        torch.autograd.grad(output_layer(head, x, y, return_logits=False, chunked=chunked)[1], x)[0][0, :9],
+        torch.zeros(9, 16),
     )  # no gradient reaches the ignored positions

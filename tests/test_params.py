@@ -387,7 +387,12 @@ OPERATIONAL_CHANGES = {
         "max_file_bytes": 3_000_000_000,
     },
     "clean": {"workers": 1, "shard_bytes": 20_000},
-    "train": {"checkpoint_interval": 7, "checkpoint_dir": "data/other_checkpoints", "resume": "never"},
+    "train": {
+        "checkpoint_interval": 7,
+        "checkpoint_dir": "data/other_checkpoints",
+        "resume": "never",
+        "log_interval": 5,
+    },
 }
 
 
@@ -406,9 +411,10 @@ def test_operational_knobs_change_nothing_and_rerun_nothing(reproduced, tmp_path
     P.load(repo / "params.yaml")
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
-    # train, from scratch, checkpointing every 7 steps (the first run: only at its end)
+    # train, from scratch, checkpointing every 7 steps and reading losses every 5 (the first run:
+    # checkpoint only at its end, losses read every step)
     write_params(repo, default)
-    set_params(repo, train={"checkpoint_interval": 7})
+    set_params(repo, train={"checkpoint_interval": 7, "log_interval": 5})
     model = snapshot(repo, "data/model")
     assert {"data/model/best.safetensors", "data/model/last.safetensors", "data/model/config.json"} <= set(model)
     shutil.rmtree(repo / default["train"]["checkpoint_dir"])  # no resuming the first run's last checkpoint
