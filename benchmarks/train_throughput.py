@@ -180,7 +180,8 @@ def measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt) -> None:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    autocast = CudaAutocast()
+    autocast = CudaAutocast(args.attention)
+    print(f"attention: {args.attention} (torch.nn.attention.sdpa_kernel; no other kernel allowed)")
     sheet = peak_flops(device)
     if sheet is None:
         print(f"warning: no bf16 peak known for {torch.cuda.get_device_name()}; the data sheet's is an H100's")
@@ -296,6 +297,7 @@ def main() -> None:
         default="auto",
         help="the loss-only output layer: chunked (LinearCrossEntropy), plain, or the device's default",
     )
+    ap.add_argument("--attention", choices=["flash", "cudnn"], default="flash", help="CUDA's fused attention kernel")
     ap.add_argument("--gpt2-block", action="store_true", help="GPT-2's block (learned positions, LayerNorm, GELU)")
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="override params.yaml")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")

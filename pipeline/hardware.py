@@ -34,17 +34,22 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
 
 
 class CudaAutocast:
-    """bf16 autocast, with attention held to the flash kernel (an error, never a silent fallback).
+    """bf16 autocast, with attention held to a fused kernel (an error, never a silent fallback):
+    flash (FlashAttention-2 in PyTorch) or cudnn (cuDNN's fused attention).
 
     Reusable: `with autocast:` around every forward pass.
     """
 
+    def __init__(self, attention: str = "flash"):
+        self.attention = attention
+
     def __enter__(self):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[self.attention]
         self._stack = ExitStack()
         self._stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-        self._stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+        self._stack.enter_context(sdpa_kernel(backend))
         return self
 
     def __exit__(self, *exc):

@@ -3,7 +3,8 @@
 The GPT is built from params.yaml's options: GPT-2's block (learned positions, LayerNorm, GELU
 MLP) or the later models' (rotary positions (RoPE), RMSNorm, a SwiGLU MLP; the default since it
 won at equal time, docs/RECORDS.md), tied or untied embeddings, ReLU squared, QK-norm. Attention
-goes only through `scaled_dot_product_attention` (flash on CUDA, the fused flash kernel on CPU).
+goes only through `scaled_dot_product_attention` (on CUDA flash or cuDNN's kernel, train.attention;
+on CPU the fused flash kernel).
 
 All share one interface:
     logits, loss = model(idx, targets)      # loss: mean cross-entropy (None without targets)

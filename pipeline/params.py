@@ -197,6 +197,7 @@ class Train:
     checkpoint_dir: str = "data/checkpoints"
     resume: Literal["auto", "strict", "never"] = "auto"
     compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only
+    attention: Literal["flash", "cudnn"] = "flash"  # CUDA's fused attention kernel (CPU: its own flash kernel)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
     threads: int = 0  # CPU threads for torch (0: all cores)
 

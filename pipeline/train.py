@@ -106,7 +106,7 @@ def train(cfg: P.Model, t: P.Train, procs: Processes, device: torch.device, stop
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = CudaAutocast() if cuda else nullcontext()
+    autocast = CudaAutocast(t.attention) if cuda else nullcontext()
     torch.manual_seed(t.seed)  # the same initial weights on every process
     raw_model = build_model(cfg, vocab_size).to(device)
     n_params, flops_tok = count_parameters(raw_model), flops_per_token(raw_model, cfg.block_size)
