@@ -31,7 +31,7 @@ from pipeline import params as P  # noqa: E402
 from pipeline.common import read_jsonl  # noqa: E402
 from pipeline.generate import Decoding, generate  # noqa: E402
 from pipeline.qa import answer, answer_scores, group_of, majority_answers, qa_items  # noqa: E402
-from pipeline.scoring import bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
+from pipeline.scoring import bits_per_byte, bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
 from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
 
 
@@ -51,7 +51,8 @@ def main() -> None:
         sys.exit("error: data/tokens/train.bin missing; run `dvc repro tokenize` first")
     tok = Tokenizer(tokens / "tokenizer.model")
     val = load_tokens("val", tokens)
-    val_bytes = json.loads((tokens / "val.json").read_text())["bytes"]
+    val_meta = json.loads((tokens / "val.json").read_text())
+    val_bytes = val_meta["bytes"]
     val_records = list(read_jsonl(ROOT / "data" / "clean" / "val.jsonl"))
     pairs = [r for r in val_records if "src" in r and "task" not in r][: args.pairs]
     questions = qa_items(val_records)
@@ -69,6 +70,10 @@ def main() -> None:
         model_cfg = P.parse(data).model
         model, train, wall = train_in_scratch(data, name, tok)
         bpb = nats_of_range(model, val, 1, len(val), 32)[0] / math.log(2) / val_bytes
+        per_source = {  # each source's range scored on its own, as evaluate does
+            name: bits_per_byte(nats_of_range(model, val, s["start"], s["end"], 32)[0], s["bytes"])
+            for name, s in val_meta["sources"].items()
+        }
         new_tokens = min(128, model_cfg.block_size - 4)  # as evaluate does: room for the target
         room = model_cfg.block_size - new_tokens
         prompts = [
@@ -80,7 +85,8 @@ def main() -> None:
         scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
         print(
             f"RESULT {name}: {train['steps']} steps, best val loss {train['best_val_loss']:.4f} "
-            f"(the loss it trains on), val {bpb:.4f} bits/byte (all tokens); {len(pairs)} val pairs greedy: "
+            f"(the loss it trains on), val {bpb:.4f} bits/byte (all tokens; per source {per_source}); "
+            f"{len(pairs)} val pairs greedy: "
             f"chrF {scores['chrf']}, BLEU ({tokenize}) {scores['bleu']}; train stage {wall:.0f} s",
             flush=True,
         )
