@@ -109,6 +109,8 @@ def train_step(
         loss = loss.detach().float()
         total = loss if total is None else total + loss
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same whole value on every process
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / n, None if grad_norm is None else grad_norm.detach().float()

@@ -9,7 +9,8 @@ step), so the loader's position is the step number and every process takes its o
 same global batch (pipeline.dataloader). Micro-batches accumulate gradients (synchronised only on
 the last one). Warmup then cosine or warmup-stable-decay, gradient clipping (pipeline.optim),
 validation on fixed val windows every eval_interval steps; stops at max_steps or after
-time_budget_s, whichever comes first. CUDA: bf16 autocast, TF32, fused AdamW, torch.compile.
+time_budget_s, whichever comes first. CUDA: bf16 autocast, TF32, fused AdamW, torch.compile,
+and no wait for the device between steps (losses are read every train.log_interval steps).
 CPU: float32.
 
 Checkpoints (pipeline.checkpoint) go to train.checkpoint_dir every checkpoint_interval steps,
