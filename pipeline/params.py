@@ -170,11 +170,11 @@ class Train:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 8  # sequences per micro-batch, per process
     batch_tokens: int = 0  # global batch in tokens per optimizer step (0: one micro-batch per process)
-    max_steps: int = 2800
+    max_steps: int = 3500
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
     # windows from a source: x its token share; default_qa (the default QA set) may be absent
-    source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 8.0})
+    source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 16.0, "bible_en_ru": 3.0})
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
     optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon for the GPT's hidden matrices, AdamW for the rest

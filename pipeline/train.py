@@ -53,7 +53,6 @@ from pipeline.distributed import (
 from pipeline.hardware import CudaAutocast, peak_flops
 from pipeline.model import build_model, count_parameters, flops_per_token
 from pipeline.optim import estimate_loss, lr_at, make_optimizer, train_step
-from pipeline.qa import DEFAULT_QA_SOURCE
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens, token_files_fingerprint
 
 OUT_DIR = Path("data/model")
@@ -280,9 +279,14 @@ def check_long_enough(cfg: P.Model, **splits) -> None:
 
 
 def source_mixture(t: P.Train, sources: dict[str, dict]) -> tuple[dict, dict] | None:
-    """What step_batches needs to draw windows by train.source_weights (None: uniformly)."""
-    weights = {k: w for k, w in t.source_weights.items() if k in sources or k != DEFAULT_QA_SOURCE}
-    if not weights:  # e.g. the default's weight of the default QA set, on a corpus that yields no questions
+    """What step_batches needs to draw windows by train.source_weights (None: uniformly).
+
+    A weight for a source the train split lacks is an error (a misspelt name), except params.yaml's
+    own weights for the default corpus's sources (the default QA set, the en->ru Bible): on another
+    corpus, or one that yields no questions, they do not apply."""
+    default = P.Train().source_weights
+    weights = {k: w for k, w in t.source_weights.items() if k in sources or default.get(k) != w}
+    if not weights:
         return None
     for name in weights:
         if name not in sources:
