@@ -87,8 +87,8 @@ def measure(args) -> None:
         f"model: {m.arch} {m.n_layer}x{m.n_embd}, {m.n_head} heads, context {m.block_size}, vocabulary "
         f"{vocab}, {m.positions} positions, {m.norm}, {m.mlp}; optimizer {t.optimizer}"
     )
-    fpt = flops_per_token(build_model(m, vocab), m.block_size)
-    n_params = count_parameters(build_model(m, vocab))
+    reference = build_model(m, vocab)
+    fpt, n_params = flops_per_token(reference, m.block_size), count_parameters(reference)
     print(f"parameters: {n_params:,}; model FLOPs per token: {fpt / 1e6:.2f} M (6N + 12*L*d*T)")
     if cuda:
         measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt)

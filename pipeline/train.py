@@ -25,6 +25,7 @@ Writes data/model/{best,last}.safetensors and config.json, metrics/train.json, a
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -352,6 +353,8 @@ class PendingSteps:
         norms = [s[3] for s in self.steps]
         norms = norms if norms[0] is None else torch.stack(norms).tolist()
         dt = time.perf_counter() - self.t0
+        tok_s = self.global_tokens * len(self.steps) / dt
+        mfu = self.flops_tok * tok_s / self.peak if self.peak else None
         for (step, lr, _, _), loss, grad_norm in zip(self.steps, losses, norms):
             if not math.isfinite(loss):
                 raise PipelineError(
@@ -360,9 +363,7 @@ class PendingSteps:
                     f"and {OUT_DIR} were left as they were"
                 )
             if live:
-                step_time = dt / len(self.steps)
-                tok_s = self.global_tokens / step_time
-                log_step(live, loss, lr, grad_norm, tok_s, self.flops_tok * tok_s / self.peak if self.peak else None)
+                log_step(live, loss, lr, grad_norm, tok_s, mfu)
         progress.train_seconds += dt
         progress.tokens_seen += self.global_tokens * len(self.steps)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
@@ -437,6 +438,7 @@ class TsvLive:
 
     def __init__(self, folder: Path, step: int):
         self.folder, self.step = folder, step
+        folder.mkdir(parents=True, exist_ok=True)
         summary = folder / "metrics.json"
         self.summary = read_json(summary) if step > 0 and summary.exists() else {}
 
@@ -460,7 +462,9 @@ class TsvLive:
         self.step += 1
 
     def end(self) -> None:
-        write_json(self.folder / "metrics.json", {**self.summary, "step": self.summary.get("step", self.step)})
+        # a plain write: the folder is Curves' private scratch copy, published whole by Curves
+        summary = {**self.summary, "step": self.summary.get("step", self.step)}
+        (self.folder / "metrics.json").write_text(json.dumps(summary, indent=4) + "\n", encoding="utf-8")
 
 
 def truncate_curves(live_dir: Path, step: int) -> None:
