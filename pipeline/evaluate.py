@@ -50,7 +50,14 @@ from pipeline.scoring import (
     units,
 )
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens
-from pipeline.understanding import build_tasks, read_task, score_cloze, score_multiple_choice, write_task
+from pipeline.understanding import (
+    build_tasks,
+    choose_scoring,
+    read_task,
+    score_cloze,
+    score_multiple_choice,
+    write_task,
+)
 
 CHECKPOINT = Path("data/model/best.safetensors")
 TASKS_DIR = Path("data/tasks")
@@ -153,22 +160,18 @@ def translate_test_pairs(
         if pairs[0].get("tgt_lang"):
             direction["target_language"] = pairs[0]["tgt_lang"]
         decodings = {"greedy": Decoding(new_tokens, e.max_target_ratio)}
-        beam_size, length_penalty = e.beam_size, e.length_penalty
+        beam = {"beam_size": e.beam_size, "length_penalty": e.length_penalty, "repetition_penalty": 1.0}
         tune = val_pairs.get(source, [])[: e.tune_pairs] if e.beam_size > 1 else []
         if tune:
-            beam_size, length_penalty, direction["beam_chosen_on_val"] = choose_beam(
-                translate, tune, source, e, new_tokens, tokenize
-            )
-        if beam_size > 1:
-            decodings["beam"] = Decoding(
-                new_tokens, e.max_target_ratio, beam_size=beam_size, length_penalty=length_penalty
-            )
+            beam, direction["beam_chosen_on_val"] = choose_beam(translate, tune, source, e, new_tokens, tokenize)
+        if e.beam_size > 1:
+            decodings["beam"] = Decoding(new_tokens, e.max_target_ratio, **beam)
         hyps = {}
         for name, decoding in decodings.items():
             hyps[name] = translate(pairs, decoding, f"translate {source} ({name})")
             direction[name], signatures = corpus_scores(hyps[name], refs, e.bootstrap, tokenize=tokenize)
             if name == "beam":
-                direction[name].update(beam_size=beam_size, length_penalty=length_penalty)
+                direction[name].update(beam)
         direction["copy_source"], _ = corpus_scores([r["src"] for r in pairs], refs, e.bootstrap, tokenize=tokenize)
         direction["signatures"] = signatures
         result["directions"][source] = direction
@@ -181,22 +184,33 @@ def translate_test_pairs(
 
 def choose_beam(
     translate, pairs: list[dict], source: str, e: P.Evaluate, new_tokens: int, tokenize: str
-) -> tuple[int, float, dict]:
-    """The beam size and length penalty with the best chrF on `pairs` (val), over the grid of
-    tune_beam_sizes x tune_length_penalties (the first best on ties); and every point's chrF."""
+) -> tuple[dict, dict]:
+    """The beam size, length penalty and repetition penalty with the best chrF on `pairs` (val),
+    over the grid of tune_beam_sizes x tune_length_penalties x tune_repetition_penalties (the
+    first best on ties); and every point's chrF, BLEU and length ratio."""
     refs = [r["tgt"] for r in pairs]
     grid = []
     for size in e.tune_beam_sizes:
-        for penalty in e.tune_length_penalties if size > 1 else [1.0]:
-            hyps = translate(
-                pairs,
-                Decoding(new_tokens, e.max_target_ratio, beam_size=size, length_penalty=penalty),
-                f"val {source} (beam {size}, length penalty {penalty:g})",
-            )
-            scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
-            grid.append({"beam_size": size, "length_penalty": penalty, "chrf": scores["chrf"], "bleu": scores["bleu"]})
+        for length in e.tune_length_penalties if size > 1 else [1.0]:
+            for repetition in e.tune_repetition_penalties:
+                point = {"beam_size": size, "length_penalty": length, "repetition_penalty": repetition}
+                hyps = translate(
+                    pairs,
+                    Decoding(new_tokens, e.max_target_ratio, **point),
+                    f"val {source} ({_decoding_words(point)})",
+                )
+                scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
+                grid.append({**point, **{k: scores[k] for k in ("chrf", "bleu", "length_ratio")}})
     best = max(grid, key=lambda g: g["chrf"])
-    return best["beam_size"], best["length_penalty"], {"pairs": len(pairs), "by": "chrf", "grid": grid}
+    chosen = {k: best[k] for k in ("beam_size", "length_penalty", "repetition_penalty")}
+    return chosen, {"pairs": len(pairs), "by": "chrf", "grid": grid}
+
+
+def _decoding_words(point: dict) -> str:
+    return (
+        f"beam {point['beam_size']}, length penalty {point['length_penalty']:g}, "
+        f"repetition penalty {point['repetition_penalty']:g}"
+    )
 
 
 def sample_prompts(
@@ -230,15 +244,23 @@ def sample_prompts(
 
 
 def understanding(
-    model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str, test: list[dict]
+    model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str, test: list[dict], val: list[dict]
 ) -> dict:
-    """Build the default tasks from the test split into data/tasks/, then score them and the user's
-    task files. A bad task file is one line (printed, and in the metrics); the other tasks still run."""
+    """Build the default tasks from the test split into data/tasks/ (and smaller ones from val
+    into data/tasks/val/), then score them and the user's task files. A default multiple-choice
+    task is scored the way (per byte, unnormalised or context-normalised) that does best on its
+    val twin; a task of one's own, per byte. A bad task file is one line (printed, and in the
+    metrics); the other tasks still run."""
     with atomic_dir(TASKS_DIR) as out:
         paths = []
         for name, items in build_tasks(test, e.seed, e.task_items).items() if e.task_items else ():
             write_task(out / f"{name}.jsonl", items)
             paths.append(TASKS_DIR / f"{name}.jsonl")
+        tune = build_tasks(val, e.seed, e.task_tune_items) if e.task_items and e.task_tune_items else {}
+        if tune:
+            (out / "val").mkdir()
+        for name, items in tune.items():
+            write_task(out / "val" / f"{name}.jsonl", items)
     results = {}
     for path in [*paths, *map(Path, e.task_files)]:
         try:
@@ -246,15 +268,26 @@ def understanding(
             if "answer_text" in items[0]:
                 scores = score_cloze(model, tok, items, baselines, e.batch_size, device)
             else:
-                scores = score_multiple_choice(model, tok, items, baselines, e.batch_size)
+                scoring, tuned = "per_byte", None
+                if path in paths and path.stem in tune:
+                    val_items = read_task(TASKS_DIR / "val" / path.name)
+                    scoring, tuned = choose_scoring(
+                        score_multiple_choice(model, tok, val_items, baselines, e.batch_size)
+                    )
+                    tuned = {"items": len(val_items), "model": tuned}
+                scores = score_multiple_choice(model, tok, items, baselines, e.batch_size, scoring)
+                if tuned:
+                    scores["scoring_val"] = tuned
         except PipelineError as err:
             print(f"evaluate: task skipped: {err}", flush=True)
             results[path.stem] = {"file": str(path), "error": str(err)}
             continue
         results[path.stem] = {"file": str(path), **scores}
+        shown = scores.get("headline", scores)  # a cloze task has one score
         print(
-            f"evaluate: understanding, {path.stem} ({scores['items']} items): model {scores['model']['accuracy']}, "
-            f"bigram {scores['bigram']['accuracy']}, chance {scores['chance']}",
+            f"evaluate: understanding, {path.stem} ({scores['items']} items): model {shown['model']['accuracy']}, "
+            f"bigram {shown['bigram']['accuracy']}, chance {scores['chance']}"
+            + (f" (scored {scores['scoring'].replace('_', '-')}, chosen on val)" if "scoring_val" in scores else ""),
             flush=True,
         )
     return results
@@ -309,7 +342,7 @@ def main() -> None:
         )
     samples, metrics["generation"] = sample_prompts(model, tok, e, device, val)
     t3 = time.perf_counter()
-    metrics["understanding"] = understanding(model, tok, e, baselines, device, test)
+    metrics["understanding"] = understanding(model, tok, e, baselines, device, test, val)
     t4 = time.perf_counter()
     train_qa = list(read_jsonl(CLEAN_DIR / "train.jsonl", lambda line: b'"task"' in line))
     metrics["question_answering"], answered = answer_test_questions(model, tok, e, device, test, train_qa)

@@ -43,6 +43,7 @@ class Decoding:
     top_k: int = 0  # keep the k most likely tokens (0: all)
     top_p: float = 1.0  # keep the smallest set of tokens with this much probability
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    no_repeat_ngram: int = 0  # never write an n-gram of this many tokens twice in the output (0: off)
     beam_size: int = 1
     length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
     seed: int = 0
@@ -59,6 +60,8 @@ class Decoding:
             raise PipelineError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.beam_size < 1 or self.repetition_penalty <= 0:
             raise PipelineError("top_k must be >= 0, beam_size >= 1 and repetition_penalty > 0")
+        if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
+            raise PipelineError(f"no_repeat_ngram: must be 0 (off) or >= 2, got {self.no_repeat_ngram}")
 
 
 def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, decoding: Decoding) -> torch.Tensor:
@@ -67,6 +70,19 @@ def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, decoding: Decoding)
         return logits
     penalized = torch.where(logits > 0, logits / decoding.repetition_penalty, logits * decoding.repetition_penalty)
     return torch.where(seen, penalized, logits)
+
+
+def _ban_repeats(logits: torch.Tensor, out: torch.Tensor | None, n: int) -> torch.Tensor:
+    """-inf for each row's tokens that would end an n-gram already in its output `out` (rows x
+    tokens so far): those that followed an earlier occurrence of the output's last n - 1 tokens."""
+    if n == 0 or out is None or out.size(1) < n:
+        return logits
+    suffix = out[:, out.size(1) - n + 1 :]
+    windows = out[:, :-1].unfold(1, n - 1, 1)  # every (n-1)-gram that has a token after it
+    rows, starts = ((windows == suffix[:, None, :]).all(-1)).nonzero(as_tuple=True)
+    if rows.numel():
+        logits = logits.index_put((rows, out[rows, starts + n - 1]), torch.tensor(float("-inf"), device=logits.device))
+    return logits
 
 
 def _pick(logits: torch.Tensor, decoding: Decoding, gen: torch.Generator | None) -> torch.Tensor:
@@ -112,6 +128,8 @@ def stream(model, idx: torch.Tensor, eos_id: int, decoding: Decoding, gen=None) 
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     out: list[torch.Tensor] = []
     for _ in range(decoding.max_new_tokens):
+        if decoding.no_repeat_ngram and len(out) >= decoding.no_repeat_ngram:
+            logits = _ban_repeats(logits, torch.stack(out, dim=1), decoding.no_repeat_ngram)
         nxt = _pick(_adjust(logits, seen, decoding), decoding, gen)
         nxt = nxt.masked_fill(done, eos_id)
         yield nxt
@@ -133,7 +151,10 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> l
     """
     B, K = idx.size(0), decoding.beam_size
     logits, state = _prefill(model, idx)
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    seen = None
+    if decoding.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+    logp = torch.log_softmax(_adjust(logits, seen, decoding).float(), dim=-1)
     V = logp.size(-1)
     scores, first = logp.topk(min(K, V), dim=-1)
     K = scores.size(1)
@@ -141,13 +162,16 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> l
     state = model.reorder_state(state, rows)
     idx = idx[rows]
     out, scores = first.reshape(B * K, 1), scores.reshape(B * K)
+    if seen is not None:
+        seen = seen[rows].scatter_(1, out, True)
     done = out[:, -1] == eos_id
     lengths = torch.ones(B * K, device=idx.device)
     for _ in range(decoding.max_new_tokens - 1):
         if bool(done.all()):
             break
         logits, state = _step(model, out[:, -1], state, lambda: torch.cat([idx, out], dim=1))  # noqa: B023 (called at once)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(_adjust(logits, seen, decoding).float(), dim=-1)
+        logp = _ban_repeats(logp, out, decoding.no_repeat_ngram)
         logp[done] = float("-inf")
         logp[done, eos_id] = 0.0
         top, pos = (scores[:, None] + logp).view(B, K * V).topk(K, dim=-1)
@@ -158,6 +182,8 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> l
         out = torch.cat([out[parent], token[:, None]], dim=1)
         scores = top.view(-1)
         state = model.reorder_state(state, parent)
+        if seen is not None:
+            seen = seen[parent].scatter_(1, token[:, None], True)
     best = (scores / lengths.pow(decoding.length_penalty)).view(B, K).argmax(dim=-1)
     chosen = out.view(B, K, -1)[torch.arange(B), best].tolist()
     return [r[: r.index(eos_id)] if eos_id in r else r for r in chosen]
@@ -241,8 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    ap.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N", help="never write an N-gram twice")
     ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
+    ap.add_argument("--length-penalty", type=float, default=1.0, help="beam: rank by log-probability / length ** this")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.ask is not None:
@@ -262,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
         beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
         seed=args.seed,
     )
     decoding.check()

@@ -211,10 +211,12 @@ class Evaluate:
     beam_size: int = 4  # beam search beside greedy (1: greedy only)
     length_penalty: float = 1.0
     tune_pairs: int = 100  # val pairs per direction on which the beam's size and length penalty are chosen
-    tune_beam_sizes: list[int] = field(default_factory=lambda: [2, 4])  # (by chrF; 0 pairs: use the two above)
-    tune_length_penalties: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
+    tune_beam_sizes: list[int] = field(default_factory=lambda: [4])  # (by chrF; 0 pairs: use the two above)
+    tune_length_penalties: list[float] = field(default_factory=lambda: [1.0, 1.4])
+    tune_repetition_penalties: list[float] = field(default_factory=lambda: [1.0, 1.15, 1.3])  # (CTRL's; 1: none)
     bootstrap: int = 1000  # resamples for 95% confidence intervals (0: none)
     task_items: int = 400  # understanding: items per default task, built from the test split (0: none)
+    task_tune_items: int = 200  # items per default task built from val, on which its scoring is chosen (0: per byte)
     task_files: list[str] = field(default_factory=list)  # more tasks of your own, JSON lines (pipeline.understanding)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     samples_per_prompt: int = 8
@@ -457,6 +459,7 @@ def _check(p: Params) -> None:
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
     need(e.task_items >= 0, f"evaluate.task_items: must be >= 0, got {e.task_items}")
+    need(e.task_tune_items >= 0, f"evaluate.task_tune_items: must be >= 0, got {e.task_tune_items}")
     need(e.tune_pairs >= 0, f"evaluate.tune_pairs: must be >= 0, got {e.tune_pairs}")
     need(
         bool(e.tune_beam_sizes) and all(b >= 1 for b in e.tune_beam_sizes),
@@ -465,6 +468,10 @@ def _check(p: Params) -> None:
     need(
         bool(e.tune_length_penalties) and all(lp >= 0 for lp in e.tune_length_penalties),
         f"evaluate.tune_length_penalties: a list of values >= 0, got {e.tune_length_penalties}",
+    )
+    need(
+        bool(e.tune_repetition_penalties) and all(rp > 0 for rp in e.tune_repetition_penalties),
+        f"evaluate.tune_repetition_penalties: a list of values > 0, got {e.tune_repetition_penalties}",
     )
     need(e.max_target_ratio >= 0, f"evaluate.max_target_ratio: must be >= 0, got {e.max_target_ratio}")
     need(

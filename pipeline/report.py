@@ -108,24 +108,39 @@ def _qa_table(qa: dict) -> list[str]:
 
 def _tasks_table(tasks: dict) -> list[str]:
     lines = [
-        "Tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; "
-        "multiple choice by log-likelihood per byte (beside it: unnormalised, and context-normalised: the "
-        "log-likelihood after the context minus that after an empty one, as GPT-3 scored some tasks), cloze "
-        "by exact match; "
+        "Tasks built from the test split (data/tasks/) and any of `evaluate.task_files`; cloze by exact match; "
+        "multiple choice by the log-likelihood of each choice, scored three ways: per byte, unnormalised, and "
+        "context-normalised (after the context minus after an empty one, as GPT-3 scored some tasks). A "
+        "default task's first columns use the scoring that did best on its twin built from val "
+        "(data/tasks/val/, accuracies in brackets); a task of one's own is scored per byte. "
         "95% Wilson intervals:",
         "",
     ]
     rows = []
     for name, t in tasks.items():
         if "error" in t:
-            rows.append([name, f"skipped: {t['error']}", "", "", "", ""])
+            rows.append([name, f"skipped: {t['error']}", "", "", "", "", "", "", ""])
             continue
-        cells = [
-            _accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "model_context_normalized", "bigram")
-        ]
-        rows.append([name, *cells, t["chance"], t["items"]])
+        shown = t.get("headline", t)
+        scoring = t.get("scoring", "").replace("_", "-")
+        if "scoring_val" in t:
+            val = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in t["scoring_val"]["model"].items())
+            scoring += f" (val, {t['scoring_val']['items']} items: {val})"
+        variants = [_accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "model_context_normalized")]
+        rows.append(
+            [
+                name,
+                _accuracy_cell(shown["model"]),
+                _accuracy_cell(shown["bigram"]),
+                t["chance"],
+                t["items"],
+                scoring,
+                *variants,
+            ]
+        )
     lines += _table(
-        ["task", "model", "model, unnormalised", "model, context-normalised", "bigram", "chance", "items"], rows
+        ["task", "model", "bigram", "chance", "items", "scoring", "per byte", "unnormalised", "context-normalised"],
+        rows,
     )
     return lines
 
@@ -138,11 +153,13 @@ def _accuracy_cell(scores: dict | None) -> str:
 
 
 def _decoding_label(direction: dict, name: str) -> str:
-    """greedy, copy_source, or the beam with its size and length penalty."""
+    """greedy, copy_source, or the beam with its size, length penalty and repetition penalty."""
     scores = direction[name]
     if name != "beam" or "beam_size" not in scores:
         return name
-    return f"beam {scores['beam_size']}, length penalty {scores['length_penalty']:g}"
+    return f"beam {scores['beam_size']}, length penalty {scores['length_penalty']:g}" + (
+        f", repetition penalty {scores['repetition_penalty']:g}" if scores.get("repetition_penalty", 1.0) != 1.0 else ""
+    )
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -293,6 +310,7 @@ def report_markdown(
                 _ci(direction[name], "chrf"),
                 _ci(direction[name], "bleu"),
                 _ci(direction[name], "ter"),
+                direction[name].get("length_ratio", ""),
             ]
             for name in ("greedy", "beam", "copy_source")
             if name in direction
@@ -301,17 +319,21 @@ def report_markdown(
         lines += [
             f"Translation, {source}{language}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
             f"{translation['bootstrap_samples']} samples; BLEU tokenizer `{direction['bleu_tokenize']}`; "
-            "TER: lower is better):",
+            "TER: lower is better; length: the output's characters over the references'):",
             "",
         ]
-        lines += _table(["decoding", "chrF", "BLEU", "TER"], rows)
+        lines += _table(["decoding", "chrF", "BLEU", "TER", "length"], rows)
         lines += ["Signatures: " + "; ".join(f"`{v}`" for v in direction["signatures"].values()), ""]
         tuned = direction.get("beam_chosen_on_val")
         if tuned:
-            grid = ", ".join(f"{g['beam_size']}/{g['length_penalty']:g}: {g['chrf']}" for g in tuned["grid"])
+            grid = ", ".join(
+                f"{g['beam_size']}/{g['length_penalty']:g}/{g.get('repetition_penalty', 1.0):g}: {g['chrf']}"
+                + (f" ({g['bleu']}, {g['length_ratio']})" if "length_ratio" in g else "")
+                for g in tuned["grid"]
+            )
             lines += [
-                f"The beam's size and length penalty were chosen by chrF on the first {tuned['pairs']} val pairs "
-                f"(size/penalty: chrF): {grid}.",
+                f"The beam's size, length penalty and repetition penalty were chosen by chrF on the first "
+                f"{tuned['pairs']} val pairs (size/length penalty/repetition penalty: chrF (BLEU, length)): {grid}.",
                 "",
             ]
     generation = metrics.get("generation")

@@ -138,7 +138,7 @@ def corpus_scores(
     hyps: list[str], refs: list[str], n_bootstrap: int, seed: int = 12345, tokenize: str = "13a"
 ) -> tuple[dict, dict]:
     """chrF, BLEU (with sacrebleu's tokenizer `tokenize`) and TER with 95% bootstrap confidence
-    intervals; and their signatures.
+    intervals, and the hypotheses' length over the references' (in characters); and the signatures.
 
     The interval resamples the test sentences `n_bootstrap` times and recomputes each corpus
     score from sacrebleu's per-sentence sufficient statistics, as `corpus_score(n_bootstrap=...)`
@@ -162,6 +162,7 @@ def corpus_scores(
             boot = sorted(float(metric._compute_score_from_stats(stats[r].sum(0)).score) for r in resamples)
             low, high = boot[n_bootstrap // 40], boot[n_bootstrap - n_bootstrap // 40 - 1]
             scores[f"{name}_ci95"] = round((high - low) / 2, 2)  # half-width: score ± ci95
+    scores["length_ratio"] = round(sum(map(len, hyps)) / max(sum(map(len, refs)), 1), 3)
     return scores, signatures
 
 

@@ -4,7 +4,9 @@ do (HellaSwag, nanochat's CORE), and a cloze task scored by exact match.
 A task is a JSON lines file, one item per line. A multiple-choice item is
     {"context": "...", "choices": ["...", "...", ...], "answer": 0}
 and the model picks the choice it finds most likely after the context: the sum of its tokens'
-log-probabilities, divided by the choice's UTF-8 bytes ("per byte"; the raw sum is reported too).
+log-probabilities, divided by the choice's UTF-8 bytes ("per byte"; the raw sum is reported too,
+and the context-normalised likelihood: after the context minus after none). For the default tasks,
+the scoring shown first is the one of the three that scores best on the same task built from val.
 Two variants:
     {"context": "...", "choices": [...], "continuation": "...", "answer": i}
         the choices sit between context and continuation, and the model picks the choice after
@@ -18,8 +20,8 @@ word the model writes greedily.
 The default tasks are built from the **test** split only (nothing in them was trained on), seeded:
 - next_line: a few lines of a play, then the true next line among three lines of other test
   passages;
-- who_speaks: a speech, and its speaker among other speakers of the same or neighbouring test
-  passages (the same play, as the passages are in order);
+- who_speaks: a speech after the two speeches before it, and its speaker among three other
+  characters of the same play (speakers in its test passages; a record's origin names its play);
 - which_book: a test verse in the default QA set's which_book question (pipeline.qa), and its
   book among three other books;
 - translation: an English verse, and its Russian translation among three other test verses';
@@ -53,10 +55,11 @@ WORD = re.compile(r"[A-Za-z']+")
 def build_tasks(records: list[dict], seed: int, n: int = ITEMS_PER_TASK) -> dict[str, list[dict]]:
     """The default tasks from test records (text documents and pairs), deterministic in `seed`."""
     texts = [r["text"] for r in records if "text" in r]
+    plays = [(r.get("origin") or r.get("source", ""), r["text"]) for r in records if "text" in r]
     pairs = [r for r in records if "src" in r and "task" not in r]
     tasks = {
         "next_line": next_line_items(texts, random.Random(f"{seed}/next_line"), n),
-        "who_speaks": who_speaks_items(texts, random.Random(f"{seed}/who_speaks"), n),
+        "who_speaks": who_speaks_items(plays, random.Random(f"{seed}/who_speaks"), n),
         "which_book": which_book_items(records, random.Random(f"{seed}/which_book"), n),
         "translation": translation_items(pairs, random.Random(f"{seed}/translation"), n),
         "last_word": last_word_items(texts, random.Random(f"{seed}/last_word"), n),
@@ -108,25 +111,24 @@ def next_line_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
     return items
 
 
-def who_speaks_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
-    speeches = []  # (passage index, speaker, context before the speech, the speech)
-    for d, t in enumerate(texts):
+def who_speaks_items(texts: list[tuple[str, str]], rng: random.Random, n: int) -> list[dict]:
+    """(play, passage) pairs -> items: a speech after the two blocks before it, and its speaker
+    among three other characters of the same play (a record's origin, its file; else its source)."""
+    speeches = []  # (play, speaker, context before the speech, the speech)
+    characters: dict[str, set[str]] = {}
+    for play, t in texts:
         blocks = t.split("\n\n")
         for b, block in enumerate(blocks):
             head, _, speech = block.partition("\n")
             m = SPEAKER.match(head.strip())
-            if m and len(speech.strip()) >= 40 and b > 0:
-                before = "\n\n".join(blocks[max(0, b - 2) : b]) + "\n\n"
-                speeches.append((d, m.group(1), before, speech))
-    names_near: dict[int, list[str]] = {}
-    for d, name, _, _ in speeches:
-        names_near.setdefault(d, [])
-        if name not in names_near[d]:
-            names_near[d].append(name)
+            if m:
+                characters.setdefault(play, set()).add(m.group(1))
+                if len(speech.strip()) >= 40 and b > 0:
+                    before = "\n\n".join(blocks[max(0, b - 2) : b]) + "\n\n"
+                    speeches.append((play, m.group(1), before, speech))
     items = []
-    for d, name, before, speech in rng.sample(speeches, min(n, len(speeches))):
-        near = [x for k in (d - 1, d, d + 1) for x in names_near.get(k, []) if x != name]
-        distractors = _pick(rng, sorted(set(near)), 3, name) if len(set(near)) >= 3 else []
+    for play, name, before, speech in rng.sample(speeches, min(n, len(speeches))):
+        distractors = _pick(rng, sorted(characters[play] - {name}), 3, name) if len(characters[play]) >= 4 else []
         if distractors:
             choices, answer = _shuffled(rng, name, distractors)
             items.append(
@@ -310,46 +312,67 @@ def accuracy(correct: list[bool]) -> dict:
     return {"accuracy": round(sum(correct) / max(len(correct), 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
-def score_multiple_choice(model, tok, items: list[dict], baselines, batch_size: int) -> dict:
-    """Accuracy of the choice the model finds most likely per byte (the headline), and of two
-    variants: the raw sum, and the likelihood with the context over that without it (each
-    choice's log-probability after the context minus after an empty one: GPT-3's normalisation
-    for answers whose own likelihood outweighs the context's say; not for items with a
-    continuation, which compare the choices on the same text already); beside the bigram's."""
+SCORINGS = ("per_byte", "unnormalized", "context_normalized")
+
+
+def score_multiple_choice(
+    model, tok, items: list[dict], baselines, batch_size: int, scoring: str | None = None
+) -> dict:
+    """Accuracy of the choice the model finds most likely under three scorings, and the bigram's:
+    per byte (the log-likelihood over the choice's UTF-8 bytes: "model", "bigram"), unnormalised
+    (the sum), and context-normalised (each choice's log-likelihood after the context minus after
+    an empty one: GPT-3's normalisation for answers whose own likelihood outweighs the context's
+    say; only where no item has a continuation, whose choices are compared on the same text
+    already). With `scoring` (one of SCORINGS, chosen on val by `choose_scoring`), "headline"
+    holds the model's and the bigram's accuracy under it."""
     sequences, owner = [], []
     for i, item in enumerate(items):
         for s in choice_sequences(tok, item):
             sequences.append(s)
             owner.append(i)
-    neutral = [i for i, item in enumerate(items) if "continuation" not in item]
-    # the same choices after an empty context (source), scored in the same batches
-    empty = [{**items[i], "src" if "src" in items[i] else "context": ""} for i in neutral]
-    sequences += [s for item in empty for s in choice_sequences(tok, item)]
+    neutral = all("continuation" not in item for item in items)
+    if neutral:  # the same choices after an empty context (source), scored in the same batches
+        empty = [{**item, "src" if "src" in item else "context": ""} for item in items]
+        sequences += [s for item in empty for s in choice_sequences(tok, item)]
     model_nats, bigram_nats = span_nats(model, sequences, batch_size, baselines)
-    per_item: list[list[tuple]] = [[] for _ in items]
-    for (_, _, _, n_bytes), m, b, i in zip(sequences, model_nats, bigram_nats, owner):
-        per_item[i].append((m, b, n_bytes))
-    without_context: list[list[float]] = [[] for _ in items]
-    rest = iter(model_nats[len(owner) :])
-    for i in neutral:
-        without_context[i] = [next(rest) for _ in items[i]["choices"]]
-    picks = {"model": [], "model_unnormalized": [], "bigram": []}
-    for item, scores in zip(items, per_item):
-        picks["model"].append(int(np.argmin([m / nb for m, _, nb in scores])) == item["answer"])
-        picks["model_unnormalized"].append(int(np.argmin([m for m, _, _ in scores])) == item["answer"])
-        picks["bigram"].append(int(np.argmin([b / nb for _, b, nb in scores])) == item["answer"])
-    if neutral:
-        picks["model_context_normalized"] = [
-            int(np.argmin([m - u for (m, _, _), u in zip(per_item[i], without_context[i])])) == items[i]["answer"]
-            for i in neutral
-        ]
-    chance = float(np.mean([1 / len(item["choices"]) for item in items]))
-    return {
+    n = len(owner)
+    per_item: list[list[tuple]] = [[] for _ in items]  # per choice: (model, bigram) x (with context, without)
+    for k, i in enumerate(owner):
+        without = (model_nats[n + k], bigram_nats[n + k]) if neutral else (0.0, 0.0)
+        per_item[i].append((model_nats[k], bigram_nats[k], *without, sequences[k][3]))
+    score = {
+        "per_byte": lambda nats, _, n_bytes: nats / n_bytes,
+        "unnormalized": lambda nats, _, n_bytes: nats,
+        "context_normalized": lambda nats, without, n_bytes: nats - without,
+    }
+    result = {
         "items": len(items),
         "metric": "accuracy (log-likelihood per byte)",
-        "chance": round(chance, 4),
-        **{name: accuracy(c) for name, c in picks.items()},
+        "chance": round(float(np.mean([1 / len(item["choices"]) for item in items])), 4),
     }
+    for name in SCORINGS if neutral else SCORINGS[:2]:
+        f = score[name]
+        for who, col in (("model", 0), ("bigram", 1)):
+            picks = [
+                int(np.argmin([f(c[col], c[col + 2], c[4]) for c in choices])) == item["answer"]
+                for item, choices in zip(items, per_item)
+            ]
+            result[_key(who, name)] = accuracy(picks)
+    if scoring:
+        result["scoring"] = scoring
+        result["headline"] = {who: result[_key(who, scoring)] for who in ("model", "bigram")}
+    return result
+
+
+def _key(who: str, scoring: str) -> str:
+    """Where a scoring's accuracy sits in the result: "model" (per byte), "model_unnormalized", ..."""
+    return who if scoring == "per_byte" else f"{who}_{scoring}"
+
+
+def choose_scoring(val_scores: dict) -> tuple[str, dict]:
+    """The scoring with the highest accuracy on val (ties: the first of SCORINGS), and each one's."""
+    accs = {name: val_scores[_key("model", name)]["accuracy"] for name in SCORINGS if _key("model", name) in val_scores}
+    return max(accs, key=lambda name: (accs[name], -SCORINGS.index(name))), accs
 
 
 def score_cloze(model, tok, items: list[dict], baselines, batch_size: int, device: str) -> dict:

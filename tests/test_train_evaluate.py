@@ -18,6 +18,7 @@ from conftest import assert_clean_error, call_stage, copy_project, run_stage, se
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_model, load_weights
+from pipeline.common import PipelineError
 from pipeline.generate import Decoding, generate
 from pipeline.tokenizer import Tokenizer
 
@@ -257,6 +258,22 @@ def test_sampling_filters(model_and_prompts):
         assert len(set(o)) == len(o) and not set(o) & set(p)
     with pytest.raises(Exception, match="top_p"):
         generate(model, prompts, tok.eos_id, Decoding(top_p=0.0))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_repetition_controls_hold_in_greedy_and_beam_search(model_and_prompts, beam_size):
+    model, tok, prompts = model_and_prompts
+    plain = generate(model, prompts, -1, Decoding(max_new_tokens=40, beam_size=beam_size))
+    assert any(len(set(zip(o, o[1:]))) < len(o) - 1 for o in plain)  # it repeats itself, unchecked
+    for n in (2, 3):
+        for o in generate(model, prompts, -1, Decoding(max_new_tokens=40, beam_size=beam_size, no_repeat_ngram=n)):
+            grams = [tuple(o[i : i + n]) for i in range(len(o) - n + 1)]
+            assert len(o) == 40 and len(set(grams)) == len(grams)
+    out = generate(model, prompts, -1, Decoding(max_new_tokens=30, beam_size=beam_size, repetition_penalty=1e9))
+    for p, o in zip(prompts, out):
+        assert len(set(o)) == len(o) and not set(o) & set(p)
+    with pytest.raises(PipelineError, match="no_repeat_ngram: must be 0 .off. or >= 2, got 1"):
+        generate(model, prompts, -1, Decoding(no_repeat_ngram=1))
 
 
 def test_text_statistics_on_known_text():

@@ -140,20 +140,25 @@ def test_evaluate_chooses_the_beam_on_val_and_reports_it(prepared, tmp_path):
     set_params(
         folder,
         train={"max_steps": 5},
-        evaluate={"tune_pairs": 6, "tune_beam_sizes": [1, 2], "tune_length_penalties": [0.5, 1.5], "prompts": []},
+        evaluate={
+            "tune_pairs": 6,
+            "tune_beam_sizes": [1, 2],
+            "tune_length_penalties": [0.5, 1.5],
+            "tune_repetition_penalties": [1.0, 1.3],
+            "prompts": [],
+        },
     )
     call_stage("train", folder)
     call_stage("evaluate", folder)
     direction = json.loads((folder / "metrics/eval.json").read_text())["translation"]["directions"]["pairs"]
     chosen = direction["beam_chosen_on_val"]
     assert chosen["pairs"] == 6 and chosen["by"] == "chrf"
-    assert [(g["beam_size"], g["length_penalty"]) for g in chosen["grid"]] == [(1, 1.0), (2, 0.5), (2, 1.5)]
+    points = [(g["beam_size"], g["length_penalty"], g["repetition_penalty"]) for g in chosen["grid"]]
+    assert points == [(size, lp, rp) for size, lp in [(1, 1.0), (2, 0.5), (2, 1.5)] for rp in (1.0, 1.3)]
     best = max(chosen["grid"], key=lambda g: g["chrf"])
-    if best["beam_size"] > 1:
-        assert (direction["beam"]["beam_size"], direction["beam"]["length_penalty"]) == (
-            best["beam_size"],
-            best["length_penalty"],
-        )
+    beam = direction["beam"]
+    assert (beam["beam_size"], beam["length_penalty"], beam["repetition_penalty"]) == points[chosen["grid"].index(best)]
+    assert all(g["length_ratio"] > 0 for g in chosen["grid"]) and beam["length_ratio"] > 0
     assert direction["target_language"] == "ru"
     report = (folder / "metrics/report.md").read_text()
     assert "chosen by chrF on the first 6 val pairs" in report

@@ -32,8 +32,18 @@ KING.
 I'll fee thee to stand up, and fee thee well, and fee thee again."""
 
 
+OTHER_PLAY = "\n\n".join(
+    f"{name}.\nA speech of {name.lower()}, long enough to be asked who says it, in another play."
+    for name in ("MACBETH", "BANQUO", "DUNCAN", "MACBETH", "ROSS", "LENNOX", "BANQUO")
+)
+
+
 def records() -> list[dict]:
-    texts = [{"source": "plays", "text": PLAY}, {"source": "sonnets", "text": SONNET + "\nShall I compare thee?"}]
+    texts = [
+        {"source": "plays", "origin": "alls_well.txt", "text": PLAY},
+        {"source": "plays", "origin": "macbeth.txt", "text": OTHER_PLAY},
+        {"source": "sonnets", "text": SONNET + "\nShall I compare thee?"},
+    ]
     pairs = [{"source": "bible", "src": s, "tgt": t, "tgt_lang": "ru"} for s, t in PAIRS]
     return texts + pairs
 
@@ -46,9 +56,14 @@ def test_default_tasks_are_built_from_the_records_given_deterministically():
         for item in items:
             check_item(item, name)
     speakers = {"HELENA.\n", "PAROLLES.\n", "BERTRAM.\n", "LAFEU.\n", "KING.\n"}
-    for item in tasks["who_speaks"]:
-        assert set(item["choices"]) <= speakers and len(item["choices"]) == 4
-        assert item["continuation"] in PLAY and item["context"].endswith("\n\n")
+    others = {"MACBETH.\n", "BANQUO.\n", "DUNCAN.\n", "ROSS.\n", "LENNOX.\n"}
+    plays = set()
+    for item in tasks["who_speaks"]:  # the speaker among characters of the same play
+        play = PLAY if set(item["choices"]) <= speakers else OTHER_PLAY
+        assert set(item["choices"]) <= (speakers if play == PLAY else others) and len(item["choices"]) == 4
+        assert item["continuation"] in play and item["context"].endswith("\n\n")
+        plays.add(play)
+    assert len(plays) == 2
     truth = dict(PAIRS)
     for item in tasks["translation"]:
         assert item["choices"][item["answer"]] == truth[item["src"]] and item["tgt_lang"] == "ru"
@@ -100,13 +115,24 @@ def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, 
     assert tasks["mine"]["items"] == 5 and tasks["mine"]["chance"] == 0.5
     for name in ("mine", "next_line", "translation"):
         t = tasks[name]
-        for who in ("model", "model_unnormalized", "model_context_normalized", "bigram"):
-            lo, hi = t[who]["ci95"]
-            assert 0 <= lo <= t[who]["accuracy"] <= hi <= 1, (name, who)
+        for who in ("model", "bigram"):
+            for key in (who, f"{who}_unnormalized", f"{who}_context_normalized"):
+                lo, hi = t[key]["ci95"]
+                assert 0 <= lo <= t[key]["accuracy"] <= hi <= 1, (name, key)
     assert tasks["mine"]["model"]["accuracy"] in (0.0, 1.0)  # the same item five times
-    assert sorted(p.name for p in (folder / "data/tasks").iterdir()) == sorted(
-        f"{n}.jsonl" for n in tasks if n not in ("mine", "broken")
-    )
+    # a task of one's own is scored per byte; a default one the way its val twin scores best
+    assert tasks["mine"]["scoring"] == "per_byte" and "scoring_val" not in tasks["mine"]
+    assert tasks["mine"]["headline"]["model"] == tasks["mine"]["model"]
+    for name in ("next_line", "translation"):
+        t = tasks[name]
+        val = t["scoring_val"]["model"]
+        assert t["scoring"] == max(val, key=lambda k: (val[k], -list(val).index(k)))
+        key = "" if t["scoring"] == "per_byte" else f"_{t['scoring']}"
+        assert t["headline"] == {"model": t[f"model{key}"], "bigram": t[f"bigram{key}"]}
+    defaults = sorted(f"{n}.jsonl" for n in tasks if n not in ("mine", "broken"))
+    assert sorted(p.name for p in (folder / "data/tasks").iterdir()) == sorted([*defaults, "val"])
+    assert {p.name for p in (folder / "data/tasks/val").iterdir()} <= set(defaults)
     report = (folder / "metrics/report.md").read_text()
-    assert "| task | model | model, unnormalised | model, context-normalised | bigram | chance | items |" in report
+    header = "| task | model | bigram | chance | items | scoring | per byte | unnormalised | context-normalised |"
+    assert header in report
     assert "| broken | skipped: broken.jsonl:1" in report
