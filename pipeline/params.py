@@ -215,7 +215,7 @@ class Evaluate:
     tune_length_penalties: list[float] = field(default_factory=lambda: [1.0, 1.4])
     tune_repetition_penalties: list[float] = field(default_factory=lambda: [1.0, 1.15, 1.3])  # (CTRL's; 1: none)
     bootstrap: int = 1000  # resamples for 95% confidence intervals (0: none)
-    task_items: int = 400  # understanding: items per default task, built from the test split (0: none)
+    task_items: int = 600  # understanding: items per default task, built from the test split (0: none)
     task_tune_items: int = 200  # items per default task built from val, on which its scoring is chosen (0: per byte)
     task_files: list[str] = field(default_factory=list)  # more tasks of your own, JSON lines (pipeline.understanding)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pipeline.common import PipelineError
 from pipeline.qa import SPEAKER, passage_items
 
-ITEMS_PER_TASK = 400
+ITEMS_PER_TASK = 600
 WORD = re.compile(r"[A-Za-z']+")
 
 
