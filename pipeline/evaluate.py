@@ -51,6 +51,7 @@ from pipeline.scoring import (
 )
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens
 from pipeline.understanding import (
+    SCORING_LABELS,
     build_tasks,
     choose_scoring,
     read_task,
@@ -287,7 +288,7 @@ def understanding(
         print(
             f"evaluate: understanding, {path.stem} ({scores['items']} items): model {shown['model']['accuracy']}, "
             f"bigram {shown['bigram']['accuracy']}, chance {scores['chance']}"
-            + (f" (scored {scores['scoring'].replace('_', '-')}, chosen on val)" if "scoring_val" in scores else ""),
+            + (f" (scored {SCORING_LABELS[scores['scoring']]}, chosen on val)" if "scoring_val" in scores else ""),
             flush=True,
         )
     return results

@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 
 from pipeline.common import read_json
+from pipeline.understanding import SCORING_LABELS
 
 REPORT = Path("metrics/report.md")
 LOSS_PNG = Path("metrics/loss.png")
@@ -122,9 +123,9 @@ def _tasks_table(tasks: dict) -> list[str]:
             rows.append([name, f"skipped: {t['error']}", "", "", "", "", "", "", ""])
             continue
         shown = t.get("headline", t)
-        scoring = t.get("scoring", "").replace("_", "-")
+        scoring = SCORING_LABELS.get(t.get("scoring"), "")
         if "scoring_val" in t:
-            val = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in t["scoring_val"]["model"].items())
+            val = ", ".join(f"{SCORING_LABELS[k]} {v}" for k, v in t["scoring_val"]["model"].items())
             scoring += f" (val, {t['scoring_val']['items']} items: {val})"
         variants = [_accuracy_cell(t.get(k)) for k in ("model", "model_unnormalized", "model_context_normalized")]
         rows.append(

@@ -313,6 +313,7 @@ def accuracy(correct: list[bool]) -> dict:
 
 
 SCORINGS = ("per_byte", "unnormalized", "context_normalized")
+SCORING_LABELS = {"per_byte": "per byte", "unnormalized": "unnormalised", "context_normalized": "context-normalised"}
 
 
 def score_multiple_choice(
