@@ -247,16 +247,23 @@ def check_item(item, where: str) -> dict:
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def choice_sequences(tok, item: dict) -> list[tuple[list[int], int, int, int]]:
-    """Per choice: (token ids, start and end of the scored span, its UTF-8 bytes)."""
+def choice_sequences(tok, item: dict, limit: int | None = None) -> list[tuple[list[int], int, int, int]]:
+    """Per choice: (token ids, start and end of the scored span, its UTF-8 bytes). With `limit`
+    (the model's context plus one), a continuation that would not fit after the context and the
+    longest choice is cut at its end, the same for every choice: cutting the sequence at its
+    start, as for other items, would drop the context and then the choice itself."""
     if "src" in item:
         context = tok.pair_prompt(tok.encode([item["src"]])[0], item.get("tgt_lang"), item.get("task"))
     else:
         context = [tok.eos_id, *tok.encode([item["context"]])[0]] if item["context"] else [tok.eos_id]
+    choices = tok.encode(item["choices"])
     continuation = item.get("continuation")
     cont = tok.encode([continuation])[0] if continuation is not None else None
+    if cont is not None and limit and len(context) + max(map(len, choices)) + len(cont) > limit:
+        cont = cont[: max(limit - len(context) - max(map(len, choices)), 1)]
+        continuation = tok.decode(cont)
     out = []
-    for choice, ids in zip(item["choices"], tok.encode(item["choices"])):
+    for choice, ids in zip(item["choices"], choices):
         if cont is None:
             seq = [*context, *ids]
             out.append((seq, len(context), len(seq), len(choice.encode("utf-8"))))
@@ -326,15 +333,16 @@ def score_multiple_choice(
     say; only where no item has a continuation, whose choices are compared on the same text
     already). With `scoring` (one of SCORINGS, chosen on val by `choose_scoring`), "headline"
     holds the model's and the bigram's accuracy under it."""
+    limit = model.block_size + 1 if model.bounded_context else None
     sequences, owner = [], []
     for i, item in enumerate(items):
-        for s in choice_sequences(tok, item):
+        for s in choice_sequences(tok, item, limit):
             sequences.append(s)
             owner.append(i)
     neutral = all("continuation" not in item for item in items)
     if neutral:  # the same choices after an empty context (source), scored in the same batches
         empty = [{**item, "src" if "src" in item else "context": ""} for item in items]
-        sequences += [s for item in empty for s in choice_sequences(tok, item)]
+        sequences += [s for item in empty for s in choice_sequences(tok, item, limit)]
     model_nats, bigram_nats = span_nats(model, sequences, batch_size, baselines)
     n = len(owner)
     per_item: list[list[tuple]] = [[] for _ in items]  # per choice: (model, bigram) x (with context, without)

@@ -8,7 +8,8 @@ from conftest import PAIRS, SONNET, call_stage, copy_project, set_params
 
 from pipeline.common import PipelineError
 from pipeline.scoring import NgramBaselines
-from pipeline.understanding import build_tasks, check_item, read_task, wilson
+from pipeline.tokenizer import Tokenizer
+from pipeline.understanding import build_tasks, check_item, choice_sequences, read_task, wilson
 
 PLAY = """HELENA.
 Not my virginity yet.
@@ -72,6 +73,21 @@ def test_default_tasks_are_built_from_the_records_given_deterministically():
         assert len(set(item["choices"])) == 4
     for item in tasks["last_word"]:  # the word occurs before in its passage: predictable from context
         assert item["answer_text"] in item["context"] and len(item["answer_text"]) >= 3
+
+
+def test_a_long_continuation_is_cut_at_its_end_so_context_and_choice_stay(prepared):
+    tok = Tokenizer(prepared / "data/tokens/tokenizer.model")
+    speech = " ".join(["Thy father's ghost walks on the battlements at night."] * 40)
+    item = {"context": "HAMLET.\nWho goes there?\n\n", "choices": ["KING.\n", "HORATIO.\n"], "continuation": speech}
+    whole = choice_sequences(tok, item)
+    cut = choice_sequences(tok, item, limit=64)
+    spans = set()
+    for (seq, start, end, n_bytes), (full, full_start, _, full_bytes) in zip(cut, whole):
+        assert len(seq) <= 64 and end == len(seq) and seq[:start] == full[:full_start]  # context and choice whole
+        spans.add(tuple(seq[start:end]))
+        assert 0 < n_bytes < full_bytes
+    assert len(spans) == 1  # every choice is scored on the same part of the speech
+    assert choice_sequences(tok, item, limit=100_000) == whole
 
 
 def test_bad_task_files_are_one_line_naming_file_and_line(tmp_path):
