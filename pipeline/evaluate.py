@@ -272,10 +272,10 @@ def understanding(
                 scoring, tuned = "per_byte", None
                 if path in paths and path.stem in tune:
                     val_items = read_task(TASKS_DIR / "val" / path.name)
-                    scoring, tuned = choose_scoring(
+                    scoring, accuracies = choose_scoring(
                         score_multiple_choice(model, tok, val_items, baselines, e.batch_size)
                     )
-                    tuned = {"items": len(val_items), "model": tuned}
+                    tuned = {"items": len(val_items), "model": accuracies}
                 scores = score_multiple_choice(model, tok, items, baselines, e.batch_size, scoring)
                 if tuned:
                     scores["scoring_val"] = tuned
