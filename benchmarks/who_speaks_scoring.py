@@ -8,6 +8,7 @@ and the bigram two ways:
 
     python benchmarks/who_speaks_scoring.py                  # test and val, every speech
     python benchmarks/who_speaks_scoring.py --splits val --items 400
+    python benchmarks/who_speaks_scoring.py --by-speeches    # distractors as often as each speaks
 
 If the bigram gains as much as the model from the joint scoring, the gain is the names' own
 frequency (true speakers come with their speeches, distractors uniformly), not understanding.
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=["test", "val"])
     ap.add_argument("--items", type=int, default=100_000, help="at most this many speeches per split")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--by-speeches", action="store_true", help="draw distractors as often as each character speaks")
     args = ap.parse_args()
     tokens = ROOT / "data" / "tokens"
     tok = Tokenizer(tokens / "tokenizer.model")
@@ -43,7 +45,7 @@ def main() -> None:
     for split in args.splits:
         records = read_jsonl(ROOT / "data" / "clean" / f"{split}.jsonl")
         plays = [(r.get("origin") or r.get("source", ""), r["text"]) for r in records if "text" in r]
-        items = who_speaks_items(plays, random.Random(f"{args.seed}/who_speaks"), args.items)
+        items = who_speaks_items(plays, random.Random(f"{args.seed}/who_speaks"), args.items, args.by_speeches)
         joint = [
             {"context": i["context"], "choices": [c + i["continuation"] for c in i["choices"]], "answer": i["answer"]}
             for i in items

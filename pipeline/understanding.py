@@ -111,24 +111,26 @@ def next_line_items(texts: list[str], rng: random.Random, n: int) -> list[dict]:
     return items
 
 
-def who_speaks_items(texts: list[tuple[str, str]], rng: random.Random, n: int) -> list[dict]:
+def who_speaks_items(texts: list[tuple[str, str]], rng: random.Random, n: int, by_speeches: bool = False) -> list[dict]:
     """(play, passage) pairs -> items: a speech after the two blocks before it, and its speaker
-    among three other characters of the same play (a record's origin, its file; else its source)."""
+    among three other characters of the same play (a record's origin, its file; else its source),
+    drawn uniformly, or `by_speeches`: as often as each speaks, as the true speakers are."""
     speeches = []  # (play, speaker, context before the speech, the speech)
-    characters: dict[str, set[str]] = {}
+    characters: dict[str, list[str]] = {}  # the speaker of each speech
     for play, t in texts:
         blocks = t.split("\n\n")
         for b, block in enumerate(blocks):
             head, _, speech = block.partition("\n")
             m = SPEAKER.match(head.strip())
             if m:
-                characters.setdefault(play, set()).add(m.group(1))
+                characters.setdefault(play, []).append(m.group(1))
                 if len(speech.strip()) >= 40 and b > 0:
                     before = "\n\n".join(blocks[max(0, b - 2) : b]) + "\n\n"
                     speeches.append((play, m.group(1), before, speech))
     items = []
     for play, name, before, speech in rng.sample(speeches, min(n, len(speeches))):
-        distractors = _pick(rng, sorted(characters[play] - {name}), 3, name) if len(characters[play]) >= 4 else []
+        others = characters[play] if by_speeches else sorted(set(characters[play]) - {name})
+        distractors = _pick(rng, others, 3, name) if len(set(characters[play])) >= 4 else []
         if distractors:
             choices, answer = _shuffled(rng, name, distractors)
             items.append(

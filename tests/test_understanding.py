@@ -1,6 +1,7 @@
 """Understanding: multiple-choice and cloze tasks built from the test split, their files, and their scores."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from conftest import PAIRS, SONNET, call_stage, copy_project, set_params
 from pipeline.common import PipelineError
 from pipeline.scoring import NgramBaselines
 from pipeline.tokenizer import Tokenizer
-from pipeline.understanding import build_tasks, check_item, choice_sequences, read_task, wilson
+from pipeline.understanding import build_tasks, check_item, choice_sequences, read_task, who_speaks_items, wilson
 
 PLAY = """HELENA.
 Not my virginity yet.
@@ -65,6 +66,8 @@ def test_default_tasks_are_built_from_the_records_given_deterministically():
         assert item["continuation"] in play and item["context"].endswith("\n\n")
         plays.add(play)
     assert len(plays) == 2
+    weighted = who_speaks_items([(r["origin"], r["text"]) for r in records()[:2]], random.Random(0), 50, True)
+    assert weighted and all(len(set(i["choices"])) == 4 and i["continuation"] in PLAY + OTHER_PLAY for i in weighted)
     truth = dict(PAIRS)
     for item in tasks["translation"]:
         assert item["choices"][item["answer"]] == truth[item["src"]] and item["tgt_lang"] == "ru"
