@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.checkpoint import load_model  # noqa: E402
 from pipeline.common import read_jsonl  # noqa: E402
-from pipeline.evaluate import pairs_by_source  # noqa: E402
+from pipeline.evaluate import pairs_by_source, translation_prompts, translation_tokens  # noqa: E402
 from pipeline.generate import Decoding, generate  # noqa: E402
 from pipeline.scoring import bleu_tokenizer, corpus_scores  # noqa: E402
 from pipeline.tokenizer import Tokenizer  # noqa: E402
@@ -54,16 +54,12 @@ def main() -> None:
     tokens = ROOT / "data" / "tokens"
     tok = Tokenizer(tokens / "tokenizer.model")
     model = load_model(args.checkpoint, tok, tokens / "tokenizer.model")
-    new_tokens = min(args.max_new_tokens, model.block_size - 4) if model.bounded_context else args.max_new_tokens
-    room = model.block_size - new_tokens if model.bounded_context else None
+    new_tokens = translation_tokens(model, args.max_new_tokens)
     for source, pairs in pairs_by_source(list(read_jsonl(ROOT / "data" / "clean" / "val.jsonl"))).items():
         pairs = pairs[: args.pairs]
         refs = [r["tgt"] for r in pairs]
         tokenize = bleu_tokenizer(refs)
-        prompts = [
-            tok.pair_prompt(ids, r.get("tgt_lang"))[-room:] if room else tok.pair_prompt(ids, r.get("tgt_lang"))
-            for ids, r in zip(tok.encode([r["src"] for r in pairs]), pairs)
-        ]
+        prompts = translation_prompts(model, tok, pairs, new_tokens)
         for spec in [json.loads(d) for d in args.decodings] or DEFAULTS:
             t0 = time.perf_counter()
             out = generate(model, prompts, tok.eos_id, Decoding(new_tokens, args.max_ratio, **spec), batch_size=32)

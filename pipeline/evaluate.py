@@ -38,7 +38,15 @@ from pipeline.common import (
 )
 from pipeline.generate import Decoding, generate
 from pipeline.qa import answer_test_questions
-from pipeline.report import REPORT, first_per_prompt, plot_loss, report_markdown, translation_table
+from pipeline.report import (
+    REPORT,
+    SCORING_LABELS,
+    decoding_words,
+    first_per_prompt,
+    plot_loss,
+    report_markdown,
+    translation_table,
+)
 from pipeline.scoring import (
     NgramBaselines,
     bits_per_byte,
@@ -51,7 +59,6 @@ from pipeline.scoring import (
 )
 from pipeline.tokenizer import TOKENS_DIR, Tokenizer, load_tokens
 from pipeline.understanding import (
-    SCORING_LABELS,
     build_tasks,
     choose_scoring,
     read_task,
@@ -115,6 +122,20 @@ def split_scores(counts) -> dict:
     return scores
 
 
+def translation_tokens(model, max_new_tokens: int) -> int:
+    """The most tokens a translation may have: max_new_tokens, within a GPT's context less a little
+    room for the source."""
+    return min(max_new_tokens, model.block_size - 4) if model.bounded_context else max_new_tokens
+
+
+def translation_prompts(model, tok: Tokenizer, pairs: list[dict], new_tokens: int) -> list[list[int]]:
+    """Each pair's prompt `</s> <src> <2xx> source <tgt>`, a source too long for the context cut
+    from the left so that `new_tokens` of target still fit."""
+    room = model.block_size - new_tokens if model.bounded_context else None
+    prompts = [tok.pair_prompt(ids, r.get("tgt_lang")) for ids, r in zip(tok.encode([r["src"] for r in pairs]), pairs)]
+    return [p[-room:] for p in prompts] if room else prompts
+
+
 def pairs_by_source(records: list[dict]) -> dict[str, list[dict]]:
     """The translation pairs (not QA pairs) of each source."""
     by_source: dict[str, list[dict]] = {}
@@ -134,15 +155,10 @@ def translate_test_pairs(
     if not by_source:
         return None, []
     val_pairs = pairs_by_source(val) if e.tune_pairs else {}
-    new_tokens = min(e.max_new_tokens, model.block_size - 4) if model.bounded_context else e.max_new_tokens
-    # Keep room for the target: a source longer than the context is cut from the left.
-    room = model.block_size - new_tokens if model.bounded_context else None
+    new_tokens = translation_tokens(model, e.max_new_tokens)
 
     def translate(pairs: list[dict], decoding: Decoding, label: str) -> list[str]:
-        prompts = [
-            tok.pair_prompt(ids, r.get("tgt_lang"))[-room:] if room else tok.pair_prompt(ids, r.get("tgt_lang"))
-            for ids, r in zip(tok.encode([r["src"] for r in pairs]), pairs)
-        ]
+        prompts = translation_prompts(model, tok, pairs, new_tokens)
         out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device, progress=label)
         return [tok.decode(o).strip() for o in out]
 
@@ -196,22 +212,13 @@ def choose_beam(
             for repetition in e.tune_repetition_penalties:
                 point = {"beam_size": size, "length_penalty": length, "repetition_penalty": repetition}
                 hyps = translate(
-                    pairs,
-                    Decoding(new_tokens, e.max_target_ratio, **point),
-                    f"val {source} ({_decoding_words(point)})",
+                    pairs, Decoding(new_tokens, e.max_target_ratio, **point), f"val {source} ({decoding_words(point)})"
                 )
                 scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
                 grid.append({**point, **{k: scores[k] for k in ("chrf", "bleu", "length_ratio")}})
     best = max(grid, key=lambda g: g["chrf"])
     chosen = {k: best[k] for k in ("beam_size", "length_penalty", "repetition_penalty")}
     return chosen, {"pairs": len(pairs), "by": "chrf", "grid": grid}
-
-
-def _decoding_words(point: dict) -> str:
-    return (
-        f"beam {point['beam_size']}, length penalty {point['length_penalty']:g}, "
-        f"repetition penalty {point['repetition_penalty']:g}"
-    )
 
 
 def sample_prompts(
@@ -271,7 +278,7 @@ def understanding(
             else:
                 scoring, tuned = "per_byte", None
                 if path in paths and path.stem in tune:
-                    val_items = read_task(TASKS_DIR / "val" / path.name)
+                    val_items = tune[path.stem]
                     scoring, accuracies = choose_scoring(
                         score_multiple_choice(model, tok, val_items, baselines, e.batch_size)
                     )

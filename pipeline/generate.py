@@ -72,6 +72,13 @@ def _adjust(logits: torch.Tensor, seen: torch.Tensor | None, decoding: Decoding)
     return torch.where(seen, penalized, logits)
 
 
+def _seen(idx: torch.Tensor, vocab: int, decoding: Decoding) -> torch.Tensor | None:
+    """Which tokens each prompt holds, for the repetition penalty (None without one)."""
+    if decoding.repetition_penalty == 1.0:
+        return None
+    return torch.zeros(idx.size(0), vocab, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+
+
 def _ban_repeats(logits: torch.Tensor, out: torch.Tensor | None, n: int) -> torch.Tensor:
     """-inf for each row's tokens that would end an n-gram already in its output `out` (rows x
     tokens so far): those that followed an earlier occurrence of the output's last n - 1 tokens."""
@@ -121,10 +128,7 @@ def stream(model, idx: torch.Tensor, eos_id: int, decoding: Decoding, gen=None) 
     """
     logits, state = _prefill(model, idx)
     B = idx.size(0)
-    seen = None
-    if decoding.repetition_penalty != 1.0:
-        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device)
-        seen.scatter_(1, idx, True)
+    seen = _seen(idx, logits.size(-1), decoding)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     out: list[torch.Tensor] = []
     for _ in range(decoding.max_new_tokens):
@@ -151,9 +155,7 @@ def _beam_search(model, idx: torch.Tensor, eos_id: int, decoding: Decoding) -> l
     """
     B, K = idx.size(0), decoding.beam_size
     logits, state = _prefill(model, idx)
-    seen = None
-    if decoding.repetition_penalty != 1.0:
-        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+    seen = _seen(idx, logits.size(-1), decoding)
     logp = torch.log_softmax(_adjust(logits, seen, decoding).float(), dim=-1)
     V = logp.size(-1)
     scores, first = logp.topk(min(K, V), dim=-1)

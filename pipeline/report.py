@@ -11,9 +11,9 @@ import csv
 from pathlib import Path
 
 from pipeline.common import read_json
-from pipeline.understanding import SCORING_LABELS
 
 REPORT = Path("metrics/report.md")
+SCORING_LABELS = {"per_byte": "per byte", "unnormalized": "unnormalised", "context_normalized": "context-normalised"}
 LOSS_PNG = Path("metrics/loss.png")
 CURVES = Path("metrics/train/plots/metrics")
 
@@ -156,10 +156,13 @@ def _accuracy_cell(scores: dict | None) -> str:
 def _decoding_label(direction: dict, name: str) -> str:
     """greedy, copy_source, or the beam with its size, length penalty and repetition penalty."""
     scores = direction[name]
-    if name != "beam" or "beam_size" not in scores:
-        return name
-    return f"beam {scores['beam_size']}, length penalty {scores['length_penalty']:g}" + (
-        f", repetition penalty {scores['repetition_penalty']:g}" if scores.get("repetition_penalty", 1.0) != 1.0 else ""
+    return decoding_words(scores) if name == "beam" and "beam_size" in scores else name
+
+
+def decoding_words(point: dict) -> str:
+    """A beam's size, length penalty and (where there is one) repetition penalty, in words."""
+    return f"beam {point['beam_size']}, length penalty {point['length_penalty']:g}" + (
+        f", repetition penalty {point['repetition_penalty']:g}" if point.get("repetition_penalty", 1.0) != 1.0 else ""
     )
 
 

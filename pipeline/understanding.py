@@ -261,8 +261,9 @@ def choice_sequences(tok, item: dict, limit: int | None = None) -> list[tuple[li
     choices = tok.encode(item["choices"])
     continuation = item.get("continuation")
     cont = tok.encode([continuation])[0] if continuation is not None else None
-    if cont is not None and limit and len(context) + max(map(len, choices)) + len(cont) > limit:
-        cont = cont[: max(limit - len(context) - max(map(len, choices)), 1)]
+    room = limit - len(context) - max(map(len, choices)) if limit else None  # for the continuation
+    if cont is not None and room is not None and len(cont) > room:
+        cont = cont[: max(room, 1)]
         continuation = tok.decode(cont)
     out = []
     for choice, ids in zip(item["choices"], choices):
@@ -322,7 +323,6 @@ def accuracy(correct: list[bool]) -> dict:
 
 
 SCORINGS = ("per_byte", "unnormalized", "context_normalized")
-SCORING_LABELS = {"per_byte": "per byte", "unnormalized": "unnormalised", "context_normalized": "context-normalised"}
 
 
 def score_multiple_choice(
