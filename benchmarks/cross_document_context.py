@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import load_model  # noqa: E402
-from pipeline.common import read_jsonl  # noqa: E402
-from pipeline.generate import Decoding, generate  # noqa: E402
-from pipeline.scoring import bleu_tokenizer, corpus_scores  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from pipeline.core.common import read_jsonl  # noqa: E402
+from pipeline.data.tokenizer import Tokenizer  # noqa: E402
+from pipeline.decoding.decode import Decoding, generate  # noqa: E402
+from pipeline.evaluation.scoring import bleu_tokenizer, corpus_scores  # noqa: E402
+from pipeline.model.weights import load_model  # noqa: E402
 
 
 def main() -> None:

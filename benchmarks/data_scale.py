@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.tokenizer import ENCODE_BATCH, Tokenizer  # noqa: E402
+from pipeline.data.tokenizer import ENCODE_BATCH, Tokenizer  # noqa: E402
 
 
 def corpora(raw: Path) -> tuple[list[str], list[tuple[str, str]]]:

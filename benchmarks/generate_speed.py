@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import params as P  # noqa: E402
-from pipeline.checkpoint import load_weights  # noqa: E402
-from pipeline.generate import Decoding, stream  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.core import params as P  # noqa: E402
+from pipeline.decoding.decode import Decoding, stream  # noqa: E402
+from pipeline.model.model import build_model  # noqa: E402
+from pipeline.model.weights import load_weights  # noqa: E402
 
 PROMPT, NEW = 64, 256
 
@@ -76,7 +76,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = make_model(Path(args.checkpoint))
     if Path("data/tokens/val.json").is_file():  # a real prompt: the first tokens of the val split
-        from pipeline.tokenizer import load_tokens
+        from pipeline.data.tokenizer import load_tokens
 
         idx = torch.from_numpy(load_tokens("val")[:PROMPT].astype("int64"))[None]
     else:

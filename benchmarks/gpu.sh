@@ -30,7 +30,7 @@ python - <<'EOF'
 import sys
 import torch
 from pipeline.model import build_model
-from pipeline.params import Model
+from pipeline.model.config import ModelConfig as Model
 from pipeline.hardware import CudaAutocast
 
 if not torch.cuda.is_available():

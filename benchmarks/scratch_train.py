@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import load_model  # noqa: E402
+from pipeline.model.weights import load_model  # noqa: E402
 
 
 def train_in_scratch(data: dict, label: str, tokenizer=None):

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from scratch_train import train_in_scratch  # noqa: E402
 
-from pipeline import params as P  # noqa: E402
-from pipeline.common import read_json  # noqa: E402
-from pipeline.scoring import bits_per_byte, nats_of_range  # noqa: E402
-from pipeline.tokenizer import load_tokens  # noqa: E402
+from pipeline.core import params as P  # noqa: E402
+from pipeline.core.common import read_json  # noqa: E402
+from pipeline.data.tokenizer import load_tokens  # noqa: E402
+from pipeline.evaluation.scoring import bits_per_byte, nats_of_range  # noqa: E402
 
 # Named recipes: overlays on params.yaml, so a row of docs/RECORDS.md is one `--recipe NAME` (plus
 # -S options). "default" is params.yaml as it is; the others spell out everything they change, so

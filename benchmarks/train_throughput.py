@@ -9,7 +9,7 @@ MFU = model FLOPs per token (6 per multiplying parameter plus attention, pipelin
 flops_per_token) x tokens per second / peak. On CPU the peak is this machine's float32 matrix
 product throughput, measured in the same run: rounds alternate a timed matmul and timed training
 steps, MFU is computed per round (both sides see the same machine state) and the median is
-reported. On CUDA the peak is the GPU's bf16 dense peak (pipeline.hardware.GPU_BF16_PEAK), with
+reported. On CUDA the peak is the GPU's bf16 dense peak (pipeline.training.hardware.GPU_BF16_PEAK), with
 bf16 autocast and TF32.
 
 Training steps are the train stage's own (`train_step`: forward, backward, clipping,
@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import params as P  # noqa: E402
-from pipeline.hardware import CudaAutocast, cpu_matmul_flops, peak_flops  # noqa: E402
-from pipeline.model import build_model, count_parameters, flops_per_token  # noqa: E402
-from pipeline.optim import make_optimizer, train_step  # noqa: E402
+from pipeline.core import params as P  # noqa: E402
+from pipeline.model.model import build_model, count_parameters, flops_per_token  # noqa: E402
+from pipeline.training.hardware import CudaAutocast, cpu_matmul_flops, peak_flops  # noqa: E402
+from pipeline.training.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
 LSTM = P.read_yaml(ROOT / "params" / "lstm.yaml")
@@ -248,7 +248,7 @@ def compare(seconds: float, names: list[str]) -> None:
     import numpy as np
     from scratch_train import train_in_scratch
 
-    from pipeline.scoring import nats_of_range
+    from pipeline.evaluation.scoring import nats_of_range
 
     tokens = ROOT / "data" / "tokens"
     if not (tokens / "train.bin").exists():

@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from scratch_train import train_in_scratch  # noqa: E402
 
-from pipeline import params as P  # noqa: E402
-from pipeline.common import read_jsonl  # noqa: E402
-from pipeline.generate import Decoding, generate  # noqa: E402
-from pipeline.qa import answer, answer_scores, group_of, majority_answers, qa_items  # noqa: E402
-from pipeline.scoring import bits_per_byte, bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
-from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
+from pipeline.core import params as P  # noqa: E402
+from pipeline.core.common import read_jsonl  # noqa: E402
+from pipeline.data.tokenizer import Tokenizer, load_tokens  # noqa: E402
+from pipeline.decoding.answer import answer  # noqa: E402
+from pipeline.decoding.decode import Decoding, generate  # noqa: E402
+from pipeline.evaluation.qa import answer_scores, group_of, majority_answers, qa_items  # noqa: E402
+from pipeline.evaluation.scoring import bits_per_byte, bleu_tokenizer, corpus_scores, nats_of_range  # noqa: E402
 
 
 def main() -> None:

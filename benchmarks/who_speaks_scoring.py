@@ -1,5 +1,5 @@
 """Does the model tell who speaks a speech, and does the scoring matter? Builds the who_speaks task
-(pipeline.understanding: a speech after the two before it, its speaker among three other
+(pipeline.evaluation.tasks: a speech after the two before it, its speaker among three other
 characters of the same play) from every speech of a split, and scores it with the trained model
 and the bigram two ways:
 
@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkpoint import load_model  # noqa: E402
-from pipeline.common import read_jsonl  # noqa: E402
-from pipeline.scoring import NgramBaselines  # noqa: E402
-from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
-from pipeline.understanding import score_multiple_choice, who_speaks_items  # noqa: E402
+from pipeline.core.common import read_jsonl  # noqa: E402
+from pipeline.data.tokenizer import Tokenizer, load_tokens  # noqa: E402
+from pipeline.evaluation.scoring import NgramBaselines  # noqa: E402
+from pipeline.evaluation.tasks import score_multiple_choice, who_speaks_items  # noqa: E402
+from pipeline.model.weights import load_model  # noqa: E402
 
 
 def main() -> None:

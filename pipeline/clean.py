@@ -31,8 +31,8 @@ Keys wait in a small dict (at most 2**17) before becoming a sorted run; runs mer
 
 This module is the step: main() loads the params, reads each source of data/raw in shards, has
 workers prepare them, decides keep/drop/duplicate in input order, and writes the splits, the
-metrics and the report. The per-document rules are in pipeline.rules, hashing and the duplicate
-indexes in pipeline.dedup, the shards, the workers and what they send back in pipeline.shards.
+metrics and the report. The per-document rules are in pipeline.data.rules, hashing and the duplicate
+indexes in pipeline.data.dedup, the shards, the workers and what they send back in pipeline.data.shards.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import params as P
-from pipeline.common import (
+from pipeline.core import params as P
+from pipeline.core.common import (
     PipelineError,
     atomic_dir,
     atomic_write_text,
@@ -56,15 +56,12 @@ from pipeline.common import (
     utf8_bytes,
     write_json,
 )
-from pipeline.dedup import KeyIndex, NearDuplicates
-from pipeline.qa import DEFAULT_QA_SOURCE, default_items
-from pipeline.rules import PII, QUALITY_REASONS, normalize
-from pipeline.shards import Candidate, Dropped, Pool, ngram_shard, prepare_shard, read_shards
+from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, RAW_DIR
+from pipeline.data.dedup import KeyIndex, NearDuplicates
+from pipeline.data.qa import DEFAULT_QA_SOURCE, default_items
+from pipeline.data.rules import PII, QUALITY_REASONS, normalize
+from pipeline.data.shards import Candidate, Dropped, Pool, ngram_shard, prepare_shard, read_shards
 
-RAW_DIR = Path("data/raw")
-OUT_DIR = Path("data/clean")
-METRICS = Path("metrics/clean.json")
-REPORT = Path("metrics/clean_report.md")
 SPLITS = ("train", "val", "test")
 DROP_REASONS = (
     "empty",
@@ -83,7 +80,7 @@ def main() -> None:
     manifest = read_json(RAW_DIR / "manifest.json")
     per_source = {}
     state = State(settings)
-    with atomic_dir(OUT_DIR) as out:
+    with atomic_dir(CLEAN_DIR) as out:
         # With decontamination, train goes to a scratch file first: which documents to drop is
         # known only once val and test are complete.
         scratch = out / ("train.scratch.jsonl" if settings.decontaminate_ngram else "train.jsonl")
@@ -147,11 +144,11 @@ def main() -> None:
         "sources": per_source,
         "default_qa": qa_counts,
     }
-    write_json(METRICS, metrics)
-    atomic_write_text(REPORT, clean_report(metrics, state.lengths, state.examples.kept))
+    write_json(CLEAN_METRICS, metrics)
+    atomic_write_text(CLEAN_REPORT, clean_report(metrics, state.lengths, state.examples.kept))
     print(
         f"clean: kept {metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes), "
-        f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {OUT_DIR} "
+        f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {CLEAN_DIR} "
         f"({pool.workers} worker{'s' if pool.workers > 1 else ''})"
     )
 

@@ -27,18 +27,17 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
-from pipeline.languages import CHECKED_PAIRS, check_sides
-from pipeline.params import Collect, Source
-from pipeline.params import load as load_params
-from pipeline.sources.archives import archive_members
-from pipeline.sources.fetch import fetch_pypi, fetch_url
-from pipeline.sources.files import Limits, local_files
-from pipeline.sources.hf import records_from_hf
-from pipeline.sources.read import read_documents
+from pipeline.core.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
+from pipeline.core.languages import CHECKED_PAIRS, check_sides
+from pipeline.core.params import Collect, Source
+from pipeline.core.params import load as load_params
+from pipeline.core.paths import COLLECT_METRICS, RAW_DIR
+from pipeline.data.sources.archives import archive_members
+from pipeline.data.sources.fetch import fetch_pypi, fetch_url
+from pipeline.data.sources.files import Limits, local_files
+from pipeline.data.sources.hf import records_from_hf
+from pipeline.data.sources.read import read_documents
 
-OUT_DIR = Path("data/raw")
-METRICS = Path("metrics/collect.json")
 # What the manifest and the metrics count of each source's input; gettext sources count more.
 INPUT_COUNTS = (
     "files",
@@ -57,11 +56,11 @@ GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "
 
 def main() -> None:
     params = load_params()
-    with atomic_dir(OUT_DIR) as out:
+    with atomic_dir(RAW_DIR) as out:
         manifest = [collect_source(source, params.collect, out) for source in params.collect.sources]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(
-        METRICS,
+        COLLECT_METRICS,
         {
             entry["name"]: {"documents": entry["documents"], "bytes": entry["bytes"], **entry["input"]}
             for entry in manifest
@@ -70,7 +69,7 @@ def main() -> None:
     total = sum(entry["bytes"] for entry in manifest)
     print(
         f"collect: {len(manifest)} sources, {sum(entry['documents'] for entry in manifest):,} documents, "
-        f"{total:,} bytes -> {OUT_DIR}"
+        f"{total:,} bytes -> {RAW_DIR}"
     )
 
 

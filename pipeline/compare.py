@@ -20,7 +20,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from pipeline.common import PipelineError, run_main
+from pipeline.core.common import PipelineError, run_main
 
 
 def dvc_experiments(extra: list[str]) -> list[dict]:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import load_model
-from pipeline.common import PipelineError, atomic_dir, run_main
-from pipeline.tokenizer import TOKENS_DIR
+from pipeline.core.common import PipelineError, atomic_dir, run_main
+from pipeline.core.paths import BEST_WEIGHTS, TOKENIZER
+from pipeline.model.weights import load_model
 
 FORMATS = ("hf",)
 
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("out", type=Path, help="the folder to write (replaced whole)")
     ap.add_argument("--format", choices=FORMATS, default="hf")
-    ap.add_argument("--weights", type=Path, default=Path("data/model/best.safetensors"))
-    ap.add_argument("--tokenizer", type=Path, default=TOKENS_DIR / "tokenizer.model")
+    ap.add_argument("--weights", type=Path, default=BEST_WEIGHTS)
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     args = ap.parse_args(argv)
 
     for path in (args.weights, args.tokenizer):

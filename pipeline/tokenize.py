@@ -33,14 +33,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pipeline import params as P
-from pipeline.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
-from pipeline.languages import tag
-from pipeline.tokenizer import ENCODE_BATCH, SRC, TGT, TOKENS_DIR, Tokenizer, dtype_for
+from pipeline.core import params as P
+from pipeline.core.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
+from pipeline.core.languages import tag
+from pipeline.core.paths import CLEAN_DIR, TOKENIZE_METRICS, TOKENS_DIR
+from pipeline.data.tokenizer import ENCODE_BATCH, SRC, TGT, Tokenizer, dtype_for
 
-CLEAN_DIR = Path("data/clean")
-OUT_DIR = TOKENS_DIR
-METRICS = Path("metrics/tokenize.json")
 SPLITS = ("train", "val", "test")
 
 
@@ -248,7 +246,7 @@ def main() -> None:
         "sample_rate": round(rate, 6),
         "splits": {},
     }
-    with atomic_dir(OUT_DIR) as out:
+    with atomic_dir(TOKENS_DIR) as out:
         tok, metrics["character_coverage"] = train_tokenizer(records, t, out, pair_tags(paths["train"]))
         metrics["vocab_size"] = tok.vocab_size  # more than asked where character_coverage auto needed it
         for name, path in paths.items():
@@ -260,11 +258,11 @@ def main() -> None:
                 "bytes_per_token": round(meta["bytes"] / max(meta["tokens"], 1), 4),
             }
     metrics["train_bytes"] = metrics["splits"]["train"]["bytes"]
-    write_json(METRICS, metrics)
+    write_json(TOKENIZE_METRICS, metrics)
     summary = ", ".join(
         f"{s} {m['tokens']:,} tokens ({m['bytes_per_token']} B/token)" for s, m in metrics["splits"].items()
     )
-    print(f"tokenize: vocab {tok.vocab_size} ({t.model_type}); {summary} -> {OUT_DIR}")
+    print(f"tokenize: vocab {tok.vocab_size} ({t.model_type}); {summary} -> {TOKENS_DIR}")
 
 
 if __name__ == "__main__":

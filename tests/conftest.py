@@ -97,7 +97,7 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
 
 def tiny_params(collect: dict | None = None, **groups) -> dict:
     """The repository's params.yaml with params/tiny.yaml applied, then `groups` merged on top."""
-    from pipeline.params import merge, read_yaml
+    from pipeline.core.params import merge, read_yaml
 
     data = merge(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "params" / "tiny.yaml"))
     if collect is not None:
@@ -169,7 +169,7 @@ def call_stage(stage: str, cwd: Path, *args):
 def stage_error(stage: str, cwd: Path, *needles: str, args: tuple[str, ...] = ()) -> str:
     """Run a stage in this process (with command-line `args`), expecting a user error whose
     one-line message names each of `needles`."""
-    from pipeline.common import PipelineError
+    from pipeline.core.common import PipelineError
 
     with pytest.raises(PipelineError) as info:
         call_stage(stage, cwd, *args)

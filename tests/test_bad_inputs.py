@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import call_stage, copy_project, snapshot
 
-from pipeline.common import run_main
+from pipeline.core.common import run_main
 
 OUTPUTS = ("data", "metrics")
 

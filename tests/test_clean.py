@@ -23,7 +23,7 @@ from conftest import (
     write_params,
 )
 
-from pipeline.rules import QUALITY_REASONS, normalize
+from pipeline.data.rules import QUALITY_REASONS, normalize
 
 SPLITS = ("train", "val", "test")
 

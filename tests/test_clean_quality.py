@@ -6,8 +6,8 @@ import json
 
 from conftest import SONNET, call_stage, clean_project, filler_docs, read_clean_metrics, read_split
 
-from pipeline.params import Clean
-from pipeline.rules import split_of
+from pipeline.core.params import Clean
+from pipeline.data.rules import split_of
 
 PROSE = (
     "The committee met on a grey morning to weigh the harbour plans, and after long argument about "

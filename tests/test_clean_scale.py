@@ -18,8 +18,8 @@ from conftest import (
     write_params,
 )
 
-from pipeline import params as P
-from pipeline.dedup import KeyIndex, MinHasher, Words
+from pipeline.core import params as P
+from pipeline.data.dedup import KeyIndex, MinHasher, Words
 
 FULL = {"quality_filters": True, "near_dup": True, "decontaminate_ngram": 8}
 

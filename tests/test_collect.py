@@ -26,7 +26,7 @@ from conftest import (
 )
 
 from pipeline.collect import INPUT_COUNTS
-from pipeline.sources.text import split_text
+from pipeline.data.sources.text import split_text
 
 
 def counts(metrics: dict) -> dict:

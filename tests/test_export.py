@@ -14,11 +14,11 @@ from conftest import assert_clean_error, call_stage, copy_project, run_stage, se
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
 
-from pipeline.checkpoint import load_model, save_weights  # noqa: E402
-from pipeline.generate import Decoding, generate  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.params import Model  # noqa: E402
-from pipeline.tokenizer import Tokenizer, load_tokens  # noqa: E402
+from pipeline.data.tokenizer import Tokenizer, load_tokens  # noqa: E402
+from pipeline.decoding.decode import Decoding, generate  # noqa: E402
+from pipeline.model.config import ModelConfig as Model  # noqa: E402
+from pipeline.model.model import build_model  # noqa: E402
+from pipeline.model.weights import load_model, save_weights  # noqa: E402
 
 LLAMA = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # the default block
 GPT2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from conftest import assert_clean_error, call_stage, copy_project, run_stage, set_params, snapshot
 
-from pipeline.common import run_main
+from pipeline.core.common import run_main
 
 STAGES = ("collect", "clean", "tokenize", "train", "evaluate")
 OUTPUTS = ("data", "metrics", "params.yaml")

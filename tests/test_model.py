@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.model import build_model, count_parameters
-from pipeline.params import Model
+from pipeline.model.config import ModelConfig as Model
+from pipeline.model.model import build_model, count_parameters
 
 V = 97
 
@@ -114,7 +114,7 @@ def test_gpt_options_build_the_named_layers():
 
 
 def test_rope_attention_scores_depend_only_on_relative_position():
-    from pipeline.model import apply_rope, rope_tables
+    from pipeline.model.model import apply_rope, rope_tables
 
     cos, sin = rope_tables(8, 16)
     q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
@@ -140,7 +140,7 @@ def test_attention_dispatches_the_fused_kernel_not_the_math_fallback(arch):
 
 
 def test_flops_per_token_counts_matmul_parameters_and_attention():
-    from pipeline.model import flops_per_token
+    from pipeline.model.model import flops_per_token
 
     g = make("gpt")
     n_matmul = count_parameters(g) - g.wpe.weight.numel()  # the tied embedding counts once, as the head
@@ -157,7 +157,7 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
 @pytest.mark.parametrize("chunked", [True, False])  # the CPU's path, and the CUDA one (plain, for compile)
 @pytest.mark.parametrize("bias", [False, True])
 def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunked, monkeypatch):
-    from pipeline.model import LinearCrossEntropy
+    from pipeline.model.model import LinearCrossEntropy
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)  # several chunks and a short last one
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunke
     y = torch.randint(V, (3, 10))
     plain = torch.nn.functional.cross_entropy(head(x).view(-1, V), y.view(-1))
     ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
-    from pipeline.model import output_layer
+    from pipeline.model.model import output_layer
 
     logits, loss = output_layer(head, x, y, return_logits=False, chunked=chunked)
     assert logits is None and torch.allclose(loss, plain, atol=1e-6)
@@ -184,7 +184,7 @@ def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunke
 def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, chunked, monkeypatch):
     """A pair's source, when the loss is on the targets only: IGNORE targets count nowhere, in both
     output paths, as in F.cross_entropy's ignore_index (a chunk of only ignored rows included)."""
-    from pipeline.model import IGNORE, LinearCrossEntropy, output_layer
+    from pipeline.model.model import IGNORE, LinearCrossEntropy, output_layer
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)
     torch.manual_seed(0)

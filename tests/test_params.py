@@ -35,8 +35,8 @@ from conftest import (
     write_params,
 )
 
-from pipeline import params as P
-from pipeline.common import PipelineError
+from pipeline.core import params as P
+from pipeline.core.common import PipelineError
 
 PRESETS = sorted((REPO / "params").glob("*.yaml"))
 # The params groups each stage reads (its main() loads only these).
@@ -331,7 +331,7 @@ def test_apply_of_a_group_with_every_key_commented_out_changes_nothing(params_co
 
 def test_code_defaults_agree_with_params_yaml():
     """No hidden defaults: a key left out of a params file means what params.yaml says."""
-    from pipeline.params import Params, as_dict, load
+    from pipeline.core.params import Params, as_dict, load
 
     spelled = as_dict(load(REPO / "params.yaml"))
     defaults = as_dict(Params())

@@ -23,18 +23,11 @@ from conftest import (
     write_params,
 )
 
-from pipeline.common import PipelineError
-from pipeline.qa import (
-    default_items,
-    exact_match,
-    majority_answers,
-    normalize_answer,
-    passage_items,
-    question_text,
-    token_f1,
-)
-from pipeline.sources.tables import records_from_sqlite
-from pipeline.tokenizer import Tokenizer
+from pipeline.core.common import PipelineError
+from pipeline.data.qa import default_items, passage_items, question_text
+from pipeline.data.sources.tables import records_from_sqlite
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.evaluation.qa import exact_match, majority_answers, normalize_answer, token_f1
 
 ACT = """ACT I. SCENE I. A room in the palace.
 

@@ -19,7 +19,7 @@ from conftest import (
     write_params,
 )
 
-from pipeline.common import atomic_dir, remove_stale
+from pipeline.core.common import atomic_dir, remove_stale
 
 
 def dead_pid() -> int:
@@ -127,7 +127,7 @@ def test_a_params_file_of_many_aliases_is_refused_before_it_expands(tmp_path):
 
 
 def test_an_ill_typed_huge_value_is_quoted_short(tmp_path):
-    from pipeline.params import merge, read_yaml
+    from pipeline.core.params import merge, read_yaml
 
     data = merge(read_yaml(REPO / "params.yaml"), {"model": {"n_layer": "x" * 100_000}})
     write_params(tmp_path, data)

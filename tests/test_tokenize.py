@@ -24,8 +24,8 @@ from conftest import (
     write_params,
 )
 
-from pipeline.params import read_yaml
-from pipeline.tokenizer import Tokenizer
+from pipeline.core.params import read_yaml
+from pipeline.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "val", "test")
 
@@ -85,7 +85,7 @@ def test_byte_fallback_is_used_for_unseen_characters(tok):
 def test_the_space_symbol_is_reserved_by_clean_and_the_rest_round_trips(tok):
     """U+2581 stands for a space inside sentencepiece: clean removes literal ones, so what reaches
     the tokenizer always round-trips with exact byte counts."""
-    from pipeline.rules import normalize
+    from pipeline.data.rules import normalize
 
     text = normalize("Levels: \u2581\u2582\u2583 and a lone \u2581.")
     assert text == "Levels: \u2582\u2583 and a lone ."

@@ -150,7 +150,7 @@ def test_the_plain_output_layer_trains_to_the_same_weights_as_the_chunked_one(pr
     take the same steps: its CPU form trained here, against the default on this CPU."""
     from safetensors.torch import load_file
 
-    from pipeline.model import GPT
+    from pipeline.model.model import GPT
 
     weights = {}
     for chunked in (True, False):
@@ -322,8 +322,8 @@ def test_time_budget_stops_training_and_decays_the_rate(prepared, tmp_path):
 
 
 def test_schedules():
-    from pipeline.optim import lr_at
-    from pipeline.params import Train
+    from pipeline.core.params import Train
+    from pipeline.training.optim import lr_at
 
     t = Train(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
@@ -335,9 +335,10 @@ def test_schedules():
 
 
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
-    from pipeline.model import build_model
-    from pipeline.optim import make_optimizer
-    from pipeline.params import Model, Train
+    from pipeline.core.params import Train
+    from pipeline.model.config import ModelConfig as Model
+    from pipeline.model.model import build_model
+    from pipeline.training.optim import make_optimizer
 
     model = build_model(Model(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True), 50)
     for decay_embeddings in (True, False):
@@ -396,9 +397,9 @@ def test_pair_loss_target_leaves_the_source_out_of_the_targets(prepared, tmp_pat
     target tokens and the </s> after them count, and so does every token of a text document."""
     import numpy as np
 
-    from pipeline.dataloader import pair_sources, windows
-    from pipeline.model import IGNORE
-    from pipeline.tokenizer import Tokenizer, load_tokens
+    from pipeline.data.tokenizer import Tokenizer, load_tokens
+    from pipeline.model.model import IGNORE
+    from pipeline.training.dataloader import pair_sources, windows
 
     tok = Tokenizer(prepared / "data/tokens/tokenizer.model")
     eos, src, tgt = tok.eos_id, tok.src_id, tok.tgt_id

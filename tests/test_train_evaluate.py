@@ -17,10 +17,10 @@ import yaml
 from conftest import assert_clean_error, call_stage, copy_project, run_stage, set_params, stage_error
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_model, load_weights
-from pipeline.common import PipelineError
-from pipeline.generate import Decoding, generate
-from pipeline.tokenizer import Tokenizer
+from pipeline.core.common import PipelineError
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.decoding.decode import Decoding, generate
+from pipeline.model.weights import load_model, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def model_and_prompts(trained_model):
 
 
 def test_beam_search_of_one_is_greedy_and_batches_exactly(model_and_prompts):
-    from pipeline.generate import _beam_search
+    from pipeline.decoding.decode import _beam_search
 
     model, tok, prompts = model_and_prompts
     greedy = generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=30))
@@ -277,7 +277,7 @@ def test_repetition_controls_hold_in_greedy_and_beam_search(model_and_prompts, b
 
 
 def test_text_statistics_on_known_text():
-    from pipeline.scoring import text_statistics
+    from pipeline.evaluation.scoring import text_statistics
 
     s = text_statistics(["a b a b a b", "c d e f"])
     assert s["distinct_1"] == pytest.approx(6 / 10)  # a b c d e f over 10 words
@@ -287,7 +287,7 @@ def test_text_statistics_on_known_text():
 
 
 def test_text_statistics_count_characters_in_scripts_without_spaces():
-    from pipeline.scoring import text_statistics, units
+    from pipeline.evaluation.scoring import text_statistics, units
 
     assert units("Blessed are   the meek.") == "Blessed are   the meek.".split()
     assert units("Резервное копирование данных") == ["Резервное", "копирование", "данных"]
@@ -298,7 +298,7 @@ def test_text_statistics_count_characters_in_scripts_without_spaces():
 
 
 def test_bleu_tokenizer_follows_the_script_of_the_references():
-    from pipeline.scoring import bleu_tokenizer, corpus_scores
+    from pipeline.evaluation.scoring import bleu_tokenizer, corpus_scores
 
     assert bleu_tokenizer(["В начале сотворил Бог небо и землю."]) == "13a"
     assert bleu_tokenizer(["In the beginning God created the heaven and the earth."]) == "13a"
@@ -320,7 +320,7 @@ def test_bootstrap_interval_agrees_with_sacrebleus_own():
 
     import sacrebleu
 
-    from pipeline.scoring import corpus_scores
+    from pipeline.evaluation.scoring import corpus_scores
 
     rnd = random.Random(0)
     words = "the king and queen of a land far away lived in peace for many years".split()

@@ -18,9 +18,9 @@ from conftest import (
     stage_error,
 )
 
-from pipeline.dataloader import mixture_starts, window_starts
-from pipeline.languages import script_share
-from pipeline.tokenizer import Tokenizer, load_tokens
+from pipeline.core.languages import script_share
+from pipeline.data.tokenizer import Tokenizer, load_tokens
+from pipeline.training.dataloader import mixture_starts, window_starts
 
 ZH_PAIRS = [("Resource Types", "资源类型"), ("Open the file", "打开文件"), ("Save all notebooks", "保存所有笔记本")]
 

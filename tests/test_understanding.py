@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import PAIRS, SONNET, call_stage, copy_project, set_params
 
-from pipeline.common import PipelineError
-from pipeline.scoring import NgramBaselines
-from pipeline.tokenizer import Tokenizer
-from pipeline.understanding import build_tasks, check_item, choice_sequences, read_task, who_speaks_items, wilson
+from pipeline.core.common import PipelineError
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.evaluation.scoring import NgramBaselines, wilson
+from pipeline.evaluation.tasks import build_tasks, check_item, choice_sequences, read_task, who_speaks_items
 
 PLAY = """HELENA.
 Not my virginity yet.

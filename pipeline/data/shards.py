@@ -1,0 +1,246 @@
+"""The shard protocol of the clean stage: JSON lines read in shards of whole lines (read_shards), a
+pool of worker processes that prepares them and gives the results back in input order (Pool), the
+work done on a shard (prepare_shard: normalise, scrub, filter, split, hash; ngram_shard: which
+train documents share an n-gram with val/test), and the small named types that cross between the
+processes (Shard, Dropped, Candidate, PreparedShard, CheckedTrainShard).
+
+Workers decide nothing that depends on another document: the main process does, in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.core import params as P
+from pipeline.core.common import PipelineError, json_line, text_fields
+from pipeline.data.dedup import MinHasher, Words, text_key
+from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
+
+
+class Shard(NamedTuple):
+    """Whole JSON lines of one file, about shard_bytes of them."""
+
+    chunk: bytes
+    first_line: int  # the line number of the chunk's first line, from 1
+    path: str
+
+
+class Dropped(NamedTuple):
+    """A record that a rule dropped."""
+
+    reason: str
+    texts: list[str]  # its texts, 300 characters at most (normalised, unless that emptied all), for the report
+
+
+class Candidate(NamedTuple):
+    """A record that passed the rules; the main process decides whether it repeats an earlier one."""
+
+    line: bytes  # its line of data/clean/<split>.jsonl, newline included
+    split: str
+    keys: tuple[int, ...]  # exact-duplicate keys: of the text; for pairs, of the pair and of the source side
+    text_bytes: int  # bytes of its texts in UTF-8
+    chars: int  # characters of its texts
+
+
+class PreparedShard(NamedTuple):
+    """What the main process needs of one shard of a source to decide, in order."""
+
+    documents_in: int
+    bytes_in: int
+    lengths_in: Counter  # characters of a document's texts: documents
+    pii: Counter  # PII kind: replacements
+    records: list[Dropped | Candidate]  # in input order
+    # Row k is the k-th Candidate of records (None when not computed):
+    bands: np.ndarray | None  # (candidates, bands) LSH band keys of the source side, with near_dup
+    signatures: np.ndarray | None  # (candidates, minhash_perm) uint8: the low byte of each MinHash value
+    heldout_ngrams: np.ndarray | None  # n-gram hashes of the val and test candidates, row after row
+    heldout_ends: np.ndarray | None  # row k's: heldout_ngrams[heldout_ends[k - 1]:heldout_ends[k]]
+
+
+class CheckedTrainShard(NamedTuple):
+    """A shard of train, checked against the n-grams of val and test."""
+
+    contaminated: np.ndarray  # bool, one per line
+    lines: list[bytes]  # its records' lines, newline included
+
+
+def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
+    """Shards of whole lines of about shard_bytes."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (run the collect stage first: dvc repro)")
+    with open(path, "rb") as f:
+        line = 1
+        while chunk := f.read(shard_bytes):
+            chunk += f.readline()
+            yield Shard(chunk, line, str(path))
+            line += chunk.count(b"\n")
+
+
+class Pool:
+    """Shards to workers and results back in order, at most 2 per worker in flight (bounded memory).
+    One worker: everything runs in this process."""
+
+    def __init__(self, settings: P.Clean, heldout_ngrams: np.ndarray | None = None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.workers = settings.workers or cores
+        self.pool = None
+        if self.workers == 1:
+            _init_worker(settings, heldout_ngrams)
+        else:  # on Linux, forked workers share `heldout_ngrams` with this process (copy-on-write)
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(settings, heldout_ngrams))
+
+    def map(self, fn, shards: Iterator[Shard], *extra) -> Iterator:
+        """fn(shard, *extra) for each shard, in order."""
+        if self.pool is None:
+            yield from (fn(shard, *extra) for shard in shards)
+            return
+        pending: deque = deque()
+        for shard in shards:
+            pending.append(self.pool.apply_async(fn, (shard, *extra)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# --- Workers: a shard of JSON lines in, everything the main process needs to decide out. ---
+
+_WORKER: dict = {}
+_json_str = (
+    json.encoder.encode_basestring
+)  # a str as a JSON string literal, as json.dumps(ensure_ascii=False) writes it
+
+
+def _init_worker(settings: P.Clean, heldout_ngrams: np.ndarray | None) -> None:
+    _WORKER.update(
+        settings=settings, minhash=MinHasher(settings) if settings.near_dup else None, heldout_ngrams=heldout_ngrams
+    )
+
+
+def _lines(shard: Shard) -> Iterator[tuple[int, bytes, dict]]:
+    for i, line in enumerate(shard.chunk.split(b"\n"), shard.first_line):
+        if line.strip():
+            yield i, line, json_line(line, shard.path, i)
+
+
+def prepare_shard(
+    shard: Shard, name: str, pairs: bool, tgt_lang: str = "", task: str = "", keep_origin: bool = False
+) -> PreparedShard:
+    """Normalise, scrub, filter and hash one shard of a source's records: counts, the records in
+    order (Dropped, or Candidate with its line, split and keys), and for the candidates, row by row:
+    LSH band keys and 1-byte signatures, and the n-gram hashes of val and test. A record keeps its
+    "meta" and, with `keep_origin`, its "origin" file (the default QA set asks about them); a QA
+    pair (`task`) keeps the lines of its passage and question."""
+    settings, minhash = _WORKER["settings"], _WORKER["minhash"]
+    documents_in = bytes_in = 0
+    lengths_in, pii, records = Counter(), Counter(), []
+    bands = signatures = heldout_ngrams = heldout_ends = None
+    passed = []  # (split, texts) of the documents that pass the filters
+    for i, _, rec in _lines(shard):
+        try:
+            raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
+        except (KeyError, TypeError):
+            raise PipelineError(f"{shard.path}:{i}: expected a {'src/tgt pair' if pairs else 'text'} record") from None
+        documents_in += 1
+        bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
+        lengths_in[sum(map(len, raw_texts))] += 1
+        texts = [normalize(t, settings.normalization, pairs and not task) for t in raw_texts]
+        if settings.scrub_pii:
+            texts = [scrub_pii(t, pii) for t in texts]
+        reason = drop_reason(texts, settings, qa=bool(task))
+        if reason is None and settings.quality_filters and not pairs:
+            reason = quality_reason(texts[0], settings)
+        if reason:
+            records.append(Dropped(reason, [t[:300] for t in (texts if any(texts) else raw_texts)]))
+            continue
+        split = split_of(texts[0], settings)
+        # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
+        fields = (
+            f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
+        )
+        if tgt_lang:
+            fields += f', "tgt_lang": {_json_str(tgt_lang)}'
+        if task:
+            fields += f', "task": {_json_str(task)}'
+        if keep_origin and isinstance(rec.get("origin"), str):
+            fields += f', "origin": {_json_str(rec["origin"])}'
+        if isinstance(rec.get("meta"), dict):
+            fields += f', "meta": {json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)}'
+        records.append(
+            Candidate(
+                f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),
+                split,
+                # exact duplicates: on the pair, and on the source side alone (per target language:
+                # one sentence translated into several languages is several directions, not duplicates)
+                (
+                    text_key("pair", *texts),
+                    text_key("src", tgt_lang or task, texts[0]) if tgt_lang or task else text_key("src", texts[0]),
+                )
+                if pairs
+                else (text_key("text", texts[0]),),
+                sum(len(t.encode("utf-8")) for t in texts),
+                sum(map(len, texts)),
+            )
+        )
+        passed.append((split, texts))
+    # Shard-level hashing: near-duplicate signatures (source side), n-grams of val and test (all sides).
+    ngram = settings.decontaminate_ngram
+    heldout_texts = [(k, t) for k, (split, texts) in enumerate(passed) if ngram and split != "train" for t in texts]
+    if minhash or heldout_texts:
+        sources = [texts[0] for _, texts in passed] if minhash else []
+        words = Words(sources + [t for _, t in heldout_texts])
+        if minhash:
+            sig = minhash.signatures(words)[: len(sources)]
+            bands, signatures = minhash.band_keys(sig), (sig & 0xFF).astype(np.uint8)
+            if tgt_lang:  # near duplicates within a direction: other directions of the same text are not
+                bands ^= np.uint64(text_key("lang", tgt_lang))
+        if heldout_texts:
+            hashes, owner = words.ngrams(ngram)  # in text order, so each row's n-grams are contiguous
+            mine = owner >= len(sources)
+            row_of_text = np.array([k for k, _ in heldout_texts], np.int64)
+            heldout_ngrams = hashes[mine]
+            counts = np.bincount(row_of_text[owner[mine] - len(sources)], minlength=len(passed))
+            heldout_ends = np.cumsum(counts)
+    return PreparedShard(
+        documents_in=documents_in,
+        bytes_in=bytes_in,
+        lengths_in=lengths_in,
+        pii=pii,
+        records=records,
+        bands=bands,
+        signatures=signatures,
+        heldout_ngrams=heldout_ngrams,
+        heldout_ends=heldout_ends,
+    )
+
+
+def ngram_shard(shard: Shard) -> CheckedTrainShard:
+    """Each record of a shard of train (its line), and which of them share an n-gram with val/test."""
+    ngram, heldout_ngrams = _WORKER["settings"].decontaminate_ngram, _WORKER["heldout_ngrams"]
+    lines, texts, record_of = [], [], []
+    for _, line, rec in _lines(shard):
+        for k in text_fields(rec):
+            texts.append(rec[k])
+            record_of.append(len(lines))
+        lines.append(line + b"\n")
+    hashes, owner = Words(texts).ngrams(ngram)
+    bad = np.zeros(len(lines), bool)
+    if len(heldout_ngrams) and len(hashes):
+        pos = np.minimum(np.searchsorted(heldout_ngrams, hashes), len(heldout_ngrams) - 1)
+        bad[np.array(record_of, np.int64)[owner[heldout_ngrams[pos] == hashes]]] = True
+    return CheckedTrainShard(bad, lines)

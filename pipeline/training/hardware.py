@@ -1,0 +1,82 @@
+"""The device a run uses and how fast it could go: device choice, CUDA autocast, and the peak
+FLOP/s that MFU (model FLOPs utilisation) is measured against."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+import numpy as np
+import torch
+
+from pipeline.core.common import PipelineError
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' data sheets.
+GPU_BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "L4": 121e12,
+}
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    """train.device: cpu, cuda, or auto (cuda if present); under torchrun, this process's GPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if choice == "cuda" else torch.device("cpu")
+
+
+class CudaAutocast:
+    """bf16 autocast, with attention held to a fused kernel (an error, never a silent fallback):
+    flash (FlashAttention-2 in PyTorch) or cudnn (cuDNN's fused attention).
+
+    Reusable: `with autocast:` around every forward pass.
+    """
+
+    def __init__(self, attention: str = "flash"):
+        self.attention = attention
+
+    def __enter__(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[self.attention]
+        self._stack = ExitStack()
+        self._stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        self._stack.enter_context(sdpa_kernel(backend))
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
+def cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """The float32 matrix-product throughput of this CPU (FLOP/s, median of `repeats`).
+
+    2048 is large enough to reach the plateau on a laptop-class CPU (1024 reaches about half).
+    Its random matrices come from a generator of their own: measuring leaves torch's global
+    random state (dropout, a resumed run's saved state) untouched.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / float(np.median(times))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """What MFU is measured against: the GPU's bf16 dense peak, or this CPU's float32 matmul rate."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+    return cpu_matmul_flops()
