@@ -6,7 +6,7 @@ that fits the references) and the output's length over the references' (characte
     python benchmarks/decoding.py --pairs 500 '{}' '{"repetition_penalty": 1.3}' \\
         '{"beam_size": 4, "length_penalty": 1.4, "no_repeat_ngram": 3}'
 
-Each decoding is a JSON object of pipeline.generate.Decoding's fields (default: greedy, greedy
+Each decoding is a JSON object of pipeline.decoding.decode.Decoding's fields (default: greedy, greedy
 with repetition penalties 1.15 and 1.3, greedy with no repeated 3-grams, and beam 4 at length
 penalties 1.0 and 1.4 with and without a repetition penalty of 1.3). Val, not test: this chooses
 defaults. chrF weighs recall twice as much as precision, so a longer output can gain chrF while

@@ -3,7 +3,7 @@
     python benchmarks/generate_speed.py [--checkpoint data/model/best.safetensors] [--repeats 3]
 
 Greedy decoding of 256 new tokens after a 64-token prompt (batch 1), on the CPU in float32:
-1. with the cache (pipeline.generate.stream: prefill once, then one token per step);
+1. with the cache (pipeline.decoding.decode.stream: prefill once, then one token per step);
 2. without it: the whole sequence so far goes through the model at every step.
 Both must produce the same tokens. The model is the default GPT architecture (or the
 checkpoint's), with a context of at least 320 tokens so no window has to slide: weights come from

@@ -31,7 +31,7 @@ import sys
 import torch
 from pipeline.model import build_model
 from pipeline.model.config import ModelConfig as Model
-from pipeline.hardware import CudaAutocast
+from pipeline.training.hardware import CudaAutocast
 
 if not torch.cuda.is_available():
     sys.exit("error: no CUDA device; this script measures a GPU")

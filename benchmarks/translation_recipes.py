@@ -11,7 +11,7 @@ project that links data/tokens (run `dvc repro tokenize` first), with everything
 params.yaml. Then translates the first --pairs **val** pairs of each pair source (greedy; val,
 not test, since this chooses a default) and prints chrF and BLEU (sacrebleu, the BLEU tokenizer
 that fits the references), val bits per byte over all tokens, and the exact match of greedy
-answers to the val QA pairs (pipeline.qa) overall and per template, beside the majority answer.
+answers to the val QA pairs (pipeline.data.qa, pipeline.evaluation.qa) overall and per template, beside the majority answer.
 """
 
 from __future__ import annotations

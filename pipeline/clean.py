@@ -22,7 +22,8 @@ Scale: each source's JSON lines are read in shards of about clean.shard_bytes an
 pool of clean.workers processes (normalising, scrubbing, filtering, hashing); the main process
 takes the shards back in order and alone decides duplicates and writes, so the output is
 byte-identical for any number of workers, and memory does not grow with the corpus except for
-the indexes:
+the indexes, and for the default QA set drawn at the end (add_default_qa reads every split's
+passages, QA items aside, into memory once, to choose questions from all of them):
 - exact duplicates: a 64-bit key per kept document (two for pairs), 12 bytes each;
 - near-duplicates: one 64-bit key per LSH band (9 bands at the defaults) and a 1-byte-per-
   permutation signature: about 240 bytes per kept document at the defaults;
@@ -154,7 +155,7 @@ def main() -> None:
 
 
 def add_default_qa(out: Path, settings: P.Clean, manifest: dict) -> dict:
-    """Append the default QA set (pipeline.qa) to the split files, each item in the split of its
+    """Append the default QA set (pipeline.data.qa) to the split files, each item in the split of its
     passage; return the items per template and split."""
     if not settings.qa_templates or not settings.qa_items:
         return {}

@@ -14,7 +14,7 @@ binary stops the stage with an error naming it.
 Writes data/raw/<source>.jsonl (records {"text"} or {"src", "tgt"}, plus "origin"), a
 data/raw/manifest.json with each source's lineage, and metrics/collect.json.
 
-This module is the step; how a source is fetched and read is in pipeline/sources.
+This module is the step; how a source is fetched and read is in pipeline/data/sources.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 - Text sampled from fixed prompts: distinct-1/2, repeated 4-grams, mean length, beside the same
   statistics of real held-out text.
 - Understanding: multiple-choice and cloze tasks built from test (pipeline.evaluation.tasks), and
-  question answering on the test QA pairs: exact match and F1 beside the majority answer (pipeline.qa).
+  question answering on the test QA pairs: exact match and F1 beside the majority answer (pipeline.evaluation.qa).
 
 Writes metrics/eval.json, metrics/samples.md, and metrics/report.md with metrics/loss.png.
 """

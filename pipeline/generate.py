@@ -33,6 +33,28 @@ def target_language(tok: Tokenizer, to: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    check_arguments(args)
+    decoding = decoding_of(args)
+    text = text_of(args)
+    tok = Tokenizer(args.tokenizer)
+    model = load_model(args.checkpoint, tok, args.tokenizer)
+    if args.ask is not None:
+        tok.task_id(TASK)  # a model trained without QA pairs cannot answer: say so
+        (reply,) = answer(model, tok, [text], decoding, 1, "cpu")
+        print(reply)
+        return
+    prompt = prompt_of(model, tok, text, args)
+    if not args.translate:
+        print(args.prompt, end="", flush=True)
+    if decoding.beam_size > 1:
+        (new,) = generate(model, [prompt], tok.eos_id, decoding)
+        print(tok.decode(new))
+        return
+    print_stream(model, tok, prompt, decoding)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.generate", description="Generate text with a trained model.")
     ap.add_argument("prompt", nargs="?", help="text to continue (with --translate: the source sentence)")
     ap.add_argument("--translate", action="store_true", help="render the prompt as a pair source and decode its target")
@@ -54,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam: rank by log-probability / length ** this")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_arguments(args: argparse.Namespace) -> None:
     if args.ask is not None:
         if args.prompt is not None or args.translate:
             raise PipelineError("--ask: give the question alone (no prompt, no --translate)")
@@ -63,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError("--context: only with --ask")
     elif args.prompt is None:
         raise PipelineError("prompt: missing; give some text to continue (or --ask QUESTION)")
+
+
+def decoding_of(args: argparse.Namespace) -> Decoding:
+    """The decoding the arguments ask for; greedy by default where one answer is wanted."""
     deterministic = args.translate or args.ask is not None
     temperature = args.temperature if args.temperature is not None else (0.0 if deterministic else 0.8)
     max_new_tokens = args.max_new_tokens or (ANSWER_TOKENS if args.ask is not None else 200)
@@ -78,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     decoding.check()
+    return decoding
+
+
+def text_of(args: argparse.Namespace) -> str:
+    """The text to continue or translate, or the question (after its passage)."""
     text = question_text(args.ask, args.context) if args.ask is not None else args.prompt
     if not text.strip():
         raise PipelineError("prompt: empty; give some text to continue")
@@ -87,13 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(
             f"{'--ask/--context' if args.ask is not None else 'prompt'}: not valid UTF-8 text"
         ) from None
-    tok = Tokenizer(args.tokenizer)
-    model = load_model(args.checkpoint, tok, args.tokenizer)
-    if args.ask is not None:
-        tok.task_id(TASK)  # a model trained without QA pairs cannot answer: say so
-        (reply,) = answer(model, tok, [text], decoding, 1, "cpu")
-        print(reply)
-        return
+    return text
+
+
+def prompt_of(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> list[int]:
+    """The prompt's ids: a pair's source for --translate, else text after </s>; its end where it
+    is longer than the context (said on stderr)."""
     ids = tok.encode([text])[0]
     prompt = tok.pair_prompt(ids, target_language(tok, args.to)) if args.translate else [tok.eos_id, *ids]
     kept = keep_end(model, prompt, 1)  # room for one new token; the window slides on from there
@@ -104,13 +137,11 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         prompt = kept
-    if not args.translate:
-        print(args.prompt, end="", flush=True)
-    if decoding.beam_size > 1:
-        (new,) = generate(model, [prompt], tok.eos_id, decoding)
-        print(tok.decode(new))
-        return
-    # Stream: print each piece as soon as it decodes to complete characters.
+    return prompt
+
+
+def print_stream(model, tok: Tokenizer, prompt: list[int], decoding: Decoding) -> None:
+    """Print each piece as soon as it decodes to complete characters."""
     gen = torch.Generator().manual_seed(decoding.seed)
     new, shown = [], ""
     for nxt in stream(model, torch.tensor([prompt]), tok.eos_id, decoding, gen):

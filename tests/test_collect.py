@@ -26,7 +26,7 @@ from conftest import (
 )
 
 from pipeline.collect import INPUT_COUNTS
-from pipeline.data.sources.text import split_text
+from pipeline.data.sources.text import documents
 
 
 def counts(metrics: dict) -> dict:
@@ -84,10 +84,10 @@ def test_chunk_chars_merges_consecutive_units_into_documents_of_at_least_that_si
     assert raw_texts(tmp_path, "plain") == paras
 
 
-def test_split_text_function():
-    assert split_text("a\r\n\r\nb\rc", "paragraphs", 0) == ["a", "b\nc"]
-    assert split_text("\n\n  \n", "lines", 0) == []
-    assert split_text("x\ny\nz", "lines", 2) == ["x\ny", "z"]
+def test_documents_by_paragraphs_lines_and_chunks():
+    assert list(documents(["a", "", "b", "c"], "paragraphs", 0)) == ["a", "b\nc"]
+    assert list(documents(["", "", "  "], "lines", 0)) == []
+    assert list(documents(["x", "y", "z"], "lines", 2)) == ["x\ny", "z"]
 
 
 def test_glob_reads_several_files_in_name_order(tmp_path):

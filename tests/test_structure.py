@@ -81,7 +81,7 @@ def test_no_project_import_hidden_in_a_function():
     """Third-party libraries may be imported late (an optional extra, a slow import); the project's
     own modules are imported at the top, where a reader sees them."""
     hidden = []
-    for m, path in MODULES.items():
+    for path in MODULES.values():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         top = set(tree.body)
         for node in ast.walk(tree):
@@ -106,7 +106,7 @@ def test_the_layers_point_down():
 
 def test_package_inits_hold_no_code():
     """So that no stage depends on an __init__ (dvc.yaml leaves them out): a docstring at most."""
-    for m, path in MODULES.items():
+    for path in MODULES.values():
         if path.name == "__init__.py":
             body = ast.parse(path.read_text(encoding="utf-8")).body
             assert all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body), path

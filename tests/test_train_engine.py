@@ -21,6 +21,8 @@ import torch
 import yaml
 from conftest import REPO, assert_clean_error, call_stage, copy_project, run_stage, set_params, stage_error
 
+from pipeline.core import params as P
+
 CURVES = "metrics/train/plots/metrics"
 TIMING = {"tokens_per_second", "train_seconds", "mfu"}  # wall-clock figures, never identical
 
@@ -161,6 +163,33 @@ def test_the_plain_output_layer_trains_to_the_same_weights_as_the_chunked_one(pr
         weights[chunked] = load_file(folder / "data/model/last.safetensors")
     for name, w in weights[True].items():
         assert torch.allclose(w, weights[False][name], atol=1e-5), name
+
+
+def test_every_knob_that_changes_nothing_computed_still_resumes(reference, tmp_path, capsys):
+    """Each train knob declared operational or resumable (pipeline.core.params, the one list the
+    checkpoint's fingerprint reads) set to another value: the run resumes its checkpoint and ends
+    bit-identical. train.log_interval once discarded the checkpoint and trained from scratch."""
+    folder = copy_project(reference, tmp_path / "p")
+    shutil.rmtree(folder / "data/checkpoints/step_0000060")  # resume from step 50
+    shutil.rmtree(folder / "data/model")
+    (folder / "data/checkpoints").rename(folder / "data/moved")  # where checkpoint_dir now points
+    changes = {
+        "checkpoint_interval": 7,
+        "log_interval": 5,
+        "resume": "strict",  # an incompatible checkpoint would be an error, not a fresh start
+        "checkpoint_dir": "data/moved",
+        "device": "cpu",
+        "compile": False,
+        "threads": os.cpu_count(),  # the same threads as 0 (all cores), so the same bits
+    }
+    assert set(changes) == P.RESUMABLE["train"] and P.OPERATIONAL["train"] < P.RESUMABLE["train"]
+    set_params(folder, train=changes)
+    call_stage("train", folder)
+    assert "resuming from data/moved/step_0000050" in capsys.readouterr().out
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
+    assert curves(folder) == curves(reference)
+    assert train_metrics(folder) == train_metrics(reference)
 
 
 def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):

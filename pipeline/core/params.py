@@ -72,7 +72,7 @@ class Source:
     text_columns: list[str] = field(default_factory=list)  # several are joined by a blank line
     pair_columns: list[str] = field(default_factory=list)  # [source column, target column]
     # question answering: rows of a question, its answer and an optional passage, read as QA pairs
-    # `<src> <qa> [passage] question <tgt> answer </s>` (pipeline/qa.py); jsonl, csv, tsv, parquet or hf
+    # `<src> <qa> [passage] question <tgt> answer </s>` (pipeline/data/qa.py); jsonl, csv, tsv, parquet or hf
     task: Literal["", "qa"] = ""
     qa_columns: list[str] = field(default_factory=list)  # [question, answer] or [question, answer, context]
     # format: text
@@ -133,7 +133,7 @@ class Clean:
     minhash_seed: int = 1
     decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
     report_examples: int = 10  # dropped examples per reason in metrics/clean_report.md
-    # the default QA set, built from the splits' passages (pipeline/qa.py): who_says, which_play, which_book
+    # the default QA set, built from the splits' passages (pipeline/data/qa.py): who_says, which_play, which_book
     qa_templates: list[str] = field(default_factory=lambda: list(QA_TEMPLATES))
     qa_items: int = 4000  # at most this many items per template, over all splits
     shard_bytes: int = operational(4_000_000)  # input is prepared in shards of about this many bytes of JSON lines
@@ -333,74 +333,88 @@ def _build(cls: type, data: Any, key: str) -> Any:
     return cls(**kwargs)
 
 
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PipelineError(msg)
+
+
 def _check(p: Params) -> None:
-    """Constraints that span keys or bound values."""
+    """Constraints that span keys or bound values, group by group."""
+    _check_collect(p.collect)
+    _check_clean(p.clean)
+    _check_tokenize(p.tokenize)
+    _check_model(p.model)
+    _check_train(p.train, p.model)
+    _check_evaluate(p.evaluate)
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise PipelineError(msg)
 
-    names = [s.name for s in p.collect.sources]
+def _check_collect(collect: Collect) -> None:
+    names = [s.name for s in collect.sources]
     need(len(names) > 0, "collect.sources: at least one source is required")
     need(len(set(names)) == len(names), "collect.sources: source names must be unique")
-    for i, s in enumerate(p.collect.sources):
-        k = f"collect.sources[{i}] ({s.name})"
-        need(s.name.replace("_", "").replace("-", "").isalnum(), f"{k}.name: use letters, digits, '-' and '_' only")
-        if s.kind == "pypi":
-            for req in ("package", "filename", "sha256", "members"):
-                need(bool(getattr(s, req)), f"{k}.{req}: required for kind 'pypi'")
-            need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits")
-        elif s.kind == "url":
-            need(
-                s.url.startswith(("http://", "https://")),
-                f"{k}.url: an http:// or https:// URL is required for kind 'url'",
-            )
-            need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits (required for kind 'url')")
-        elif s.kind == "hf":
-            need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
-        else:
-            need(bool(s.path), f"{k}.path: required for kind 'file'")
-        need(len(s.languages) in (0, 2), f"{k}.languages: [source, target] codes, e.g. [en, ru]")
-        for j, code in enumerate(s.languages):
-            check_code(code, f"{k}.languages[{j}]")
-        need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
-        need((s.format == "aligned") == bool(s.target_path), f"{k}.target_path: required for format 'aligned' only")
-        need(
-            s.format != "aligned" or (s.kind == "file" and not s.members),
-            f"{k}.format: 'aligned' reads two local files (kind 'file', no members)",
-        )
-        need(not (s.text_columns and s.pair_columns), f"{k}: set text_columns or pair_columns, not both")
-        need(
-            not s.pair_columns or len(s.pair_columns) == 2,
-            f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}",
-        )
-        need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
-        if s.task or s.qa_columns:
-            need(s.task == "qa", f"{k}.qa_columns: only for a QA source (task: qa)")
-            need(
-                s.format in ("jsonl", "csv", "tsv", "parquet") or s.kind == "hf",
-                f"{k}.task: qa reads rows of jsonl, csv, tsv, parquet or an hf dataset, not format '{s.format}'",
-            )
-            need(
-                not (s.text_columns or s.pair_columns or s.languages),
-                f"{k}.task: a QA source names its columns with qa_columns (not text_columns/pair_columns/languages)",
-            )
-            need(
-                len(s.qa_columns) in (0, 2, 3),
-                f"{k}.qa_columns: expected [question, answer] or [question, answer, context], got {s.qa_columns}",
-            )
-    need(p.collect.max_documents >= 0, "collect.max_documents: must be >= 0")
+    for i, s in enumerate(collect.sources):
+        _check_source(s, f"collect.sources[{i}] ({s.name})")
+    need(collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     need(
-        p.collect.download_timeout_s > 0
-        and p.collect.download_retries >= 0
-        and p.collect.download_min_rate >= 0
-        and p.collect.download_deadline_s >= 0
-        and p.collect.max_document_bytes >= 0
-        and p.collect.max_file_bytes >= 0,
+        collect.download_timeout_s > 0
+        and collect.download_retries >= 0
+        and collect.download_min_rate >= 0
+        and collect.download_deadline_s >= 0
+        and collect.max_document_bytes >= 0
+        and collect.max_file_bytes >= 0,
         "collect.download_timeout_s/download_retries/download_min_rate/download_deadline_s/max_document_bytes/"
         "max_file_bytes: must be > 0 / >= 0 / >= 0 / >= 0 / >= 0 / >= 0",
     )
-    c = p.clean
+
+
+def _check_source(s: Source, k: str) -> None:
+    need(s.name.replace("_", "").replace("-", "").isalnum(), f"{k}.name: use letters, digits, '-' and '_' only")
+    if s.kind == "pypi":
+        for req in ("package", "filename", "sha256", "members"):
+            need(bool(getattr(s, req)), f"{k}.{req}: required for kind 'pypi'")
+        need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits")
+    elif s.kind == "url":
+        need(
+            s.url.startswith(("http://", "https://")),
+            f"{k}.url: an http:// or https:// URL is required for kind 'url'",
+        )
+        need(len(s.sha256) == 64, f"{k}.sha256: expected 64 hex digits (required for kind 'url')")
+    elif s.kind == "hf":
+        need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
+    else:
+        need(bool(s.path), f"{k}.path: required for kind 'file'")
+    need(len(s.languages) in (0, 2), f"{k}.languages: [source, target] codes, e.g. [en, ru]")
+    for j, code in enumerate(s.languages):
+        check_code(code, f"{k}.languages[{j}]")
+    need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
+    need((s.format == "aligned") == bool(s.target_path), f"{k}.target_path: required for format 'aligned' only")
+    need(
+        s.format != "aligned" or (s.kind == "file" and not s.members),
+        f"{k}.format: 'aligned' reads two local files (kind 'file', no members)",
+    )
+    need(not (s.text_columns and s.pair_columns), f"{k}: set text_columns or pair_columns, not both")
+    need(
+        not s.pair_columns or len(s.pair_columns) == 2,
+        f"{k}.pair_columns: expected [source column, target column], got {s.pair_columns}",
+    )
+    need(s.chunk_chars >= 0, f"{k}.chunk_chars: must be >= 0")
+    if s.task or s.qa_columns:
+        need(s.task == "qa", f"{k}.qa_columns: only for a QA source (task: qa)")
+        need(
+            s.format in ("jsonl", "csv", "tsv", "parquet") or s.kind == "hf",
+            f"{k}.task: qa reads rows of jsonl, csv, tsv, parquet or an hf dataset, not format '{s.format}'",
+        )
+        need(
+            not (s.text_columns or s.pair_columns or s.languages),
+            f"{k}.task: a QA source names its columns with qa_columns (not text_columns/pair_columns/languages)",
+        )
+        need(
+            len(s.qa_columns) in (0, 2, 3),
+            f"{k}.qa_columns: expected [question, answer] or [question, answer, context], got {s.qa_columns}",
+        )
+
+
+def _check_clean(c: Clean) -> None:
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
     need(0 < c.near_dup_threshold <= 1, f"clean.near_dup_threshold: must be in (0, 1], got {c.near_dup_threshold}")
@@ -421,14 +435,18 @@ def _check(p: Params) -> None:
         c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
         "clean.val_fraction/test_fraction: each must be > 0 and together < 1",
     )
-    t = p.tokenize
+
+
+def _check_tokenize(t: Tokenize) -> None:
     need(t.vocab_size >= 16, f"tokenize.vocab_size: {t.vocab_size} is too small (at least 16)")
     need(
         t.character_coverage == "auto" or 0.98 <= t.character_coverage <= 1,
         f"tokenize.character_coverage: must be in [0.98, 1] (sentencepiece's range) or auto, got {t.character_coverage}",
     )
     need(t.sample_bytes >= 0, f"tokenize.sample_bytes: must be >= 0, got {t.sample_bytes}")
-    m = p.model
+
+
+def _check_model(m: ModelConfig) -> None:
     for name in ("n_layer", "n_head", "n_embd", "n_hidden", "block_size"):
         need(getattr(m, name) > 0, f"model.{name}: must be > 0")
     need(
@@ -440,7 +458,9 @@ def _check(p: Params) -> None:
         m.arch != "gpt" or m.positions == "learned" or (m.n_embd // m.n_head) % 2 == 0,
         f"model.positions: rope needs an even head size, got n_embd/n_head = {m.n_embd / m.n_head:g}",
     )
-    tr = p.train
+
+
+def _check_train(tr: Train, m: ModelConfig) -> None:
     need(tr.max_steps > 0, f"train.max_steps: must be > 0, got {tr.max_steps}")
     need(tr.batch_size > 0, f"train.batch_size: must be > 0, got {tr.batch_size}")
     need(tr.batch_tokens >= 0, f"train.batch_tokens: must be >= 0, got {tr.batch_tokens}")
@@ -466,7 +486,9 @@ def _check(p: Params) -> None:
         tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
         "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0",
     )
-    e = p.evaluate
+
+
+def _check_evaluate(e: Evaluate) -> None:
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
     need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")

@@ -149,56 +149,99 @@ def prepare_shard(
     settings, minhash = _WORKER["settings"], _WORKER["minhash"]
     documents_in = bytes_in = 0
     lengths_in, pii, records = Counter(), Counter(), []
-    bands = signatures = heldout_ngrams = heldout_ends = None
     passed = []  # (split, texts) of the documents that pass the filters
     for i, _, rec in _lines(shard):
-        try:
-            raw_texts = [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
-        except (KeyError, TypeError):
-            raise PipelineError(f"{shard.path}:{i}: expected a {'src/tgt pair' if pairs else 'text'} record") from None
+        raw_texts = _raw_texts(rec, pairs, shard.path, i)
         documents_in += 1
         bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
         lengths_in[sum(map(len, raw_texts))] += 1
-        texts = [normalize(t, settings.normalization, pairs and not task) for t in raw_texts]
-        if settings.scrub_pii:
-            texts = [scrub_pii(t, pii) for t in texts]
-        reason = drop_reason(texts, settings, qa=bool(task))
-        if reason is None and settings.quality_filters and not pairs:
-            reason = quality_reason(texts[0], settings)
+        texts, reason = _filtered(raw_texts, settings, pairs, task, pii)
         if reason:
             records.append(Dropped(reason, [t[:300] for t in (texts if any(texts) else raw_texts)]))
             continue
         split = split_of(texts[0], settings)
-        # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
-        fields = (
-            f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
-        )
-        if tgt_lang:
-            fields += f', "tgt_lang": {_json_str(tgt_lang)}'
-        if task:
-            fields += f', "task": {_json_str(task)}'
-        if keep_origin and isinstance(rec.get("origin"), str):
-            fields += f', "origin": {_json_str(rec["origin"])}'
-        if isinstance(rec.get("meta"), dict):
-            fields += f', "meta": {json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)}'
         records.append(
             Candidate(
-                f'{{"source": {_json_str(name)}, {fields}}}\n'.encode(),
+                _clean_line(rec, texts, name, pairs, tgt_lang, task, keep_origin),
                 split,
-                # exact duplicates: on the pair, and on the source side alone (per target language:
-                # one sentence translated into several languages is several directions, not duplicates)
-                (
-                    text_key("pair", *texts),
-                    text_key("src", tgt_lang or task, texts[0]) if tgt_lang or task else text_key("src", texts[0]),
-                )
-                if pairs
-                else (text_key("text", texts[0]),),
+                _exact_keys(texts, pairs, tgt_lang, task),
                 sum(len(t.encode("utf-8")) for t in texts),
                 sum(map(len, texts)),
             )
         )
         passed.append((split, texts))
-    # Shard-level hashing: near-duplicate signatures (source side), n-grams of val and test (all sides).
+    bands, signatures, heldout_ngrams, heldout_ends = _shard_hashes(passed, settings, minhash, tgt_lang)
+    return PreparedShard(
+        documents_in=documents_in,
+        bytes_in=bytes_in,
+        lengths_in=lengths_in,
+        pii=pii,
+        records=records,
+        bands=bands,
+        signatures=signatures,
+        heldout_ngrams=heldout_ngrams,
+        heldout_ends=heldout_ends,
+    )
+
+
+def _raw_texts(rec: dict, pairs: bool, path: str, i: int) -> list[str]:
+    """A record's texts as they came: [src, tgt] of a pair, else [text]."""
+    try:
+        return [rec["src"], rec["tgt"]] if pairs else [rec["text"]]
+    except (KeyError, TypeError):
+        raise PipelineError(f"{path}:{i}: expected a {'src/tgt pair' if pairs else 'text'} record") from None
+
+
+def _filtered(
+    raw_texts: list[str], settings: P.Clean, pairs: bool, task: str, pii: Counter
+) -> tuple[list[str], str | None]:
+    """A record's texts normalised and scrubbed (counting PII in `pii`), and the rule that drops them, if any."""
+    texts = [normalize(t, settings.normalization, pairs and not task) for t in raw_texts]
+    if settings.scrub_pii:
+        texts = [scrub_pii(t, pii) for t in texts]
+    reason = drop_reason(texts, settings, qa=bool(task))
+    if reason is None and settings.quality_filters and not pairs:
+        reason = quality_reason(texts[0], settings)
+    return texts, reason
+
+
+def _clean_line(
+    rec: dict, texts: list[str], name: str, pairs: bool, tgt_lang: str, task: str, keep_origin: bool
+) -> bytes:
+    """A passing record's line of data/clean/<split>.jsonl, newline included."""
+    # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
+    fields = (
+        f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
+    )
+    if tgt_lang:
+        fields += f', "tgt_lang": {_json_str(tgt_lang)}'
+    if task:
+        fields += f', "task": {_json_str(task)}'
+    if keep_origin and isinstance(rec.get("origin"), str):
+        fields += f', "origin": {_json_str(rec["origin"])}'
+    if isinstance(rec.get("meta"), dict):
+        fields += f', "meta": {json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)}'
+    return f'{{"source": {_json_str(name)}, {fields}}}\n'.encode()
+
+
+def _exact_keys(texts: list[str], pairs: bool, tgt_lang: str, task: str) -> tuple[int, ...]:
+    """A passing record's exact-duplicate keys: of its text, or of a pair and of its source side."""
+    if not pairs:
+        return (text_key("text", texts[0]),)
+    # the source side alone per target language: one sentence translated into several languages
+    # is several directions, not duplicates
+    return (
+        text_key("pair", *texts),
+        text_key("src", tgt_lang or task, texts[0]) if tgt_lang or task else text_key("src", texts[0]),
+    )
+
+
+def _shard_hashes(
+    passed: list[tuple[str, list[str]]], settings: P.Clean, minhash: MinHasher | None, tgt_lang: str
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The shard's candidates hashed at once: LSH band keys and 1-byte signatures (of the source
+    side, with near_dup), and the n-gram hashes of val and test (all sides) with each row's end."""
+    bands = signatures = heldout_ngrams = heldout_ends = None
     ngram = settings.decontaminate_ngram
     heldout_texts = [(k, t) for k, (split, texts) in enumerate(passed) if ngram and split != "train" for t in texts]
     if minhash or heldout_texts:
@@ -216,17 +259,7 @@ def prepare_shard(
             heldout_ngrams = hashes[mine]
             counts = np.bincount(row_of_text[owner[mine] - len(sources)], minlength=len(passed))
             heldout_ends = np.cumsum(counts)
-    return PreparedShard(
-        documents_in=documents_in,
-        bytes_in=bytes_in,
-        lengths_in=lengths_in,
-        pii=pii,
-        records=records,
-        bands=bands,
-        signatures=signatures,
-        heldout_ngrams=heldout_ngrams,
-        heldout_ends=heldout_ends,
-    )
+    return bands, signatures, heldout_ngrams, heldout_ends
 
 
 def ngram_shard(shard: Shard) -> CheckedTrainShard:

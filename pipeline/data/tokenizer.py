@@ -5,7 +5,7 @@
 are exact. A document is rendered as `text </s>`, a pair as `<src> source <tgt> target </s>`, or
 `<src> <2ru> source <tgt> target </s>` when its source names the languages (the target's tag,
 pipeline.core.languages), and a question/answer pair `<src> <qa> question <tgt> answer </s>` (the task's
-tag, pipeline.qa).
+tag, pipeline.data.qa).
 
 Token files: data/tokens/{split}.bin, a flat stream of token ids (uint16 when the vocabulary fits,
 else uint32) beginning with </s>, and a JSON sidecar {split}.json with its dtype, vocabulary size,

@@ -222,9 +222,28 @@ def report_markdown(
     manifest = read_json(MANIFEST)["sources"]
     tok = read_json(TOKENIZE_METRICS)
     val, test = metrics["val"], metrics["test"]
+    lines = _headline(model_info, train, val)
+    translation = metrics.get("translation")
+    directions = translation["directions"] if translation else {}
+    lines += _translation_summary(directions)
+    lines += _model_section(model_info)
+    lines += _data_section(manifest)
+    lines += _tokenizer_section(tok)
+    lines += _bits_per_byte_section(val, test)
+    for source, direction in directions.items():
+        lines += _translation_scores(source, direction, translation)
+    lines += _generation_section(metrics.get("generation"))
+    lines += understanding_section(metrics.get("understanding") or {}, metrics.get("question_answering"), answered)
+    lines += _loss_section()
+    lines += _samples_section(samples, translations)
+    return "\n".join(lines)
+
+
+def _headline(model_info: dict, train: dict, val: dict) -> list[str]:
+    """The title and the one sentence a reviewer reads first: the model, its training and its val bits per byte."""
     model_cfg = model_info["model"]
     mfu = "" if train.get("mfu") is None else f" at {train['mfu']:.0%} MFU"
-    lines = [
+    return [
         "# Evaluation report",
         "",
         f"A {model_cfg['arch'].upper()} of {model_info['parameters']:,} parameters, trained {train['steps']} steps "
@@ -233,8 +252,11 @@ def report_markdown(
         f"unigram and {val['bigram_bits_per_byte']} for a bigram model of the same tokens.",
         "",
     ]
-    translation = metrics.get("translation")
-    directions = translation["directions"] if translation else {}
+
+
+def _translation_summary(directions: dict) -> list[str]:
+    """A sentence per translation direction under the headline: its best decoding beside copying the source."""
+    lines = []
     for source, direction in directions.items():
         best = direction.get("beam", direction["greedy"])
         decoding = _decoding_label(direction, "beam" if "beam" in direction else "greedy")
@@ -244,19 +266,27 @@ def report_markdown(
             f"BLEU {direction['copy_source']['bleu']}.",
             "",
         ]
+    return lines
 
-    lines += ["## Model", ""]
+
+def _model_section(model_info: dict) -> list[str]:
+    """ "Model": the architecture's settings, the parameter count, the train params and the best checkpoint."""
+    lines = ["## Model", ""]
     lines += _table(
         ["key", "value"],
-        [[k, v] for k, v in model_cfg.items()]
+        [[k, v] for k, v in model_info["model"].items()]
         + [
             ["parameters", f"{model_info['parameters']:,}"],
             *[[f"train.{k}", v] for k, v in model_info.get("train", {}).items()],
             ["best checkpoint", f"step {model_info['best_step']}"],
         ],
     )
+    return lines
 
-    lines += ["## Data", ""]
+
+def _data_section(manifest: list[dict]) -> list[str]:
+    """ "Data": the lineage of each source (version, sha256, licence) with its documents and bytes."""
+    lines = ["## Data", ""]
     lines += _table(
         ["source", "version", "sha256", "license", "documents", "bytes"],
         [
@@ -271,7 +301,12 @@ def report_markdown(
             for s in manifest
         ],
     )
-    lines += [
+    return lines
+
+
+def _tokenizer_section(tok: dict) -> list[str]:
+    """The tokenizer's settings and a table of tokens and bytes per split (the end of "Data")."""
+    lines = [
         f"Tokenizer: sentencepiece {tok['model_type']}, vocabulary {tok['vocab_size']:,}, trained on the "
         f"train split only.",
         "",
@@ -280,8 +315,12 @@ def report_markdown(
         ["split", "tokens", "bytes", "bytes/token"],
         [[s, f"{v['tokens']:,}", f"{v['bytes']:,}", v["bytes_per_token"]] for s, v in tok["splits"].items()],
     )
+    return lines
 
-    lines += [
+
+def _bits_per_byte_section(val: dict, test: dict) -> list[str]:
+    """ "Metrics" opens with bits per byte of val and test, in all and per source, beside the baselines."""
+    lines = [
         "## Metrics",
         "",
         "Bits per byte: total nats / ln 2 / UTF-8 bytes of the text (lower is better; "
@@ -313,61 +352,81 @@ def report_markdown(
                 ]
             )
     lines += _table(["split / source", "model bits/byte", "text tokens alone", "unigram", "bigram", "perplexity"], rows)
-    for source, direction in directions.items():
-        rows = [
-            [
-                _decoding_label(direction, name),
-                _ci(direction[name], "chrf"),
-                _ci(direction[name], "bleu"),
-                _ci(direction[name], "ter"),
-                direction[name].get("length_ratio", ""),
-            ]
-            for name in ("greedy", "beam", "copy_source")
-            if name in direction
-        ]
-        language = f" (into {direction['target_language']})" if "target_language" in direction else ""
-        lines += [
-            f"Translation, {source}{language}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
-            f"{translation['bootstrap_samples']} samples; BLEU tokenizer `{direction['bleu_tokenize']}`; "
-            "TER: lower is better; length: the output's characters over the references'):",
-            "",
-        ]
-        lines += _table(["decoding", "chrF", "BLEU", "TER", "length"], rows)
-        lines += ["Signatures: " + "; ".join(f"`{v}`" for v in direction["signatures"].values()), ""]
-        tuned = direction.get("beam_chosen_on_val")
-        if tuned:
-            grid = ", ".join(
-                f"{g['beam_size']}/{g['length_penalty']:g}/{g.get('repetition_penalty', 1.0):g}: {g['chrf']}"
-                + (f" ({g['bleu']}, {g['length_ratio']})" if "length_ratio" in g else "")
-                for g in tuned["grid"]
-            )
-            lines += [
-                f"The beam's size, length penalty and repetition penalty were chosen by chrF on the first "
-                f"{tuned['pairs']} val pairs (size/length penalty/repetition penalty: chrF (BLEU, length)): {grid}.",
-                "",
-            ]
-    generation = metrics.get("generation")
-    if generation:
-        keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
-        lines += [
-            "Sampled text beside real held-out text of the same lengths (in words; a character counts as one in scripts written without spaces):",
-            "",
-        ]
-        lines += _table(
-            ["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")]
-        )
+    return lines
 
-    lines += understanding_section(metrics.get("understanding") or {}, metrics.get("question_answering"), answered)
 
+def _translation_scores(source: str, direction: dict, translation: dict) -> list[str]:
+    """One translation direction's scores in "Metrics": chrF, BLEU and TER per decoding, and their signatures."""
+    rows = [
+        [
+            _decoding_label(direction, name),
+            _ci(direction[name], "chrf"),
+            _ci(direction[name], "bleu"),
+            _ci(direction[name], "ter"),
+            direction[name].get("length_ratio", ""),
+        ]
+        for name in ("greedy", "beam", "copy_source")
+        if name in direction
+    ]
+    language = f" (into {direction['target_language']})" if "target_language" in direction else ""
+    lines = [
+        f"Translation, {source}{language}: {direction['pairs']:,} test pairs (95% bootstrap intervals, "
+        f"{translation['bootstrap_samples']} samples; BLEU tokenizer `{direction['bleu_tokenize']}`; "
+        "TER: lower is better; length: the output's characters over the references'):",
+        "",
+    ]
+    lines += _table(["decoding", "chrF", "BLEU", "TER", "length"], rows)
+    lines += ["Signatures: " + "; ".join(f"`{v}`" for v in direction["signatures"].values()), ""]
+    tuned = direction.get("beam_chosen_on_val")
+    if tuned:
+        lines += _beam_choice(tuned)
+    return lines
+
+
+def _beam_choice(tuned: dict) -> list[str]:
+    """The grid of beam settings tried on val, each with its scores, that chose the beam's settings."""
+    grid = ", ".join(
+        f"{g['beam_size']}/{g['length_penalty']:g}/{g.get('repetition_penalty', 1.0):g}: {g['chrf']}"
+        + (f" ({g['bleu']}, {g['length_ratio']})" if "length_ratio" in g else "")
+        for g in tuned["grid"]
+    )
+    return [
+        f"The beam's size, length penalty and repetition penalty were chosen by chrF on the first "
+        f"{tuned['pairs']} val pairs (size/length penalty/repetition penalty: chrF (BLEU, length)): {grid}.",
+        "",
+    ]
+
+
+def _generation_section(generation: dict | None) -> list[str]:
+    """The end of "Metrics": sampled text beside held-out text (diversity, repetition, length); none without it."""
+    if not generation:
+        return []
+    keys = ["distinct_1", "distinct_2", "repeated_4gram_fraction", "mean_words", "texts"]
+    lines = [
+        "Sampled text beside real held-out text of the same lengths (in words; a character counts as one in scripts written without spaces):",
+        "",
+    ]
+    lines += _table(
+        ["text"] + keys, [[name] + [generation[name][k] for k in keys] for name in ("model", "held_out_text")]
+    )
+    return lines
+
+
+def _loss_section() -> list[str]:
+    """ "Loss": the loss curve, where there is a val curve for plot_loss() to draw."""
     if _curve("val/loss")[0]:  # plot_loss() draws it
-        lines += ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]
+        return ["## Loss", "", f"![loss curve]({LOSS_PNG.name})", ""]
+    return []
 
-    lines += ["## Samples", ""]
+
+def _samples_section(samples: list[tuple[str, str]], translations: list[dict]) -> list[str]:
+    """ "Samples": the first continuation of each prompt (600 characters at most), then the example translations."""
+    lines = ["## Samples", ""]
     for prompt, text in first_per_prompt(samples):
         lines += ["```", (prompt + text).strip()[:600], "```", ""]
     if translations:
         lines += translation_table(translations)
-    return "\n".join(lines)
+    return lines
 
 
 def samples_markdown(samples: list[tuple[str, str]], e, translations: list[dict]) -> str:

@@ -187,7 +187,7 @@ class GPT(nn.Module):
         """Logits for the next token after `idx`, given the key/value cache `state`.
 
         The cache holds at most block_size positions; the caller re-encodes a shorter context
-        when it is full (see pipeline.generate).
+        when it is full (see pipeline.decoding.decode).
         """
         x, caches = self._run(idx, state, use_cache=True)
         return self.lm_head(x[:, -1, :]), caches

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core.common import PipelineError, sha256_file
@@ -77,16 +78,27 @@ def fetch_url(
     sha256 mismatch are errors at once, and so is running past `deadline` seconds in all (0: no
     deadline). A partial download is kept (`.part`) for the next run to resume, unless empty.
     """
-    import time
-    import urllib.error
-    import urllib.request
-
     name = src.filename or src.url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "download"
     cached, hit = cache_slot(cache_dir, src.sha256, name)
     if hit:
         return cached
     part = cached.with_name(cached.name + ".part")
     print(f"collect: downloading {src.url}", flush=True)
+    _download(src, part, timeout, retries, min_rate, deadline)
+    digest = sha256_file(part)
+    if digest != src.sha256:
+        part.unlink()
+        raise PipelineError(f"source '{src.name}': {src.url}: sha256 mismatch: expected {src.sha256}, got {digest}")
+    os.replace(part, cached)
+    return cached
+
+
+def _download(src: Source, part: Path, timeout: float, retries: int, min_rate: float, deadline: float) -> None:
+    """Bring `src.url` whole into `part`, with the retries, backoff and deadline of fetch_url."""
+    import time
+    import urllib.error
+    import urllib.request
+
     last_error = ""
     start = time.monotonic()
 
@@ -98,6 +110,11 @@ def fetch_url(
             part.unlink()
         return PipelineError(f"source '{src.name}': {src.url}: {reason}")
 
+    def check_deadline() -> None:
+        """Fail the download once it has run past `deadline`."""
+        if too_late():
+            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s)")
+
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
@@ -106,25 +123,7 @@ def fetch_url(
             src.url, headers={"User-Agent": "lmpipe-collect", **({"Range": f"bytes={have}-"} if have else {})}
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                resumed = have and response.status == 206
-                expected = int(response.headers.get("Content-Length") or -1)
-                got = 0
-                window_start, window_got = time.monotonic(), 0
-                with open(part, "ab" if resumed else "wb") as f:
-                    while block := response.read1(1 << 20):  # what has arrived, not a full MB
-                        f.write(block)
-                        got += len(block)
-                        window_got += len(block)
-                        if too_late():
-                            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s)")
-                        if time.monotonic() - window_start >= timeout:
-                            rate = window_got / (time.monotonic() - window_start)
-                            if rate < min_rate:
-                                raise TimeoutError(
-                                    f"too slow: {rate:,.0f} bytes/s (collect.download_min_rate {min_rate:g})"
-                                )
-                            window_start, window_got = time.monotonic(), 0
+            got, expected = _receive(request, have, part, timeout, min_rate, check_deadline)
             if expected < 0 or got >= expected:
                 break
             last_error = f"connection closed after {got:,} of {expected:,} bytes"
@@ -136,12 +135,7 @@ def fetch_url(
                 raise PipelineError(f"source '{src.name}': {src.url}: HTTP {e.code} {e.reason}") from None
             last_error = f"HTTP {e.code} {e.reason}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            last_error = (
-                str(reason)
-                if str(reason).startswith("too slow")
-                else ("timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason))
-            )
+            last_error = _network_error(e)
         if too_late():
             raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s): {last_error}")
     else:
@@ -149,9 +143,40 @@ def fetch_url(
             f"{last_error} after {retries + 1} attempts "
             f"(collect.download_timeout_s {timeout:g}, download_retries {retries})"
         )
-    digest = sha256_file(part)
-    if digest != src.sha256:
-        part.unlink()
-        raise PipelineError(f"source '{src.name}': {src.url}: sha256 mismatch: expected {src.sha256}, got {digest}")
-    os.replace(part, cached)
-    return cached
+
+
+def _receive(
+    request, have: int, part: Path, timeout: float, min_rate: float, check_deadline: Callable[[], None]
+) -> tuple[int, int]:
+    """One attempt: the response written to `part` (appended to its `have` bytes where the server
+    resumes), failing a trickle; the bytes it brought and its Content-Length (-1: none given)."""
+    import time
+    import urllib.request
+
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        resumed = have and response.status == 206
+        expected = int(response.headers.get("Content-Length") or -1)
+        got = 0
+        window_start, window_got = time.monotonic(), 0
+        with open(part, "ab" if resumed else "wb") as f:
+            while block := response.read1(1 << 20):  # what has arrived, not a full MB
+                f.write(block)
+                got += len(block)
+                window_got += len(block)
+                check_deadline()
+                if time.monotonic() - window_start >= timeout:
+                    rate = window_got / (time.monotonic() - window_start)
+                    if rate < min_rate:
+                        raise TimeoutError(f"too slow: {rate:,.0f} bytes/s (collect.download_min_rate {min_rate:g})")
+                    window_start, window_got = time.monotonic(), 0
+    return got, expected
+
+
+def _network_error(e: OSError) -> str:
+    """What an attempt's network error says, in a few words ("timed out" for every kind of timeout)."""
+    reason = getattr(e, "reason", e)
+    return (
+        str(reason)
+        if str(reason).startswith("too slow")
+        else ("timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason))
+    )

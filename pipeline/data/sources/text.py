@@ -167,8 +167,3 @@ def documents(
             current, size = [], 0
     if current:
         yield sep.join(current)
-
-
-def split_text(text: str, how: str, chunk_chars: int) -> list[str]:
-    """documents() of a whole text."""
-    return list(documents(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), how, chunk_chars))
