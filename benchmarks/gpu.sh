@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu.sh          # OUT=folder: the log, train.json, eval.json, report.md copied there
 #
 # Needs only this folder, a CUDA build of torch, the packages the stages import (no DVC: without
-# dvclive the curves are written by pipeline.train's TsvLive) and the default data/tokens; step 3
+# dvclive the curves are written by pipeline.training.curves' TsvLive) and the default data/tokens; step 3
 # also data/clean/{train,val,test}.jsonl, data/raw/manifest.json and metrics/tokenize.json (dvc repro
 # tokenize writes them all). Reference figures (issue 10, one H200): nanoGPT's GPT-2 step reached
 # 473k tokens/s compiled at micro-batch 16 and 500k at 64; targets: >= 500k at 16, >= 575k at some
@@ -29,7 +29,7 @@ python - <<'EOF'
 # Which attention kernel runs: the flash kernel must, in the forward and the backward pass.
 import sys
 import torch
-from pipeline.model import build_model
+from pipeline.model.model import build_model
 from pipeline.model.config import ModelConfig as Model
 from pipeline.training.hardware import CudaAutocast
 
@@ -72,7 +72,7 @@ done
 python - "$work/params.yaml" <<'EOF'
 import sys
 import yaml
-from pipeline.params import merge, read_yaml
+from pipeline.core.params import merge, read_yaml
 
 data = merge(read_yaml("params.yaml"), {
     "train": {"device": "cuda", "max_steps": 600, "eval_interval": 200, "checkpoint_interval": 200},

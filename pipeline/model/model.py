@@ -11,7 +11,7 @@ All share one interface:
     None, loss = model(idx, targets, return_logits=False)  # the loss only (what training asks for)
     logits, state = model.decode(idx, state) # generation: logits of the last position, new state
 where `state` is the key/value cache of a GPT or the hidden state of a recurrent model. Weights
-on disk: pipeline.training.checkpoint.
+on disk: pipeline.model.weights.
 """
 
 from __future__ import annotations
