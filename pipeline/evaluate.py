@@ -44,6 +44,7 @@ from pipeline.core.paths import (
     TOKENIZER,
 )
 from pipeline.data.tokenizer import Tokenizer, load_tokens
+from pipeline.decoding.decode import compiles
 from pipeline.evaluation.generation import sample_prompts
 from pipeline.evaluation.qa import answer_test_questions
 from pipeline.evaluation.report import SCORING_LABELS, plot_loss, report_markdown, samples_markdown
@@ -83,7 +84,7 @@ def score_tasks(
         try:
             items = read_task(path)
             if "answer_text" in items[0]:
-                scores = score_cloze(model, tok, items, baselines, e.batch_size, device)
+                scores = score_cloze(model, tok, items, baselines, e.batch_size, device, compiles(e.compile, device))
             else:
                 scoring, tuned = "per_byte", None
                 if path in paths and path.stem in tune:

@@ -69,17 +69,21 @@ def test_prediction_at_a_position_ignores_later_tokens(arch):
 
 @pytest.mark.parametrize("arch", VARIANTS)
 def test_incremental_decoding_matches_full_forward(arch):
+    """Prefill, then one step per token, gives the full forward's logits; so does a prompt
+    decoded in a batch beside longer ones (left-padded for a GPT, packed for a recurrent model)."""
     model = make(arch)
     idx = torch.randint(V, (2, 12))
     full = model(idx)[0]
-    logits, state = model.decode(idx[:, :5])  # prefill
+    logits, state = model.prefill(idx[:, :5].tolist(), 12)
     assert torch.allclose(logits, full[:, 4], atol=1e-5)
     for t in range(5, 12):
-        logits, state = model.decode(idx[:, t : t + 1], state)
+        logits, state = model.step(idx[:, t], state)
         assert torch.allclose(logits, full[:, t], atol=1e-4), t
-    # Several new tokens at once after a cache (GPT: an offset causal mask).
-    logits, _ = model.decode(idx[:, 8:12], model.decode(idx[:, :8])[1])
-    assert torch.allclose(logits, full[:, 11], atol=1e-4)
+    short = idx[0, :3].tolist()
+    logits, state = model.prefill([short, idx[1, :9].tolist()], 12)
+    assert torch.allclose(logits[0], full[0, 2], atol=1e-5) and torch.allclose(logits[1], full[1, 8], atol=1e-5)
+    logits, state = model.step(idx[:, 3], state)  # the short row's next token, at its own position
+    assert torch.allclose(logits[0], full[0, 3], atol=1e-4)
 
 
 def test_gpt_context_is_bounded_by_block_size():

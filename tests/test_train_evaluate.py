@@ -213,12 +213,12 @@ def model_and_prompts(trained_model):
 
 
 def test_beam_search_of_one_is_greedy_and_batches_exactly(model_and_prompts):
-    from pipeline.decoding.decode import _beam_search
+    from pipeline.decoding.decode import beam_search
 
     model, tok, prompts = model_and_prompts
     greedy = generate(model, prompts, tok.eos_id, Decoding(max_new_tokens=30))
     for p, g in zip(prompts, greedy):
-        assert _beam_search(model, torch.tensor([p]), tok.eos_id, Decoding(max_new_tokens=30, beam_size=1))[0] == g
+        assert beam_search(model, [p], tok.eos_id, Decoding(max_new_tokens=30, beam_size=1), [1.0])[1.0] == [g]
     beam = Decoding(max_new_tokens=30, beam_size=3)
     together = generate(model, prompts + prompts, tok.eos_id, beam, batch_size=4)
     assert together[:2] == [generate(model, [p], tok.eos_id, beam)[0] for p in prompts]

@@ -214,6 +214,7 @@ class Evaluate:
     top_p: float = 0.95
     repetition_penalty: float = 1.0
     seed: int = 0
+    compile: Literal["auto", True, False] = "auto"  # decoding's step compiled (CUDA graphs); auto: on CUDA
 
 
 @dataclass

@@ -22,12 +22,19 @@ def check_question(question: str, key: str = "--ask") -> str:
 
 
 def answer(
-    model, tok, questions: list[str], decoding, batch_size: int, device: str, label: str | None = None
+    model,
+    tok,
+    questions: list[str],
+    decoding,
+    batch_size: int,
+    device: str,
+    label: str | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """The model's answers: each question rendered as in training, its first line decoded."""
     # a long passage is cut from the left, leaving room for the answer
     prompts = [
         keep_end(model, tok.pair_prompt(ids, task=TASK), decoding.max_new_tokens) for ids in tok.encode(questions)
     ]
-    out = generate(model, prompts, tok.eos_id, decoding, batch_size=batch_size, device=device, progress=label)
+    out = generate(model, prompts, tok.eos_id, decoding, batch_size, device, label, compile)
     return [first_answer(tok.decode(o)) for o in out]

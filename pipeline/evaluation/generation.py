@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.core import params as P
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.decoding.decode import Decoding, generate
+from pipeline.decoding.decode import Decoding, compiles, generate
 from pipeline.evaluation.scoring import text_statistics, units
 
 
@@ -27,7 +27,7 @@ def sample_prompts(
         repetition_penalty=e.repetition_penalty,
         seed=e.seed,
     )
-    out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device)
+    out = generate(model, prompts, tok.eos_id, decoding, e.batch_size, device, compile=compiles(e.compile, device))
     samples = [(label, tok.decode(o)) for label, o in zip(labels, out)]
     texts = [s for _, s in samples]
     # Real held-out text of the same lengths: the start of val documents (text ones first).

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.data.qa import TASK
 from pipeline.decoding.answer import ANSWER_TOKENS, answer
-from pipeline.decoding.decode import Decoding
+from pipeline.decoding.decode import Decoding, compiles
 from pipeline.evaluation.scoring import interval_of_mean, units, wilson
 
 PUNCTUATION = set(string.punctuation) | {
@@ -114,7 +114,16 @@ def answer_test_questions(
     if e.beam_size > 1:
         decodings["beam"] = Decoding(new_tokens, beam_size=e.beam_size, length_penalty=e.length_penalty)
     answers = {
-        name: answer(model, tok, [r["src"] for r in items], d, e.batch_size, device, f"answer ({name})")
+        name: answer(
+            model,
+            tok,
+            [r["src"] for r in items],
+            d,
+            e.batch_size,
+            device,
+            f"answer ({name})",
+            compiles(e.compile, device),
+        )
         for name, d in decodings.items()
     }
     groups: dict[str, list[int]] = {}

@@ -377,10 +377,10 @@ def choose_scoring(val_scores: dict) -> tuple[str, dict]:
     return max(accs, key=lambda name: (accs[name], -SCORINGS.index(name))), accs
 
 
-def score_cloze(model, tok, items: list[dict], baselines, batch_size: int, device: str) -> dict:
+def score_cloze(model, tok, items: list[dict], baselines, batch_size: int, device: str, compile: bool = False) -> dict:
     """Exact match of the first word written greedily (model), or by the bigram's most likely next tokens."""
     prompts = [[tok.eos_id, *ids] for ids in tok.encode([item["context"] for item in items])]
-    out = generate(model, prompts, tok.eos_id, Decoding(8), batch_size=batch_size, device=device)
+    out = generate(model, prompts, tok.eos_id, Decoding(8), batch_size, device, compile=compile)
     model_hits = [first_word(tok.decode(o)) == item["answer_text"] for o, item in zip(out, items)]
     bigram_hits = []
     for prompt, item in zip(prompts, items):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pipeline.core import params as P
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.decoding.decode import Decoding, generate, keep_end
+from pipeline.decoding.decode import Decoding, beam_search, compiles, generate, keep_end
 from pipeline.evaluation.report import decoding_words
 from pipeline.evaluation.scoring import bleu_tokenizer, corpus_scores
 
@@ -48,10 +48,15 @@ def translate_test_pairs(
     val_pairs = pairs_by_source(val) if e.tune_pairs else {}
     new_tokens = translation_tokens(model, e.max_new_tokens)
 
-    def translate(pairs: list[dict], decoding: Decoding, label: str) -> list[str]:
+    def translate(pairs: list[dict], decoding: Decoding, label: str, length_penalties=None):
+        """The translations; with length_penalties (a beam), {length penalty: translations}."""
         prompts = translation_prompts(model, tok, pairs, new_tokens)
-        out = generate(model, prompts, tok.eos_id, decoding, batch_size=e.batch_size, device=device, progress=label)
-        return [tok.decode(o).strip() for o in out]
+        run = (e.batch_size, device, label, compiles(e.compile, device))
+        if length_penalties is None or decoding.beam_size == 1:
+            texts = [tok.decode(o).strip() for o in generate(model, prompts, tok.eos_id, decoding, *run)]
+            return texts if length_penalties is None else dict.fromkeys(length_penalties, texts)
+        ranked = beam_search(model, prompts, tok.eos_id, decoding, length_penalties, *run)
+        return {lp: [tok.decode(o).strip() for o in out] for lp, out in ranked.items()}
 
     result: dict = {
         "beam_size": e.beam_size,
@@ -95,18 +100,30 @@ def choose_beam(
 ) -> tuple[dict, dict]:
     """The beam size, length penalty and repetition penalty with the best chrF on `pairs` (val),
     over the grid of tune_beam_sizes x tune_length_penalties x tune_repetition_penalties (the
-    first best on ties); and every point's chrF, BLEU and length ratio."""
+    first best on ties); and every point's chrF, BLEU and length ratio. One beam search serves
+    every length penalty (it only ranks the final beams)."""
     refs = [r["tgt"] for r in pairs]
-    grid = []
+    scored = {}
     for size in e.tune_beam_sizes:
-        for length in e.tune_length_penalties if size > 1 else [1.0]:
-            for repetition in e.tune_repetition_penalties:
-                point = {"beam_size": size, "length_penalty": length, "repetition_penalty": repetition}
-                hyps = translate(
-                    pairs, Decoding(new_tokens, e.max_target_ratio, **point), f"val {source} ({decoding_words(point)})"
-                )
+        lengths = e.tune_length_penalties if size > 1 else [1.0]
+        for repetition in e.tune_repetition_penalties:
+            search = {"beam_size": size, "repetition_penalty": repetition}
+            decoding = Decoding(new_tokens, e.max_target_ratio, **search)
+            label = f"val {source} ({decoding_words({**search, 'length_penalty': lengths[0]})}...)"
+            for length, hyps in translate(pairs, decoding, label, lengths).items():
                 scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
-                grid.append({**point, **{k: scores[k] for k in ("chrf", "bleu", "length_ratio")}})
+                scored[size, length, repetition] = {k: scores[k] for k in ("chrf", "bleu", "length_ratio")}
+    grid = [  # in the grid's order: on a tie, the first best wins
+        {
+            "beam_size": size,
+            "length_penalty": length,
+            "repetition_penalty": repetition,
+            **scored[size, length, repetition],
+        }
+        for size in e.tune_beam_sizes
+        for length in (e.tune_length_penalties if size > 1 else [1.0])
+        for repetition in e.tune_repetition_penalties
+    ]
     best = max(grid, key=lambda g: g["chrf"])
     chosen = {k: best[k] for k in ("beam_size", "length_penalty", "repetition_penalty")}
     return chosen, {"pairs": len(pairs), "by": "chrf", "grid": grid}

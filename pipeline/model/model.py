@@ -9,14 +9,18 @@ on CPU the fused flash kernel).
 All share one interface:
     logits, loss = model(idx, targets)      # loss: mean cross-entropy (None without targets)
     None, loss = model(idx, targets, return_logits=False)  # the loss only (what training asks for)
-    logits, state = model.decode(idx, state) # generation: logits of the last position, new state
-where `state` is the key/value cache of a GPT or the hidden state of a recurrent model. Weights
+    logits, state = model.prefill(prompts, width)  # decoding: prompts of any lengths in one batch
+    logits, state = model.step(tokens, state)      # the next token of every row
+    state = model.select(state, rows); state = model.follow(state, parents)  # drop rows; beams
+where `state` is a GPT's key/value cache (KVCache: preallocated, written in place) or a recurrent
+model's hidden state. Weights
 on disk: pipeline.model.weights.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None = None, use_cache: bool = False):
+    def forward(self, x: torch.Tensor, rope: tuple | None, kv: KVCache | None = None, layer: int = 0, mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -56,24 +60,24 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:  # the angles of these T positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            # Decoding: the new positions see everything cached before them.
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        past = k.size(2) - T
-        # Fused attention (flash on CUDA, and on CPU when no mask is passed). A causal mask is
-        # only needed among the new positions; with a cache of `past` keys and several new
-        # queries, build the offset mask explicitly.
-        if past == 0:
+        if kv is None:  # training, scoring: the fused causal kernel (flash on CUDA and on CPU)
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
             )
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # decoding: write these positions' keys and values in place, attend to the columns `mask` shows
+            if kv.static:  # at a column the device holds: the same graph every step (CUDA graphs)
+                columns = kv.cursor + torch.arange(T, device=x.device)
+                kv.keys[layer].index_copy_(2, columns, k)
+                kv.values[layer].index_copy_(2, columns, v)
+                k, v = kv.keys[layer], kv.values[layer]
+            else:
+                end = kv.length + T
+                kv.keys[layer][:, :, kv.length : end] = k
+                kv.values[layer][:, :, kv.length : end] = v
+                k, v = kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y)), (k, v) if use_cache else None
+        return self.resid_dropout(self.proj(y))
 
 
 class MLP(nn.Module):
@@ -116,14 +120,14 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, use_cache=False):
-        a, cache = self.attn(self.ln1(x), rope, cache, use_cache)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), cache
+    def forward(self, x, rope=None, kv=None, layer=0, mask=None):
+        x = x + self.attn(self.ln1(x), rope, kv, layer, mask)
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
     bounded_context = True  # at most block_size tokens of context (learned positions; the RoPE tables)
+    PREFILL_ROWS = 16  # prompts encoded together by prefill(): few enough that little is padded
     chunked_loss: bool | None = None  # the loss-only output layer in chunks; None: on CPU only (output_layer)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
@@ -160,46 +164,227 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def _run(self, idx, caches=None, use_cache=False):
-        past = caches[0][0].size(2) if caches else 0
+    def _run(self, idx, kv: KVCache | None = None):
         T = idx.size(1)
-        if past + T > self.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.block_size}")
         x = self.wte(idx)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+        if kv is None:
+            if T > self.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.block_size}")
+            rope = None
+            if self.wpe is not None:
+                x = x + self.wpe(torch.arange(T, device=idx.device))
+            else:
+                rope = (self.rope_cos[:T], self.rope_sin[:T])
+            mask = None
         else:
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+            # Each row's positions count from its first column (left padding, a slid window); a
+            # row past its context (about to slide) gets garbage, replaced by slide()
+            if not kv.padded and not kv.static and kv.length + T <= self.block_size:  # every row at the same positions
+                pos = torch.arange(kv.length, kv.length + T, device=idx.device)
+            else:
+                pos = (kv.columns(T) - kv.start[:, None]).clamp_(0, self.block_size - 1)
+            rope = None
+            if self.wpe is not None:
+                x = x + self.wpe(pos)
+            elif pos.dim() == 1:
+                rope = (self.rope_cos[kv.length : kv.length + T], self.rope_sin[kv.length : kv.length + T])
+            else:
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+            mask = kv.mask(T)
         x = self.drop(x)
-        new = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, rope, caches[i] if caches else None, use_cache)
-            new.append(c)
-        return self.ln_f(x), new
+            x = block(x, rope, kv, i, mask)
+        return self.ln_f(x)  # the caller counts the columns written: kv.advance(T)
 
     def forward(self, idx, targets=None, return_logits: bool = True):
-        x, _ = self._run(idx)
-        return output_layer(self.lm_head, x, targets, return_logits, self.chunked_loss)
+        return output_layer(self.lm_head, self._run(idx), targets, return_logits, self.chunked_loss)
+
+    # Decoding (pipeline.decoding.decode): prefill, then one step per token; the cache is written in place.
 
     @torch.inference_mode()
-    def decode(self, idx, state=None):
-        """Logits for the next token after `idx`, given the key/value cache `state`.
+    def prefill(self, prompts: list[list[int]], width: int, static: bool = False) -> tuple[torch.Tensor, KVCache]:
+        """Logits of the next token after each prompt, and the cache of their keys and values with
+        room for `width` columns. Prompts of any lengths share the batch, left-padded and masked
+        (their last block_size tokens: the caller keeps the end that fits). They are encoded
+        PREFILL_ROWS at a time in order of length, each group padded only to its own longest."""
+        prompts = [p[-self.block_size :] for p in prompts]
+        L, device = max(map(len, prompts)), self.wte.weight.device
+        pads = [L - len(p) for p in prompts]
+        kv = KVCache.empty(self, len(prompts), max(width, L), torch.tensor(pads, device=device), any(pads), static)
+        logits = torch.empty(len(prompts), self.vocab_size, dtype=self.wte.weight.dtype, device=device)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for g in range(0, len(order), self.PREFILL_ROWS):
+            rows = order[g : g + self.PREFILL_ROWS]
+            n = max(len(prompts[i]) for i in rows)
+            idx = torch.zeros(len(rows), n, dtype=torch.long)
+            for r, i in enumerate(rows):
+                idx[r, n - len(prompts[i]) :] = torch.as_tensor(prompts[i])
+            sub_pads = [n - len(prompts[i]) for i in rows]
+            sub = KVCache.empty(self, len(rows), n, torch.tensor(sub_pads, device=device), any(sub_pads))
+            # rows in a run (generate() sorts prompts by length) are copied into as a slice
+            at = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
+            logits[at] = self.lm_head(self._run(idx.to(device), sub)[:, -1])
+            for layer in range(len(self.blocks)):
+                for mine, theirs in ((kv.keys[layer], sub.keys[layer]), (kv.values[layer], sub.values[layer])):
+                    mine[at, :, L - n : L] = theirs
+                    mine[at, :, : L - n] = 0  # padding: never attended, but never NaN (0 x NaN is NaN)
+        kv.advance(L)
+        return logits, kv
 
-        The cache holds at most block_size positions; the caller re-encodes a shorter context
-        when it is full (see pipeline.decoding.decode).
-        """
-        x, caches = self._run(idx, state, use_cache=True)
-        return self.lm_head(x[:, -1, :]), caches
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, kv: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Logits of the next token after each row's newest token `tokens` (rows,); the cache grows
+        by one column, in place."""
+        logits = self.next_logits(tokens, kv)
+        kv.advance(1)
+        return logits, kv
+
+    def next_logits(self, tokens: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """step() but for the column count: what is compiled for CUDA graphs (static shapes)."""
+        return self.lm_head(self._run(tokens[:, None], kv)[:, -1])
 
     @staticmethod
-    def state_length(state) -> int:
-        return 0 if state is None else state[0][0].size(2)
+    def select(kv: KVCache, rows: torch.Tensor) -> KVCache:
+        return kv.select(rows)
 
     @staticmethod
-    def reorder_state(state, rows: torch.Tensor):
-        """Select (and repeat) batch rows of the cache: beam search follows its parents."""
-        return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state]
+    def follow(kv: KVCache, parent: torch.Tensor) -> KVCache:
+        kv.follow(parent)
+        return kv
+
+    @torch.inference_mode()
+    def slide(self, kv: KVCache, rows: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Re-encode `rows` whose context is full: their last tokens `history` (rows x n, the
+        newest included) become their whole context, at positions from 0, in the cache's last n
+        columns. Returns those rows' logits of the next token."""
+        n = history.size(1)
+        sub = KVCache.empty(self, len(rows), n, torch.zeros(len(rows), dtype=torch.long, device=history.device), False)
+        logits = self.lm_head(self._run(history, sub)[:, -1])
+        sub.advance(n)
+        for layer in range(len(self.blocks)):
+            kv.keys[layer][rows, :, kv.length - n : kv.length] = sub.keys[layer]
+            kv.values[layer][rows, :, kv.length - n : kv.length] = sub.values[layer]
+        kv.start[rows] = kv.length - n
+        kv.padded, kv.shared = True, 0
+        return logits
+
+    @staticmethod
+    def context_lengths(kv: KVCache) -> torch.Tensor:
+        """Tokens in each row's context."""
+        return kv.length - kv.start
+
+
+@dataclass
+class KVCache:
+    """A GPT's keys and values while decoding: every layer's, preallocated for `width` columns and
+    written in place (never grown by concatenation). Row r's context sits in columns
+    [start[r], length): the columns before are left padding, or context slid out of the window.
+    `static`: attention always spans the whole width (masked), so every step has the same shapes
+    (what CUDA graphs need)."""
+
+    keys: list[torch.Tensor]  # per layer: (rows, heads, width, head size)
+    values: list[torch.Tensor]
+    start: torch.Tensor  # (rows,) the first column of each row's context
+    padded: bool  # some row starts after column 0 (known on the host: no wait for the device)
+    static: bool = False
+    length: int = 0  # columns written
+    shared: int = 0  # leading columns equal in every row of a prompt's beams (never reordered)
+    cursor: torch.Tensor | None = None  # static: `length` on the device, where the next column goes
+
+    @classmethod
+    def empty(cls, model: GPT, rows: int, width: int, start: torch.Tensor, padded: bool, static: bool = False):
+        cfg, w = model.cfg, model.wte.weight
+        shape = (rows, cfg.n_head, width, cfg.n_embd // cfg.n_head)
+        # static: zeros, as the columns not yet written are attended to (masked; never NaN)
+        new = torch.zeros if static else torch.empty
+        keys = [new(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        values = [new(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layer)]
+        kv = cls(keys, values, start, padded, static)
+        if static:
+            kv.cursor = torch.zeros((), dtype=torch.long, device=w.device)
+            kv.mark_static()
+        return kv
+
+    def mark_static(self) -> None:
+        """Tell torch.compile these tensors keep their address (CUDA graphs replay into them)."""
+        for t in (*self.keys, *self.values, self.start, self.cursor):
+            torch._dynamo.mark_static_address(t)
+
+    def columns(self, T: int) -> torch.Tensor:
+        """The columns the next T positions go to."""
+        first = self.cursor if self.static else self.length
+        return first + torch.arange(T, device=self.start.device)
+
+    def advance(self, T: int) -> None:
+        """Count T columns more as written (static: on the device too, for the next step)."""
+        self.length += T
+        if self.static:
+            self.cursor.fill_(self.length)
+
+    @property
+    def width(self) -> int:
+        return self.keys[0].size(2)
+
+    def mask(self, T: int) -> torch.Tensor | None:
+        """Which columns each of T new positions sees: its row's context up to itself (and itself,
+        so a padding position is never left with nothing). None: all columns so far (one new
+        position), or causal among them (a first prefill), needing no mask."""
+        past = self.length
+        if not self.padded and not self.static and (T == 1 or past == 0):
+            return None
+        device = self.start.device
+        cols = torch.arange(self.width if self.static else past + T, device=device)
+        new = self.columns(T)[:, None]
+        seen = (cols <= new) & ((cols >= self.start[:, None, None]) | (cols == new))
+        # additive, built once for every layer: what the fused kernel adds to the scores anyway
+        hidden = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=device).masked_fill_(~seen, float("-inf"))
+        return hidden[:, None]  # (rows, 1, T, columns)
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """The cache of these rows only: finished rows dropped (the rows kept move to the front of
+        the same tensors, their written columns only), or beams repeated (new tensors). The cache
+        it was made from is not to be used again."""
+        start = self.start.index_select(0, rows)
+        n, L = len(rows), self.length
+        if self.static or n > len(self.start):
+            keys = [k.index_select(0, rows) for k in self.keys]
+            values = [v.index_select(0, rows) for v in self.values]
+        else:
+            keys, values = [], []
+            for t, out in (
+                (t, keys if i < len(self.keys) else values) for i, t in enumerate((*self.keys, *self.values))
+            ):
+                t[:n, :, :L] = t[rows, :, :L]  # the rows are gathered first, then written
+                out.append(t[:n])
+        kv = KVCache(keys, values, start, self.padded, self.static, self.length, self.shared, self.cursor)
+        if self.static:
+            kv.mark_static()
+        return kv
+
+    def follow(self, parent: torch.Tensor) -> None:
+        """Beam search: each row takes its parent row's columns, in place; the leading `shared`
+        columns (the prompt, the same in every beam of it) are left as they are, and so are the
+        rows whose parent is themselves (asked of the device, except in a static cache)."""
+        a, b = self.shared, self.length
+        rows = slice(None)
+        if not self.static:
+            rows = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
+            if not rows.numel():
+                return
+            parent = parent[rows]
+        for t in (*self.keys, *self.values):
+            t[rows, :, a:b] = t[parent, :, a:b]  # the parents are gathered first, then written
+        self.start[rows] = self.start[parent]
+
+    def shift(self, n: int) -> None:
+        """Drop the first n columns (slid out of every row's window), making room at the end."""
+        for t in (*self.keys, *self.values):
+            t[:, :, : self.length - n] = t[:, :, n : self.length].clone()
+        self.start -= n
+        self.length -= n
+        if self.static:
+            self.cursor.fill_(self.length)
+        self.shared = max(0, self.shared - n)
 
 
 class RecurrentLM(nn.Module):
@@ -228,20 +413,35 @@ class RecurrentLM(nn.Module):
         x, _ = self.rnn(self.drop(self.embed(idx)))
         return output_layer(self.head, self.drop(x), targets, return_logits, self.chunked_loss)
 
+    # Decoding (pipeline.decoding.decode): the same calls as the GPT's.
+
     @torch.inference_mode()
-    def decode(self, idx, state=None):
-        x, state = self.rnn(self.embed(idx), state)
+    def prefill(self, prompts: list[list[int]], width: int = 0, static: bool = False):
+        """Logits of the next token after each prompt, and the state after it: prompts of any
+        lengths share the batch, packed, so each row's state is that after its own last token."""
+        lengths = [len(p) for p in prompts]
+        idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, : len(p)] = torch.as_tensor(p)
+        x = self.embed(idx.to(self.embed.weight.device))
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(packed)
+        last = state[0] if isinstance(state, tuple) else state  # LSTM: (h, c); the top layer's h
+        return self.head(last[-1]), state
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, state):
+        x, state = self.rnn(self.embed(tokens[:, None]), state)
         return self.head(x[:, -1, :]), state
 
     @staticmethod
-    def state_length(state) -> int:
-        return 0  # a recurrent state has no length limit
-
-    @staticmethod
-    def reorder_state(state, rows: torch.Tensor):
-        if isinstance(state, tuple):  # LSTM: (h, c), batch in dimension 1
+    def select(state, rows: torch.Tensor):
+        """The state of these rows (batch in dimension 1; an LSTM's is (h, c))."""
+        if isinstance(state, tuple):
             return tuple(s.index_select(1, rows) for s in state)
         return state.index_select(1, rows)
+
+    follow = select  # beam search: each row takes its parent's state
 
 
 def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool = True, chunked: bool | None = None):
