@@ -2,7 +2,7 @@
 Hugging Face transformers' `generate()` on the same weights.
 
     python benchmarks/generate_speed.py [--checkpoint data/model/best.safetensors] [--prompts 64]
-        [--new-tokens 64] [--repeats 3] [--threads 2] [--device cpu] [--old-rev a31a7a5]
+        [--new-tokens 64] [--repeats 3] [--threads 2] [--device cpu] [--old-rev a31a7a5] [--compile]
 
 - Prompts: the translation prompts of the first --prompts pairs of the first pair source in
   data/clean/test.jsonl (en->ru by default): mixed lengths, as evaluate decodes them.
@@ -18,7 +18,8 @@ Hugging Face transformers' `generate()` on the same weights.
   against this project's batch-1 output (each prompt alone); each difference is explained by the
   margin between the two best logits where the outputs part (a tie, or float order, when tiny).
 
-Record the figures in docs/LOG.md (date, machine, command).
+On a GPU: `--device cuda --compile` also times the step compiled for CUDA graphs (its compile
+time printed apart). Record the figures in docs/LOG.md (date, machine, command).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def timed(fn, device: str):
     return out, time.perf_counter() - t0
 
 
-def ours(model, prompts, eos, n, device):
+def ours(model, prompts, eos, n, device, compile=False):
     d = Decoding(n)
-    one = lambda: [generate(model, [p], eos, d, device=device)[0] for p in prompts[:SINGLE]]  # noqa: E731
-    many = lambda: generate(model, prompts, eos, d, batch_size=len(prompts), device=device)  # noqa: E731
+    one = lambda: [generate(model, [p], eos, d, 1, device, compile=compile)[0] for p in prompts[:SINGLE]]  # noqa: E731
+    many = lambda: generate(model, prompts, eos, d, len(prompts), device, compile=compile)  # noqa: E731
     return timed(one, device), timed(many, device)
 
 
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--old-rev", default="a31a7a5", help="the commit whose decoding is the old one ('' to skip)")
     ap.add_argument("--no-hf", action="store_true", help="leave transformers out")
+    ap.add_argument("--compile", action="store_true", help="also this project with its step compiled (CUDA graphs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = Tokenizer(TOKENIZER)
@@ -185,6 +187,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         runners = {"this project": lambda: ours(model, prompts, eos, args.new_tokens, args.device)}
+        if args.compile:  # compiled once per shape, in the warm-up below
+            runners["compiled"] = lambda: ours(model, prompts, eos, args.new_tokens, args.device, compile=True)
         if args.old_rev:
             runners["old decoding"] = lambda: old(
                 args.old_rev,
@@ -200,6 +204,10 @@ def main() -> None:
             hf_lm = hf_model(args.checkpoint.resolve(), Path(tmp) / "hf", args.device)
             runners["transformers"] = lambda: hf(hf_lm, prompts, eos, args.new_tokens, args.device)
         ours(model, prompts[:2], eos, 4, args.device)  # warm-up
+        if args.compile:  # the shapes timed below: batch 1 and batch N, at this width
+            t0 = time.perf_counter()
+            ours(model, prompts, eos, args.new_tokens, args.device, compile=True)
+            print(f"  compiling the step: {time.perf_counter() - t0:.1f} s", flush=True)
         if not args.no_hf:
             hf(hf_lm, prompts[:2], eos, 4, args.device)
         runs = {name: [] for name in runners}
@@ -219,7 +227,7 @@ def main() -> None:
             for j, (a, b) in enumerate(zip(outs, ref)):
                 if a != b:
                     print(f"      prompt {j} differs at {explain(model, prompts[j], a, b, args.device)}")
-    for other in ("transformers", "old decoding"):
+    for other in ("transformers", "old decoding", "compiled"):
         if (other, "batch 1") in rates:
             ratios = [
                 rates[("this project", label)] / rates[(other, label)] for label in ("batch 1", f"batch {len(prompts)}")
