@@ -57,7 +57,7 @@ from pipeline.core.common import (
     utf8_bytes,
     write_json,
 )
-from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, RAW_DIR
+from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, DECONTAMINATED, RAW_DIR
 from pipeline.data.dedup import KeyIndex, NearDuplicates
 from pipeline.data.qa import DEFAULT_QA_SOURCE, default_items
 from pipeline.data.rules import PII, QUALITY_REASONS, normalize
@@ -108,7 +108,7 @@ def main() -> None:
         if settings.decontaminate_ngram:
             contaminated = decontaminate(scratch, out, settings, state, per_source)
         else:
-            (out / "decontaminated.jsonl").touch()
+            (out / DECONTAMINATED.name).touch()
         qa_counts = add_default_qa(out, settings, manifest)
         totals = {
             split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
@@ -304,7 +304,7 @@ def decontaminate(scratch: Path, out: Path, settings: P.Clean, state: State, per
     removed = 0
     pool = Pool(settings, held)
     try:
-        with open(out / "train.jsonl", "wb") as train, open(out / "decontaminated.jsonl", "wb") as listed:
+        with open(out / "train.jsonl", "wb") as train, open(out / DECONTAMINATED.name, "wb") as listed:
             for checked in pool.map(ngram_shard, read_shards(scratch, settings.shard_bytes)):
                 for line, contaminated in zip(checked.lines, checked.contaminated.tolist()):
                     if not contaminated:
@@ -381,7 +381,7 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
         f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
         f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
         f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
-        f"data/clean/decontaminated.jsonl).",
+        f"{DECONTAMINATED}).",
         "",
         "## Per source",
         "",

@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from pipeline.core.common import PipelineError, run_main
+from pipeline.core.paths import EVAL_METRICS, TRAIN_METRICS
 
 
 def dvc_experiments(extra: list[str]) -> list[dict]:
@@ -61,8 +62,8 @@ def by_file(data: dict, kind: str) -> dict:
 def summarize(row: dict) -> dict:
     """The figures of one row that the table and the plot show (None where absent)."""
     params = row["params"].get("params.yaml", {})
-    train = row["metrics"].get("metrics/train.json", {})
-    ev = row["metrics"].get("metrics/eval.json", {})
+    train = row["metrics"].get(str(TRAIN_METRICS), {})
+    ev = row["metrics"].get(str(EVAL_METRICS), {})
     model = params.get("model", {})
     arch = model.get("arch", "gpt")
     width = model.get("n_embd") if arch == "gpt" else model.get("n_hidden")

@@ -9,6 +9,7 @@ MANIFEST = RAW_DIR / "manifest.json"
 COLLECT_METRICS = Path("metrics/collect.json")
 # clean
 CLEAN_DIR = Path("data/clean")
+DECONTAMINATED = CLEAN_DIR / "decontaminated.jsonl"  # train documents removed for overlap with val/test
 CLEAN_METRICS = Path("metrics/clean.json")
 CLEAN_REPORT = Path("metrics/clean_report.md")
 # tokenize
