@@ -25,7 +25,6 @@ import torch
 
 from pipeline.core import params as P
 from pipeline.core.common import (
-    PipelineError,
     atomic_dir,
     atomic_write_text,
     read_jsonl,
@@ -62,13 +61,19 @@ from pipeline.model.weights import load_model
 
 
 def score_tasks(
-    model, tok: Tokenizer, e: P.Evaluate, baselines: NgramBaselines, device: str, test: list[dict], val: list[dict]
+    model,
+    tok: Tokenizer,
+    e: P.Evaluate,
+    baselines: NgramBaselines,
+    device: str,
+    test: list[dict],
+    val: list[dict],
+    own: dict[Path, list[dict]],
 ) -> dict:
     """Build the default tasks from the test split into data/tasks/ (and smaller ones from val
-    into data/tasks/val/), then score them and the user's task files. A default multiple-choice
-    task is scored the way (per byte, unnormalised or context-normalised) that does best on its
-    val twin; a task of one's own, per byte. A bad task file is one line (printed, and in the
-    metrics); the other tasks still run."""
+    into data/tasks/val/), then score them and the user's task files (`own`, read and checked
+    before any work). A default multiple-choice task is scored the way (per byte, unnormalised or
+    context-normalised) that does best on its val twin; a task of one's own, per byte."""
     with atomic_dir(TASKS_DIR) as out:
         paths = []
         for name, items in build_tasks(test, e.seed, e.task_items).items() if e.task_items else ():
@@ -80,26 +85,21 @@ def score_tasks(
         for name, items in tune.items():
             write_task(out / "val" / f"{name}.jsonl", items)
     results = {}
-    for path in [*paths, *map(Path, e.task_files)]:
-        try:
-            items = read_task(path)
-            if "answer_text" in items[0]:
-                scores = score_cloze(model, tok, items, baselines, e.batch_size, device, compiles(e.compile, device))
-            else:
-                scoring, tuned = "per_byte", None
-                if path in paths and path.stem in tune:
-                    val_items = tune[path.stem]
-                    scoring, accuracies = choose_scoring(
-                        score_multiple_choice(model, tok, val_items, baselines, e.batch_size)
-                    )
-                    tuned = {"items": len(val_items), "model": accuracies}
-                scores = score_multiple_choice(model, tok, items, baselines, e.batch_size, scoring)
-                if tuned:
-                    scores["scoring_val"] = tuned
-        except PipelineError as err:
-            print(f"evaluate: task skipped: {err}", flush=True)
-            results[path.stem] = {"file": str(path), "error": str(err)}
-            continue
+    for path in [*paths, *own]:
+        items = own[path] if path in own else read_task(path)
+        if "answer_text" in items[0]:
+            scores = score_cloze(model, tok, items, baselines, e.batch_size, device, compiles(e.compile, device))
+        else:
+            scoring, tuned = "per_byte", None
+            if path in paths and path.stem in tune:
+                val_items = tune[path.stem]
+                scoring, accuracies = choose_scoring(
+                    score_multiple_choice(model, tok, val_items, baselines, e.batch_size)
+                )
+                tuned = {"items": len(val_items), "model": accuracies}
+            scores = score_multiple_choice(model, tok, items, baselines, e.batch_size, scoring)
+            if tuned:
+                scores["scoring_val"] = tuned
         results[path.stem] = {"file": str(path), **scores}
         shown = scores.get("headline", scores)  # a cloze task has one score
         print(
@@ -113,6 +113,8 @@ def score_tasks(
 
 def main() -> None:
     e = P.load().evaluate
+    # the user's task files, checked before any work: a bad one ends evaluate at once, naming its line
+    own = {Path(f): read_task(Path(f)) for f in e.task_files}
     set_torch_threads(0)
     torch.manual_seed(e.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,7 +147,7 @@ def main() -> None:
         )
     samples, metrics["generation"] = sample_prompts(model, tok, e, device, val)
     t3 = time.perf_counter()
-    metrics["understanding"] = score_tasks(model, tok, e, baselines, device, test, val)
+    metrics["understanding"] = score_tasks(model, tok, e, baselines, device, test, val, own)
     t4 = time.perf_counter()
     train_qa = list(read_jsonl(CLEAN_DIR / "train.jsonl", lambda line: b'"task"' in line))
     metrics["question_answering"], answered = answer_test_questions(model, tok, e, device, test, train_qa)

@@ -36,6 +36,8 @@ from pipeline.core.paths import BEST_WEIGHTS, TOKENIZER
 from pipeline.model.weights import load_model
 
 FORMATS = ("hf",)
+MARKER = "lmpipe.json"  # in every export: what it was exported from, and the files it wrote
+PIPELINE_FOLDERS = ("data", "metrics")  # the pipeline's outputs: never written by an export
 
 
 def hf_architecture(cfg) -> str:
@@ -217,22 +219,56 @@ def export_hf(weights: Path, tokenizer_file: Path, out_dir: Path) -> str:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(out)
         fast.save_pretrained(out)
-        (out / "lmpipe.json").write_text(
-            json.dumps({"source": str(weights), "model_config": dataclasses.asdict(cfg)}, indent=2) + "\n"
+        files = sorted(p.name for p in out.iterdir())
+        (out / MARKER).write_text(
+            json.dumps({"source": str(weights), "model_config": dataclasses.asdict(cfg), "files": files}, indent=2)
+            + "\n"
         )
     return arch
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Export writes only its own files: a new or empty folder, or with --force a previous export
+    of this project (its own files and nothing else), never under data/ or metrics/."""
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    for folder in PIPELINE_FOLDERS:
+        if target == here / folder or (here / folder) in target.parents:
+            raise PipelineError(
+                f"export: {out}: inside {folder}/, the pipeline's outputs; export to a folder of its own"
+            )
+    if target in (here, *here.parents) or target == Path.home().resolve():
+        raise PipelineError(
+            f"export: {out}: would replace a folder that holds this project; export to a folder of its own"
+        )
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"export: {out}: a file, not a folder")
+    held = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not held:
+        return
+    try:
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        written = set()  # no export of this project wrote this folder
+    if not held <= written:
+        others = ", ".join(sorted(held - written)[:3])
+        raise PipelineError(f"export: {out}: holds other files ({others}); export to a new or empty folder")
+    if not force:
+        raise PipelineError(f"export: {out}: holds an earlier export; --force replaces it")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("out", type=Path, help="the folder to write (replaced whole)")
+    ap.add_argument("out", type=Path, help="the folder to write: new, empty, or an earlier export with --force")
+    ap.add_argument("--force", action="store_true", help="replace an earlier export in OUT (nothing else)")
     ap.add_argument("--format", choices=FORMATS, default="hf")
     ap.add_argument("--weights", type=Path, default=BEST_WEIGHTS)
     ap.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     args = ap.parse_args(argv)
 
+    check_out(args.out, args.force)
     for path in (args.weights, args.tokenizer):
         if not path.is_file():
             raise PipelineError(f"{path}: missing (run the pipeline first: dvc repro)")

@@ -72,6 +72,7 @@ def text_file(name: str, content: bytes, **kw):
 def write(path: str, content: bytes | str):
     def mutate(folder):
         p = folder / path
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
     return mutate
@@ -136,6 +137,14 @@ def sqlite_db(query: str):
     return make
 
 
+def qa_rows(rows: list[dict]):
+    def make(folder):
+        (folder / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return {"name": "quiz", "kind": "file", "format": "jsonl", "path": "qa.jsonl", "task": "qa"}
+
+    return make
+
+
 def zipped(member: str, content: bytes, **kw):
     def make(folder):
         with zipfile.ZipFile(folder / "a.zip", "w") as z:
@@ -149,6 +158,8 @@ class Pickled:
     def __reduce__(self):
         return (print, ("pwned",))
 
+
+TASK_ITEM = '{"context": "To be, or not", "choices": [" to be", " xylophone"], "answer": 0}'
 
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
@@ -184,6 +195,14 @@ CASES = [
         ["train.source_weights.pairs"],
     ),
     ("params-decay-fraction", ["train"], change("train", decay_fraction=0), ["train.decay_fraction"]),
+    (
+        "params-weight-infinite",
+        ["train"],
+        change("train", source_weights={"default_qa": float("inf")}),
+        ["train.source_weights.default_qa", "finite"],
+    ),
+    ("params-lr-nan", ["train"], change("train", lr=float("nan")), ["train.lr", "finite"]),
+    ("params-tune-grid-inf", ["evaluate"], change("evaluate", tune_length_penalties=[1.0, float("inf")]), ["[1]"]),
     ("params-eval-interval", ["train"], change("train", eval_interval=0), ["eval_interval"]),
     ("params-vocab-tiny", ["tokenize"], change("tokenize", vocab_size=8), ["tokenize.vocab_size"]),
     ("params-coverage", ["tokenize"], change("tokenize", character_coverage=0.5), ["tokenize.character_coverage"]),
@@ -324,12 +343,61 @@ CASES = [
         ["best.safetensors"],
     ),
     ("data-no-train-metrics", ["evaluate"], remove("metrics/train.json"), ["train.json"]),
+    # a task file of one's own: checked before any work, so a bad one costs nothing and writes nothing
+    ("data-task-file-missing", ["evaluate"], change("evaluate", task_files=["mine.jsonl"]), ["mine.jsonl", "no such"]),
     (
-        "data-task-file-missing",
+        "data-task-file-empty",
         ["evaluate"],
-        both(change("evaluate", task_files=["mine.jsonl"]), change("evaluate", task_items=0)),
-        None,  # not an error: that task is skipped, with one line, and the others run
+        both(write("mine.jsonl", "\n"), change("evaluate", task_files=["mine.jsonl"])),
+        ["mine.jsonl", "no items"],
     ),
+    (
+        "data-task-file-not-json",
+        ["evaluate"],
+        both(write("mine.jsonl", TASK_ITEM + "\n{nope\n"), change("evaluate", task_files=["mine.jsonl"])),
+        ["mine.jsonl:2", "not valid JSON"],
+    ),
+    (
+        "data-task-answer-out-of-range",
+        ["evaluate"],
+        both(
+            write("mine.jsonl", TASK_ITEM.replace('"answer": 0', '"answer": 5')),
+            change("evaluate", task_files=["mine.jsonl"]),
+        ),
+        ["mine.jsonl:1", "'answer'"],
+    ),
+    # --- QA sources: a row without its question or answer ------------------------------------
+    (
+        "qa-source-missing-column",
+        ["collect"],
+        with_source(qa_rows([{"question": "Who wept?"}])),
+        ["qa.jsonl:1", "no field 'answer'"],
+    ),
+    (
+        "qa-source-null-cell",
+        ["collect"],
+        with_source(qa_rows([{"question": "Who wept?", "answer": None}])),
+        ["qa.jsonl:1", "'answer'"],
+    ),
+    (
+        "qa-source-empty-answers",
+        ["collect"],
+        with_source(qa_rows([{"question": "Who wept?", "answer": ""}])),
+        ["quiz", "target side is empty"],
+    ),
+    (
+        "qa-source-empty-questions",
+        ["collect"],
+        with_source(qa_rows([{"question": " ", "answer": "Jesus"}])),
+        ["quiz", "source side is empty"],
+    ),
+    # --- compare: experiments side by side need a DVC repository ---------------------------------
+    ("compare-outside-dvc", ["compare", "--md"], None, ["dvc exp show", "DVC repository"]),
+    # --- export: only its own files, never the pipeline's outputs ----------------------------
+    ("export-into-the-model", ["export", "data/model"], None, ["data/model", "inside data/"]),
+    ("export-into-the-metrics", ["export", "metrics/hf"], None, ["metrics/hf", "inside metrics/"]),
+    ("export-over-other-files", ["export", "other"], write("other/notes.txt", "mine"), ["other", "notes.txt"]),
+    ("export-over-the-project", ["export", "."], None, ["holds this project"]),
     # --- pipeline state --------------------------------------------------------------------
     (
         "state-checkpoint-garbage",
@@ -386,10 +454,6 @@ def test_bad_input_is_one_line_and_loses_nothing(finished, tmp_path, capsys, cas
     if damage:
         damage(folder)
     before = snapshot(folder, *OUTPUTS)
-    if needles is None:  # handled without failing: the stage ends well, saying what it skipped
-        call_stage(command[0], folder, *command[1:])
-        assert "mine.jsonl: no such task file" in capsys.readouterr().out
-        return
     code, err = run(command[0], folder, *command[1:])
     assert code != 0
     lines = [line for line in err.splitlines() if line.strip()]

@@ -140,3 +140,21 @@ def test_export_command_line_errors_are_one_line(prepared, tmp_path):
     )
     assert_clean_error(proc, "w.safetensors", "not a readable checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_only_its_own_files(exported):
+    """An earlier export is replaced only with --force; a folder holding anything else, the
+    pipeline's own outputs, and the project itself are refused, and left as they were."""
+    folder, out, _ = exported
+    model = {p.name: p.read_bytes() for p in (folder / "data/model").iterdir()}
+    stage_error("export", folder, "holds an earlier export; --force replaces it", args=("hf",))
+    written = json.loads((out / "lmpipe.json").read_text())["files"]
+    assert set(written) | {"lmpipe.json"} == {p.name for p in out.iterdir()}
+    call_stage("export", folder, str(out), "--force")
+    (out / "notes.txt").write_text("mine")  # now it holds something of the user's: never replaced
+    stage_error("export", folder, "hf", "holds other files (notes.txt)", args=("hf", "--force"))
+    assert (out / "notes.txt").read_text() == "mine"
+    for target, needle in (("data/model", "inside data/"), ("metrics/hf", "inside metrics/"), (".", "this project")):
+        stage_error("export", folder, needle, args=(target, "--force"))
+    assert {p.name: p.read_bytes() for p in (folder / "data/model").iterdir()} == model
+    assert not (folder / "metrics/hf").exists()

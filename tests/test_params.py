@@ -16,6 +16,8 @@ import dataclasses
 import json
 import re
 import shutil
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -444,3 +446,46 @@ def test_operational_knobs_change_nothing_and_rerun_nothing(reproduced, tmp_path
     assert "Running stage 'clean'" in out and "(1 worker)" in out, out
     assert snapshot(repo, "data/clean") == cleaned
     assert json.loads(sh(repo, "dvc", "status", "--json", "tokenize").stdout) == {}  # nothing downstream to run
+
+
+def float_keys(cls, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, how to place a value there) for every float in the schema, nested ones too:
+    a float field ("scalar"), a list of floats ("list"), a mapping to floats ("mapping")."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        origin = typing.get_origin(tp)
+        if tp is float or (origin in (typing.Union, types.UnionType) and float in args):
+            out.append((key, "scalar"))
+        elif origin is list and typing.get_args(tp)[0] is float:
+            out.append((key, "list"))
+        elif origin is dict and typing.get_args(tp)[1] is float:
+            out.append((key, "mapping"))
+        elif dataclasses.is_dataclass(tp):
+            out += float_keys(tp, f"{key}.")
+    return out
+
+
+FLOAT_KEYS = float_keys(P.Params)
+
+
+def test_the_schema_has_floats_of_every_kind():
+    kinds = {kind for _, kind in FLOAT_KEYS}
+    assert kinds == {"scalar", "list", "mapping"} and len(FLOAT_KEYS) >= 30, len(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key,kind", FLOAT_KEYS, ids=[k for k, _ in FLOAT_KEYS])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_key_refuses_what_is_not_finite(tmp_path, good_params, key, kind, value):
+    """`python -m pipeline.params check`: one line naming the key, for .inf, -.inf and .nan (YAML's
+    own spellings), whether the float is a key's value, a list's item or a mapping's value."""
+    _, data = good_params
+    group, name = key.split(".", 1)
+    placed = {"scalar": "SENTINEL", "list": ["SENTINEL"], "mapping": {"somewhere": "SENTINEL"}}[kind]
+    text = yaml.safe_dump(set_key(data, f"{group}.{name}", placed), sort_keys=False).replace("SENTINEL", value)
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+    named = {"scalar": key, "list": f"{key}[0]", "mapping": f"{key}.somewhere"}[kind]
+    with pytest.raises(PipelineError, match=re.escape(f"{named}: expected a finite number")):
+        P.load(tmp_path / "params.yaml")

@@ -387,8 +387,10 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
 
 
 def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
-    """As a command: an error in the middle of training is one line on stderr too."""
+    """As a command: an error in the middle of training is one line on stderr too, in a git
+    repository (dvclive's) too: nothing more at interpreter exit."""
     folder = copy_project(prepared, tmp_path / "p")
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     set_params(
         folder,
         train={

@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import PAIRS, SONNET, call_stage, copy_project, set_params
+from conftest import PAIRS, SONNET, call_stage, copy_project, set_params, stage_error
 
 from pipeline.core.common import PipelineError
 from pipeline.data.tokenizer import Tokenizer
@@ -119,18 +119,20 @@ def test_wilson_interval_and_bigram_argmax():
     assert b.most_likely_next(5) == 4  # never followed: the most frequent token
 
 
-def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, tmp_path, capsys):
+def test_evaluate_scores_every_task_and_stops_at_once_on_a_bad_one(prepared, tmp_path, capsys):
     folder = copy_project(prepared, tmp_path / "p")
     mine = folder / "mine.jsonl"
     item = {"context": "Shall I compare thee to a summer's", "choices": [" day?", " xylophone?"], "answer": 0}
     mine.write_text("\n".join(json.dumps(item) for _ in range(5)) + "\n")
-    (folder / "broken.jsonl").write_text(json.dumps({**item, "choices": ["x"]}) + "\n")
+    (folder / "broken.jsonl").write_text(json.dumps(item) + "\n" + json.dumps({**item, "answer": 2}) + "\n")
     set_params(folder, train={"max_steps": 30}, evaluate={"prompts": [], "task_files": ["mine.jsonl", "broken.jsonl"]})
     call_stage("train", folder)
+    # a bad task file of one's own ends evaluate before any work, naming its line: nothing written
+    stage_error("evaluate", folder, "broken.jsonl:2", "'answer' must be the index of a choice")
+    assert not (folder / "metrics/eval.json").exists() and not (folder / "data/tasks").exists()
+    set_params(folder, evaluate={"task_files": ["mine.jsonl"]})
     call_stage("evaluate", folder)
     tasks = json.loads((folder / "metrics/eval.json").read_text())["understanding"]
-    assert tasks["broken"]["error"].startswith("broken.jsonl:1: 1 choice(s)")
-    assert "task skipped: broken.jsonl:1" in capsys.readouterr().out
     assert tasks["mine"]["items"] == 5 and tasks["mine"]["chance"] == 0.5
     for name in ("mine", "next_line", "translation"):
         t = tasks[name]
@@ -148,10 +150,9 @@ def test_evaluate_scores_every_task_and_skips_a_bad_one_with_one_line(prepared, 
         assert t["scoring"] == max(val, key=lambda k: (val[k], -list(val).index(k)))
         key = "" if t["scoring"] == "per_byte" else f"_{t['scoring']}"
         assert t["headline"] == {"model": t[f"model{key}"], "bigram": t[f"bigram{key}"]}
-    defaults = sorted(f"{n}.jsonl" for n in tasks if n not in ("mine", "broken"))
+    defaults = sorted(f"{n}.jsonl" for n in tasks if n != "mine")
     assert sorted(p.name for p in (folder / "data/tasks").iterdir()) == sorted([*defaults, "val"])
     assert {p.name for p in (folder / "data/tasks/val").iterdir()} <= set(defaults)
     report = (folder / "metrics/report.md").read_text()
     header = "| task | model | bigram | chance | items | scoring | per byte | unnormalised | context-normalised |"
     assert header in report
-    assert "| broken | skipped: broken.jsonl:1" in report

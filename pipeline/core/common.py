@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import hashlib
 import json
@@ -43,16 +44,20 @@ def run_main(main: Callable[[], Any]) -> None:
     """Run a stage's main(): user errors become one line on stderr and a non-zero exit."""
     try:
         main()
+        return
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        message, code = str(e), e.exit_code
     except OSError as e:  # the machine's, not the input's: a full disk, a read-only folder, no permission
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or first_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        message, code = f"{where}{e.strerror or first_line(e)}", 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        message, code = "interrupted", 130
+    print(f"error: {message}", file=sys.stderr)
+    # Out of the except block, the failed work's frames are gone: what they held (dvclive's git
+    # repository, say) is finalised now, and not at interpreter exit, where a finaliser that
+    # imports fails with a traceback of its own ("sys.meta_path is None").
+    gc.collect()
+    sys.exit(code)
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -16,6 +16,7 @@ params file means what params.yaml says; params.yaml spells every key out.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            return _convert(value, float, key)  # the float's error, not the last alternative's
         for arg in args[:-1]:  # the first type the value fits; the last one's error otherwise
             try:
                 return _convert(value, arg, key)
@@ -299,11 +302,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         # PyYAML reads 1e-3 (no dot) as a string; accept any spelling float() does.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"{key}: expected a number, got {_quote(value)}")
+        if not math.isfinite(value):  # .inf and .nan are YAML floats too
+            raise PipelineError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -125,9 +125,6 @@ def _tasks_table(tasks: dict) -> list[str]:
     ]
     rows = []
     for name, t in tasks.items():
-        if "error" in t:
-            rows.append([name, f"skipped: {t['error']}", "", "", "", "", "", "", ""])
-            continue
         shown = t.get("headline", t)
         scoring = SCORING_LABELS.get(t.get("scoring"), "")
         if "scoring_val" in t:

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.core.common import atomic_dir, read_json, remove_stale
+from pipeline.core.common import atomic_dir, first_line, read_json, remove_stale
 from pipeline.core.paths import LIVE_DIR
 
 CURVES = "curves"  # a checkpoint's copy of the training curves up to its step
@@ -36,7 +36,11 @@ class Curves:
         except ImportError:  # a GPU machine with torch but no DVC: the same files, written by TsvLive
             self.live = TsvLive(self.scratch, step)
         else:
-            self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
+            try:
+                self.live = Live(dir=str(self.scratch), dvcyaml=None, save_dvc_exp=False, report=None, resume=step > 0)
+            except Exception as e:  # dvclive reads the git repository: one with no commit yet fails it
+                print(f"train: curves written without dvclive ({first_line(e)})", flush=True)
+                self.live = TsvLive(self.scratch, step)
         self.live.step = step
 
     @staticmethod
