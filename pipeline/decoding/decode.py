@@ -368,9 +368,8 @@ def _follow(batch: Batch, parent: torch.Tensor) -> None:
     """Every row becomes a copy of its parent row so far: the model's state, the tokens written."""
     batch.state = batch.model.follow(batch.state, parent)
     batch.out[:, : batch.n] = batch.out[parent, : batch.n]
-    for name in ("history",):  # a prompt's beams share its prompt_ids
-        if getattr(batch, name) is not None:
-            setattr(batch, name, getattr(batch, name).index_select(0, parent))
+    if batch.history is not None:  # (a prompt's beams share its prompt_ids: nothing to follow there)
+        batch.history = batch.history.index_select(0, parent)
 
 
 @torch.inference_mode()
