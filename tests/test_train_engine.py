@@ -46,6 +46,14 @@ def train_metrics(folder: Path) -> dict:
     return {k: v for k, v in m.items() if k not in TIMING}
 
 
+def assert_same_run(folder: Path, reference: Path) -> None:
+    """The same weights, curves (but the wall-clock ones) and metrics as the reference run."""
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
+    assert curves(folder) == curves(reference)
+    assert train_metrics(folder) == train_metrics(reference)
+
+
 def start_train(folder: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
     return subprocess.Popen(
@@ -110,10 +118,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp
         assert not (folder / "data/model").exists()  # no half-written output
     call_stage("train", folder)
     assert "resuming from data/checkpoints/step_00000" in capsys.readouterr().out
-    for name in ("last.safetensors", "best.safetensors"):
-        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
-    assert curves(folder) == curves(reference)
-    assert train_metrics(folder) == train_metrics(reference)
+    assert_same_run(folder, reference)
     # Only the newest checkpoints are kept; each holds weights in safetensors, the rest weights_only.
     kept = sorted(p.name for p in (folder / "data/checkpoints").iterdir())
     assert kept == ["step_0000050", "step_0000060"]
@@ -136,10 +141,7 @@ def test_reading_losses_every_few_steps_without_dvclive_changes_nothing(referenc
     set_params(folder, train={"log_interval": 7})  # not a divisor of the 10-step checkpoints
     monkeypatch.setitem(sys.modules, "dvclive", None)  # `import dvclive` raises ImportError
     call_stage("train", folder)
-    for name in ("last.safetensors", "best.safetensors"):
-        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
-    assert curves(folder) == curves(reference)
-    assert train_metrics(folder) == train_metrics(reference)
+    assert_same_run(folder, reference)
     live = [json.loads((f / "metrics/train/metrics.json").read_text()) for f in (folder, reference)]
     for summary in live:
         for key in TIMING:
@@ -186,10 +188,7 @@ def test_every_knob_that_changes_nothing_computed_still_resumes(reference, tmp_p
     set_params(folder, train=changes)
     call_stage("train", folder)
     assert "resuming from data/moved/step_0000050" in capsys.readouterr().out
-    for name in ("last.safetensors", "best.safetensors"):
-        assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
-    assert curves(folder) == curves(reference)
-    assert train_metrics(folder) == train_metrics(reference)
+    assert_same_run(folder, reference)
 
 
 def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):

@@ -106,13 +106,11 @@ def _pick(logits: torch.Tensor, decoding: Decoding, gen: torch.Generator | None)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
 
 
-def keep_end(model, prompt, new_tokens: int = 0):
-    """The end of a prompt (a list of ids, or rows of them) that leaves room for `new_tokens` in a
-    GPT's context: a prompt too long is cut from the left. A recurrent model's context has no end."""
+def keep_end(model, prompt: list[int], new_tokens: int = 0) -> list[int]:
+    """The end of a prompt that leaves room for `new_tokens` in a GPT's context: a prompt too long
+    is cut from the left. A recurrent model's context has no end."""
     room = model.block_size - new_tokens if model.bounded_context else 0
-    if room <= 0:
-        return prompt
-    return prompt[:, -room:] if isinstance(prompt, torch.Tensor) else prompt[-room:]
+    return prompt[-room:] if room > 0 else prompt
 
 
 def _as_lists(prompts) -> list[list[int]]:
@@ -163,7 +161,7 @@ class Batch:
         self.logits, self.rows = self.logits.index_select(0, rows), self.rows[cpu]
         self.limit = self.limit.index_select(0, rows)
         for name in ("prompt_ids", "history", "out", "done"):
-            if getattr(self, name, None) is not None:
+            if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).index_select(0, rows))
 
     def write(self, tokens: torch.Tensor) -> None:
@@ -306,7 +304,7 @@ def _beam_search(
     """
     length_penalties = length_penalties or (decoding.length_penalty,)
     K = decoding.beam_size
-    batch = Batch(model, _as_lists(prompts), eos_id, decoding, limits, step)
+    batch = Batch(model, prompts, eos_id, decoding, limits, step)
     logp = torch.log_softmax(_adjust(batch.logits, batch, decoding).float(), dim=-1)
     V = logp.size(-1)
     scores, first = logp.topk(min(K, V), dim=-1)
