@@ -155,5 +155,10 @@ def print_stream(model, tok: Tokenizer, prompt: list[int], decoding: Decoding) -
     print(tok.decode(new)[len(shown) :])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (lmpipe-...): errors as one line, as `python -m` gives them."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

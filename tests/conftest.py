@@ -355,3 +355,58 @@ def read_split(folder: Path, split: str) -> list[dict]:
 
 def read_clean_metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics" / "clean.json").read_text(encoding="utf-8"))
+
+
+# --- a model that answers questions (a play, a QA source, pairs), trained a few steps -----------
+
+ACT = """ACT I. SCENE I. A room in the palace.
+
+HELENA.
+Not my virginity yet. There shall your master have a thousand loves,
+
+PAROLLES.
+What one, i' faith? What one, i' faith, my lady?
+
+HELENA.
+That I wish well.--'Tis pity, pity, pity that I wish well.
+
+BERTRAM.
+Stay; the king--the king will have his way, and I must stay."""
+
+QA = [
+    {"question": "Who wrote the sonnets?", "answer": "Shakespeare"},
+    {"question": "Кто прослезился?", "answer": "Иисус"},
+    {"question": "资源类型是什么?", "answer": "资源类型"},
+    {
+        "question": "How many loves shall your master have?",
+        "answer": "a thousand",
+        "context": "There shall your master have a thousand loves.",
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def answered(tmp_path_factory):
+    """A project of a play, the quiz QA source and pairs: trained a few steps and evaluated."""
+    folder = tmp_path_factory.mktemp("qa")
+    acts = [
+        ACT.replace("HELENA", n).replace("my lady", f"my lady {i}")
+        for i, n in enumerate(("HELENA", "DIANA", "KING") * 20)
+    ]
+    (folder / "play.txt").write_text("\n\n".join(acts))
+    write_jsonl(folder / "qa.jsonl", [{**r, "question": f"{r['question']} ({i})"} for i in range(30) for r in QA])
+    write_jsonl(folder / "pairs.jsonl", [{"src": f"{s} ({i})", "tgt": t} for i in range(60) for s, t in PAIRS])
+    sources = [
+        text_source("plays", "play.txt", split="paragraphs", chunk_chars=400),
+        jsonl_source("quiz", "qa.jsonl", task="qa"),
+        jsonl_source("pairs", "pairs.jsonl", languages=["en", "ru"]),
+    ]
+    params = tiny_params(
+        {"sources": sources, "max_documents": 0}, clean={"workers": 1, "val_fraction": 0.2, "test_fraction": 0.2}
+    )
+    params["train"].update(max_steps=20, threads=1)
+    params["evaluate"].update(prompts=[], tune_pairs=0)
+    write_params(folder, params)
+    for stage in ("collect", "clean", "tokenize", "train", "evaluate"):
+        call_stage(stage, folder)
+    return folder

@@ -6,7 +6,9 @@ import sqlite3
 
 import pytest
 from conftest import (
+    ACT,
     PAIRS,
+    QA,
     assert_clean_error,
     call_stage,
     collect_project,
@@ -17,7 +19,6 @@ from conftest import (
     run_stage,
     set_params,
     stage_error,
-    text_source,
     tiny_params,
     write_jsonl,
     write_params,
@@ -28,31 +29,6 @@ from pipeline.data.qa import default_items, passage_items, question_text
 from pipeline.data.sources.tables import records_from_sqlite
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.evaluation.qa import exact_match, majority_answers, normalize_answer, token_f1
-
-ACT = """ACT I. SCENE I. A room in the palace.
-
-HELENA.
-Not my virginity yet. There shall your master have a thousand loves,
-
-PAROLLES.
-What one, i' faith? What one, i' faith, my lady?
-
-HELENA.
-That I wish well.--'Tis pity, pity, pity that I wish well.
-
-BERTRAM.
-Stay; the king--the king will have his way, and I must stay."""
-
-QA = [
-    {"question": "Who wrote the sonnets?", "answer": "Shakespeare"},
-    {"question": "Кто прослезился?", "answer": "Иисус"},
-    {"question": "资源类型是什么?", "answer": "资源类型"},
-    {
-        "question": "How many loves shall your master have?",
-        "answer": "a thousand",
-        "context": "There shall your master have a thousand loves.",
-    },
-]
 
 
 def test_squad_normalisation_exact_match_and_token_f1_in_every_script():
@@ -167,33 +143,6 @@ def test_sqlite_meta_columns_become_record_metadata(tmp_path):
         list(records_from_sqlite(data, "SELECT book, en, ru FROM v", "b.db", tmp_path))
     with pytest.raises(PipelineError, match=r"then any meta_<key> columns; got meta_book, en"):
         list(records_from_sqlite(data, "SELECT book AS meta_book, en FROM v", "b.db", tmp_path))
-
-
-@pytest.fixture(scope="module")
-def answered(tmp_path_factory):
-    """A project of a play, the quiz QA source and pairs: trained a few steps and evaluated."""
-    folder = tmp_path_factory.mktemp("qa")
-    acts = [
-        ACT.replace("HELENA", n).replace("my lady", f"my lady {i}")
-        for i, n in enumerate(("HELENA", "DIANA", "KING") * 20)
-    ]
-    (folder / "play.txt").write_text("\n\n".join(acts))
-    write_jsonl(folder / "qa.jsonl", [{**r, "question": f"{r['question']} ({i})"} for i in range(30) for r in QA])
-    write_jsonl(folder / "pairs.jsonl", [{"src": f"{s} ({i})", "tgt": t} for i in range(60) for s, t in PAIRS])
-    sources = [
-        text_source("plays", "play.txt", split="paragraphs", chunk_chars=400),
-        jsonl_source("quiz", "qa.jsonl", task="qa"),
-        jsonl_source("pairs", "pairs.jsonl", languages=["en", "ru"]),
-    ]
-    params = tiny_params(
-        {"sources": sources, "max_documents": 0}, clean={"workers": 1, "val_fraction": 0.2, "test_fraction": 0.2}
-    )
-    params["train"].update(max_steps=20, threads=1)
-    params["evaluate"].update(prompts=[], tune_pairs=0)
-    write_params(folder, params)
-    for stage in ("collect", "clean", "tokenize", "train", "evaluate"):
-        call_stage(stage, folder)
-    return folder
 
 
 def test_the_qa_tag_begins_each_question_and_evaluate_scores_the_answers(answered):

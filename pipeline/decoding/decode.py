@@ -251,7 +251,7 @@ def stream(model, prompts, eos_id: int, decoding: Decoding, gen=None) -> Iterato
     batch = Batch(model, _as_lists(prompts), eos_id, decoding)
     every = check_every(batch.logits.device)
     for step in range(decoding.max_new_tokens):
-        nxt = _next_tokens(batch, decoding, gen)
+        nxt = next_tokens(batch, decoding, gen)
         batch.write(nxt)
         yield batch.out[:, step]
         if step + 1 == decoding.max_new_tokens or ((step + 1) % every == 0 and bool(batch.done.all())):
@@ -259,7 +259,9 @@ def stream(model, prompts, eos_id: int, decoding: Decoding, gen=None) -> Iterato
         batch.advance(batch.out[:, step])
 
 
-def _next_tokens(batch: Batch, decoding: Decoding, gen) -> torch.Tensor:
+def next_tokens(batch: Batch, decoding: Decoding, gen) -> torch.Tensor:
+    """Each row's next token, from the batch's logits: no-repeat n-grams banned, the repetition
+    penalty applied, then picked greedily or sampled."""
     logits = batch.logits
     if decoding.no_repeat_ngram and batch.n >= decoding.no_repeat_ngram:
         logits = _ban_repeats(logits, batch.out[:, : batch.n], decoding.no_repeat_ngram)
@@ -275,7 +277,7 @@ def _decode(
     results: list[list[int]] = [[] for _ in prompts]
     every = check_every(batch.logits.device)
     for step in range(decoding.max_new_tokens):
-        batch.write(_next_tokens(batch, decoding, gen))
+        batch.write(next_tokens(batch, decoding, gen))
         last = step + 1 == decoding.max_new_tokens
         if last or (step + 1) % every == 0:
             done = batch.done.cpu()

@@ -1,0 +1,247 @@
+"""The playground's HTTP side (Starlette): the page, the model's card, and decoding as a stream of
+server-sent events.
+
+    GET  /               the page (plain HTML, CSS and JS from pipeline/serving/page: no build step, no CDN)
+    GET  /api/info       the model card (pipeline.serving.card), the modes it offers and the limits
+    POST /api/generate   {"mode": "continue" | "translate" | "ask", "text": ..., settings}
+                         -> text/event-stream: start {id}, token {text}..., done {reason} | error {message}
+    POST /api/stop       {"id": ...}: the request ends at its next step
+
+Everything a request can get wrong is a 4xx with {"error": one line}; the server keeps serving.
+No request names a file: the checkpoint is chosen at start. No CORS headers: other sites' pages
+cannot call it from a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+try:  # the [serve] extra; pipeline.serve says in one line when it is missing
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as e:
+    MISSING = e.name
+else:
+    MISSING = None
+
+from pipeline.core.common import PipelineError
+from pipeline.data.qa import TASK, question_text
+from pipeline.decoding.answer import ANSWER_TOKENS
+from pipeline.decoding.decode import Decoding, keep_end
+from pipeline.serving.engine import Busy, Engine, Request
+
+PAGE = Path(__file__).with_name("page")
+FILES = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+}
+MODES = ("continue", "translate", "ask")
+# each field a request may set, with its type; anything else is refused
+FIELDS = {
+    "mode": str,
+    "text": str,
+    "context": str,
+    "to": str,
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "repetition_penalty": float,
+    "no_repeat_ngram": int,
+    "beam_size": int,
+    "length_penalty": float,
+}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for: the server's caps (set at start, see `python -m pipeline.serve -h`)."""
+
+    max_body_bytes: int = 64 * 1024
+    max_text_bytes: int = 8 * 1024  # text and context, UTF-8
+    max_new_tokens: int = 256
+    max_beam_size: int = 8
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_json(request: HttpRequest, limit: int) -> dict:
+    """The request's JSON object, read no further than `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body of {declared} bytes, more than the limit of {limit}", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"request body over the limit of {limit} bytes", 413)
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadRequest(f"malformed JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+def _checked_fields(data: dict) -> dict:
+    for key, value in data.items():
+        kind = FIELDS.get(key)
+        if kind is None:
+            raise BadRequest(f"unknown field '{key}' (known: {', '.join(FIELDS)})")
+        ok = isinstance(value, kind) if kind is not float else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or (kind is float and not math.isfinite(value)):
+            raise BadRequest(f"{key}: must be {'a finite number' if kind is float else kind.__name__}, got {value!r}")
+    if data.get("mode") not in MODES:
+        raise BadRequest(f"mode: must be one of {', '.join(MODES)}, got {data.get('mode')!r}")
+    return data
+
+
+class Playground:
+    """The routes over one model, its tokenizer and its engine."""
+
+    def __init__(self, model, tok, engine: Engine, card: dict, limits: Limits):
+        self.model, self.tok, self.engine, self.card, self.limits = model, tok, engine, card, limits
+
+    def decoding(self, data: dict) -> Decoding:
+        """The request's decoding: the mode's defaults (greedy to translate or answer, sampled
+        to continue), its own settings, the server's caps."""
+        mode, lim = data["mode"], self.limits
+        default_new = ANSWER_TOKENS if mode == "ask" else min(200, lim.max_new_tokens)
+        decoding = Decoding(
+            default_new, temperature=0.8 if mode == "continue" else 0.0, top_k=50 if mode == "continue" else 0
+        )
+        settings = {k: data[k] for k in FIELDS if k in data and k not in ("mode", "text", "context", "to")}
+        decoding = replace(decoding, **settings)
+        if not 0 < decoding.max_new_tokens <= lim.max_new_tokens:
+            raise BadRequest(
+                f"max_new_tokens: must be 1 to {lim.max_new_tokens} (the server's cap), got {decoding.max_new_tokens}"
+            )
+        if not 1 <= decoding.beam_size <= lim.max_beam_size:
+            raise BadRequest(
+                f"beam_size: must be 1 to {lim.max_beam_size} (the server's cap), got {decoding.beam_size}"
+            )
+        try:
+            decoding.check()
+        except PipelineError as e:
+            raise BadRequest(str(e)) from None
+        return decoding
+
+    def request(self, data: dict) -> Request:
+        """A decoding request from the body: the prompt as generate and evaluate render it."""
+        data = _checked_fields(data)
+        mode, tok = data["mode"], self.tok
+        text, context = data.get("text", ""), data.get("context", "")
+        if not text.strip():
+            raise BadRequest("text: empty; " + ("ask a question" if mode == "ask" else "give some text"))
+        for key, value in (("text", text), ("context", context)):
+            try:
+                size = len(value.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate (\ud800) in the JSON
+                raise BadRequest(f"{key}: not valid Unicode text") from None
+            if size > self.limits.max_text_bytes:
+                raise BadRequest(f"{key}: {size} bytes, more than the limit of {self.limits.max_text_bytes}", 413)
+        if context and mode != "ask":
+            raise BadRequest("context: only to ask a question")
+        if "to" in data and mode != "translate":
+            raise BadRequest("to: only to translate")
+        decoding = self.decoding(data)
+        if mode == "ask":
+            if "qa" not in tok.tasks:
+                raise BadRequest("ask: this model was not trained to answer questions (its tokenizer has no <qa>)")
+            ids = tok.encode([question_text(text, context)])[0]
+            prompt = keep_end(self.model, tok.pair_prompt(ids, task=TASK), decoding.max_new_tokens)
+            return Request(prompt, decoding, first_line=True)
+        ids = tok.encode([text])[0]
+        if mode == "translate":
+            prompt = tok.pair_prompt(ids, self.direction(data.get("to", "")))
+        else:
+            prompt = [tok.eos_id, *ids]
+        kept = keep_end(self.model, prompt, 1)
+        note = f"the prompt has {len(prompt)} tokens, more than the context; using its last {len(kept)}"
+        return Request(kept, decoding, note=note if len(kept) < len(prompt) else "")
+
+    def direction(self, to: str) -> str | None:
+        languages = sorted(self.tok.languages)
+        if not to and len(languages) > 1:
+            raise BadRequest(f"to: the model translates into {', '.join(languages)}; choose one")
+        if to and to not in languages:
+            known = ", ".join(languages) or "none (a model trained without language tags: leave 'to' out)"
+            raise BadRequest(f"to: unknown direction '{to}' (the model translates into {known})")
+        return to or (languages[0] if languages else None)
+
+    async def page(self, request: HttpRequest) -> Response:
+        name, media = FILES[request.url.path]
+        return Response((PAGE / name).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+    async def info(self, request: HttpRequest) -> JSONResponse:
+        limits = {k: getattr(self.limits, k) for k in ("max_text_bytes", "max_new_tokens", "max_beam_size")}
+        return JSONResponse({**self.card, "limits": limits, "load": self.engine.load})
+
+    async def generate(self, request: HttpRequest) -> Response:
+        try:
+            req = self.request(await _read_json(request, self.limits.max_body_bytes))
+        except BadRequest as e:
+            return _error(str(e), e.status)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(event: dict) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            job = self.engine.submit(req, sink)
+        except Busy as e:
+            return _error(str(e), 503)
+
+        async def stream():
+            try:
+                while True:
+                    event = await events.get()
+                    name = event.pop("event")
+                    yield f"event: {name}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+                    if name in ("done", "error"):
+                        return
+            finally:  # the client went away, or the stream ended: stop decoding for nobody
+                self.engine.stop(job.id)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def stop(self, request: HttpRequest) -> JSONResponse:
+        try:
+            data = await _read_json(request, self.limits.max_body_bytes)
+        except BadRequest as e:
+            return _error(str(e), e.status)
+        if set(data) != {"id"} or not isinstance(data["id"], str):
+            return _error('the body must be {"id": "<the id of a start event>"}', 400)
+        return JSONResponse({"stopped": self.engine.stop(data["id"])})
+
+
+async def _http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+    return _error(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code)
+
+
+def create_app(model, tok, engine: Engine, card: dict, limits: Limits | None = None) -> Starlette:
+    pg = Playground(model, tok, engine, card, limits or Limits())
+    routes = [Route(path, pg.page, methods=["GET"]) for path in FILES]
+    routes += [
+        Route("/api/info", pg.info, methods=["GET"]),
+        Route("/api/generate", pg.generate, methods=["POST"]),
+        Route("/api/stop", pg.stop, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -1,0 +1,257 @@
+"""The playground's decoding engine: many people's requests decoded on one thread, together.
+
+Requests that arrive while others decode, and that decode alike (greedy, or sampled with the same
+settings), start together as one batch (pipeline.decoding's Batch: prompts of any lengths, a
+cache written in place, finished rows compacted away). Every batch in flight takes one step in
+turn, so a new request starts at the next step instead of waiting for the others to finish:
+continuous batching at the granularity of batches (rows never move from one batch to another).
+Beam search, which is not streamed, runs whole between two steps. At most `max_rows` rows decode
+at once; at most `max_queue` requests wait for room; one more is told the server is busy.
+
+Each request streams events to its `sink` (called on the engine's thread): `start`, `token`
+(the new text, whole characters only), then `done` (why: eos, length, stopped) or `error`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, replace
+
+import torch
+
+from pipeline.core.common import first_line
+from pipeline.decoding.decode import COMPACT, Batch, Decoding, generate, next_tokens
+
+
+class Busy(Exception):
+    """The queue of waiting requests is full."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]  # token ids, already cut to fit the context
+    decoding: Decoding  # its max_new_tokens is this request's own limit
+    first_line: bool = False  # an answer: its first line only (decoding ends at a line break)
+    note: str = ""  # said in the start event (a prompt cut to fit the context, say)
+
+
+class Job:
+    """One request being served: its new tokens, the text shown so far, whether it is to stop."""
+
+    def __init__(self, job_id: str, request: Request, sink: Callable[[dict], None], tok):
+        self.id, self.request, self.sink, self.tok = job_id, request, sink, tok
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False  # asked to stop (the Stop button, or the client went away)
+        self.finished = False
+        self.started = time.perf_counter()
+
+    def emit(self, event: str, **data) -> None:
+        try:
+            self.sink({"event": event, **data})
+        except Exception:  # a client gone: its events go nowhere, the engine goes on
+            self.stopped = True
+
+    def add(self, token: int) -> bool:
+        """Take a new token; stream the text it completes. True once an answer's first line ends."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        ended = False
+        if self.request.first_line:  # as pipeline.decoding.answer takes it: the first line, stripped
+            head = text.lstrip()
+            ended = "\n" in head
+            text = head.split("\n", 1)[0].rstrip()  # (spaces wait until text follows them)
+        if not text.endswith("\ufffd") and len(text) > len(self.shown):
+            self.emit("token", text=text[len(self.shown) :])
+            self.shown = text
+        return ended
+
+    def finish(self, reason: str) -> None:
+        if not self.finished:
+            self.finished = True
+            text = self.tok.decode(self.ids)  # what waited for the rest of a character, as it is
+            if not self.request.first_line and len(text) > len(self.shown):
+                self.emit("token", text=text[len(self.shown) :])
+            self.emit("done", reason=reason, tokens=len(self.ids), seconds=round(time.perf_counter() - self.started, 3))
+
+    def fail(self, message: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit("error", message=message)
+
+
+def _kind(decoding: Decoding) -> tuple:
+    """What requests must share to decode in one batch: everything but their seed, and their
+    limit of new tokens, which a batch holds per row (a beam search's ranking depends on it)."""
+    d = replace(decoding, max_new_tokens=decoding.max_new_tokens if decoding.beam_size > 1 else 1, seed=0)
+    if d.temperature == 0:
+        d = replace(d, top_k=0, top_p=1.0)
+    return astuple(d)
+
+
+class Wave:
+    """Requests that started together, decoding as one batch."""
+
+    def __init__(self, model, jobs: list[Job], eos_id: int, gen: torch.Generator | None):
+        limits = [j.request.decoding.max_new_tokens for j in jobs]
+        self.decoding = replace(jobs[0].request.decoding, max_new_tokens=max(limits))
+        self.jobs, self.eos_id, self.gen = jobs, eos_id, gen
+        self.batch = Batch(model, [j.request.prompt for j in jobs], eos_id, self.decoding, limits)
+
+    @property
+    def rows(self) -> int:
+        return sum(not j.finished for j in self.jobs)
+
+    def step(self) -> bool:
+        """One token for every row; False once every request has finished."""
+        batch = self.batch
+        batch.write(next_tokens(batch, self.decoding, self.gen))
+        tokens, done = batch.out[:, batch.n - 1].tolist(), batch.done.tolist()
+        for row, (token, row_done) in enumerate(zip(tokens, done)):
+            job = self.jobs[int(batch.rows[row])]
+            if job.finished:
+                continue
+            if job.stopped:
+                job.finish("stopped")
+            elif token == self.eos_id:
+                job.finish("eos")
+            elif job.add(token):
+                job.finish("eos")
+            elif row_done:
+                job.finish("length")
+        live = [row for row in range(len(tokens)) if not self.jobs[int(batch.rows[row])].finished]
+        if not live:
+            return False
+        if (len(tokens) - len(live)) * COMPACT >= len(tokens):  # drop the finished rows
+            batch.select(torch.tensor(live, device=batch.out.device))
+        batch.advance(batch.out[:, batch.n - 1])
+        return True
+
+
+class Engine:
+    def __init__(self, model, tok, max_rows: int = 32, max_queue: int = 64, seed: int = 0):
+        self.model, self.tok = model, tok
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.device = next(model.parameters()).device
+        self.seeds = itertools.count(seed)
+        self.ids = (f"r{i}" for i in itertools.count(1))
+        self.lock = threading.Condition()
+        self.pending: collections.deque[Job] = collections.deque()
+        self.jobs: dict[str, Job] = {}  # waiting or decoding, by id
+        self.waves: list[Wave] = []
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="lmpipe-decoding", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request, sink: Callable[[dict], None]) -> Job:
+        """Queue a request; raises Busy when max_queue requests already wait."""
+        with self.lock:
+            if len(self.pending) >= self.max_queue:
+                raise Busy(f"busy: {len(self.pending)} requests are waiting; try again in a moment")
+            job = Job(next(self.ids), request, sink, self.tok)
+            self.jobs[job.id] = job
+            self.pending.append(job)
+            self.lock.notify()
+        job.emit("start", id=job.id, prompt_tokens=len(request.prompt), note=request.note)
+        return job
+
+    def stop(self, job_id: str) -> bool:
+        """Ask a request to stop (it ends at its next step); False if none decodes by that id."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        job.stopped = True
+        with self.lock:
+            self.lock.notify()
+        return True
+
+    def close(self) -> None:
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    @property
+    def load(self) -> dict:
+        return {"decoding": sum(w.rows for w in self.waves), "waiting": len(self.pending)}
+
+    @torch.inference_mode()  # (thread-local: this thread's every step)
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.pending or self.waves or self.closing):
+                    self.lock.wait()
+                if self.closing:
+                    break
+                admitted = self._admit()
+            self._start(admitted)
+            for wave in list(self.waves):
+                self._step(wave)
+            for job in [j for j in list(self.jobs.values()) if j.finished]:
+                self.jobs.pop(job.id, None)
+        for job in list(self.jobs.values()):
+            job.fail("the server is shutting down")
+
+    def _admit(self) -> list[Job]:
+        """The waiting requests there is room for, in order of arrival (a stopped one ends here)."""
+        room = self.max_rows - sum(w.rows for w in self.waves)
+        admitted = []
+        while self.pending:
+            job = self.pending[0]
+            rows = job.request.decoding.beam_size
+            if not job.stopped and rows > room and (admitted or self.waves):
+                break  # (a request wider than max_rows still runs, alone)
+            self.pending.popleft()
+            if job.stopped:
+                job.finish("stopped")
+                continue
+            admitted.append(job)
+            room -= rows
+        return admitted
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Group the admitted requests by how they decode: a wave each, or a beam search each group."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(_kind(job.request.decoding), []).append(job)
+        for group in groups.values():
+            decoding = group[0].request.decoding
+            if decoding.beam_size > 1:
+                self._guarded(group, self._beam_search, group)
+            else:
+                self._guarded(group, self._new_wave, group)
+
+    def _new_wave(self, jobs: list[Job]) -> None:
+        gen = None
+        if jobs[0].request.decoding.temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(next(self.seeds))
+        self.waves.append(Wave(self.model, jobs, self.tok.eos_id, gen))
+
+    def _beam_search(self, jobs: list[Job]) -> None:
+        decoding = jobs[0].request.decoding
+        prompts = [j.request.prompt for j in jobs]
+        outs = generate(self.model, prompts, self.tok.eos_id, decoding, len(jobs), str(self.device))
+        for job, out in zip(jobs, outs):
+            ended = any(job.add(token) for token in out)  # (stops at an answer's line break)
+            job.finish("stopped" if job.stopped else "eos" if ended or len(out) < decoding.max_new_tokens else "length")
+
+    def _step(self, wave: Wave) -> None:
+        if not self._guarded(wave.jobs, wave.step):
+            self.waves.remove(wave)
+
+    def _guarded(self, jobs: list[Job], work: Callable, *args) -> bool:
+        """Run one piece of decoding (its result); if it fails, its requests end with the reason,
+        and the engine goes on serving the others."""
+        try:
+            return work(*args)
+        except Exception as e:
+            message = f"decoding failed: {first_line(e)}"
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                message = "decoding failed: out of GPU memory; lower --max-rows"
+            for job in jobs:
+                job.fail(message)
+            return False
