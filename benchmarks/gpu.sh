@@ -5,8 +5,11 @@
 #    vocabulary 50,304, no bias, GPT-2's block, fused AdamW, bf16 autocast, TF32, clipping):
 #    tokens/s, MFU against the data sheet's bf16 peak and against the bf16 matmul rate measured
 #    in the same run, and peak memory, eager and compiled at micro-batches 16 and 64, compiled
-#    with cuDNN's attention (train.attention: cudnn) instead of flash, and the chunked output
-#    layer (the CPU's) eager at 16 for comparison;
+#    with cuDNN's attention (train.attention: cudnn) instead of flash, with Liger-Kernel's fused
+#    linear cross-entropy (train.fused_loss: liger) where it is installed (pip install -e ".[gpu]"),
+#    and the chunked output layer (the CPU's) eager at 16 for comparison; then every variant in one
+#    table, its MFU against the data sheet's peak and against the highest bf16 matmul rate measured
+#    in this run;
 # 3. the real stages on CUDA with params.yaml's model (short): `python -m pipeline.train`
 #    stopped by SIGTERM after a checkpoint, resumed to the end, then `python -m pipeline.evaluate`.
 #
@@ -50,16 +53,46 @@ if not kernels:
 EOF
 
 echo "== training speed, GPT-2 small shape"
+speed=$(mktemp)
 # each part within its own time limit, so that a slow compilation cannot starve the stages
 # shellcheck disable=SC2086
 timeout 240 python benchmarks/train_throughput.py $GPT2 --batch-size 16 64 --compile both --steps "$STEPS" \
-    --warmup 5 || echo "error: the GPT-2 small measurement failed or ran past 240 s"
+    --warmup 5 | tee -a "$speed" || echo "error: the GPT-2 small measurement failed or ran past 240 s"
 # shellcheck disable=SC2086
 timeout 120 python benchmarks/train_throughput.py $GPT2 --attention cudnn --batch-size 16 64 --compile compiled \
-    --steps "$STEPS" --warmup 5 || echo "error: the cuDNN attention measurement failed or ran past 120 s"
+    --steps "$STEPS" --warmup 5 | tee -a "$speed" || echo "error: the cuDNN attention measurement failed or ran past 120 s"
+if python -c "import liger_kernel.transformers.fused_linear_cross_entropy" 2>/dev/null; then
+    # train.fused_loss: liger (the [gpu] extra), eager and compiled
+    # shellcheck disable=SC2086
+    timeout 240 python benchmarks/train_throughput.py $GPT2 --loss liger --batch-size 16 64 --compile both \
+        --steps "$STEPS" --warmup 5 | tee -a "$speed" || echo "error: the Liger fused-loss measurement failed or ran past 240 s"
+else
+    echo "no train.fused_loss: liger variant: Liger-Kernel is not importable here (pip install -e \".[gpu]\")"
+fi
 # shellcheck disable=SC2086
 timeout 45 python benchmarks/train_throughput.py $GPT2 --batch-size 16 --compile eager --loss chunked \
-    --steps "$STEPS" --warmup 3 || echo "error: the chunked-loss measurement failed or ran past 45 s"
+    --steps "$STEPS" --warmup 3 | tee -a "$speed" || echo "error: the chunked-loss measurement failed or ran past 45 s"
+python - "$speed" <<'EOF'
+# Every variant measured above, against the data sheet's peak and the highest bf16 matmul rate of this run
+import json
+import sys
+
+rows = [json.loads(line.split(" ", 1)[1]) for line in open(sys.argv[1]) if line.startswith("RESULT_JSON ")]
+if rows:
+    rate = max(r for row in rows for r in row["measured"])
+    sheet = rows[0]["sheet"]
+    print(f"== every variant: MFU against the data sheet's {sheet / 1e12:.0f} TFLOP/s (bf16 dense) and against")
+    print(f"   the {rate / 1e12:.0f} TFLOP/s of bf16 matmul measured in this run (the highest of its measurements)")
+    for r in rows:
+        flops = r["flops_per_token"] * r["tokens_per_second"]
+        print(
+            f"SPEED {r['variant']:<38} batch {r['batch']:>3}: {r['tokens_per_second']:>9,.0f} tokens/s, "
+            f"MFU {flops / sheet:6.1%} (data sheet), {flops / rate:6.1%} (measured)"
+        )
+else:
+    print("error: no variant was measured")
+EOF
+rm -f "$speed"
 
 echo "== the stages on CUDA: train (SIGTERM after a checkpoint, then resumed) and evaluate"
 work=$(mktemp -d)

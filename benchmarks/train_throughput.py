@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.core import params as P  # noqa: E402
 from pipeline.model.model import build_model, count_parameters, flops_per_token  # noqa: E402
-from pipeline.training.hardware import CudaAutocast, cpu_matmul_flops, peak_flops  # noqa: E402
+from pipeline.training.hardware import CudaAutocast, check_fused_loss, cpu_matmul_flops, peak_flops  # noqa: E402
 from pipeline.training.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
@@ -77,7 +77,7 @@ def measure(args) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     batch_sizes = args.batch_size or [base.train.batch_size]
     compiles = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
-    losses = {"auto": [None], "chunked": [True], "plain": [False], "both": [True, False]}[args.loss]
+    losses = {"auto": [None], "chunked": [True], "plain": [False], "both": [True, False], "liger": ["liger"]}[args.loss]
     variants = [(c, chunked) for c in compiles for chunked in losses]
     print(
         f"device: {torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads'}; "
@@ -97,14 +97,19 @@ def measure(args) -> None:
             measure_cpu(args, m, dataclasses.replace(t, batch_size=B), vocab, variants, fpt)
 
 
-def variant_name(compiled: bool, chunked: bool | None) -> str:
-    loss = {None: "", True: " chunked loss", False: " plain loss"}[chunked]
+def variant_name(compiled: bool, chunked: bool | str | None) -> str:
+    loss = {None: "", True: " chunked loss", False: " plain loss", "liger": " liger fused loss"}[chunked]
     return ("compiled" if compiled else "eager") + loss
 
 
-def build_variant(m, t, vocab, device, compiled: bool, chunked: bool | None, compile_mode: str | None = None):
+def build_variant(m, t, vocab, device, compiled: bool, chunked: bool | str | None, compile_mode: str | None = None):
+    """`chunked`: the loss-only output layer: chunked (True), plain (False), the device's (None), or
+    "liger" (train.fused_loss: liger, Liger-Kernel's fused linear cross-entropy, CUDA and the [gpu] extra)."""
     torch.manual_seed(0)
     model = build_model(m, vocab).to(device)
+    if chunked == "liger":
+        check_fused_loss("liger", device)  # an error without CUDA or Liger-Kernel, never the plain loss instead
+        model.fused_loss, chunked = "liger", None
     model.chunked_loss = chunked
     opt = make_optimizer(model, t, device)
     fwd = torch.compile(model, dynamic=False, mode=compile_mode) if compiled else model
@@ -236,6 +241,10 @@ def measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt) -> None:
             f"sheet's {sheet / 1e12:.0f} TFLOP/s, {fpt * tok_s / rate:.1%} of the measured {rate / 1e12:.0f}; "
             f"peak memory {memory:.1f} GiB ({args.steps} steps, one synchronisation)"
         )
+        # for benchmarks/gpu.sh's table of every variant against the highest rate measured in its run
+        row = {"variant": f"{name}{' cudnn attention' if args.attention == 'cudnn' else ''}", "batch": B}
+        row |= {"tokens_per_second": tok_s, "flops_per_token": fpt, "sheet": sheet, "measured": measured}
+        print("RESULT_JSON " + json.dumps(row), flush=True)
 
 
 def _vocab(base: P.Params) -> int:
@@ -293,9 +302,10 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument(
         "--loss",
-        choices=["auto", "chunked", "plain", "both"],
+        choices=["auto", "chunked", "plain", "both", "liger"],
         default="auto",
-        help="the loss-only output layer: chunked (LinearCrossEntropy), plain, or the device's default",
+        help="the loss-only output layer: chunked (LinearCrossEntropy), plain, the device's default, or liger "
+        "(Liger-Kernel's fused linear cross-entropy, train.fused_loss: liger; CUDA, pip install -e '.[gpu]')",
     )
     ap.add_argument("--attention", choices=["flash", "cudnn"], default="flash", help="CUDA's fused attention kernel")
     ap.add_argument("--gpt2-block", action="store_true", help="GPT-2's block (learned positions, LayerNorm, GELU)")
@@ -321,4 +331,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.core.common import PipelineError
+
+    try:
+        main()
+    except PipelineError as e:  # train.fused_loss: liger where it cannot run, say: one line
+        sys.exit(f"error: {e}")

@@ -45,7 +45,7 @@ from pipeline.training.checkpoint import Checkpoints, Progress, fingerprint
 from pipeline.training.curves import Curves
 from pipeline.training.dataloader import fixed_batches, pair_sources, step_batches
 from pipeline.training.distributed import Processes, any_rank, full_state, init_distributed, shutdown, wrap_model
-from pipeline.training.hardware import CudaAutocast, peak_flops
+from pipeline.training.hardware import CudaAutocast, check_fused_loss, peak_flops
 from pipeline.training.loop import (
     PendingSteps,
     StopOnSignals,
@@ -53,7 +53,9 @@ from pipeline.training.loop import (
     check_long_enough,
     checkpoint_due,
     gpu_memory_tried,
+    patience_spent,
     source_mixture,
+    stop_reason,
 )
 from pipeline.training.optim import estimate_loss, lr_at, make_optimizer, train_step
 
@@ -63,6 +65,7 @@ def main() -> None:
     cfg, t = params.model, params.train
     procs, device = init_distributed(t)
     try:
+        check_fused_loss(t.fused_loss, device)  # before any work: never a silent fallback
         with StopOnSignals() as stop:
             run = setup(cfg, t, procs, device)
             stopped, curves = train(run, stop)
@@ -106,6 +109,7 @@ class Run:
     n_params: int
     flops_tok: int
     peak: float | None  # the matmul rate MFU is measured against (None: unknown, or not the main process)
+    stop_reason: str = ""  # what ended training: max_steps, time_budget_s or patience (metrics/train.json)
 
 
 def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) -> Run:
@@ -137,6 +141,7 @@ def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) 
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)  # the same initial weights on every process
     raw_model = build_model(cfg, vocab_size).to(device)
+    raw_model.fused_loss = t.fused_loss  # checked in main(): liger needs CUDA and the [gpu] extra
     n_params, flops_tok = count_parameters(raw_model), flops_per_token(raw_model, cfg.block_size)
     torch.manual_seed(t.seed + procs.rank)  # dropout differs per process
     model, sync = wrap_model(raw_model, procs, t, device)
@@ -199,17 +204,22 @@ def train(run: Run, stop: StopOnSignals) -> tuple[bool, Curves | None]:
     while True:
         step = progress.step
         time_up = bool(t.time_budget_s) and progress.train_seconds + pending.elapsed() >= t.time_budget_s
-        stopped, time_up = any_rank(procs, stop.requested, time_up)  # every process stops at the same step
+        # every process stops at the same step
+        stopped, time_up, spent = any_rank(procs, stop.requested, time_up, patience_spent(progress, t))
         if stopped:
             pending.read(progress, procs, live, bar, t)
             break
-        last = step >= t.max_steps or time_up
+        run.stop_reason = stop_reason(step, t, time_up, spent)  # spent: resumed from the end of a stopped run
+        last = bool(run.stop_reason)
 
-        # Evaluate: loss on fixed val and train batches; keep the best weights
+        # Evaluate: loss on fixed val and train batches; keep the best weights; stop once
+        # train.patience evaluations in a row have not bettered the val loss
         if step % t.eval_interval == 0 or last:
             pending.read(progress, procs, live, bar, t)
             evaluate(run, live)
-        if last:
+            (spent,) = any_rank(procs, patience_spent(progress, t))
+            run.stop_reason = run.stop_reason or ("patience" if spent else "")
+        if run.stop_reason:
             break
 
         # One optimizer step: forward and backward over the micro-batches, clip, update. Nothing
@@ -254,9 +264,14 @@ def evaluate(run: Run, live) -> None:
         tqdm.write(
             f"step {progress.step:>6}: train loss {progress.last_train_loss:.4f}, val loss {progress.last_val_loss:.4f}"
         )
+    again = progress.step == progress.last_eval_step  # resumed from a checkpoint saved after this evaluation
+    progress.last_eval_step = progress.step
     if progress.last_val_loss < progress.best_val_loss:
         progress.best_val_loss, progress.best_step = progress.last_val_loss, progress.step
+        progress.evals_without_improvement = 0
         run.best_weights = copy_weights(full_state(run.raw_model, None, run.procs, run.t)[0])
+    elif not again:  # train.patience counts each evaluation once
+        progress.evals_without_improvement += 1
 
 
 def save_checkpoint(run: Run, curves: Curves | None) -> None:
@@ -284,7 +299,7 @@ def finish(run: Run, stopped: bool, stop: StopOnSignals, curves: Curves | None) 
     if curves:
         curves.end()
     if run.procs.main:
-        write_summary(run.cfg, progress, run.n_params, run.procs, run.flops_tok, run.peak, run.device)
+        write_summary(run.cfg, progress, run.n_params, run.procs, run.flops_tok, run.peak, run.device, run.stop_reason)
 
 
 def save_model(run: Run, final_weights: dict) -> None:
@@ -332,6 +347,7 @@ def write_summary(
     flops_tok: int,
     peak: float | None,
     device: torch.device,
+    stopped: str = "max_steps",
 ) -> None:
     tokens_per_second = progress.tokens_seen / max(progress.train_seconds, 1e-9)
     mfu = flops_tok * tokens_per_second / peak if peak else None
@@ -358,11 +374,14 @@ def write_summary(
             "final_val_loss": round(progress.last_val_loss, 4),
             "best_val_loss": round(progress.best_val_loss, 4),
             "best_step": progress.best_step,
+            "stopped": stopped,  # the knob that ended training: max_steps, time_budget_s or patience
+            "evals_without_improvement": progress.evals_without_improvement,  # in a row, at the end
             "device": device.type,
         },
     )
+    early = f"stopped by train.patience at step {progress.step}; " if stopped == "patience" else ""
     print(
-        f"train: val loss {progress.last_val_loss:.4f} (best {progress.best_val_loss:.4f} at step "
+        f"train: {early}val loss {progress.last_val_loss:.4f} (best {progress.best_val_loss:.4f} at step "
         f"{progress.best_step}), {tokens_per_second:,.0f} tokens/s"
         f"{'' if mfu is None else f', MFU {mfu:.0%}'} -> {MODEL_DIR}"
     )

@@ -212,3 +212,51 @@ def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, chunke
         torch.autograd.grad(output_layer(head, x, y, return_logits=False, chunked=chunked)[1], x)[0][0, :9],
         torch.zeros(9, 16),
     )  # no gradient reaches the ignored positions
+
+
+def test_the_liger_fused_loss_is_called_for_the_sum_and_divided_by_the_targets_that_count(monkeypatch):
+    """train.fused_loss: liger, wired through output_layer. Liger-Kernel runs only on CUDA, so a
+    stand-in with its interface (LigerFusedLinearCrossEntropyLoss(ignore_index, reduction)(weight,
+    x, targets, bias)) computing what it computes checks the call: the same loss and gradients as
+    the plain path, IGNORE targets left out, and 0 (not NaN) when none counts."""
+    import sys
+    import types
+
+    from pipeline.model.model import IGNORE, output_layer
+
+    calls = []
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, weight, x, target, bias=None):
+            calls.append((x.shape, self.ignore_index, self.reduction))
+            logits = torch.nn.functional.linear(x, weight, bias)
+            return torch.nn.functional.cross_entropy(
+                logits, target, ignore_index=self.ignore_index, reduction=self.reduction
+            )
+
+    leaf = types.ModuleType("liger_kernel.transformers.fused_linear_cross_entropy")
+    leaf.LigerFusedLinearCrossEntropyLoss = StandIn
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, leaf.__name__, leaf)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, V, bias=True)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    y = torch.randint(V, (3, 10))
+    y[0, :4] = IGNORE
+    _, plain = output_layer(head, x, y, return_logits=True)
+    logits, fused = output_layer(head, x, y, return_logits=False, fused="liger")
+    assert logits is None and calls == [((30, 16), IGNORE, "sum")]
+    assert torch.allclose(fused, plain, atol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(fused, [x, *head.parameters()]), torch.autograd.grad(plain, [x, *head.parameters()])
+    ):
+        assert torch.allclose(a, b, atol=1e-6)
+    _, none = output_layer(head, x, torch.full_like(y, IGNORE), return_logits=False, fused="liger")
+    assert none.item() == 0.0
+    # logits asked for (evaluation, decoding): the plain head, never the fused loss
+    assert output_layer(head, x, y, return_logits=True, fused="liger")[0].shape == (3, 10, V) and len(calls) == 2

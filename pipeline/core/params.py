@@ -177,6 +177,7 @@ class Train:
     grad_clip: float = 1.0
     eval_interval: int = 200
     eval_batches: int = 10
+    patience: int = 0  # stop after this many evaluations in a row without a better val loss (0: off)
     checkpoint_interval: int = operational(200)  # steps between resumable checkpoints (and one at the end)
     # steps whose loss and gradient norm are read from the device together (one wait per read;
     # also before each evaluation and checkpoint). 0: every step on CPU, every 25 on CUDA
@@ -185,6 +186,9 @@ class Train:
     resume: Literal["auto", "strict", "never"] = operational("auto")
     compile: Literal["auto", True, False] = resumable("auto")  # torch.compile; auto: on CUDA only
     attention: Literal["flash", "cudnn"] = "flash"  # CUDA's fused attention kernel (CPU: its own flash kernel)
+    # the training loss's output layer and cross-entropy: none (the plain or chunked path), or liger
+    # (Liger-Kernel's fused linear cross-entropy: CUDA and the [gpu] extra; never a silent fallback)
+    fused_loss: Literal["none", "liger"] = resumable("none")
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
     threads: int = resumable(0)  # CPU threads for torch (0: all cores)
 
@@ -492,6 +496,7 @@ def _check_train(tr: Train, m: ModelConfig) -> None:
         tr.warmup_steps >= 0 and tr.eval_interval > 0 and tr.eval_batches > 0,
         "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0",
     )
+    need(tr.patience >= 0, f"train.patience: must be >= 0 (0: off), got {tr.patience}")
 
 
 def _check_evaluate(e: Evaluate) -> None:

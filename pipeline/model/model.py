@@ -129,6 +129,7 @@ class GPT(nn.Module):
     bounded_context = True  # at most block_size tokens of context (learned positions; the RoPE tables)
     PREFILL_ROWS = 16  # prompts encoded together by prefill(): few enough that little is padded
     chunked_loss: bool | None = None  # the loss-only output layer in chunks; None: on CPU only (output_layer)
+    fused_loss: str = "none"  # train.fused_loss: liger for Liger-Kernel's fused linear cross-entropy (CUDA)
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -197,7 +198,7 @@ class GPT(nn.Module):
         return self.ln_f(x)  # the caller counts the columns written: kv.advance(T)
 
     def forward(self, idx, targets=None, return_logits: bool = True):
-        return output_layer(self.lm_head, self._run(idx), targets, return_logits, self.chunked_loss)
+        return output_layer(self.lm_head, self._run(idx), targets, return_logits, self.chunked_loss, self.fused_loss)
 
     # Decoding (pipeline.decoding.decode): prefill, then one step per token; the cache is written in place.
 
@@ -392,6 +393,7 @@ class RecurrentLM(nn.Module):
 
     bounded_context = False  # the state carries any length of context
     chunked_loss: bool | None = None  # as GPT's
+    fused_loss: str = "none"  # as GPT's
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -411,7 +413,7 @@ class RecurrentLM(nn.Module):
 
     def forward(self, idx, targets=None, return_logits: bool = True):
         x, _ = self.rnn(self.drop(self.embed(idx)))
-        return output_layer(self.head, self.drop(x), targets, return_logits, self.chunked_loss)
+        return output_layer(self.head, self.drop(x), targets, return_logits, self.chunked_loss, self.fused_loss)
 
     # Decoding (pipeline.decoding.decode): the same calls as the GPT's.
 
@@ -444,11 +446,20 @@ class RecurrentLM(nn.Module):
     follow = select  # beam search: each row takes its parent's state
 
 
-def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool = True, chunked: bool | None = None):
+def output_layer(
+    head: nn.Linear,
+    x: torch.Tensor,
+    targets,
+    return_logits: bool = True,
+    chunked: bool | None = None,
+    fused: str = "none",
+):
     """(logits, mean cross-entropy against `targets`) from the last hidden states `x`.
 
     With return_logits=False (what training asks for) the logits are None. The loss is then the
     same either way (tests/test_model.py); how it is computed depends on the device:
+    - fused="liger" (train.fused_loss, CUDA with the [gpu] extra, checked when training starts):
+      Liger-Kernel's fused linear cross-entropy (`liger_cross_entropy`);
     - CPU (chunked=None, or True): `LinearCrossEntropy`, a chunk of rows at a time, which never
       holds the logits of the whole batch and keeps the softmax in cache (faster on a CPU,
       benchmarks/train_throughput.py --loss both, docs/LOG.md);
@@ -457,6 +468,8 @@ def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool 
     """
     if targets is None:
         return head(x), None
+    if not return_logits and fused == "liger":
+        return None, liger_cross_entropy(head, x, targets)
     if chunked is None:
         chunked = not x.is_cuda
     if not return_logits and chunked:
@@ -470,6 +483,19 @@ def output_layer(head: nn.Linear, x: torch.Tensor, targets, return_logits: bool 
 
 
 IGNORE = -100  # a target that does not count (F.cross_entropy's ignore_index): a pair's source, say
+
+
+def liger_cross_entropy(head: nn.Linear, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of `head(x)` by Liger-Kernel's LigerFusedLinearCrossEntropyLoss
+    (the [gpu] extra; Triton kernels, CUDA only): the logits are made a chunk of rows at a time and
+    turned into the loss and its gradients at once, never held whole. Summed, then divided by the
+    targets that count, so that none counting gives 0 (not NaN), as the other paths do."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    targets = targets.reshape(-1)
+    counted = (targets != IGNORE).sum().clamp(min=1)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    return loss(head.weight, x.reshape(-1, x.size(-1)), targets, head.bias) / counted
 
 
 class LinearCrossEntropy(torch.autograd.Function):

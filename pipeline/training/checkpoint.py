@@ -36,6 +36,8 @@ class Progress:
     train_seconds: float = 0.0
     best_val_loss: float = float("inf")
     best_step: int = -1
+    evals_without_improvement: int = 0  # evaluations in a row since the best val loss (train.patience)
+    last_eval_step: int = -1  # a resumed run evaluates this step again (its curves' rows): not counted twice
     last_val_loss: float = float("nan")
     last_train_loss: float = float("nan")
     rng: list = field(default_factory=list)  # per rank: torch CPU RNG state (and CUDA's)

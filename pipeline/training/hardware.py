@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import PipelineError, first_line
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' data sheets.
 GPU_BF16_PEAK = {
@@ -31,6 +31,29 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{local_rank}") if choice == "cuda" else torch.device("cpu")
+
+
+GPU_EXTRA = 'pip install -e ".[gpu]"'  # the optional extra that brings the CUDA kernels (Liger-Kernel)
+
+
+def check_fused_loss(choice: str, device: torch.device) -> None:
+    """train.fused_loss: liger runs Liger-Kernel's Triton kernels, so it needs CUDA and the [gpu]
+    extra. Either missing is an error at the start of training, never a silent fallback to the
+    plain loss (which would change the numbers without saying so)."""
+    if choice == "none":
+        return
+    if device.type != "cuda":
+        raise PipelineError(
+            f"train.fused_loss: {choice} runs the [gpu] extra's CUDA kernels, but this run is on "
+            f"{device.type}; set train.fused_loss: none"
+        )
+    try:
+        import liger_kernel.transformers.fused_linear_cross_entropy  # noqa: F401
+    except ImportError as e:
+        raise PipelineError(
+            f"train.fused_loss: {choice} needs Liger-Kernel, the [gpu] extra, which cannot be imported "
+            f"({first_line(e)}); {GPU_EXTRA}, or set train.fused_loss: none"
+        ) from None
 
 
 class CudaAutocast:

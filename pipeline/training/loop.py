@@ -72,6 +72,20 @@ def batch_plan(cfg: ModelConfig, t: P.Train, procs: Processes) -> tuple[int, int
     return global_tokens // micro_tokens, global_tokens
 
 
+def patience_spent(progress, t: P.Train) -> bool:
+    """Whether train.patience evaluations in a row have not bettered the best val loss (0: never)."""
+    return bool(t.patience) and progress.evals_without_improvement >= t.patience
+
+
+def stop_reason(step: int, t: P.Train, time_up: bool, spent: bool) -> str:
+    """Why training ends at `step`, as the knob that ends it ("" while it goes on)."""
+    if step >= t.max_steps:
+        return "max_steps"
+    if time_up:
+        return "time_budget_s"
+    return "patience" if spent else ""
+
+
 def checkpoint_due(step: int, t: P.Train) -> bool:
     """Whether `step` ends a train.checkpoint_interval (0: only the final checkpoint)."""
     return bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
