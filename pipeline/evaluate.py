@@ -88,7 +88,7 @@ def score_tasks(
     for path in [*paths, *own]:
         items = own[path] if path in own else read_task(path)
         if "answer_text" in items[0]:
-            scores = score_cloze(model, tok, items, baselines, e.batch_size, device, compiles(e.compile, device))
+            scores = score_cloze(model, tok, items, baselines, e.decode_batch_size, device, compiles(e.compile, device))
         else:
             scoring, tuned = "per_byte", None
             if path in paths and path.stem in tune:

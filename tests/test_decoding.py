@@ -8,7 +8,7 @@ import torch
 from pipeline.core.common import PipelineError
 from pipeline.decoding.decode import Decoding, generate, stream
 from pipeline.model.config import ModelConfig
-from pipeline.model.model import build_model
+from pipeline.model.model import KVCache, beam_attention, build_model
 
 V, EOS = 50, 0
 ARCHS = {
@@ -110,7 +110,7 @@ def test_a_batch_out_of_gpu_memory_names_its_size_and_the_key(monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(model, "prefill", oom)
-    with pytest.raises(PipelineError, match=r"batch of 9 prompts x 2 beams; lower evaluate.batch_size"):
+    with pytest.raises(PipelineError, match=r"batch of 9 prompts x 2 beams; lower evaluate.decode_batch_size"):
         generate(model, mixed_prompts(), EOS, Decoding(4, beam_size=2), batch_size=16)
 
 
@@ -136,3 +136,20 @@ def test_the_compiled_step_decodes_as_the_eager_one_and_compiles_once(decoding):
     compiled = generate(model, prompts, EOS, d, batch_size=4, compile=True)
     assert compiled == eager and step.failed is None
     assert len(captures) == 1
+
+
+def test_beam_attention_reads_the_prompt_once_and_equals_attention_over_every_column():
+    """A prompt's beams share its columns (some rows left-padded): beam_attention, reading them once
+    per prompt, equals the fused kernel over every column of every row with the padding masked."""
+    g = torch.Generator().manual_seed(0)
+    B, K, H, S, G, D = 3, 4, 2, 7, 5, 16
+    q = torch.randn(B * K, H, 1, D, generator=g)
+    k, v = (torch.randn(B * K, H, S + G, D, generator=g) for _ in range(2))
+    for t in (k, v):  # the prompt's columns: the same in each of its beams
+        t[:, :, :S] = t[::K, :, :S].repeat_interleave(K, 0)
+    start = torch.tensor([0, 3, 6]).repeat_interleave(K)
+    kv = KVCache([k], [v], start, True, length=S + G, shared=S, group=K)
+    assert kv.sharing(1) and not kv.sharing(2)
+    full = torch.zeros(B * K, 1, 1, S + G).masked_fill_(torch.arange(S + G) < start[:, None, None, None], float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
+    torch.testing.assert_close(beam_attention(q, k, v, S, K, kv.prompt_mask()), expected)

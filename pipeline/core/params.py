@@ -195,7 +195,10 @@ class Train:
 
 @dataclass
 class Evaluate:
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per forward pass when scoring (bits/byte, tasks)
+    decode_batch_size: int = (
+        128  # prompts decoded together (translation, QA, samples, cloze; a beam search: each with its beams)
+    )
     max_pairs: int = 0  # BLEU/chrF/TER on at most this many test pairs (0: all)
     max_new_tokens: int = 128
     max_target_ratio: float = 2.0  # a translation has at most this many tokens per source token
@@ -501,7 +504,10 @@ def _check_train(tr: Train, m: ModelConfig) -> None:
 
 def _check_evaluate(e: Evaluate) -> None:
     need(e.temperature >= 0, f"evaluate.temperature: must be >= 0, got {e.temperature}")
-    need(e.batch_size > 0 and e.max_new_tokens > 0, "evaluate.batch_size/max_new_tokens: must be > 0")
+    need(
+        e.batch_size > 0 and e.decode_batch_size > 0 and e.max_new_tokens > 0,
+        "evaluate.batch_size/decode_batch_size/max_new_tokens: must be > 0",
+    )
     need(e.beam_size >= 1, f"evaluate.beam_size: must be >= 1, got {e.beam_size}")
     need(e.task_items >= 0, f"evaluate.task_items: must be >= 0, got {e.task_items}")
     need(e.task_tune_items >= 0, f"evaluate.task_tune_items: must be >= 0, got {e.task_tune_items}")

@@ -360,7 +360,7 @@ def _beams_of(batch: Batch, K: int) -> Batch:
     """Each prompt's row repeated K times (its cache computed once, its prompt columns shared)."""
     batch.select(torch.arange(len(batch.rows), device=batch.out.device).repeat_interleave(K))
     if hasattr(batch.state, "shared"):
-        batch.state.shared = batch.state.length
+        batch.state.shared, batch.state.group = batch.state.length, K
     return batch
 
 
@@ -450,7 +450,7 @@ def _in_batches(model, prompts, decoding: Decoding, batch_size: int, progress, c
             beams = f" x {decoding.beam_size} beams" if decoding.beam_size > 1 else ""
             raise PipelineError(
                 f"decoding: out of GPU memory with a batch of {len(batch)} prompts{beams}; lower "
-                f"evaluate.batch_size (it is the batch of prompts decoded together)"
+                f"evaluate.decode_batch_size (it is the batch of prompts decoded together)"
             ) from None
         for i, row in zip(ids, rows):
             results[i] = row

@@ -27,7 +27,9 @@ def sample_prompts(
         repetition_penalty=e.repetition_penalty,
         seed=e.seed,
     )
-    out = generate(model, prompts, tok.eos_id, decoding, e.batch_size, device, compile=compiles(e.compile, device))
+    out = generate(
+        model, prompts, tok.eos_id, decoding, e.decode_batch_size, device, compile=compiles(e.compile, device)
+    )
     samples = [(label, tok.decode(o)) for label, o in zip(labels, out)]
     texts = [s for _, s in samples]
     # Real held-out text of the same lengths: the start of val documents (text ones first).

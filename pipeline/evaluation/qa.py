@@ -119,7 +119,7 @@ def answer_test_questions(
             tok,
             [r["src"] for r in items],
             d,
-            e.batch_size,
+            e.decode_batch_size,
             device,
             f"answer ({name})",
             compiles(e.compile, device),

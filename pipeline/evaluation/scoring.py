@@ -142,30 +142,40 @@ def bleu_tokenizer(references: list[str]) -> str:
 
 
 def corpus_scores(
-    hyps: list[str], refs: list[str], n_bootstrap: int, seed: int = 12345, tokenize: str = "13a"
+    hyps: list[str],
+    refs: list[str],
+    n_bootstrap: int,
+    seed: int = 12345,
+    tokenize: str = "13a",
+    metrics: tuple[str, ...] = ("chrf", "bleu", "ter"),
 ) -> tuple[dict, dict]:
-    """chrF, BLEU (with sacrebleu's tokenizer `tokenize`) and TER with 95% bootstrap confidence
-    intervals, and the hypotheses' length over the references' (in characters); and the signatures.
+    """chrF, BLEU (with sacrebleu's tokenizer `tokenize`) and TER (or those of them `metrics`
+    names) with 95% bootstrap confidence intervals, and the hypotheses' length over the
+    references' (in characters); and the signatures.
 
-    The interval resamples the test sentences `n_bootstrap` times and recomputes each corpus
-    score from sacrebleu's per-sentence sufficient statistics, as `corpus_score(n_bootstrap=...)`
-    does; that built-in crashes on sacrebleu 2.6 when resampled scores mix float and float32.
+    Each metric's per-sentence sufficient statistics are extracted once (TER's are slow): the
+    corpus score is computed from their sum, as `corpus_score` does, and the interval resamples
+    the test sentences `n_bootstrap` times and recomputes the score from the resampled sum, as
+    `corpus_score(n_bootstrap=...)` does; that built-in crashes on sacrebleu 2.6 when resampled
+    scores mix float and float32.
     """
     import sacrebleu
 
     scores, signatures = {}, {}
     rng = np.random.default_rng(seed)
     resamples = rng.integers(0, len(hyps), size=(n_bootstrap, len(hyps))) if n_bootstrap > 1 else None
-    metrics = (
-        ("chrf", sacrebleu.CHRF()),
-        ("bleu", sacrebleu.BLEU(tokenize=tokenize)),
-        ("ter", sacrebleu.TER(asian_support=tokenize != "13a")),
-    )
-    for name, metric in metrics:
-        scores[name] = round(float(metric.corpus_score(hyps, [refs]).score), 2)
+    known = {
+        "chrf": sacrebleu.CHRF,
+        "bleu": lambda: sacrebleu.BLEU(tokenize=tokenize),
+        "ter": lambda: sacrebleu.TER(asian_support=tokenize != "13a"),
+    }
+    for name in metrics:
+        metric = known[name]()
+        sentence_stats = metric._extract_corpus_statistics(hyps, [refs])
+        scores[name] = round(float(metric._aggregate_and_compute(sentence_stats).score), 2)
         signatures[name] = str(metric.get_signature())
         if resamples is not None:
-            stats = np.asarray(metric._extract_corpus_statistics(hyps, [refs]), dtype=np.float64)
+            stats = np.asarray(sentence_stats, dtype=np.float64)
             boot = sorted(float(metric._compute_score_from_stats(stats[r].sum(0)).score) for r in resamples)
             low, high = boot[n_bootstrap // 40], boot[n_bootstrap - n_bootstrap // 40 - 1]
             scores[f"{name}_ci95"] = round((high - low) / 2, 2)  # half-width: score ± ci95

@@ -51,7 +51,7 @@ def translate_test_pairs(
     def translate(pairs: list[dict], decoding: Decoding, label: str, length_penalties=None):
         """The translations; with length_penalties (a beam), {length penalty: translations}."""
         prompts = translation_prompts(model, tok, pairs, new_tokens)
-        run = (e.batch_size, device, label, compiles(e.compile, device))
+        run = (e.decode_batch_size, device, label, compiles(e.compile, device))
         if length_penalties is None or decoding.beam_size == 1:
             texts = [tok.decode(o).strip() for o in generate(model, prompts, tok.eos_id, decoding, *run)]
             return texts if length_penalties is None else dict.fromkeys(length_penalties, texts)
@@ -111,7 +111,7 @@ def choose_beam(
             decoding = Decoding(new_tokens, e.max_target_ratio, **search)
             label = f"val {source} ({decoding_words({**search, 'length_penalty': lengths[0]})}...)"
             for length, hyps in translate(pairs, decoding, label, lengths).items():
-                scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize)
+                scores, _ = corpus_scores(hyps, refs, 0, tokenize=tokenize, metrics=("chrf", "bleu"))
                 scored[size, length, repetition] = {k: scores[k] for k in ("chrf", "bleu", "length_ratio")}
     grid = [  # in the grid's order: on a tie, the first best wins
         {

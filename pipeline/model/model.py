@@ -75,9 +75,34 @@ class CausalSelfAttention(nn.Module):
                 kv.keys[layer][:, :, kv.length : end] = k
                 kv.values[layer][:, :, kv.length : end] = v
                 k, v = kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            if kv.sharing(T):
+                y = beam_attention(q, k, v, kv.shared, kv.group, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+def beam_attention(q, k, v, shared: int, group: int, prompt_mask) -> torch.Tensor:
+    """Attention of one new position per row, the rows in groups (a prompt's beams) whose first
+    `shared` columns are the same (the prompt): each group's queries read those columns once, for
+    all its rows, instead of once per row; each row's own columns (after them) as usual. Equal to
+    scaled_dot_product_attention over all the columns (masked by `prompt_mask`, (groups, 1, 1,
+    shared), additive), but for float rounding; beam search's decode step reads ~0.45x the cache."""
+    R, H, _, D = q.shape
+    B, S = R // group, shared
+    qg = q.reshape(B, group, H, D).transpose(1, 2)  # (groups, heads, group, D)
+    scores = torch.cat(
+        [
+            qg @ k[::group, :, :S].transpose(-1, -2) + prompt_mask,
+            (q @ k[:, :, S:].transpose(-1, -2)).reshape(B, group, H, -1).transpose(1, 2),
+        ],
+        dim=-1,
+    )
+    w = torch.softmax(scores.float() * D**-0.5, dim=-1).to(q.dtype)
+    own = w[..., S:].transpose(1, 2).reshape(R, H, 1, -1) @ v[:, :, S:]  # (rows, heads, 1, D)
+    y = w[..., :S] @ v[::group, :, :S] + own.reshape(B, group, H, D).transpose(1, 2)
+    return y.transpose(1, 2).reshape(R, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -191,7 +216,7 @@ class GPT(nn.Module):
                 rope = (self.rope_cos[kv.length : kv.length + T], self.rope_sin[kv.length : kv.length + T])
             else:
                 rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
-            mask = kv.mask(T)
+            mask = kv.prompt_mask() if kv.sharing(T) else kv.mask(T)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, kv, i, mask)
@@ -291,6 +316,7 @@ class KVCache:
     length: int = 0  # columns written
     shared: int = 0  # leading columns equal in every row of a prompt's beams (never reordered)
     cursor: torch.Tensor | None = None  # static: `length` on the device, where the next column goes
+    group: int = 1  # rows per prompt (its beams, next to each other), whose first `shared` columns are the same
 
     @classmethod
     def empty(cls, model: GPT, rows: int, width: int, start: torch.Tensor, padded: bool, static: bool = False):
@@ -326,6 +352,18 @@ class KVCache:
     def width(self) -> int:
         return self.keys[0].size(2)
 
+    def sharing(self, T: int) -> bool:
+        """Whether one new position per row attends through beam_attention (a prompt's columns
+        read once for all its beams): eager beam search, while the prompt's columns are shared."""
+        return not self.static and T == 1 and self.group > 1 and self.shared > 0  # (static first: what compiles reads)
+
+    def prompt_mask(self) -> torch.Tensor:
+        """beam_attention's mask: each group's padding among the shared columns, (groups, 1, 1, shared)."""
+        start = self.start[:: self.group, None]
+        cols = torch.arange(self.shared, device=start.device)
+        hidden = torch.zeros(len(start), self.shared, dtype=self.keys[0].dtype, device=start.device)
+        return hidden.masked_fill_(cols < start, float("-inf"))[:, None, None]
+
     def mask(self, T: int) -> torch.Tensor | None:
         """Which columns each of T new positions sees: its row's context up to itself (and itself,
         so a padding position is never left with nothing). None: all columns so far (one new
@@ -357,7 +395,7 @@ class KVCache:
             ):
                 t[:n, :, :L] = t[rows, :, :L]  # the rows are gathered first, then written
                 out.append(t[:n])
-        kv = KVCache(keys, values, start, self.padded, self.static, self.length, self.shared, self.cursor)
+        kv = KVCache(keys, values, start, self.padded, self.static, self.length, self.shared, self.cursor, self.group)
         if self.static:
             kv.mark_static()
         return kv

@@ -153,10 +153,10 @@ class Engine:
             if len(self.pending) >= self.max_queue:
                 raise Busy(f"busy: {len(self.pending)} requests are waiting; try again in a moment")
             job = Job(next(self.ids), request, sink, self.tok)
+            job.emit("start", id=job.id, prompt_tokens=len(request.prompt), note=request.note)  # before any token
             self.jobs[job.id] = job
             self.pending.append(job)
             self.lock.notify()
-        job.emit("start", id=job.id, prompt_tokens=len(request.prompt), note=request.note)
         return job
 
     def stop(self, job_id: str) -> bool:
