@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_error
+from conftest import REPO, assert_clean_error, stage_error
 
 from pipeline import serve as serve_tool
 from pipeline.core.common import PipelineError
@@ -301,9 +301,9 @@ def serve(cwd: Path, *args: str, **kw) -> subprocess.Popen:
 
 
 def test_a_missing_checkpoint_or_a_port_in_use_is_one_line(answered, tmp_path):
-    proc = serve(tmp_path)
-    out, err = proc.communicate(timeout=120)
-    assert_clean_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), "tokenizer missing")
+    stage_error("serve", tmp_path, "tokenizer missing", args=("--port", "0"))
+    tokenizer = str(answered / "data/tokens/tokenizer.model")
+    stage_error("serve", tmp_path, "no checkpoint", args=("--tokenizer", tokenizer))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -327,8 +327,7 @@ def running(folder: Path, *args: str):
 
 
 def test_exposing_it_warns_and_the_default_is_this_machine_only(answered):
-    with running(answered) as (url, _):
-        assert url.startswith("http://127.0.0.1:")
+    assert serve_tool.parser().parse_args([]).host == "127.0.0.1"  # (the browser test serves at the default)
     with running(answered, "--host", "0.0.0.0") as (url, proc):
         proc.terminate()
         assert "warning: listening on 0.0.0.0" in proc.stderr.read()
@@ -345,6 +344,7 @@ def test_the_page_in_a_real_browser(answered, tmp_path):
     with running(Path(folder)) as (url, _), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        assert url.startswith("http://127.0.0.1:")
         page.goto(url)
         page.wait_for_selector("body[data-ready=true]")
         assert "not been evaluated" not in page.inner_text("#metrics")

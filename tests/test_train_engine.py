@@ -105,6 +105,7 @@ def reference(prepared, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a training killed in a process of its own (~10 s): CI runs it
 def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp_path, capsys):
     folder = copy_project(reference, tmp_path / "p")
     for d in ("data/checkpoints", "data/model", "metrics/train"):
@@ -206,6 +207,7 @@ def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):
         assert (folder / "data/model" / name).read_bytes() == (reference / "data/model" / name).read_bytes(), name
 
 
+@pytest.mark.slow  # a training stopped by SIGTERM in a process of its own (~10 s): CI runs it
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
     set_params(folder, train={"max_steps": 100000, "checkpoint_interval": 0, "eval_interval": 1000})
