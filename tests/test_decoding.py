@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.core.common import PipelineError
-from pipeline.decoding.decode import Decoding, generate, stream
+from pipeline.decoding.decode import Batch, Decoding, generate, next_tokens, stream
 from pipeline.model.config import ModelConfig
 from pipeline.model.model import KVCache, beam_attention, build_model
 
@@ -153,3 +153,23 @@ def test_beam_attention_reads_the_prompt_once_and_equals_attention_over_every_co
     full = torch.zeros(B * K, 1, 1, S + G).masked_fill_(torch.arange(S + G) < start[:, None, None, None], float("-inf"))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
     torch.testing.assert_close(beam_attention(q, k, v, S, K, kv.prompt_mask()), expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt-learned", "gpt-rope"])
+def test_prompts_that_join_a_batch_as_it_decodes_decode_as_alone(arch):
+    """Continuous batching (Batch.join, what the playground's engine does): prompts that arrive
+    after a batch has written some tokens join it; every row's tokens equal its prompt alone."""
+    model, prompts = model_of(arch, block_size=64), mixed_prompts()
+    first, later = [prompts[4], prompts[7]], [prompts[0], prompts[3], prompts[2]]  # 20 and 16 tokens, then shorter
+    limits = [20, 14, 9, 14, 12]  # (the batch has 40 columns: 20 + 20)
+    alone = [generate(model, [p], EOS, Decoding(n))[0] for p, n in zip(first + later, limits)]
+    with torch.inference_mode():
+        batch = Batch(model, first, EOS, Decoding(20), limits[:2])
+        for step in range(20):
+            if step == 5:  # between a step's advance and the next write, as the engine joins
+                assert not batch.fits(list(range(1, 40)), 5) and not batch.fits(later[0], 40)  # too long; no room
+                assert all(batch.fits(p, n) for p, n in zip(later, limits[2:]))
+                batch.join(later, limits[2:], 2)
+            batch.write(next_tokens(batch, Decoding(20), None))
+            batch.advance(batch.out[:, batch.n - 1])
+    assert [batch.ids(row) for row in range(5)] == alone and batch.rows.tolist() == [0, 1, 2, 3, 4]

@@ -158,44 +158,73 @@ def test_sampling_streams_whole_characters_within_the_limit(served):
     assert not any(t.endswith("\ufffd") for t in tokens[:-1])  # (only what the model ends on may be cut)
 
 
-def test_requests_at_once_decode_together_each_as_alone(served):
+class Streams:
+    """Requests submitted to an engine directly, each stream's text gathered; `waves` counts the
+    batches the engine starts (and how many requests each starts with)."""
+
+    def __init__(self, engine, monkeypatch):
+        self.engine, self.got, self.finished, self.waves = engine, [], threading.Semaphore(0), []
+        start = engine_module.Wave.__init__
+
+        def counted(wave, model, jobs, *args):
+            self.waves.append(len(jobs))
+            start(wave, model, jobs, *args)
+
+        monkeypatch.setattr(engine_module.Wave, "__init__", counted)
+
+    def submit(self, prompt: list[int], decoding: Decoding) -> None:
+        texts = []
+        self.got.append(texts)
+
+        def sink(event):
+            if event["event"] == "token":
+                texts.append(event["text"])
+            elif event["event"] in ("done", "error"):
+                assert event["event"] == "done", event
+                self.finished.release()
+
+        self.engine.submit(Request(prompt, decoding), sink)
+
+    def texts(self) -> list[str]:
+        for _ in self.got:
+            assert self.finished.acquire(timeout=60)
+        return ["".join(t) for t in self.got]
+
+
+def test_requests_at_once_decode_together_each_as_alone(served, monkeypatch):
     """Prompts of different lengths and modes, queued while the engine waits, start as one batch;
     each stream equals the request decoded alone."""
     tok, engine = served.tok, served.engine
     prompts = [[tok.eos_id, *ids] for ids in tok.encode(SENTENCES)]
     prompts += [tok.pair_prompt(ids, "ru") for ids in tok.encode(SENTENCES)]
     alone = [generate(served.model, [p], tok.eos_id, Decoding(30))[0] for p in prompts]
-    got = [[] for _ in prompts]
-    finished = threading.Semaphore(0)
+    streams = Streams(engine, monkeypatch)
+    with engine.lock:  # the engine takes them all at once
+        for p in prompts:
+            streams.submit(p, Decoding(30))
+    assert streams.texts() == [tok.decode(a) for a in alone]
+    assert streams.waves == [len(prompts)]
 
-    def sink_of(i):
-        def sink(event):
-            if event["event"] == "token":
-                got[i].append(event["text"])
-            elif event["event"] in ("done", "error"):
-                assert event["event"] == "done", event
-                finished.release()
 
-        return sink
-
-    waves = []
-    wave = engine_module.Wave.__init__
-
-    def counted(self, *args, **kw):
-        waves.append(len(args[1]))
-        wave(self, *args, **kw)
-
-    engine_module.Wave.__init__ = counted
-    try:
-        with engine.lock:  # the engine takes them all at once
-            for i, p in enumerate(prompts):
-                engine.submit(Request(p, Decoding(30)), sink_of(i))
-        for _ in prompts:
-            assert finished.acquire(timeout=60)
-    finally:
-        engine_module.Wave.__init__ = wave
-    assert waves == [len(prompts)]
-    assert ["".join(g) for g in got] == [tok.decode(a) for a in alone]
+def test_requests_that_arrive_while_others_decode_join_their_batch(served, gate, monkeypatch):
+    """Continuous batching: a request decodes (held at its third token); three more arrive, join
+    its batch at the next step, and each stream equals its prompt decoded alone."""
+    tok, engine = served.tok, served.engine
+    texts = ["Blessed are the meek: for they shall inherit the earth.", "Jesus wept.", "Кто прослезился?", "资源"]
+    prompts = [[tok.eos_id, *ids] for ids in tok.encode(texts)]
+    limits = [40, 20, 25, 30]
+    alone = [generate(served.model, [p], tok.eos_id, Decoding(n))[0] for p, n in zip(prompts, limits)]
+    assert len(alone[0]) > 5  # (still decoding when the others arrive)
+    streams = Streams(engine, monkeypatch)
+    streams.submit(prompts[0], Decoding(limits[0]))
+    deadline = time.monotonic() + 30
+    while not (engine.waves and engine.waves[0].batch.n >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for p, n in zip(prompts[1:], limits[1:]):
+        streams.submit(p, Decoding(n))
+    gate.set()
+    assert streams.texts() == [tok.decode(a) for a in alone]
+    assert streams.waves == [1]  # one batch: the three joined it
 
 
 def test_stop_ends_the_decoding_on_the_server(served, gate):

@@ -150,6 +150,7 @@ class Batch:
             for i, p in enumerate(prompts):
                 self.history[i, longest - len(p) : longest] = torch.as_tensor(p)
         self.rows = torch.arange(len(prompts))
+        self.begin = torch.zeros(len(prompts), dtype=torch.long)  # the column of out where each row's tokens begin
         self.out = torch.empty(len(self.rows), n_new, dtype=torch.long, device=device)
         self.n = 0  # tokens written per row
         self.done = torch.zeros(len(self.rows), dtype=torch.bool, device=device)
@@ -158,7 +159,7 @@ class Batch:
         """Keep these rows (in this order): finished rows dropped, or each prompt's beams."""
         cpu = rows.cpu()
         self.state = self.model.select(self.state, rows)
-        self.logits, self.rows = self.logits.index_select(0, rows), self.rows[cpu]
+        self.logits, self.rows, self.begin = self.logits.index_select(0, rows), self.rows[cpu], self.begin[cpu]
         self.limit = self.limit.index_select(0, rows)
         for name in ("prompt_ids", "history", "out", "done"):
             if getattr(self, name) is not None:
@@ -193,8 +194,44 @@ class Batch:
 
     def ids(self, row: int) -> list[int]:
         """A row's new tokens, up to its eos."""
-        ids = self.out[row, : self.n].tolist()
+        ids = self.out[row, int(self.begin[row]) : self.n].tolist()
         return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+
+    def fits(self, prompt: list[int], limit: int) -> bool:
+        """Whether join() can take this prompt: a GPT's eager cache with no window to slide and no
+        repetition penalty, the prompt no longer than the columns written, room for its tokens."""
+        state = self.state
+        if not hasattr(state, "keys") or state.static or self.history is not None or self.prompt_ids is not None:
+            return False
+        return 0 < len(prompt) <= state.length and state.length + limit <= state.width
+
+    def join(self, prompts: list[list[int]], limits: list[int], first_index: int) -> None:
+        """Continuous batching: add prompts (each of which fits()) to the batch as it decodes, between
+        a step's advance() and the next write() (when every row's logits are of its next token).
+        They are encoded on their own, and their keys and values written so that each ends at the
+        column the batch writes next, as if it had been left-padded from the start; their limits
+        of new tokens count from now. Their rows map to prompts first_index, first_index + 1, ..."""
+        model, state, n_new = self.model, self.state, len(prompts)
+        logits, sub = model.prefill(prompts, max(map(len, prompts)))
+        L, n = state.length, sub.length
+        for tensors, theirs in ((state.keys, sub.keys), (state.values, sub.values)):
+            for layer, t in enumerate(tensors):
+                grown = t.new_zeros((t.size(0) + n_new, *t.shape[1:]))
+                grown[: t.size(0), :, :L] = t[:, :, :L]
+                grown[t.size(0) :, :, L - n : L] = theirs[layer][:, :, :n]
+                tensors[layer] = grown
+        state.start = torch.cat([state.start, sub.start + (L - n)])
+        state.padded = True
+        device = self.out.device
+        limits_now = torch.tensor(limits, device=device) + self.n
+        width = max(self.out.size(1), int(limits_now.max()))
+        out = torch.full((len(self.out) + n_new, width), self.eos_id, dtype=torch.long, device=device)
+        out[: len(self.out), : self.out.size(1)] = self.out
+        self.out, self.limit = out, torch.cat([self.limit, limits_now])
+        self.logits = torch.cat([self.logits, logits])
+        self.done = torch.cat([self.done, torch.zeros(n_new, dtype=torch.bool, device=device)])
+        self.rows = torch.cat([self.rows, torch.arange(first_index, first_index + n_new)])
+        self.begin = torch.cat([self.begin, torch.full((n_new,), self.n, dtype=torch.long)])
 
 
 class CompiledStep:

@@ -1,10 +1,12 @@
 """The playground's decoding engine: many people's requests decoded on one thread, together.
 
-Requests that arrive while others decode, and that decode alike (greedy, or sampled with the same
-settings), start together as one batch (pipeline.decoding's Batch: prompts of any lengths, a
-cache written in place, finished rows compacted away). Every batch in flight takes one step in
-turn, so a new request starts at the next step instead of waiting for the others to finish:
-continuous batching at the granularity of batches (rows never move from one batch to another).
+A request that arrives while others decode joins their batch at its next step (continuous
+batching: `Batch.join`) when it decodes alike (greedy, or sampled with the same settings) and the
+batch has room (its cache's columns; a GPT with no sliding window and no repetition penalty).
+Otherwise the requests that arrived together start a batch of their own (pipeline.decoding's
+Batch: prompts of any lengths, a cache written in place, finished rows compacted away), and every
+batch in flight takes one step in turn, so a new request starts at the next step instead of
+waiting for the others to finish.
 Beam search, which is not streamed, runs whole between two steps. At most `max_rows` rows decode
 at once; at most `max_queue` requests wait for room; one more is told the server is busy.
 
@@ -99,8 +101,21 @@ class Wave:
     def __init__(self, model, jobs: list[Job], eos_id: int, gen: torch.Generator | None):
         limits = [j.request.decoding.max_new_tokens for j in jobs]
         self.decoding = replace(jobs[0].request.decoding, max_new_tokens=max(limits))
+        self.kind = _kind(self.decoding)
         self.jobs, self.eos_id, self.gen = jobs, eos_id, gen
         self.batch = Batch(model, [j.request.prompt for j in jobs], eos_id, self.decoding, limits)
+
+    def fits(self, job: Job) -> bool:
+        return _kind(job.request.decoding) == self.kind and self.batch.fits(
+            job.request.prompt, job.request.decoding.max_new_tokens
+        )
+
+    def join(self, jobs: list[Job]) -> bool:
+        """Requests that arrive while this batch decodes join it at its next step."""
+        limits = [j.request.decoding.max_new_tokens for j in jobs]
+        self.batch.join([j.request.prompt for j in jobs], limits, len(self.jobs))
+        self.jobs += jobs
+        return True
 
     @property
     def rows(self) -> int:
@@ -226,6 +241,16 @@ class Engine:
                 self._guarded(group, self._new_wave, group)
 
     def _new_wave(self, jobs: list[Job]) -> None:
+        """The requests join a batch in flight that decodes alike and has room for them (continuous
+        batching); those that fit none start a batch of their own."""
+        for wave in list(self.waves):
+            joining = [j for j in jobs if wave.fits(j)]
+            if joining:
+                if not self._guarded(wave.jobs + joining, wave.join, joining):
+                    self.waves.remove(wave)
+                jobs = [j for j in jobs if j not in joining]
+            if not jobs:
+                return
         gen = None
         if jobs[0].request.decoding.temperature > 0:
             gen = torch.Generator(device=self.device).manual_seed(next(self.seeds))
