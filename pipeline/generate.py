@@ -18,7 +18,7 @@ from pipeline.core.paths import BEST_WEIGHTS, TOKENIZER
 from pipeline.data.qa import TASK, question_text
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.decoding.answer import ANSWER_TOKENS, answer, check_question
-from pipeline.decoding.decode import Decoding, generate, keep_end, stream
+from pipeline.decoding.decode import Decoding, TextStream, generate, keep_end, stream
 from pipeline.model.weights import load_model
 
 
@@ -143,16 +143,12 @@ def prompt_of(model, tok: Tokenizer, text: str, args: argparse.Namespace) -> lis
 def print_stream(model, tok: Tokenizer, prompt: list[int], decoding: Decoding) -> None:
     """Print each piece as soon as it decodes to complete characters."""
     gen = torch.Generator().manual_seed(decoding.seed)
-    new, shown = [], ""
+    text = TextStream(tok)
     for nxt in stream(model, torch.tensor([prompt]), tok.eos_id, decoding, gen):
         if int(nxt[0]) == tok.eos_id:
             break
-        new.append(int(nxt[0]))
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-    print(tok.decode(new)[len(shown) :])
+        print(text.push(int(nxt[0])), end="", flush=True)
+    print(text.rest())
 
 
 def cli() -> None:

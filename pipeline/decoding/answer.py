@@ -21,6 +21,12 @@ def check_question(question: str, key: str = "--ask") -> str:
     return question
 
 
+def question_prompts(model, tok, questions: list[str], new_tokens: int) -> list[list[int]]:
+    """Each question rendered as in training (`<src> <qa> question <tgt>`); a long passage is cut
+    from the left, leaving room for `new_tokens` of answer."""
+    return [keep_end(model, tok.pair_prompt(ids, task=TASK), new_tokens) for ids in tok.encode(questions)]
+
+
 def answer(
     model,
     tok,
@@ -32,9 +38,6 @@ def answer(
     compile: bool = False,
 ) -> list[str]:
     """The model's answers: each question rendered as in training, its first line decoded."""
-    # a long passage is cut from the left, leaving room for the answer
-    prompts = [
-        keep_end(model, tok.pair_prompt(ids, task=TASK), decoding.max_new_tokens) for ids in tok.encode(questions)
-    ]
+    prompts = question_prompts(model, tok, questions, decoding.max_new_tokens)
     out = generate(model, prompts, tok.eos_id, decoding, batch_size, device, label, compile)
     return [first_answer(tok.decode(o)) for o in out]

@@ -234,6 +234,33 @@ class Batch:
         self.begin = torch.cat([self.begin, torch.full((n_new,), self.n, dtype=torch.long)])
 
 
+class TextStream:
+    """Token ids in, text out as it completes (`generate`'s printing, the playground's events):
+    push() returns the text a new token adds, holding back a piece that ends inside a character
+    (decoded as U+FFFD) until the rest of it comes; rest() gives what is held back, at the end.
+    `view` maps the whole text so far to what is shown (an answer: its first line)."""
+
+    def __init__(self, tok, view=None):
+        self.tok, self.view = tok, view
+        self.ids: list[int] = []
+        self.whole = ""  # the decoded text of every id so far
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.whole = self.tok.decode(self.ids)
+        text = self.view(self.whole) if self.view else self.whole
+        if text.endswith("\ufffd") or len(text) <= len(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown) :], text
+        return new
+
+    def rest(self) -> str:
+        text = self.view(self.whole) if self.view else self.whole
+        new, self.shown = text[len(self.shown) :], text
+        return new
+
+
 class CompiledStep:
     """A GPT's decode step compiled (torch.compile; on CUDA, mode "reduce-overhead": CUDA graphs),
     over a static cache: every step has the same shapes, and the cache is written at a column the

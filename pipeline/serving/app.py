@@ -32,8 +32,8 @@ else:
     MISSING = None
 
 from pipeline.core.common import PipelineError
-from pipeline.data.qa import TASK, question_text
-from pipeline.decoding.answer import ANSWER_TOKENS
+from pipeline.data.qa import question_text
+from pipeline.decoding.answer import ANSWER_TOKENS, question_prompts
 from pipeline.decoding.decode import Decoding, keep_end
 from pipeline.serving.engine import Busy, Engine, Request
 
@@ -165,8 +165,7 @@ class Playground:
         if mode == "ask":
             if "qa" not in tok.tasks:
                 raise BadRequest("ask: this model was not trained to answer questions (its tokenizer has no <qa>)")
-            ids = tok.encode([question_text(text, context)])[0]
-            prompt = keep_end(self.model, tok.pair_prompt(ids, task=TASK), decoding.max_new_tokens)
+            (prompt,) = question_prompts(self.model, tok, [question_text(text, context)], decoding.max_new_tokens)
             return Request(prompt, decoding, first_line=True)
         ids = tok.encode([text])[0]
         if mode == "translate":

@@ -26,7 +26,8 @@ from dataclasses import astuple, dataclass, replace
 import torch
 
 from pipeline.core.common import first_line
-from pipeline.decoding.decode import COMPACT, Batch, Decoding, generate, next_tokens
+from pipeline.decoding.answer import first_answer
+from pipeline.decoding.decode import COMPACT, Batch, Decoding, TextStream, generate, next_tokens
 
 
 class Busy(Exception):
@@ -42,12 +43,11 @@ class Request:
 
 
 class Job:
-    """One request being served: its new tokens, the text shown so far, whether it is to stop."""
+    """One request being served: its new tokens and text, whether it is to stop."""
 
     def __init__(self, job_id: str, request: Request, sink: Callable[[dict], None], tok):
-        self.id, self.request, self.sink, self.tok = job_id, request, sink, tok
-        self.ids: list[int] = []
-        self.shown = ""
+        self.id, self.request, self.sink = job_id, request, sink
+        self.text = TextStream(tok, first_answer if request.first_line else None)  # an answer: its first line
         self.stopped = False  # asked to stop (the Stop button, or the client went away)
         self.finished = False
         self.started = time.perf_counter()
@@ -58,26 +58,23 @@ class Job:
         except Exception:  # a client gone: its events go nowhere, the engine goes on
             self.stopped = True
 
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids
+
     def add(self, token: int) -> bool:
         """Take a new token; stream the text it completes. True once an answer's first line ends."""
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        ended = False
-        if self.request.first_line:  # as pipeline.decoding.answer takes it: the first line, stripped
-            head = text.lstrip()
-            ended = "\n" in head
-            text = head.split("\n", 1)[0].rstrip()  # (spaces wait until text follows them)
-        if not text.endswith("\ufffd") and len(text) > len(self.shown):
-            self.emit("token", text=text[len(self.shown) :])
-            self.shown = text
-        return ended
+        new = self.text.push(token)
+        if new:
+            self.emit("token", text=new)
+        return self.request.first_line and "\n" in self.text.whole.lstrip()
 
     def finish(self, reason: str) -> None:
         if not self.finished:
             self.finished = True
-            text = self.tok.decode(self.ids)  # what waited for the rest of a character, as it is
-            if not self.request.first_line and len(text) > len(self.shown):
-                self.emit("token", text=text[len(self.shown) :])
+            rest = "" if self.request.first_line else self.text.rest()  # what waited for the rest of a character
+            if rest:
+                self.emit("token", text=rest)
             self.emit("done", reason=reason, tokens=len(self.ids), seconds=round(time.perf_counter() - self.started, 3))
 
     def fail(self, message: str) -> None:
