@@ -12,8 +12,13 @@ steps, MFU is computed per round (both sides see the same machine state) and the
 reported. On CUDA the peak is the GPU's bf16 dense peak (pipeline.training.hardware.GPU_BF16_PEAK), with
 bf16 autocast and TF32.
 
-Training steps are the train stage's own (`train_step`: forward, backward, clipping,
-AdamW) on random token windows; throughput does not depend on the tokens.
+Training steps are the train stage's own (`train_step`: forward, backward, clipping, the
+optimizer of params.yaml) on random token windows; throughput does not depend on the tokens. On a
+CPU each round also times a plain PyTorch loop of the same model and batch (forward, backward,
+torch.optim.AdamW, nothing else) as the reference the stage's steps are compared with, and the
+optimizer's share of each step is printed. `--ns-dtype both` times Muon's orthogonalisation in
+float32 (what a CPU runs) and in bfloat16 (torch.optim.Muon's), side by side. The run starts by
+measuring a bfloat16 matmul against float32 on this CPU and warns where bfloat16 is slow.
 
 --compare runs the train stage itself (`python -m pipeline.train`) for each architecture with
 train.time_budget_s set, in a scratch copy of the project that links data/tokens (run `dvc repro
@@ -39,7 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.core import params as P  # noqa: E402
 from pipeline.model.model import build_model, count_parameters, flops_per_token  # noqa: E402
-from pipeline.training.hardware import CudaAutocast, check_fused_loss, cpu_matmul_flops, peak_flops  # noqa: E402
+from pipeline.training.hardware import (  # noqa: E402
+    CudaAutocast,
+    check_fused_loss,
+    cpu_bfloat16_slowdown,
+    cpu_matmul_flops,
+    peak_flops,
+)
 from pipeline.training.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
@@ -116,21 +127,81 @@ def build_variant(m, t, vocab, device, compiled: bool, chunked: bool | str | Non
     return fwd, opt
 
 
+class TimedOptimizer:
+    """An optimizer whose step() is timed: the optimizer's share of a training step."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.seconds = optimizer, 0.0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.seconds += time.perf_counter() - t0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def plain_loop(m, vocab):
+    """The reference: a plain PyTorch loop of the same model, forward, backward, AdamW, nothing else."""
+    torch.manual_seed(0)
+    model = build_model(m, vocab)
+    opt = TimedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(x, y):
+        _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, opt
+
+
+def cpu_variants(args, m, t, vocab, variants) -> dict:
+    """name -> (one training step on (x, y), its timed optimizer): the stage's train_step for each
+    variant (and each orthogonalisation dtype of --ns-dtype), then the plain loop."""
+    device, autocast = torch.device("cpu"), nullcontext()
+    dtypes = {"float32": [torch.float32], "bfloat16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}
+    runs = {}
+    for compiled, chunked in variants:
+        for dtype in dtypes[args.ns_dtype] if t.optimizer == "muon" else [None]:
+            fwd, opt = build_variant(m, t, vocab, device, compiled, chunked)
+            name = variant_name(compiled, chunked)
+            if dtype is not None:
+                opt.optimizers[1].ns_dtype = dtype
+                name += f" muon {str(dtype).removeprefix('torch.')}"
+            timed = TimedOptimizer(opt)
+            runs[name] = (
+                lambda x, y, fwd=fwd, timed=timed: train_step(fwd, timed, [(x, y)], 1e-4, t.grad_clip, autocast)[0],
+                timed,
+            )
+    runs["plain PyTorch loop, AdamW"] = plain_loop(m, vocab)
+    return runs
+
+
 def measure_cpu(args, m, t, vocab, variants, fpt) -> None:
     """Rounds alternate a timed float32 matmul and timed steps of each variant: MFU per round
     (both sides see the same machine state), medians reported."""
-    device, autocast = torch.device("cpu"), nullcontext()
     B, T = t.batch_size, m.block_size
     print(f"batch {B}x{T} tokens")
-    runs = {}
-    for compiled, chunked in variants:
-        fwd, opt = build_variant(m, t, vocab, device, compiled, chunked)
-        x, y = torch.randint(vocab, (B, T)), torch.randint(vocab, (B, T))
+    slowdown = cpu_bfloat16_slowdown()
+    print(f"bfloat16 matmul on this CPU: {slowdown:.2f}x the time of float32 (Muon's 128x512 step)")
+    if slowdown > 1.5:
+        print(
+            "warning: bfloat16 is slow on this CPU (no native bfloat16 matmuls); the pipeline runs float32 "
+            "on a CPU, and --ns-dtype bfloat16 shows what torch.optim.Muon's bfloat16 iteration costs here"
+        )
+    runs = cpu_variants(args, m, t, vocab, variants)
+    x, y = torch.randint(vocab, (B, T)), torch.randint(vocab, (B, T))
+    for name, (step, _) in runs.items():
         t0 = time.perf_counter()
         for _ in range(args.warmup):  # includes compilation
-            train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
-        name = variant_name(compiled, chunked)
-        runs[name] = (fwd, opt, x, y)
+            float(step(x, y))
         print(f"{name}: {args.warmup} warm-up steps in {time.perf_counter() - t0:.1f} s", flush=True)
     results = {v: [] for v in runs}
     peaks = []
@@ -138,29 +209,30 @@ def measure_cpu(args, m, t, vocab, variants, fpt) -> None:
     for r in range(args.rounds):
         peak = cpu_matmul_flops(args.matmul, 5)
         peaks.append(peak)
-        for v, (fwd, opt, x, y) in runs.items():
-            times = []
+        for v, (step, timed) in runs.items():
+            times, timed.seconds = [], 0.0
             for _ in range(steps_per_round):
                 t0 = time.perf_counter()
-                loss, _ = train_step(fwd, opt, [(x, y)], 1e-4, t.grad_clip, autocast)
-                float(loss)
+                float(step(x, y))
                 times.append(time.perf_counter() - t0)
             tok_s = B * T / statistics.median(times)
-            results[v].append((tok_s, fpt * tok_s / peak))
+            results[v].append((tok_s, fpt * tok_s / peak, timed.seconds / sum(times)))
         line = ", ".join(f"{v} {results[v][-1][0]:,.0f} tok/s MFU {results[v][-1][1]:.1%}" for v in runs)
         print(f"round {r + 1}: matmul {peak / 1e9:,.0f} GFLOP/s; {line}", flush=True)
     print(
         f"float32 matmul ({args.matmul}x{args.matmul}): median {statistics.median(peaks) / 1e9:,.0f} "
         f"GFLOP/s, best {max(peaks) / 1e9:,.0f}"
     )
+    plain = results["plain PyTorch loop, AdamW"]
     for v in runs:
         tok = statistics.median(x[0] for x in results[v])
         mfu = statistics.median(x[1] for x in results[v])
-        ratios = [a[0] / b[0] for a, b in zip(results[v], results[next(iter(runs))])]
+        share = statistics.median(x[2] for x in results[v])
+        ratios = [b[0] / a[0] for a, b in zip(results[v], plain)]
         print(
-            f"RESULT {v} batch {B}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%} "
-            f"(median of {args.rounds} rounds; {statistics.median(ratios):.3f}x the first variant, "
-            f"median of the rounds' ratios)"
+            f"RESULT {v} batch {B}: {tok:,.0f} tokens/s, {fpt * tok / 1e9:,.1f} GFLOP/s, MFU {mfu:.1%}, "
+            f"optimizer {share:.0%} of the step; the plain loop is {statistics.median(ratios):.2f}x as fast "
+            f"(medians of {args.rounds} rounds, ratios per round)"
         )
 
 
@@ -311,6 +383,12 @@ def main() -> None:
     ap.add_argument("--gpt2-block", action="store_true", help="GPT-2's block (learned positions, LayerNorm, GELU)")
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default=None, help="override params.yaml")
     ap.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")
+    ap.add_argument(
+        "--ns-dtype",
+        choices=["float32", "bfloat16", "both"],
+        default="float32",
+        help="CPU, optimizer muon: the dtype of Muon's orthogonalisation to time (float32: the pipeline's on a CPU)",
+    )
     for name in ("n_layer", "n_embd", "n_head", "block_size", "vocab"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help="override params.yaml")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[], help="micro-batches to measure (params.yaml's)")

@@ -388,6 +388,49 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
     assert muon.param_groups[0]["lr_ratio"] == pytest.approx(5.0)
 
 
+def test_muon_is_torchs_in_bfloat16_and_orthogonalises_in_float32_on_a_cpu():
+    """The project's Muon takes torch.optim.Muon's steps bit for bit when its Newton-Schulz
+    iteration runs in bfloat16 (torch's), and close to them in float32, which a CPU uses: a
+    bfloat16 matmul is tens of times slower than float32 on a CPU without native bfloat16."""
+    from pipeline.training.optim import Muon, orthogonalization_dtype, orthogonalize
+
+    assert orthogonalization_dtype("cpu") == torch.float32
+    assert orthogonalization_dtype("cuda") == torch.bfloat16
+    shapes = [(24, 16), (16, 40), (32, 32)]  # tall, wide, square
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="original")
+
+    def run(make):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = make(params)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+
+    theirs, torch_opt = run(lambda ps: torch.optim.Muon(ps, **settings))
+    same, _ = run(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **settings))
+    fp32, ours = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **settings))
+    for a, b, c in zip(theirs, same, fp32):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c) and torch.allclose(a, c, atol=2e-3)  # bfloat16 keeps 8 bits
+    # the same state as torch's: a checkpoint of one loads into the other
+    assert ours.state_dict()["state"].keys() == torch_opt.state_dict()["state"].keys()
+    ours.load_state_dict(torch_opt.state_dict())
+    # float32 orthogonalises: the singular values of the update land near 1 (0.5 to 1.5, by design)
+    update = orthogonalize(
+        torch.randn(64, 24, generator=torch.Generator().manual_seed(1)),
+        (3.4445, -4.7750, 2.0315),
+        5,
+        1e-7,
+        torch.float32,
+    )
+    assert update.dtype == torch.float32 and update.shape == (64, 24)
+    singular = torch.linalg.svdvals(update)
+    assert singular.min() > 0.5 and singular.max() < 1.5
+
+
 def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
     """As a command: an error in the middle of training is one line on stderr too, in a git
     repository (dvclive's) too: nothing more at interpreter exit."""

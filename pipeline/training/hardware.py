@@ -103,3 +103,25 @@ def peak_flops(device: torch.device) -> float | None:
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
     return cpu_matmul_flops()
+
+
+def cpu_bfloat16_slowdown(rows: int = 128, cols: int = 512, repeats: int = 20) -> float:
+    """How many times longer a bfloat16 matmul takes than float32 on this CPU, at the shape of
+    Muon's Newton-Schulz step for a 128x512 matrix (median of `repeats`). About 0.5 where the CPU
+    multiplies bfloat16 natively (AVX512-BF16, AMX); tens where it does not (AVX2 only: most
+    laptops). The pipeline runs float32 on every CPU (pipeline.training.optim.orthogonalization_dtype,
+    and inference loads weights as float32); benchmarks/train_throughput.py prints this figure and
+    warns where bfloat16 would be slow."""
+    generator = torch.Generator().manual_seed(0)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, cols, generator=generator).to(dtype)
+        gram = x @ x.T
+        torch.addmm(x, gram, x, beta=2.0)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.addmm(x, gram, x, beta=2.0)
+            samples.append(time.perf_counter() - t0)
+        times[dtype] = float(np.median(samples))
+    return times[torch.bfloat16] / times[torch.float32]

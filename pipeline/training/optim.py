@@ -33,14 +33,72 @@ def make_optimizer(model: torch.nn.Module, t: P.Train, device) -> torch.optim.Op
     adamw = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
     if not matrices:
         return adamw
-    muon = torch.optim.Muon(
+    muon = Muon(
         [{"params": matrices, "lr_ratio": t.muon_lr / t.lr}],
         lr=t.muon_lr,
         weight_decay=t.weight_decay,
         momentum=t.muon_momentum,
         adjust_lr_fn="original",
+        ns_dtype=orthogonalization_dtype(device),
     )
     return Optimizers(adamw, muon)
+
+
+def orthogonalization_dtype(device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iteration: bfloat16 on CUDA (as torch.optim.Muon), float32
+    on a CPU. A CPU without native bfloat16 matmuls (AVX2 only: most laptops) runs a bfloat16
+    matmul tens of times slower than float32, which made the iteration 74% of a training step there
+    (docs/LOG.md); float32 on every CPU also keeps a CPU run's weights independent of whether its
+    CPU has bfloat16 instructions."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def orthogonalize(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's coefficients) in
+    `dtype`: the same operations in the same order, so in bfloat16 it is torch's bit for bit."""
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with the dtype of its orthogonalisation chosen (`ns_dtype`; torch's is
+    always bfloat16). Its state and its checkpoints are torch's: a momentum buffer per matrix."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "Muon.step takes no closure here"
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            lr, momentum = group["lr"], group["momentum"]
+            for param, grad, buf in zip(params, grads, buffers):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+
+
+def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning-rate scaling by the matrix's shape."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr * 0.2 * math.sqrt(max(rows, cols)) if adjust_lr_fn == "match_rms_adamw" else lr
 
 
 class Optimizers:
