@@ -20,6 +20,11 @@ optimizer's share of each step is printed. `--ns-dtype both` times Muon's orthog
 float32 (what a CPU runs) and in bfloat16 (torch.optim.Muon's), side by side. The run starts by
 measuring a bfloat16 matmul against float32 on this CPU and warns where bfloat16 is slow.
 
+--stage SECONDS runs the train stage itself (`python -m pipeline.train`, params.yaml's model and
+optimizer, train.time_budget_s SECONDS) in a scratch copy that links data/tokens, between two
+measurements of the plain PyTorch loop, and prints the stage's tokens/s (metrics/timing/train.json:
+training time, evaluations left out) against the loop's.
+
 --compare runs the train stage itself (`python -m pipeline.train`) for each architecture with
 train.time_budget_s set, in a scratch copy of the project that links data/tokens (run `dvc repro
 tokenize` first), then scores the best checkpoint's bits per byte on the whole val split.
@@ -324,6 +329,47 @@ def _vocab(base: P.Params) -> int:
     return json.loads(sidecar.read_text())["vocab_size"] if sidecar.exists() else base.tokenize.vocab_size
 
 
+def stage_beside_plain(seconds: float, rounds: int = 5, steps: int = 5) -> None:
+    """The train stage's tokens/s for `seconds` of training, beside the plain loop's measured
+    just before and just after it (median of the rounds' medians)."""
+    from scratch_train import train_in_scratch
+
+    if not (ROOT / "data" / "tokens" / "train.bin").exists():
+        sys.exit("error: data/tokens/train.bin missing; run `dvc repro tokenize` first")
+    base = P.load(ROOT / "params.yaml")
+    m, t, vocab = base.model, base.train, _vocab(base)
+    step, _ = plain_loop(m, vocab)
+    x, y = torch.randint(vocab, (t.batch_size, m.block_size)), torch.randint(vocab, (t.batch_size, m.block_size))
+
+    def plain() -> list[float]:
+        rates = []
+        for _ in range(rounds):
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                float(step(x, y))
+                times.append(time.perf_counter() - t0)
+            rates.append(t.batch_size * m.block_size / statistics.median(times))
+        return rates
+
+    plain()  # warm-up
+    before = plain()
+    data = P.merge(
+        P.read_yaml(ROOT / "params.yaml"),
+        {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
+    )
+    _, metrics, wall = train_in_scratch(data, "stage")
+    after = plain()
+    loop = statistics.median(before + after)
+    stage = metrics["tokens_per_second"]
+    print(
+        f"RESULT train stage ({t.optimizer}, {seconds:g} s budget, {metrics['steps']} steps, wall {wall:.0f} s): "
+        f"{stage:,.0f} tokens/s; plain PyTorch loop, AdamW: {loop:,.0f} tokens/s (median of {2 * rounds} rounds, "
+        f"before {statistics.median(before):,.0f}, after {statistics.median(after):,.0f}); "
+        f"the loop is {loop / stage:.2f}x as fast"
+    )
+
+
 def compare(seconds: float, names: list[str]) -> None:
     """Each architecture through the train stage with the same time_budget_s; val bits per byte."""
     import numpy as np
@@ -399,11 +445,20 @@ def main() -> None:
         metavar="SECONDS",
         help="also train each architecture for SECONDS with the train stage",
     )
+    ap.add_argument(
+        "--stage",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also run the train stage for SECONDS beside the plain PyTorch loop (tokens/s of each)",
+    )
     ap.add_argument("--only", nargs="*", default=["gpt", "lstm", "gru", "rnn"], choices=list(COMPARE))
     ap.add_argument("--skip-mfu", action="store_true")
     args = ap.parse_args()
     if not args.skip_mfu:
         measure(args)
+    if args.stage:
+        stage_beside_plain(args.stage)
     if args.compare:
         compare(args.compare, args.only)
 

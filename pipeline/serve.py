@@ -2,7 +2,11 @@
 
 python -m pipeline.serve                       # http://127.0.0.1:8000/ ; Ctrl+C stops
 python -m pipeline.serve --port 8080 --checkpoint data/model/last.safetensors
-python -m pipeline.serve --host 0.0.0.0        # reachable from other machines: anyone there can use it
+python -m pipeline.serve --host 0.0.0.0        # reachable from other machines, with the token it prints
+
+Only its own page drives it: a request naming another host (DNS rebinding), a POST from another
+site's page, or, bound beyond loopback, an API call without the token printed at start, is refused
+(pipeline.serving.app.Access). --allow-host NAME lets a browser reach it by another name.
 
 Needs the [serve] extra: pip install -e ".[serve]" (Starlette and uvicorn; [dev] includes it).
 """
@@ -30,6 +34,7 @@ except ImportError:  # the [serve] extra is not installed: said when serve runs,
     uvicorn = None
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::")  # every interface: the machine's own name is allowed too
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +44,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics", default=str(EVAL_METRICS.parent), help="the folder of eval.json and train.json")
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name (or address) the page may be reached by, besides the address it listens on and "
+        "localhost (repeatable); any other Host header gets 403",
+    )
+    ap.add_argument(
+        "--token",
+        action="store_true",
+        help="ask for a token on every API call even on loopback (a machine other people log in to); "
+        "beyond loopback it always does. The URL printed at start carries it",
+    )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-new-tokens", type=int, default=256, help="the cap on new tokens per request")
     ap.add_argument("--max-beam-size", type=int, default=8, help="the cap on a request's beam size")
@@ -78,19 +97,26 @@ def main(argv: list[str] | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.checkpoint, tok, args.tokenizer, device)
     sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    allow = tuple(args.allow_host) + ((socket.gethostname(),) if args.host in WILDCARD else ())
+    access = web.Access.serving(args.host, port, allow, require_token=args.token)
     if args.host not in LOOPBACK:
         print(
-            f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
-            "(there is no login); the default, 127.0.0.1, is this machine only",
+            f"warning: listening on {args.host}: anyone who can reach this machine and has the URL's token can "
+            "use the model; the default, 127.0.0.1, is this machine only",
             file=sys.stderr,
         )
     engine = Engine(model, tok, max_rows=args.max_rows, max_queue=args.max_queue)
     limits = web.Limits(max_new_tokens=args.max_new_tokens, max_beam_size=args.max_beam_size)
-    app = web.create_app(model, tok, engine, model_card(Path(args.checkpoint), tok, Path(args.metrics)), limits)
+    card = model_card(Path(args.checkpoint), tok, Path(args.metrics))
+    app = web.create_app(model, tok, engine, card, limits, access)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.checkpoint} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops)", flush=True)
+    query = f"?token={access.token}" if access.token else ""
+    print(f"serving {args.checkpoint} at http://{shown}:{port}/{query} (Ctrl+C stops)", flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, http="h11", log_level="warning", timeout_graceful_shutdown=2)).run(
+            sockets=[sock]
+        )
     finally:
         engine.close()
         sock.close()

@@ -27,6 +27,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests' trainings use one thread (a model this small gains nothing from more, and the test
+# machine's cores are shared), or OMP_NUM_THREADS where it is set: CI runs the suite with 1 and
+# with 2, which splits float sums differently, as another CPU does (no test may depend on where a
+# trajectory goes). Stages that use every core (threads 0) follow OMP_NUM_THREADS too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # here and in every stage a test starts: threads 0 is THREADS
+THREADS = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1
+
 # Stages run in this process too (call_stage): no DVC/dvclive telemetry from them either.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
@@ -213,10 +220,9 @@ def project(tmp_path: Path) -> Path:
 def prepared(tmp_path_factory) -> Path:
     """A project folder where collect, clean and tokenize have run once (shared, read-only).
 
-    Its trainings use one thread (train.threads, which changes nothing in what they write): a
-    model this small gains nothing from more, and the test machine's cores are shared."""
+    Its trainings use THREADS threads (train.threads)."""
     folder = tmp_path_factory.mktemp("prepared")
-    write_params(folder, tiny_params(make_corpus(folder / "corpus"), train={"threads": 1}))
+    write_params(folder, tiny_params(make_corpus(folder / "corpus"), train={"threads": THREADS}))
     for stage in ("collect", "clean", "tokenize"):
         call_stage(stage, folder)
     return folder
@@ -404,7 +410,7 @@ def answered(tmp_path_factory):
     params = tiny_params(
         {"sources": sources, "max_documents": 0}, clean={"workers": 1, "val_fraction": 0.2, "test_fraction": 0.2}
     )
-    params["train"].update(max_steps=20, threads=1)
+    params["train"].update(max_steps=20, threads=THREADS)
     params["evaluate"].update(prompts=[], tune_pairs=0)
     write_params(folder, params)
     for stage in ("collect", "clean", "tokenize", "train", "evaluate"):

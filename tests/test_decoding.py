@@ -173,3 +173,45 @@ def test_prompts_that_join_a_batch_as_it_decodes_decode_as_alone(arch):
             batch.write(next_tokens(batch, Decoding(20), None))
             batch.advance(batch.out[:, batch.n - 1])
     assert [batch.ids(row) for row in range(5)] == alone and batch.rows.tolist() == [0, 1, 2, 3, 4]
+
+
+class DtypesSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every dtype of every tensor an aten operation returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen |= {t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_nothing_runs_in_bfloat16_on_a_cpu(tmp_path):
+    """A bfloat16 matmul takes tens of times as long as float32 on a CPU without native bfloat16
+    (AVX2 only: most laptops). On a CPU, a training step with Muon (its orthogonalisation), a
+    checkpoint saved in bfloat16 (as on a GPU) and then scored as evaluate scores and decoded as
+    generate and the playground decode: not one operation gives a bfloat16 tensor."""
+    from pipeline.core.params import Train
+    from pipeline.evaluation.scoring import nats_of_range
+    from pipeline.model.weights import load_model, save_weights
+    from pipeline.training.optim import make_optimizer, train_step
+
+    model = model_of("gpt-rope").train()
+    optimizer = make_optimizer(model, Train(optimizer="muon"), torch.device("cpu"))
+    x = torch.randint(1, V, (2, 16))
+    with DtypesSeen() as training:
+        train_step(model, optimizer, [(x, x)], 1e-3, 1.0, torch.autocast("cpu", enabled=False))
+    assert torch.bfloat16 not in training.seen and torch.float32 in training.seen
+
+    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    save_weights(bf16, model.cfg, tmp_path / "bf16.safetensors", vocab_size=V)
+    loaded = load_model(tmp_path / "bf16.safetensors")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with DtypesSeen() as inference:
+        nats_of_range(loaded, torch.randint(1, V, (200,)).numpy(), 0, 200, 4)
+        generate(loaded, mixed_prompts(4), EOS, Decoding(8))
+        generate(loaded, mixed_prompts(4), EOS, Decoding(8, beam_size=2))
+        generate(loaded, mixed_prompts(4), EOS, Decoding(8, temperature=0.8, top_p=0.9, seed=1))
+    assert torch.bfloat16 not in inference.seen and torch.float32 in inference.seen

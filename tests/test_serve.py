@@ -3,14 +3,19 @@ the library's decoding, stop, several requests at once, the limits, every bad re
 command line (a missing checkpoint, a port in use, a warning when exposed), and one end-to-end
 test in a real headless Chromium."""
 
+import collections
+import http.client
 import json
 import os
 import shutil
 import socket
+import string
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,11 +29,12 @@ from pipeline.decoding.answer import answer
 from pipeline.decoding.decode import Decoding, generate
 from pipeline.model.weights import load_model
 from pipeline.serving import engine as engine_module
-from pipeline.serving.app import Limits, create_app
+from pipeline.serving.app import Access, Limits, create_app
 from pipeline.serving.card import model_card
 from pipeline.serving.engine import Engine, Request
 
 starlette_testclient = pytest.importorskip("starlette.testclient", reason="the [serve] extra is not installed")
+starlette_datastructures = pytest.importorskip("starlette.datastructures")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 SENTENCES = [
@@ -42,13 +48,14 @@ SENTENCES = [
 class Served:
     """A model, its tokenizer, an engine and the app over them (engine closed at the end)."""
 
-    def __init__(self, folder: Path, limits: Limits | None = None, **engine):
+    def __init__(self, folder: Path, limits: Limits | None = None, token: str | None = None, **engine):
         self.folder = folder
         self.tok = Tokenizer(folder / "data/tokens/tokenizer.model")
         self.model = load_model(folder / "data/model/best.safetensors", self.tok)
         self.engine = Engine(self.model, self.tok, **engine)
         card = model_card(folder / "data/model/best.safetensors", self.tok, folder / "metrics")
-        self.app = create_app(self.model, self.tok, self.engine, card, limits)
+        access = Access(hosts=frozenset({"testserver", "localhost"}), token=token)  # the test client's Host
+        self.app = create_app(self.model, self.tok, self.engine, card, limits, access)
         self.client = starlette_testclient.TestClient(self.app)
 
     def events(self, body: dict) -> list[tuple[str, dict]]:
@@ -62,6 +69,8 @@ class Served:
         return "".join(data["text"] for name, data in events if name == "token")
 
     def error(self, status: int, **request) -> str:
+        if "content" in request:  # raw bytes, sent as JSON unless the case says otherwise
+            request["headers"] = {"Content-Type": "application/json", **request.get("headers", {})}
         r = self.client.request(request.pop("method", "POST"), request.pop("path", "/api/generate"), **request)
         assert r.status_code == status, (r.status_code, r.text)
         message = r.json()["error"]
@@ -300,6 +309,128 @@ def test_every_bad_request_gets_one_line_and_the_server_goes_on(served, request_
     assert served.events({"mode": "translate", "text": "Jesus wept.", "max_new_tokens": 3})[-1][0] == "done"
 
 
+ASK = {"mode": "continue", "text": "ROMEO:", "max_new_tokens": 3}
+JSON = {"Content-Type": "application/json"}
+HOSTILE = [
+    # another site's page: a "simple" request a browser sends without asking first, or a preflighted one
+    ({"content": json.dumps(ASK), "headers": {"Content-Type": "text/plain"}}, 415, "send application/json"),
+    ({"content": json.dumps(ASK), "headers": {}}, 415, "send application/json"),
+    (
+        {"content": json.dumps(ASK), "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        415,
+        "Content-Type",
+    ),
+    ({"json": ASK, "headers": {"Origin": "http://evil.example"}}, 403, "Origin 'http://evil.example'"),
+    ({"json": ASK, "headers": {"Origin": "null"}}, 403, "Origin 'null'"),
+    ({"json": ASK, "headers": {"Origin": "http://testserver.evil.example"}}, 403, "Origin"),
+    ({"path": "/api/stop", "json": {"id": "x"}, "headers": {"Origin": "http://evil.example"}}, 403, "Origin"),
+    # DNS rebinding: another name that resolves to this machine
+    ({"json": ASK, "headers": {"Host": "evil.example:8000"}}, 403, "Host 'evil.example:8000'"),
+    ({"path": "/api/info", "method": "GET", "headers": {"Host": "evil.example"}}, 403, "not this server's"),
+    ({"path": "/", "method": "GET", "headers": {"Host": "127.0.0.1.evil.example"}}, 403, "Host"),
+    ({"path": "/api/info", "method": "GET", "headers": {"Host": "localhost:x"}}, 403, "Host 'localhost:x'"),
+    # encodings
+    (
+        {"content": json.dumps(ASK).encode("utf-16"), "headers": {"Content-Type": "application/json; charset=utf-16"}},
+        415,
+        "UTF-8",
+    ),
+    ({"content": b"\x1f\x8b", "headers": {"Content-Encoding": "gzip"}}, 415, "Content-Encoding 'gzip'"),
+    ({"content": b"\xff\xfe"}, 400, "malformed JSON"),
+    # nesting, numbers, sizes
+    ({"content": b"[" * 60000}, 400, "nested 60000 deep, more than the limit of 8"),
+    ({"content": b"{" * 30000}, 400, "nested 30000 deep"),
+    ({"content": b'{"mode": "continue", "text": "x", "top_k": [[[[[[[[[1]]]]]]]]]}'}, 400, "nested 10 deep"),
+    ({"content": b'{"mode": "continue", "text": "x", "temperature": 1e999}'}, 400, "temperature: must be a finite"),
+    ({"content": b'{"mode": "continue", "text": "x", "temperature": -Infinity}'}, 400, "temperature: must be a finite"),
+    ({"content": b'{"mode": "continue", "text": "x", "max_new_tokens": 1' + b"0" * 400 + b"}"}, 400, "server's cap"),
+    ({"content": b'{"mode": "continue", "text": "x", "top_k": 1.5e3}'}, 400, "top_k: must be int"),
+    ({"content": (b"[" * 40000) + b"]" * 40000}, 413, "limit of 65536"),
+    ({"content": iter([b'{"mode": "continue", "text": "', b"x" * 40000, b"x" * 40000, b'"}'])}, 413, "over the limit"),
+    # methods
+    ({"method": "PUT", "json": ASK}, 405, "Method Not Allowed"),
+    ({"method": "DELETE"}, 405, "Method Not Allowed"),
+    ({"method": "PATCH", "path": "/api/stop", "json": {"id": "x"}}, 405, "Method Not Allowed"),
+    ({"method": "TRACE", "path": "/"}, 405, "Method Not Allowed"),
+    ({"method": "POST", "path": "/api/info", "json": {}}, 405, "Method Not Allowed"),
+    ({"method": "GET", "path": "/%2e%2e/pipeline/serve.py"}, 404, "Not Found"),
+    ({"method": "GET", "path": "/api/..%2fapp.py"}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("request_, status, needle", HOSTILE, ids=[h[2] for h in HOSTILE])
+def test_hostile_requests_are_refused_in_one_line_with_nothing_decoded(served, monkeypatch, request_, status, needle):
+    submitted = []
+    monkeypatch.setattr(served.engine, "submit", lambda *a: submitted.append(a))
+    assert needle in served.error(status, **dict(request_))
+    assert not submitted
+    monkeypatch.undo()
+    assert served.events({"mode": "translate", "text": "Jesus wept.", "max_new_tokens": 3})[-1][0] == "done"
+
+
+def test_what_a_browser_sends_from_the_page_itself_is_served(served):
+    """Its own origin, JSON with a charset, brackets inside strings (not nesting), the page's GETs."""
+    own = {"Origin": "http://testserver", "Content-Type": "application/json; charset=UTF-8"}
+    body = json.dumps({"mode": "continue", "text": '[[[[[[[[[[{{{{{{{{{{ \\" [[[', "max_new_tokens": 3})
+    with served.client.stream("POST", "/api/generate", content=body, headers=own) as r:
+        assert r.status_code == 200, r.read()
+        assert parse_events(r.iter_text())[-1][0] == "done"
+    assert served.client.get("/", headers={"Host": "localhost"}).status_code == 200
+    assert served.client.post("/api/stop", json={"id": "x"}, headers={"Origin": "http://testserver"}).status_code == 200
+
+
+def test_request_ids_are_unguessable_so_no_one_stops_another_users_request(served, gate):
+    other = served.engine.submit(Request([served.tok.eos_id], Decoding(50)), lambda event: None)
+    mine = served.engine.submit(Request([served.tok.eos_id], Decoding(5)), lambda event: None)
+    assert (
+        len(other.id) >= 16
+        and other.id != mine.id
+        and not set(other.id) - set(string.ascii_letters + string.digits + "-_")
+    )
+    for guess in ("r1", "r2", mine.id[:-1] + "x", ""):
+        assert served.client.post("/api/stop", json={"id": guess}).json() == {"stopped": False}
+    assert served.engine.jobs[other.id].stopped is False
+    served.engine.stop(other.id)
+    served.engine.stop(mine.id)
+    gate.set()
+
+
+def test_a_token_is_asked_on_every_api_call_where_the_server_has_one(answered):
+    s = Served(answered, token="s3cret-token")
+    try:
+        assert s.client.get("/").status_code == 200  # the page itself: it reads the token from its URL
+        assert "no valid token" in s.error(401, path="/api/info", method="GET")
+        assert "no valid token" in s.error(
+            401, path="/api/info", method="GET", headers={"Authorization": "Bearer nope"}
+        )
+        assert "no valid token" in s.error(401, json=ASK, headers={"Authorization": "s3cret-token"})
+        assert "no valid token" in s.error(401, path="/api/stop", json={"id": "x"})
+        auth = {"Authorization": "Bearer s3cret-token"}
+        assert s.client.get("/api/info", headers=auth).json()["directions"] == ["ru"]
+        with s.client.stream("POST", "/api/generate", json=ASK, headers=auth) as r:
+            assert r.status_code == 200 and parse_events(r.iter_text())[-1][0] == "done"
+    finally:
+        s.engine.close()
+
+
+def test_the_server_knows_its_own_names_and_asks_for_a_token_beyond_loopback():
+    local = Access.serving("127.0.0.1", 8000)
+    assert local.token is None and local.hosts == {"localhost", "127.0.0.1", "[::1]"} and local.port == 8000
+    assert Access.serving("::1", 8000).token is None
+    assert Access.serving("127.0.0.1", 8000, require_token=True).token
+    wide = Access.serving("0.0.0.0", 8000, allow=("lab.example", "fe80::1"))
+    assert wide.token and len(wide.token) >= 32 and {"0.0.0.0", "lab.example", "[fe80::1]"} <= wide.hosts
+    headers = starlette_datastructures.Headers
+    assert local.refusal("GET", "/api/info", headers({"host": "127.0.0.1:8000"})) is None
+    assert local.refusal("GET", "/api/info", headers({"host": "LOCALHOST:8000"})) is None
+    assert local.refusal("GET", "/api/info", headers({"host": "[::1]:8000"})) is None
+    assert local.refusal("GET", "/api/info", headers({"host": "127.0.0.1:8001"}))[0] == 403  # another port
+    assert local.refusal("GET", "/api/info", headers({"host": "127.0.0.1"}))[0] == 403  # port 80
+    assert local.refusal("GET", "/api/info", headers({}))[0] == 400
+    assert wide.refusal("GET", "/", headers({"host": "lab.example:8000"})) is None
+    assert wide.refusal("GET", "/api/info", headers({"host": "lab.example:8000"}))[0] == 401
+
+
 def test_no_cors_opening(served):
     r = served.client.options("/api/generate", headers={"Origin": "https://example.com"})
     assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
@@ -360,22 +491,150 @@ def running(folder: Path, *args: str):
 def test_exposing_it_warns_and_the_default_is_this_machine_only(answered):
     assert serve_tool.parser().parse_args([]).host == "127.0.0.1"  # (the browser test serves at the default)
     with running(answered, "--host", "0.0.0.0") as (url, proc):
+        parts = urllib.parse.urlsplit(url)
+        token = urllib.parse.parse_qs(parts.query)["token"][0]
+        conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)  # this machine only
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": f"Bearer {token}x"}, 401),
+            ({"Authorization": f"Bearer {token}"}, 200),
+        ):
+            conn.request("GET", "/api/info", headers=headers)
+            r = conn.getresponse()
+            assert r.status == status, (r.status, headers)
+            assert ("no valid token" in json.loads(r.read())["error"]) if status == 401 else r.read()
+        conn.close()
         proc.terminate()
         assert "warning: listening on 0.0.0.0" in proc.stderr.read()
 
 
+def raw(address: tuple[str, int], request: bytes, timeout: float = 60) -> tuple[int, str]:
+    """Send bytes as they are (headers no client would send) and read the whole answer."""
+    with socket.create_connection(address, timeout=timeout) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode("utf-8", "replace")
+
+
+def post(address: tuple[str, int], body: dict, headers: dict | None = None, timeout: float = 120):
+    """A POST to /api/generate: (status, the events, or the error's line)."""
+    conn = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        data = r.read().decode()
+        return r.status, parse_events([data]) if r.status == 200 else json.loads(data)["error"]
+    finally:
+        conn.close()
+
+
+def test_the_running_server_refuses_other_hosts_and_origins_and_outlives_abuse(answered):
+    """python -m pipeline.serve on 127.0.0.1, over real sockets: the rebinding and cross-origin
+    requests, headers no client library sends, 300 idle half-open connections, a client that reads
+    nothing, one that leaves mid-stream, 150 streams at once; nothing decoded for a refusal, no 5xx,
+    no traceback in the server's log."""
+    with running(answered, "--max-queue", "32", "--max-rows", "8") as (url, proc):
+        address = ("127.0.0.1", urllib.parse.urlsplit(url).port)
+        own = f"127.0.0.1:{address[1]}"
+        ask = json.dumps(ASK).encode()
+
+        def request(head: str, body: bytes = b"") -> tuple[int, str]:
+            return raw(address, head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+
+        status, body = request(f"GET /api/info HTTP/1.1\nHost: evil.example:{address[1]}\nConnection: close\n")
+        assert status == 403 and "not this server's" in json.loads(body)["error"]
+        status, body = request(
+            f"POST /api/generate HTTP/1.1\nHost: {own}\nOrigin: http://evil.example\nContent-Type: text/plain\n"
+            f"Content-Length: {len(ask)}\nConnection: close\n",
+            ask,
+        )
+        assert status == 403 and "Origin 'http://evil.example'" in json.loads(body)["error"]
+        assert request("GET /api/info HTTP/1.0\n")[0] == 400  # no Host at all
+        status, body = request(f"GET /api/info HTTP/1.1\nHost: {own}\nHost: evil.example\nConnection: close\n")
+        assert status == 400
+        status, body = request(
+            f"POST /api/generate HTTP/1.1\nHost: {own}\nContent-Type: application/json\n"
+            "Content-Length: 5\nContent-Length: 7\nConnection: close\n",
+            ask,
+        )
+        assert status == 400  # refused by the HTTP parser, before the app
+        status, body = request(
+            f"POST /api/generate HTTP/1.1\nHost: {own}\nContent-Type: application/json\n"
+            f"Content-Length: {'9' * 30}\nConnection: close\n",
+            ask,
+        )
+        assert status == 413 and "more than the limit" in json.loads(body)["error"]
+        status, body = request(
+            f"POST /api/generate HTTP/1.1\nHost: {own}\nContent-Type: application/json\n"
+            f"Content-Length: 60000\nConnection: close\n",
+            b"[" * 60000,
+        )
+        assert status == 400 and "nested 60000 deep" in json.loads(body)["error"]
+
+        idle = []  # 300 connections that send half a request and wait
+        try:
+            for _ in range(300):
+                conn = socket.create_connection(address, timeout=30)
+                conn.sendall(f"POST /api/generate HTTP/1.1\r\nHost: {own}\r\nContent-Le".encode())
+                idle.append(conn)
+            status, events = post(address, {"mode": "translate", "text": "Jesus wept.", "max_new_tokens": 3})
+            assert status == 200 and events[-1][0] == "done"
+        finally:
+            for conn in idle:
+                conn.close()
+
+        silent = socket.create_connection(address, timeout=30)  # asks for a long stream, reads nothing
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        long = json.dumps({"mode": "continue", "text": "ROMEO:", "max_new_tokens": 256}).encode()
+        silent.sendall(
+            f"POST /api/generate HTTP/1.1\r\nHost: {own}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(long)}\r\n\r\n".encode()
+            + long
+        )
+        leaver = http.client.HTTPConnection(*address, timeout=60)  # reads the start event, then goes
+        leaver.request("POST", "/api/generate", long, {"Content-Type": "application/json"})
+        assert leaver.getresponse().readline().startswith(b"event: start")
+        leaver.close()
+
+        with ThreadPoolExecutor(150) as pool:  # 150 streams at once: each answered, or told busy
+            answers = list(pool.map(lambda i: post(address, {**ASK, "text": f"ROMEO {i}:"}), range(150)))
+        statuses = collections.Counter(status for status, _ in answers)
+        assert set(statuses) <= {200, 503} and statuses[200] > 0, statuses
+        assert all(events[-1][0] == "done" for status, events in answers if status == 200)
+        silent.close()
+
+        def load() -> dict:
+            conn = http.client.HTTPConnection(*address, timeout=30)
+            conn.request("GET", "/api/info")
+            return json.loads(conn.getresponse().read())["load"]
+
+        deadline = time.monotonic() + 120
+        while load() != {"decoding": 0, "waiting": 0} and time.monotonic() < deadline:
+            time.sleep(0.1)  # the rows of the clients that went away are freed
+        assert load() == {"decoding": 0, "waiting": 0}
+        proc.terminate()
+        log = proc.stderr.read()
+    assert "Traceback" not in log and "Exception" not in log, log
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)")
 def test_the_page_in_a_real_browser(answered, tmp_path):
-    """Headless Chromium: type a prompt, see text stream in and end; translate.
+    """Headless Chromium, the server asking for a token (as beyond loopback): the page opened
+    without it says so; with the URL the server printed, type a prompt, see text stream in and end; translate.
     Saves a screenshot (to $LMPIPE_SCREENSHOT too, where set). The README's:
     LMPIPE_PLAYGROUND_PROJECT=. LMPIPE_SCREENSHOT=docs/playground.png pytest tests/test_serve.py -k browser"""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     folder = os.environ.get("LMPIPE_PLAYGROUND_PROJECT") or answered  # the README's: the repository's model
-    with running(Path(folder)) as (url, _), sync_api.sync_playwright() as p:
+    with running(Path(folder), "--token") as (url, _), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith("http://127.0.0.1:") and "/?token=" in url
+        page.goto(url.split("?")[0])  # without the token: the page says so, and nothing is served
+        page.wait_for_function("document.querySelector('#status').textContent.includes('no valid token')")
         page.goto(url)
         page.wait_for_selector("body[data-ready=true]")
         assert "not been evaluated" not in page.inner_text("#metrics")

@@ -169,10 +169,17 @@ def read_jsonl(path: str | Path, keep: Callable[[bytes], bool] | None = None) ->
                 yield json_line(line, path, i)
 
 
+def cpu_threads() -> int:
+    """The threads torch uses where a knob says 0: OMP_NUM_THREADS where it is set (the convention
+    torch and every BLAS follow: a shared machine's limit, or a test run's), else all cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+
+
 def set_torch_threads(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    torch.set_num_threads(threads if threads > 0 else cpu_threads())
 
 
 def sha256_file(path: str | Path) -> str:

@@ -190,7 +190,7 @@ class Train:
     # (Liger-Kernel's fused linear cross-entropy: CUDA and the [gpu] extra; never a silent fallback)
     fused_loss: Literal["none", "liger"] = resumable("none")
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
-    threads: int = resumable(0)  # CPU threads for torch (0: all cores)
+    threads: int = resumable(0)  # CPU threads for torch (0: OMP_NUM_THREADS where set, else all cores)
 
 
 @dataclass

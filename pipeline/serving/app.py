@@ -8,8 +8,14 @@ server-sent events.
     POST /api/stop       {"id": ...}: the request ends at its next step
 
 Everything a request can get wrong is a 4xx with {"error": one line}; the server keeps serving.
-No request names a file: the checkpoint is chosen at start. No CORS headers: other sites' pages
-cannot call it from a browser.
+No request names a file: the checkpoint is chosen at start.
+
+Only its own page drives it (`Access`, checked before any route): a Host header that is not the
+server's own (DNS rebinding) gets 403; an API call without the server's token, where it has one
+(bound beyond loopback), 401; a POST whose Origin is another site's, 403; a POST that is not
+`application/json` in UTF-8 (a browser's "simple" cross-site request), 415. No CORS header ever
+opens it to another origin, and a JSON body nested deeper than MAX_DEPTH is refused before it is
+parsed.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 try:  # the [serve] extra; pipeline.serve says in one line when it is missing
     from starlette.applications import Starlette
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request as HttpRequest
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -71,6 +81,88 @@ class Limits:
     max_beam_size: int = 8
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+MAX_DEPTH = 8  # a request's JSON is one flat object; deeper nesting is refused before parsing
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may drive the server: the names a Host header may carry (with `port`, where set), and
+    the token every API call must carry (`Authorization: Bearer TOKEN`), where there is one."""
+
+    hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
+    port: int | None = None  # None: any port (in-process tests)
+    token: str | None = None
+
+    @classmethod
+    def serving(cls, address: str, port: int, allow: tuple[str, ...] = (), require_token: bool = False) -> Access:
+        """The server's own: the address it listens on, the loopback names, the hosts allowed by
+        name; a token, made here, when it listens beyond loopback (or `require_token`)."""
+        names = {*LOOPBACK_NAMES, _bracketed(address), *(_bracketed(a) for a in allow)}
+        loopback = address in ("127.0.0.1", "localhost", "::1")
+        token = secrets.token_urlsafe(32) if require_token or not loopback else None
+        return cls(frozenset(n.lower() for n in names), port, token)
+
+    def refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str] | None:
+        """(status, one line) for a request this server must not serve, before any route; None if it may."""
+        hosts = headers.getlist("host")
+        if len(hosts) != 1:
+            return 400, f"the request must carry one Host header, not {len(hosts)}"
+        name, port = _split_host(hosts[0])
+        if name is None or name not in self.hosts or (self.port is not None and port != self.port):
+            return (
+                403,
+                f"Host '{hosts[0][:100]}' is not this server's (start it with --allow-host NAME to allow a name)",
+            )
+        if path.startswith("/api/") and self.token is not None:
+            given = headers.get("authorization", "")
+            if not given.startswith("Bearer ") or not secrets.compare_digest(given[7:].encode(), self.token.encode()):
+                return 401, "no valid token: open the URL with ?token= that the server printed when it started"
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() != f"http://{hosts[0].lower()}":
+                return 403, f"Origin '{origin[:100]}' is not this server's: only its own page may call it"
+            media, _, rest = headers.get("content-type", "").partition(";")
+            charset = re.search(r"charset=\"?([\w-]+)", rest, re.IGNORECASE)
+            if media.strip().lower() != "application/json" or (charset and charset[1].lower() != "utf-8"):
+                return 415, f"Content-Type '{headers.get('content-type', '')[:100]}': send application/json (UTF-8)"
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                return 415, f"Content-Encoding '{encoding[:40]}' is not accepted: send the JSON as it is"
+        return None
+
+
+def _bracketed(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def _split_host(host: str) -> tuple[str | None, int | None]:
+    """A Host header's name (lower case, an IPv6 address in brackets) and port (80 when none)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        name, port = name + "]", rest.removeprefix(":") if rest else ""
+    else:
+        name, _, port = host.partition(":")
+    if not name or (port and not port.isdigit()) or len(port) > 5:
+        return None, None
+    return name, int(port) if port else 80
+
+
+class Guard:
+    """ASGI middleware: `Access.refusal` before any route (a 404 included)."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refused = self.access.refusal(scope["method"], scope["path"], Headers(scope=scope))
+            if refused is not None:
+                return await _error(refused[1], refused[0])(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -91,6 +183,9 @@ async def _read_json(request: HttpRequest, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise BadRequest(f"request body over the limit of {limit} bytes", 413)
+    depth = _depth(bytes(body))
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"JSON nested {depth} deep, more than the limit of {MAX_DEPTH}")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -98,6 +193,27 @@ async def _read_json(request: HttpRequest, limit: int) -> dict:
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return data
+
+
+def _depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), counted in one
+    pass without parsing it: json.loads recurses once per level, and 60,000 '[' exhaust the stack."""
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets <= MAX_DEPTH:
+        return brackets  # no deeper than that: the one pass is for bodies that could be
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _checked_fields(data: dict) -> dict:
@@ -235,7 +351,10 @@ async def _http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
     return _error(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code)
 
 
-def create_app(model, tok, engine: Engine, card: dict, limits: Limits | None = None) -> Starlette:
+def create_app(
+    model, tok, engine: Engine, card: dict, limits: Limits | None = None, access: Access | None = None
+) -> Starlette:
+    """The playground's app; `access` says who may drive it (default: loopback names, no token)."""
     pg = Playground(model, tok, engine, card, limits or Limits())
     routes = [Route(path, pg.page, methods=["GET"]) for path in FILES]
     routes += [
@@ -243,4 +362,8 @@ def create_app(model, tok, engine: Engine, card: dict, limits: Limits | None = N
         Route("/api/generate", pg.generate, methods=["POST"]),
         Route("/api/stop", pg.stop, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Guard, access=access or Access())],
+        exception_handlers={HTTPException: _http_error},
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -150,7 +151,7 @@ class Engine:
         self.max_rows, self.max_queue = max_rows, max_queue
         self.device = next(model.parameters()).device
         self.seeds = itertools.count(seed)
-        self.ids = (f"r{i}" for i in itertools.count(1))
+        self.ids = iter(lambda: secrets.token_urlsafe(12), None)  # unguessable: no stop for another user's request
         self.lock = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}  # waiting or decoding, by id

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.core import params as P
-from pipeline.core.common import PipelineError, set_torch_threads
+from pipeline.core.common import PipelineError, cpu_threads, set_torch_threads
 from pipeline.training.hardware import pick_device
 
 
@@ -47,7 +47,7 @@ def init_distributed(t: P.Train) -> tuple[Processes, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # The cores of this machine are shared by its processes.
-    set_torch_threads(t.threads if t.threads > 0 else max(1, (os.cpu_count() or 1) // procs.local_world))
+    set_torch_threads(t.threads if t.threads > 0 else max(1, cpu_threads() // procs.local_world))
     return procs, device
 
 

@@ -8,6 +8,10 @@ const DEFAULTS = {
   translate: { label: "Sentence to translate", placeholder: "And God said, Let there be light.", temperature: 0, max_new_tokens: 200 },
   ask: { label: "Question", placeholder: "Which book contains: 'Jesus wept.'?", temperature: 0, max_new_tokens: 32 },
 };
+// The server's token, where it has one (bound beyond loopback): given in the URL it printed, sent on every API call
+const TOKEN = new URLSearchParams(location.search).get("token");
+const AUTH = TOKEN ? { Authorization: "Bearer " + TOKEN } : {};
+const HEADERS = { "Content-Type": "application/json", ...AUTH };
 let mode = "continue";
 let card = null;
 let current = null; // {id, controller} of the request decoding now
@@ -114,7 +118,7 @@ async function run(event) {
   try {
     const response = await fetch("/api/generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: HEADERS,
       body: JSON.stringify(body()),
       signal: current.controller.signal,
     });
@@ -149,7 +153,7 @@ async function stop() {
   $("stop").disabled = true;
   const pending = current;
   if (pending.id) {
-    await fetch("/api/stop", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ id: pending.id }) }).catch(() => {});
+    await fetch("/api/stop", { method: "POST", headers: HEADERS, body: JSON.stringify({ id: pending.id }) }).catch(() => {});
   }
   // the stream ends with its "done: stopped" event; if it does not within a few seconds, let go of it
   setTimeout(() => { if (current === pending) pending.controller.abort(); }, 3000);
@@ -232,7 +236,9 @@ async function init() {
   $("form").addEventListener("submit", run);
   $("stop").addEventListener("click", stop);
   try {
-    card = await (await fetch("/api/info")).json();
+    const response = await fetch("/api/info", { headers: AUTH });
+    card = await response.json();
+    if (!response.ok) throw new Error(card.error || response.statusText);
   } catch (e) {
     $("status").textContent = "could not read the model's card: " + e;
     return;
