@@ -122,6 +122,7 @@ class Access:
             origin = headers.get("origin")
             if origin is not None and origin.lower() != f"http://{hosts[0].lower()}":
                 return 403, f"Origin '{origin[:100]}' is not this server's: only its own page may call it"
+        if method == "POST":  # the routes with a body (other methods: 405 from the router)
             media, _, rest = headers.get("content-type", "").partition(";")
             charset = re.search(r"charset=\"?([\w-]+)", rest, re.IGNORECASE)
             if media.strip().lower() != "application/json" or (charset and charset[1].lower() != "utf-8"):
