@@ -2,7 +2,7 @@
 # (.venv, with the torch build this machine needs: scripts/setup.sh), then:
 #
 #   make repro    run the default pipeline (dvc repro)
-#   make test     lint, then every test, the slow ones too, with 1 and with 2 threads (what CI runs)
+#   make test     lint, then every test, the slow ones too, with 1 thread and again with 2 (what CI runs)
 #
 # With the environment made, `.venv/bin/pytest` runs the fast tests alone.
 VENV := .venv
@@ -27,4 +27,4 @@ test: env
 	ruff check .
 	ruff format --check .
 	OMP_NUM_THREADS=1 python -m pytest -q -m "slow or not slow"
-	OMP_NUM_THREADS=2 python -m pytest -q
+	OMP_NUM_THREADS=2 python -m pytest -q -m "slow or not slow"
