@@ -329,7 +329,7 @@ def _vocab(base: P.Params) -> int:
     return json.loads(sidecar.read_text())["vocab_size"] if sidecar.exists() else base.tokenize.vocab_size
 
 
-def stage_beside_plain(seconds: float, rounds: int = 5, steps: int = 5) -> None:
+def stage_beside_plain(seconds: float, rounds: int = 10, steps: int = 10) -> None:
     """The train stage's tokens/s for `seconds` of training, beside the plain loop's measured
     just before and just after it (median of the rounds' medians)."""
     from scratch_train import train_in_scratch
