@@ -6,8 +6,9 @@
 #
 # torch: a build already in the environment is kept (bring your own CUDA build). Otherwise torch
 # $TORCH_VERSION: on Linux with an NVIDIA GPU, PyPI's CUDA build; on Linux without one, the CPU
-# build from PyTorch's CPU index, so a laptop never downloads several GB of CUDA libraries (pip
-# prefers 2.13.0+cpu to PyPI's 2.13.0); on macOS and Windows, PyPI's build, which has no CUDA.
+# build from PyTorch's CPU index beside the usual one, so a laptop never downloads several GB of
+# CUDA libraries (pip takes 2.13.0+cpu before 2.13.0: a local version sorts after its release);
+# on macOS and Windows, PyPI's build, which has no CUDA.
 set -eu
 VENV=${1:-.venv}
 TORCH=${TORCH_VERSION:-2.13.0}
@@ -27,8 +28,10 @@ elif [ "$(uname -s)" = Linux ] && command -v nvidia-smi >/dev/null 2>&1 && nvidi
     pip install "torch==$TORCH"
 elif [ "$(uname -s)" = Linux ]; then
     echo "setup: no NVIDIA GPU: torch $TORCH, CPU build (no CUDA libraries)"
-    pip install "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple --timeout 30 --retries 1
+    pip install "torch==$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu --timeout 30 --retries 1
+    if [ "$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" ]; then
+        echo "setup: warning: PyTorch's CPU index could not be reached, so pip took a CUDA build of torch" >&2
+    fi
 else
     echo "setup: torch $TORCH (PyPI's build for $(uname -s))"
     pip install "torch==$TORCH"
