@@ -2,16 +2,21 @@
 
 python -m pipeline.params apply params/tiny.yaml     # overlay presets onto params.yaml
 python -m pipeline.params check [FILE]               # validate a params file; silent when it is valid
+
+`apply` edits params.yaml round-trip (ruamel.yaml, as DVC's own `dvc exp run -S` does): every
+comment, the order of the keys and the flow style of a line stay as they were; only the values a
+preset sets change (a list, such as collect.sources, is replaced whole, with its comments).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import yaml
 
-from pipeline.core.common import atomic_write_text, run_main
+from pipeline.core.common import PipelineError, atomic_write_text, first_line, run_main
 from pipeline.core.params import PARAMS_FILE, load, merge, parse, read_yaml
 
 
@@ -35,8 +40,41 @@ def main(argv: list[str] | None = None) -> None:
     for preset in args.presets:
         data = merge(data, read_yaml(preset))
     parse(data, f"{args.params} with {', '.join(args.presets)}")
-    atomic_write_text(Path(args.params), yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100))
+    text = round_trip(Path(args.params), [Path(p) for p in args.presets])
+    if yaml.safe_load(text) != data:  # the edit must say exactly what was validated (read as read_yaml reads)
+        raise PipelineError(f"{args.params}: the presets could not be applied in place; edit it by hand")
+    atomic_write_text(Path(args.params), text)
     print(f"applied {', '.join(args.presets)} to {args.params}")
+
+
+def round_trip(params: Path, presets: list[Path]) -> str:
+    """params.yaml's text with the presets laid over it in place (merge's rules), comments kept."""
+    from ruamel.yaml import YAML  # DVC's own YAML library (a dependency of dvc)
+
+    editor = YAML()
+    editor.preserve_quotes = True
+    editor.width = 4096  # never re-wrap a line
+    editor.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout: "  sources:\n    - name: ..."
+    try:
+        doc = editor.load(params.read_text(encoding="utf-8"))
+        for preset in presets:
+            doc = _overlay(doc, editor.load(preset.read_text(encoding="utf-8")))
+    except Exception as e:  # read_yaml has read both already: this is ruamel's own trouble
+        raise PipelineError(f"{params}: cannot edit it in place ({first_line(e)})") from None
+    out = io.StringIO()
+    editor.dump(doc, out)
+    return out.getvalue()
+
+
+def _overlay(base, overlay):
+    """merge() on ruamel's mappings, in place: a key keeps its place and its comment."""
+    if isinstance(base, dict) and overlay is None:
+        return base
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        for key, value in overlay.items():
+            base[key] = _overlay(base[key], value) if key in base else value
+        return base
+    return overlay
 
 
 if __name__ == "__main__":

@@ -107,6 +107,26 @@ def test_every_preset_applies_to_params_yaml_and_validates(params_copy, preset):
     P.load(params_copy / "params.yaml")
     # and the overlay really changed something
     assert applied != P.read_yaml(REPO / "params.yaml")
+    # every comment is still there, but those of a list the preset replaces whole (collect.sources)
+    text = (params_copy / "params.yaml").read_text(encoding="utf-8")
+    replaced = P.read_yaml(preset).get("collect", {}) or {}
+    for line in comments_of(REPO / "params.yaml", skip_block="  sources:" if "sources" in replaced else None):
+        assert line in text, line
+
+
+def comments_of(path: Path, skip_block: str | None = None) -> list[str]:
+    """The comments of a YAML file (from '#' to the line's end), but those in the block that
+    starts with the line `skip_block` (up to the next line indented as little)."""
+    comments, skipping = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip_block and line.startswith(skip_block):
+            skipping, depth = True, indent
+        elif skipping and line.strip() and indent <= depth and not line.lstrip().startswith(("#", "-")):
+            skipping = False
+        if "#" in line and not skipping:
+            comments.append(line[line.index("#") :])
+    return comments
 
 
 def test_presets_combine_with_merge_and_parse():
@@ -284,6 +304,15 @@ def test_apply_overlays_nested_keys_only(params_copy):
     for group in ("collect", "clean", "tokenize", "evaluate"):
         assert after[group] == base[group], group
     P.load(params_copy / "params.yaml")
+    # edited in place: the two values changed, every other character (comments too) as it was
+    before, now = (
+        (REPO / "params.yaml").read_text().splitlines(),
+        (params_copy / "params.yaml").read_text().splitlines(),
+    )
+    changed = [(a, b) for a, b in zip(before, now) if a != b]
+    assert len(before) == len(now) and len(changed) == 2, changed
+    assert changed[0][1].split("#")[0].strip() == "n_layer: 3" and changed[1][1].split("#")[0].strip() == "lr: 5.0e-4"
+    assert [a[a.index("#") :] for a, _ in changed if "#" in a] == [b[b.index("#") :] for _, b in changed if "#" in b]
 
 
 def test_apply_several_presets_in_order(params_copy):
