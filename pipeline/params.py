@@ -58,23 +58,12 @@ def round_trip(params: Path, presets: list[Path]) -> str:
     try:
         doc = editor.load(params.read_text(encoding="utf-8"))
         for preset in presets:
-            doc = _overlay(doc, editor.load(preset.read_text(encoding="utf-8")))
+            doc = merge(doc, editor.load(preset.read_text(encoding="utf-8")))
     except Exception as e:  # read_yaml has read both already: this is ruamel's own trouble
         raise PipelineError(f"{params}: cannot edit it in place ({first_line(e)})") from None
     out = io.StringIO()
     editor.dump(doc, out)
     return out.getvalue()
-
-
-def _overlay(base, overlay):
-    """merge() on ruamel's mappings, in place: a key keeps its place and its comment."""
-    if isinstance(base, dict) and overlay is None:
-        return base
-    if isinstance(base, dict) and isinstance(overlay, dict):
-        for key, value in overlay.items():
-            base[key] = _overlay(base[key], value) if key in base else value
-        return base
-    return overlay
 
 
 if __name__ == "__main__":

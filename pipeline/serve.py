@@ -33,7 +33,6 @@ try:
 except ImportError:  # the [serve] extra is not installed: said when serve runs, in one line
     uvicorn = None
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::")  # every interface: the machine's own name is allowed too
 
 
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     port = sock.getsockname()[1]
     allow = tuple(args.allow_host) + ((socket.gethostname(),) if args.host in WILDCARD else ())
     access = web.Access.serving(args.host, port, allow, require_token=args.token)
-    if args.host not in LOOPBACK:
+    if args.host not in web.LOOPBACK:
         print(
             f"warning: listening on {args.host}: anyone who can reach this machine and has the URL's token can "
             "use the model; the default, 127.0.0.1, is this machine only",

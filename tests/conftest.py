@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core.common import cpu_threads
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The tests' trainings use one thread (a model this small gains nothing from more, and the test
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # with 2, which splits float sums differently, as another CPU does (no test may depend on where a
 # trajectory goes). Stages that use every core (threads 0) follow OMP_NUM_THREADS too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # here and in every stage a test starts: threads 0 is THREADS
-THREADS = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1
+THREADS = cpu_threads()
 
 # Stages run in this process too (call_stage): no DVC/dvclive telemetry from them either.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -577,7 +577,7 @@ def merge(base: Any, overlay: Any) -> Any:
     if isinstance(base, dict) and overlay is None:
         return base  # a group whose keys are all commented out changes nothing
     if isinstance(base, dict) and isinstance(overlay, dict):
-        out = dict(base)
+        out = base.copy()  # of its own type: ruamel's mappings keep their comments (pipeline.params apply)
         for k, v in overlay.items():
             out[k] = merge(base.get(k), v) if k in base else v
         return out

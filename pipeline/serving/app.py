@@ -81,7 +81,8 @@ class Limits:
     max_beam_size: int = 8
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses that reach this machine only
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # as a Host header names them
 MAX_DEPTH = 8  # a request's JSON is one flat object; deeper nesting is refused before parsing
 
 
@@ -99,8 +100,7 @@ class Access:
         """The server's own: the address it listens on, the loopback names, the hosts allowed by
         name; a token, made here, when it listens beyond loopback (or `require_token`)."""
         names = {*LOOPBACK_NAMES, _bracketed(address), *(_bracketed(a) for a in allow)}
-        loopback = address in ("127.0.0.1", "localhost", "::1")
-        token = secrets.token_urlsafe(32) if require_token or not loopback else None
+        token = secrets.token_urlsafe(32) if require_token or address not in LOOPBACK else None
         return cls(frozenset(n.lower() for n in names), port, token)
 
     def refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str] | None:

@@ -80,7 +80,10 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None, "Muon.step takes no closure here"
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
@@ -91,6 +94,7 @@ class Muon(torch.optim.Muon):
                 update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
 
 
 def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
