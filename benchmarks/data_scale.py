@@ -172,8 +172,8 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
     print(
         f"data_scale: {threads} cores; clean near_dup {args.near_dup}, quality_filters {args.quality}, "
-        f"decontaminate_ngram {args.decontaminate}, workers {params['clean']['workers'] or threads}, "
-        f"shard_bytes {params['clean']['shard_bytes']:,}; tokenize sample_bytes {params['tokenize']['sample_bytes']:,}"
+        f"decontaminate_ngram {args.decontaminate}, workers {params['clean_run']['workers'] or threads}, "
+        f"shard_bytes {params['clean_run']['shard_bytes']:,}; tokenize sample_bytes {params['tokenize']['sample_bytes']:,}"
     )
     rows = {}
     for size in args.sizes:

@@ -52,8 +52,12 @@ SINGLE = 8  # prompts decoded one at a time for "batch 1"
 OLD = """
 import json, sys, time
 import torch
-from pipeline.checkpoint import load_model
-from pipeline.generate import Decoding, generate
+try:  # the layout since the restructuring
+    from pipeline.model.weights import load_model
+    from pipeline.decoding.decode import Decoding, generate
+except ImportError:  # before it
+    from pipeline.checkpoint import load_model
+    from pipeline.generate import Decoding, generate
 checkpoint, threads, device, new_tokens, eos = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 prompts = json.load(sys.stdin)
@@ -112,18 +116,18 @@ def hf_model(checkpoint: Path, folder: Path, device: str):
 @torch.inference_mode()
 def hf_generate(model, prompts: list[list[int]], eos: int, n: int, device: str) -> list[list[int]]:
     width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), eos, dtype=torch.long)
+    ids = torch.full((len(prompts), width), max(eos, 0), dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding, as transformers prescribes for decoder-only batches
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    model.generation_config.eos_token_id = eos if eos >= 0 else None  # (-1: no end token, --no-eos)
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=n,
         do_sample=False,
         num_beams=1,
-        eos_token_id=eos,
-        pad_token_id=eos,
+        pad_token_id=max(eos, 0),
     )[:, width:].tolist()
     return [r[: r.index(eos)] if eos in r else r for r in out]
 
@@ -171,6 +175,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--old-rev", default="a31a7a5", help="the commit whose decoding is the old one ('' to skip)")
     ap.add_argument("--no-hf", action="store_true", help="leave transformers out")
+    ap.add_argument(
+        "--no-eos",
+        action="store_true",
+        help="as a model that never writes its end token: every row decodes --new-tokens",
+    )
     ap.add_argument("--compile", action="store_true", help="also this project with its step compiled (CUDA graphs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,10 +187,11 @@ def main() -> None:
     model = load_model(args.checkpoint, tok, TOKENIZER, device=args.device)
     pairs = next(iter(pairs_by_source(read_jsonl(CLEAN_DIR / "test.jsonl")).values()))[: args.prompts]
     prompts = translation_prompts(model, tok, pairs, args.new_tokens)
-    eos = tok.eos_id
+    eos = -1 if args.no_eos else tok.eos_id  # -1: a token no model writes
     print(
         f"{len(prompts)} prompts of {min(map(len, prompts))} to {max(map(len, prompts))} tokens, up to "
-        f"{args.new_tokens} new tokens, greedy, {args.device}, {torch.get_num_threads()} threads, "
+        f"{args.new_tokens} new tokens{' (no end token)' if args.no_eos else ''}, greedy, {args.device}, "
+        f"{torch.get_num_threads()} threads, "
         f"median of {args.repeats}",
         flush=True,
     )

@@ -33,7 +33,7 @@ python - <<'EOF'
 import sys
 import torch
 from pipeline.model.model import build_model
-from pipeline.model.config import ModelConfig as Model
+from pipeline.core.params import ModelConfig as Model
 from pipeline.training.hardware import CudaAutocast
 
 if not torch.cuda.is_available():
@@ -108,7 +108,8 @@ import yaml
 from pipeline.core.params import merge, read_yaml
 
 data = merge(read_yaml("params.yaml"), {
-    "train": {"device": "cuda", "max_steps": 600, "eval_interval": 200, "checkpoint_interval": 200},
+    "train": {"device": "cuda", "max_steps": 600, "eval_interval": 200},
+    "train_run": {"checkpoint_interval": 200},
     "evaluate": {"batch_size": 128, "max_pairs": 300},  # translation: 300 test pairs, not all 1,519
 })
 with open(sys.argv[1], "w") as f:

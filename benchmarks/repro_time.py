@@ -39,7 +39,7 @@ def main() -> None:
     clone = work / "clone"
     run(["git", "clone", "-q", str(REPO), str(clone)], work)
     overlay = work / "cache.yaml"
-    overlay.write_text(f"collect:\n  cache_dir: {work / 'download-cache'}\n")
+    overlay.write_text(f"collect_run:\n  cache_dir: {work / 'download-cache'}\n")
     presets = ([args.preset] if args.preset else []) + [str(overlay)]
     run([sys.executable, "-m", "pipeline.params", "apply", *presets], clone)
     times = {}

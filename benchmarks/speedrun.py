@@ -96,7 +96,9 @@ def main() -> None:
     data = P.merge(P.read_yaml(ROOT / "params.yaml"), RECIPES[args.recipe])
     for assignment in args.set:
         data = override(data, assignment)
-    data = P.merge(data, {"train": {"max_steps": 10**9, "time_budget_s": args.seconds, "checkpoint_interval": 0}})
+    data = P.merge(
+        data, {"train": {"max_steps": 10**9, "time_budget_s": args.seconds}, "train_run": {"checkpoint_interval": 0}}
+    )
     P.parse(data)  # a bad option combination fails here, naming its key
     label = " ".join([args.recipe, *args.set])
     command = " ".join(

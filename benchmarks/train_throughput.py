@@ -5,7 +5,7 @@
     python benchmarks/train_throughput.py --n-layer 12 --n-embd 768 --n-head 12 --block-size 1024 \\
         --vocab 50304 --batch-size 16 --steps 300          # GPT-2 small (benchmarks/gpu.sh, on CUDA)
 
-MFU = model FLOPs per token (6 per multiplying parameter plus attention, pipeline.model.
+MFU = model FLOPs per token (6 per multiplying parameter plus attention, pipeline.model.model.
 flops_per_token) x tokens per second / peak. On CPU the peak is this machine's float32 matrix
 product throughput, measured in the same run: rounds alternate a timed matmul and timed training
 steps, MFU is computed per round (both sides see the same machine state) and the median is
@@ -56,6 +56,7 @@ from pipeline.training.hardware import (  # noqa: E402
     cpu_matmul_flops,
     peak_flops,
 )
+from pipeline.training.loss import OutputLayer  # noqa: E402
 from pipeline.training.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
@@ -125,8 +126,9 @@ def build_variant(m, t, vocab, device, compiled: bool, chunked: bool | str | Non
     model = build_model(m, vocab).to(device)
     if chunked == "liger":
         check_fused_loss("liger", device)  # an error without CUDA or Liger-Kernel, never the plain loss instead
-        model.fused_loss, chunked = "liger", None
-    model.chunked_loss = chunked
+        model.loss = OutputLayer("liger")
+    else:
+        model.loss = OutputLayer("none", chunked)
     opt = make_optimizer(model, t, device)
     fwd = torch.compile(model, dynamic=False, mode=compile_mode) if compiled else model
     return fwd, opt
@@ -356,7 +358,7 @@ def stage_beside_plain(seconds: float, rounds: int = 10, steps: int = 10) -> Non
     before = plain()
     data = P.merge(
         P.read_yaml(ROOT / "params.yaml"),
-        {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
+        {"train": {"max_steps": 10**9, "time_budget_s": seconds}, "train_run": {"checkpoint_interval": 0}},
     )
     _, metrics, wall = train_in_scratch(data, "stage")
     after = plain()
@@ -390,7 +392,7 @@ def compare(seconds: float, names: list[str]) -> None:
     for name in names:
         data = P.merge(
             P.merge(base, COMPARE[name]),
-            {"train": {"max_steps": 10**9, "time_budget_s": seconds, "checkpoint_interval": 0}},
+            {"train": {"max_steps": 10**9, "time_budget_s": seconds}, "train_run": {"checkpoint_interval": 0}},
         )
         P.parse(data)
         model, m, wall = train_in_scratch(data, name)

@@ -65,7 +65,7 @@ def main() -> None:
         (f"pair_loss={v}", json.dumps({"train": {"pair_loss": v}})) for v in ("all", "target")
     ]
     for name, overlay in variants:
-        data = P.merge(P.merge(base, json.loads(overlay)), {"train": {"checkpoint_interval": 0}})
+        data = P.merge(P.merge(base, json.loads(overlay)), {"train_run": {"checkpoint_interval": 0}})
         if args.max_steps:
             data = P.merge(data, {"train": {"max_steps": args.max_steps}})
         model_cfg = P.parse(data).model

@@ -18,8 +18,8 @@ decontaminated.jsonl (train documents removed for overlap), metrics/clean.json a
 metrics/clean_report.md (per source: documents and bytes in and out, drops per reason, length
 quantiles, random dropped examples per reason).
 
-Scale: each source's JSON lines are read in shards of about clean.shard_bytes and prepared by a
-pool of clean.workers processes (normalising, scrubbing, filtering, hashing); the main process
+Scale: each source's JSON lines are read in shards of about clean_run.shard_bytes and prepared by a
+pool of clean_run.workers processes (normalising, scrubbing, filtering, hashing); the main process
 takes the shards back in order and alone decides duplicates and writes, so the output is
 byte-identical for any number of workers, and memory does not grow with the corpus except for
 the indexes, and for the default QA set drawn at the end (add_default_qa reads every split's
@@ -77,7 +77,8 @@ DROP_REASONS = (
 
 
 def main() -> None:
-    settings = P.load().clean
+    params = P.load()
+    settings = params.clean
     manifest = read_json(RAW_DIR / "manifest.json")
     per_source = {}
     state = State(settings)
@@ -86,7 +87,7 @@ def main() -> None:
         # known only once val and test are complete.
         scratch = out / ("train.scratch.jsonl" if settings.decontaminate_ngram else "train.jsonl")
         writers = {"train": open(scratch, "wb"), **{s: open(out / f"{s}.jsonl", "wb") for s in ("val", "test")}}
-        pool = Pool(settings)
+        pool = Pool(settings, params.clean_run)
         try:
             for src in manifest["sources"]:
                 per_source[src["name"]] = clean_source(
@@ -106,7 +107,7 @@ def main() -> None:
                 w.close()
         contaminated = 0
         if settings.decontaminate_ngram:
-            contaminated = decontaminate(scratch, out, settings, state, per_source)
+            contaminated = decontaminate(scratch, out, settings, params.clean_run, state, per_source)
         else:
             (out / DECONTAMINATED.name).touch()
         qa_counts = add_default_qa(out, settings, manifest)
@@ -233,7 +234,7 @@ def clean_source(
     lengths = state.lengths[name]
     for shard in pool.map(
         prepare_shard,
-        read_shards(RAW_DIR / f"{name}.jsonl", settings.shard_bytes),
+        read_shards(RAW_DIR / f"{name}.jsonl", pool.shard_bytes),
         name,
         pairs,
         tgt_lang,
@@ -294,7 +295,7 @@ def clean_source(
     }
 
 
-def decontaminate(scratch: Path, out: Path, settings: P.Clean, state: State, per_source: dict) -> int:
+def decontaminate(scratch: Path, out: Path, settings: P.Clean, run: P.CleanRun, state: State, per_source: dict) -> int:
     """Copy train from the scratch file, moving documents that share an n-gram with val/test to
     decontaminated.jsonl (and out of the counts)."""
     held = np.concatenate(state.heldout_ngrams) if state.heldout_ngrams else np.empty(0, np.uint64)
@@ -302,10 +303,10 @@ def decontaminate(scratch: Path, out: Path, settings: P.Clean, state: State, per
     held.sort()
     held = held[np.concatenate(([True], held[1:] != held[:-1]))] if len(held) else held
     removed = 0
-    pool = Pool(settings, held)
+    pool = Pool(settings, run, held)
     try:
         with open(out / "train.jsonl", "wb") as train, open(out / DECONTAMINATED.name, "wb") as listed:
-            for checked in pool.map(ngram_shard, read_shards(scratch, settings.shard_bytes)):
+            for checked in pool.map(ngram_shard, read_shards(scratch, pool.shard_bytes)):
                 for line, contaminated in zip(checked.lines, checked.contaminated.tolist()):
                     if not contaminated:
                         train.write(line)

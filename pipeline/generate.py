@@ -14,12 +14,15 @@ import sys
 import torch
 
 from pipeline.core.common import PipelineError, run_main
+from pipeline.core.params import Evaluate
 from pipeline.core.paths import BEST_WEIGHTS, TOKENIZER
 from pipeline.data.qa import TASK, question_text
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.decoding.answer import ANSWER_TOKENS, answer, check_question
 from pipeline.decoding.decode import Decoding, TextStream, generate, keep_end, stream
 from pipeline.model.weights import load_model
+
+SAMPLING = Evaluate()  # the defaults: evaluate's sampling (sample_tokens, temperature, top_k, ...), as the playground's
 
 
 def target_language(tok: Tokenizer, to: str) -> str | None:
@@ -65,17 +68,25 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--checkpoint", default=str(BEST_WEIGHTS))
     ap.add_argument("--tokenizer", default=str(TOKENIZER))
-    ap.add_argument("--max-new-tokens", type=int, default=None, help=f"default 200 ({ANSWER_TOKENS} with --ask)")
+    s = SAMPLING
     ap.add_argument(
-        "--temperature", type=float, default=None, help="0: greedy; default 0.8, or 0 with --translate and --ask"
+        "--max-new-tokens", type=int, default=None, help=f"default {s.sample_tokens} ({ANSWER_TOKENS} with --ask)"
     )
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"0: greedy; default {s.temperature:g}, or 0 with --translate and --ask",
+    )
+    ap.add_argument("--top-k", type=int, default=s.top_k, help=f"default {s.top_k}")
+    ap.add_argument("--top-p", type=float, default=s.top_p, help=f"default {s.top_p:g}")
+    ap.add_argument(
+        "--repetition-penalty", type=float, default=s.repetition_penalty, help="> 1 discourages tokens already seen"
+    )
     ap.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N", help="never write an N-gram twice")
     ap.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (deterministic)")
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam: rank by log-probability / length ** this")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=s.seed)
     return ap
 
 
@@ -93,8 +104,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def decoding_of(args: argparse.Namespace) -> Decoding:
     """The decoding the arguments ask for; greedy by default where one answer is wanted."""
     deterministic = args.translate or args.ask is not None
-    temperature = args.temperature if args.temperature is not None else (0.0 if deterministic else 0.8)
-    max_new_tokens = args.max_new_tokens or (ANSWER_TOKENS if args.ask is not None else 200)
+    temperature = args.temperature if args.temperature is not None else (0.0 if deterministic else SAMPLING.temperature)
+    max_new_tokens = args.max_new_tokens or (ANSWER_TOKENS if args.ask is not None else SAMPLING.sample_tokens)
     decoding = Decoding(
         max_new_tokens,
         temperature=temperature,

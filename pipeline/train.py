@@ -11,10 +11,10 @@ same global batch (pipeline.training.dataloader). Micro-batches accumulate gradi
 only on the last one). Warmup then cosine or warmup-stable-decay, gradient clipping
 (pipeline.training.optim), validation on fixed val windows every eval_interval steps; stops at
 max_steps or after time_budget_s, whichever comes first. CUDA: bf16 autocast, TF32, fused AdamW,
-torch.compile, and no wait for the device between steps (losses are read every train.log_interval
+torch.compile, and no wait for the device between steps (losses are read every train_run.log_interval
 steps). CPU: float32.
 
-Checkpoints (pipeline.training.checkpoint) go to train.checkpoint_dir every checkpoint_interval
+Checkpoints (pipeline.training.checkpoint) go to train_run.checkpoint_dir every checkpoint_interval
 steps, atomically; a new run with the same model, data and training params resumes from the
 latest one and ends bit-identical (on CPU) to a run never interrupted. SIGTERM/SIGINT save a
 checkpoint and stop.
@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from pipeline.core import params as P
 from pipeline.core.common import PipelineError, atomic_dir, read_json, run_main, sha256_file, write_json
+from pipeline.core.params import ModelConfig
 from pipeline.core.paths import MODEL_DIR, TOKENIZER, TOKENS_DIR, TRAIN_METRICS, TRAIN_TIMING
 from pipeline.data.tokenizer import Tokenizer, load_tokens, token_files_fingerprint
-from pipeline.model.config import ModelConfig
 from pipeline.model.model import build_model, count_parameters, flops_per_token
 from pipeline.model.weights import copy_weights, save_weights
 from pipeline.training.checkpoint import Checkpoints, Progress, fingerprint
@@ -57,6 +57,7 @@ from pipeline.training.loop import (
     source_mixture,
     stop_reason,
 )
+from pipeline.training.loss import OutputLayer
 from pipeline.training.optim import estimate_loss, lr_at, make_optimizer, train_step
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     try:
         check_fused_loss(t.fused_loss, device)  # before any work: never a silent fallback
         with StopOnSignals() as stop:
-            run = setup(cfg, t, procs, device)
+            run = setup(cfg, t, params.train_run, procs, device)
             stopped, curves = train(run, stop)
             finish(run, stopped, stop, curves)
     except torch.cuda.OutOfMemoryError as e:
@@ -87,6 +88,7 @@ class Run:
 
     cfg: ModelConfig
     t: P.Train
+    train_run: P.TrainRun  # checkpoints and logging: how it runs, not what it computes
     procs: Processes
     device: torch.device
     train_data: object  # the memory-mapped train tokens
@@ -112,7 +114,7 @@ class Run:
     stop_reason: str = ""  # what ended training: max_steps, time_budget_s or patience (metrics/train.json)
 
 
-def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) -> Run:
+def setup(cfg: ModelConfig, t: P.Train, train_run: P.TrainRun, procs: Processes, device: torch.device) -> Run:
     """Data, and how a global batch is split into micro-batches on each process; the model, its
     optimizer, and the state of an interrupted run if there is one."""
     train_data, val_data = load_tokens("train"), load_tokens("val")
@@ -124,7 +126,12 @@ def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) 
             f"{TOKENS_DIR}/train.json: vocabulary {vocab_size} but {TOKENIZER} has "
             f"{tokenizer.vocab_size} pieces; re-run the tokenize stage"
         )
-    mixture = source_mixture(t, train_meta["sources"])
+    mixture, absent = source_mixture(t, train_meta["sources"])
+    for name in absent if procs.main else []:
+        print(
+            f"train: train.source_weights.{name}: no source of that name in {TOKENS_DIR}/train.json; ignored",
+            flush=True,
+        )
     ignored = {"train": None, "val": None}
     if t.pair_loss == "target":
         ignored = {
@@ -141,13 +148,14 @@ def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) 
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed)  # the same initial weights on every process
     raw_model = build_model(cfg, vocab_size).to(device)
-    raw_model.fused_loss = t.fused_loss  # checked in main(): liger needs CUDA and the [gpu] extra
+    raw_model.loss = OutputLayer(t.fused_loss)  # checked in main(): liger needs CUDA and the [gpu] extra
     n_params, flops_tok = count_parameters(raw_model), flops_per_token(raw_model, cfg.block_size)
     torch.manual_seed(t.seed + procs.rank)  # dropout differs per process
     model, sync = wrap_model(raw_model, procs, t, device)
     optimizer = make_optimizer(model, t, device)
     data_sha = token_files_fingerprint(tokenizer_sha)
-    checkpoints = Checkpoints(cfg, t, vocab_size, fingerprint(cfg, t, vocab_size, data_sha, procs.world), procs, device)
+    fp = fingerprint(cfg, t, vocab_size, data_sha, procs.world)
+    checkpoints = Checkpoints(cfg, t, train_run, vocab_size, fp, procs, device)
     progress, best_weights = checkpoints.resume(raw_model, optimizer)
     if t.compile is True or (t.compile == "auto" and cuda):
         model = torch.compile(model)
@@ -157,6 +165,7 @@ def setup(cfg: ModelConfig, t: P.Train, procs: Processes, device: torch.device) 
     return Run(
         cfg=cfg,
         t=t,
+        train_run=train_run,
         procs=procs,
         device=device,
         train_data=train_data,
@@ -198,9 +207,8 @@ def train(run: Run, stop: StopOnSignals) -> tuple[bool, Curves | None]:
     bar = tqdm(
         total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=None if procs.main else True
     )
-    pending = PendingSteps(
-        t.log_interval or (25 if run.device.type == "cuda" else 1), run.global_tokens, run.flops_tok, run.peak
-    )
+    interval = run.train_run.log_interval or (25 if run.device.type == "cuda" else 1)
+    pending = PendingSteps(interval, run.global_tokens, run.flops_tok, run.peak, run.train_run.checkpoint_dir)
     while True:
         step = progress.step
         time_up = bool(t.time_budget_s) and progress.train_seconds + pending.elapsed() >= t.time_budget_s
@@ -243,12 +251,12 @@ def train(run: Run, stop: StopOnSignals) -> tuple[bool, Curves | None]:
         pending.add(step, lr, loss, grad_norm)
         progress.step = step + 1
         bar.update()
-        if pending.due() or checkpoint_due(progress.step, t):
+        if pending.due() or checkpoint_due(progress.step, run.train_run):
             pending.read(progress, procs, live, bar, t)
-        if checkpoint_due(progress.step, t):
+        if checkpoint_due(progress.step, run.train_run):
             save_checkpoint(run, curves)
     bar.close()
-    if stopped or not checkpoint_due(progress.step, t):  # unless the interval just wrote it
+    if stopped or not checkpoint_due(progress.step, run.train_run):  # unless the interval just wrote it
         save_checkpoint(run, curves)
     return stopped, curves
 
@@ -290,7 +298,7 @@ def finish(run: Run, stopped: bool, stop: StopOnSignals, curves: Curves | None) 
         signum = stop.signal or signal.SIGTERM  # another process received it
         raise PipelineError(
             f"train: stopped by {signal.Signals(signum).name} at step {progress.step}; checkpoint "
-            f"saved in {t.checkpoint_dir}, run again (dvc repro) to resume",
+            f"saved in {run.train_run.checkpoint_dir}, run again (dvc repro) to resume",
             exit_code=128 + signum,
         )
     final_weights, _ = full_state(run.raw_model, None, run.procs, t)  # FSDP gathers on every process
@@ -323,8 +331,8 @@ def save_model(run: Run, final_weights: dict) -> None:
             val_loss=progress.best_val_loss,
             tokenizer_sha256=run.tokenizer_sha,
         )
-        # The params that made these weights (not the operational knobs, which change nothing in them)
-        train_params = {k: v for k, v in P.as_dict(run.t).items() if k not in P.OPERATIONAL["train"]}
+        # The params that made these weights (train_run changes nothing in them)
+        train_params = P.as_dict(run.t)
         write_json(
             out / "config.json",
             {

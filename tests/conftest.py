@@ -104,11 +104,19 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
     }
 
 
+def default_params() -> dict:
+    """The schema's defaults, as a params file (equal to the repository's params.yaml before any
+    preset is applied to it: tests/test_params.py; the tests never read that file's values)."""
+    from pipeline.core.params import Params, as_dict
+
+    return as_dict(Params())
+
+
 def tiny_params(collect: dict | None = None, **groups) -> dict:
-    """The repository's params.yaml with params/tiny.yaml applied, then `groups` merged on top."""
+    """The schema's defaults with params/tiny.yaml applied, then `groups` merged on top."""
     from pipeline.core.params import merge, read_yaml
 
-    data = merge(read_yaml(REPO / "params.yaml"), read_yaml(REPO / "params" / "tiny.yaml"))
+    data = merge(default_params(), read_yaml(REPO / "params" / "tiny.yaml"))
     if collect is not None:
         data = merge(data, {"collect": collect})
     return merge(data, groups)
@@ -237,7 +245,8 @@ def finished(prepared, tmp_path_factory) -> Path:
     folder = copy_project(prepared, tmp_path_factory.mktemp("finished") / "p")
     set_params(
         folder,
-        train={"max_steps": 20, "checkpoint_interval": 10, "eval_interval": 10},
+        train={"max_steps": 20, "eval_interval": 10},
+        train_run={"checkpoint_interval": 10},
         evaluate={"prompts": [], "tune_pairs": 0, "task_items": 10, "max_pairs": 5},
     )
     call_stage("train", folder)
@@ -286,6 +295,7 @@ def reproduced(tmp_path_factory) -> Path:
     for f in ("metrics", "dvc.lock"):  # start as a fresh clone would, with no earlier results
         p = dst / f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    write_params(dst, default_params())  # whatever preset the repository's params.yaml has now
     sh(dst, "git", "init", "-q", "-b", "main")
     # A fresh CI machine may have no global git identity; dvc exp run commits.
     sh(dst, "git", "config", "user.name", "lmpipe tests")
@@ -308,8 +318,9 @@ def jsonl_source(name: str, path: str, **kw) -> dict:
     return {"name": name, "kind": "file", "format": "jsonl", "path": path, **kw}
 
 
-def collect_project(folder: Path, sources: list[dict], **collect) -> Path:
-    write_params(folder, tiny_params({"sources": sources, "max_documents": 0, **collect}))
+def collect_project(folder: Path, sources: list[dict], run: dict | None = None, **collect) -> Path:
+    """A project of these sources; `run` sets collect_run's keys (the cache, downloads, limits)."""
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0, **collect}, collect_run=run or {}))
     return folder
 
 
@@ -351,7 +362,7 @@ def clean_project(folder: Path, docs: list[dict] | None = None, pairs: list[dict
     if pairs is not None:
         write_jsonl(folder / "corpus" / "pairs.jsonl", pairs)
         sources.append(jsonl_source("pairs", "corpus/pairs.jsonl"))
-    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean={"workers": 1, **clean}))
+    write_params(folder, tiny_params({"sources": sources, "max_documents": 0}, clean=clean, clean_run={"workers": 1}))
     call_stage("collect", folder)
     return folder
 
@@ -410,7 +421,9 @@ def answered(tmp_path_factory):
         jsonl_source("pairs", "pairs.jsonl", languages=["en", "ru"]),
     ]
     params = tiny_params(
-        {"sources": sources, "max_documents": 0}, clean={"workers": 1, "val_fraction": 0.2, "test_fraction": 0.2}
+        {"sources": sources, "max_documents": 0},
+        clean={"val_fraction": 0.2, "test_fraction": 0.2},
+        clean_run={"workers": 1},
     )
     params["train"].update(max_steps=20, threads=THREADS)
     params["evaluate"].update(prompts=[], tune_pairs=0)

@@ -247,7 +247,7 @@ CASES = [
     ("params-sqlite-no-query", ["collect"], change_source(format="sqlite"), ["query"]),
     ("params-aligned-no-target", ["collect"], change_source(format="aligned"), ["target_path"]),
     ("params-max-documents", ["collect"], change("collect", max_documents=-1), ["collect.max_documents"]),
-    ("params-timeout", ["collect"], change("collect", download_timeout_s=0), ["download_timeout_s"]),
+    ("params-timeout", ["collect"], change("collect_run", download_timeout_s=0), ["collect_run.download_timeout_s"]),
     # --- sources ----------------------------------------------------------------------------
     ("source-no-file", ["collect"], change_source(path="nowhere/*.txt"), ["no file matches"]),
     ("source-binary", ["collect"], with_source(text_file("x.txt", bytes(range(256)) * 40)), ["x.txt", "binary"]),
@@ -420,8 +420,8 @@ CASES = [
     (
         "state-strict-incompatible",
         ["train"],
-        change("train", resume="strict", lr=1e-3),
-        ["cannot resume", "train.resume: strict"],
+        both(change("train", lr=1e-3), change("train_run", resume="strict")),
+        ["cannot resume", "train_run.resume: strict"],
     ),
     # --- generation ------------------------------------------------------------------------
     ("generate-empty-prompt", ["generate", ""], None, ["prompt"]),

@@ -233,7 +233,8 @@ def test_nothing_left_after_cleaning_is_a_clean_error_and_keeps_old_outputs(tmp_
             "sources": [jsonl_source("docs", "corpus/docs.jsonl"), jsonl_source("pairs", "corpus/pairs.jsonl")],
             "max_documents": 0,
         },
-        clean={"min_chars": 1_000_000, "max_chars": 2_000_000, "workers": 1},
+        clean={"min_chars": 1_000_000, "max_chars": 2_000_000},
+        clean_run={"workers": 1},
     )
     write_params(folder, params)
     stage_error("clean", folder, "no training documents", "(in: 120,", "'too_short': 120", "clean.min_chars")

@@ -64,7 +64,7 @@ def test_output_is_byte_identical_for_any_number_of_workers_and_shard_size(tmp_p
         write_params(
             folder.mkdir() or folder,
             tiny_params(
-                random_corpus(folder / "corpus"), clean={**FULL, "workers": workers, "shard_bytes": shard_bytes}
+                random_corpus(folder / "corpus"), clean=FULL, clean_run={"workers": workers, "shard_bytes": shard_bytes}
             ),
         )
         call_stage("collect", folder)
@@ -81,8 +81,8 @@ def test_output_is_byte_identical_for_any_number_of_workers_and_shard_size(tmp_p
 
 @pytest.mark.parametrize("setting, value", [("workers", -1), ("shard_bytes", 0)])
 def test_bad_workers_or_shard_size_is_a_clean_error(project, setting, value):
-    write_params(project, tiny_params(make_corpus(project / "corpus"), clean={setting: value}))
-    stage_error("clean", project, f"clean.{setting}", str(value))
+    write_params(project, tiny_params(make_corpus(project / "corpus"), clean_run={setting: value}))
+    stage_error("clean", project, f"clean_run.{setting}", str(value))
     assert not (project / "data").exists()
 
 
@@ -93,7 +93,7 @@ def test_a_bad_json_line_in_a_late_shard_names_its_line(project):
     lines = raw.read_text(encoding="utf-8").splitlines()
     lines[250] = lines[250][:-5]
     raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    data = tiny_params(make_corpus(project / "corpus"), clean={"workers": 2, "shard_bytes": 1000})
+    data = tiny_params(make_corpus(project / "corpus"), clean_run={"workers": 2, "shard_bytes": 1000})
     write_params(project, data)
     assert_clean_error(run_stage("clean", project, check=False), "pairs.jsonl:251", "not valid JSON")
     assert not (project / "data/clean").exists()

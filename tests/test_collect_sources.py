@@ -84,7 +84,7 @@ def url_source(url: str, sha: str = SHA, **kw) -> dict:
 
 def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
     Handler.calls.clear()
-    collect_project(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], cache_dir=str(tmp_path / "cache"))
+    collect_project(tmp_path, [url_source(f"{server}/docs.jsonl.gz")], run={"cache_dir": str(tmp_path / "cache")})
     call_stage("collect", tmp_path)
     assert raw_texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
     assert (tmp_path / "cache/downloads" / SHA / "docs.jsonl.gz").read_bytes() == BODY
@@ -96,7 +96,9 @@ def test_a_url_is_downloaded_verified_cached_and_decompressed(tmp_path, server):
 
 def test_an_interrupted_download_is_retried_and_resumed(tmp_path, server):
     Handler.calls.clear()
-    collect_project(tmp_path, [url_source(f"{server}/flaky")], cache_dir=str(tmp_path / "cache"), download_retries=2)
+    collect_project(
+        tmp_path, [url_source(f"{server}/flaky")], run={"cache_dir": str(tmp_path / "cache"), "download_retries": 2}
+    )
     call_stage("collect", tmp_path)
     assert raw_texts(tmp_path, "web") == ["served over HTTP", "second line"] * 200
     assert Handler.calls == [("/flaky", None), ("/flaky", f"bytes={len(BODY) // 2}-")]  # resumed, not restarted
@@ -114,9 +116,7 @@ def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server
     collect_project(
         tmp_path,
         [url_source(f"{server}{path}", sha)],
-        cache_dir=str(tmp_path / "cache"),
-        download_timeout_s=0.5,
-        download_retries=1,
+        run={"cache_dir": str(tmp_path / "cache"), "download_timeout_s": 0.5, "download_retries": 1},
     )
     stage_error("collect", tmp_path, "source 'web'", path, *needles)
     assert not (tmp_path / "data/raw").exists()
@@ -129,19 +129,16 @@ def test_url_failures_are_clean_errors_and_leave_nothing_behind(tmp_path, server
         (
             "/trickle",
             {"download_min_rate": 100},
-            ["too slow", "bytes/s (collect.download_min_rate 100)", "after 2 attempts"],
+            ["too slow", "bytes/s (collect_run.download_min_rate 100)", "after 2 attempts"],
         ),
-        ("/steady", {"download_deadline_s": 1}, ["not downloaded within collect.download_deadline_s (1 s)"]),
+        ("/steady", {"download_deadline_s": 1}, ["not downloaded within collect_run.download_deadline_s (1 s)"]),
     ],
 )
 def test_a_slow_server_fails_the_minimum_rate_or_the_deadline(tmp_path, server, path, settings, needles):
     collect_project(
         tmp_path,
         [url_source(f"{server}{path}")],
-        cache_dir=str(tmp_path / "cache"),
-        download_timeout_s=0.5,
-        download_retries=1,
-        **settings,
+        run={"cache_dir": str(tmp_path / "cache"), "download_timeout_s": 0.5, "download_retries": 1, **settings},
     )
     started = time.monotonic()
     stage_error("collect", tmp_path, "source 'web'", path, *needles)
@@ -154,9 +151,7 @@ def test_an_unreachable_host_is_a_clean_error(tmp_path):
     collect_project(
         tmp_path,
         [url_source("http://127.0.0.1:9/nothing")],
-        cache_dir=str(tmp_path / "cache"),
-        download_timeout_s=0.5,
-        download_retries=0,
+        run={"cache_dir": str(tmp_path / "cache"), "download_timeout_s": 0.5, "download_retries": 0},
     )
     stage_error("collect", tmp_path, "source 'web'", "127.0.0.1:9", "after 1 attempts")
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from pipeline.core.common import PipelineError
+from pipeline.core.params import ModelConfig
+from pipeline.decoding.cache import KVCache, beam_attention
 from pipeline.decoding.decode import Batch, Decoding, generate, next_tokens, stream
-from pipeline.model.config import ModelConfig
-from pipeline.model.model import KVCache, beam_attention, build_model
+from pipeline.model.model import build_model
 
 V, EOS = 50, 0
 ARCHS = {
@@ -109,7 +110,7 @@ def test_a_batch_out_of_gpu_memory_names_its_size_and_the_key(monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(model, "prefill", oom)
+    monkeypatch.setattr(KVCache, "prefill", oom)
     with pytest.raises(PipelineError, match=r"batch of 9 prompts x 2 beams; lower evaluate.decode_batch_size"):
         generate(model, mixed_prompts(), EOS, Decoding(4, beam_size=2), batch_size=16)
 
@@ -148,11 +149,17 @@ def test_beam_attention_reads_the_prompt_once_and_equals_attention_over_every_co
     for t in (k, v):  # the prompt's columns: the same in each of its beams
         t[:, :, :S] = t[::K, :, :S].repeat_interleave(K, 0)
     start = torch.tensor([0, 3, 6]).repeat_interleave(K)
-    kv = KVCache([k], [v], start, True, length=S + G, shared=S, group=K)
-    assert kv.sharing(1) and not kv.sharing(2)
+    kv = KVCache([k.clone()], [v.clone()], start, True, block_size=S + G + 1)
+    kv.advance(S)
+    kv.share(K)  # the prompt's columns, then each beam's own
+    kv.advance(G - 1)
+    assert kv.begin(1).sharing and not kv.begin(2).sharing
     full = torch.zeros(B * K, 1, 1, S + G).masked_fill_(torch.arange(S + G) < start[:, None, None, None], float("-inf"))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
-    torch.testing.assert_close(beam_attention(q, k, v, S, K, kv.prompt_mask()), expected)
+    torch.testing.assert_close(beam_attention(q, k, v, S, K, kv.begin(1).mask), expected)
+    torch.testing.assert_close(
+        kv.begin(1).attend(0, q, k[:, :, -1:], v[:, :, -1:]), expected
+    )  # the one call attention makes
 
 
 @pytest.mark.parametrize("arch", ["gpt-learned", "gpt-rope"])
@@ -171,7 +178,7 @@ def test_prompts_that_join_a_batch_as_it_decodes_decode_as_alone(arch):
                 assert all(batch.fits(p, n) for p, n in zip(later, limits[2:]))
                 batch.join(later, limits[2:], 2)
             batch.write(next_tokens(batch, Decoding(20), None))
-            batch.advance(batch.out[:, batch.n - 1])
+            batch.advance()
     assert [batch.ids(row) for row in range(5)] == alone and batch.rows.tolist() == [0, 1, 2, 3, 4]
 
 

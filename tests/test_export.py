@@ -14,9 +14,9 @@ from conftest import assert_clean_error, call_stage, copy_project, run_stage, se
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
 
+from pipeline.core.params import ModelConfig as Model  # noqa: E402
 from pipeline.data.tokenizer import Tokenizer, load_tokens  # noqa: E402
 from pipeline.decoding.decode import Decoding, generate  # noqa: E402
-from pipeline.model.config import ModelConfig as Model  # noqa: E402
 from pipeline.model.model import build_model  # noqa: E402
 from pipeline.model.weights import load_model, save_weights  # noqa: E402
 
@@ -43,7 +43,9 @@ def exported(request, prepared, tmp_path_factory):
     """(project, export folder, expected class) for a tiny model of each mappable kind, trained 20 steps."""
     options, cls = KINDS[request.param]
     folder = copy_project(prepared, tmp_path_factory.mktemp(request.param) / "p")
-    set_params(folder, model=options, train={"max_steps": 20, "eval_interval": 10, "checkpoint_interval": 0})
+    set_params(
+        folder, model=options, train={"max_steps": 20, "eval_interval": 10}, train_run={"checkpoint_interval": 0}
+    )
     call_stage("train", folder)
     out = folder / "hf"
     call_stage("export", folder, "--format", "hf", str(out))

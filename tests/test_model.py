@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from pipeline.model.config import ModelConfig as Model
+from pipeline.core.params import ModelConfig as Model
+from pipeline.decoding.cache import cache_for
 from pipeline.model.model import build_model, count_parameters
+from pipeline.training.loss import OutputLayer
 
 V = 97
 
@@ -48,7 +50,8 @@ def test_forward_returns_logits_and_mean_cross_entropy(arch):
     grad_logits, grad_loss = model(idx, targets)
     assert grad_loss.requires_grad and torch.allclose(grad_logits, logits, atol=1e-5)
     assert torch.allclose(grad_loss, expected, atol=1e-5)
-    # What training asks for: the same loss from the chunked output layer, and no logits.
+    # What training asks for: the same loss from its output layer (chunked on a CPU), and no logits.
+    model.loss = OutputLayer()
     none, train_loss = model(idx, targets, return_logits=False)
     assert none is None and train_loss.requires_grad and torch.allclose(train_loss, expected, atol=1e-5)
     # An untrained model is close to uniform: loss near ln(V).
@@ -74,15 +77,16 @@ def test_incremental_decoding_matches_full_forward(arch):
     model = make(arch)
     idx = torch.randint(V, (2, 12))
     full = model(idx)[0]
-    logits, state = model.prefill(idx[:, :5].tolist(), 12)
+    Cache = cache_for(model)  # pipeline.decoding.cache: a GPT's keys and values, or a recurrent state
+    logits, cache = Cache.prefill(model, idx[:, :5].tolist(), 7)
     assert torch.allclose(logits, full[:, 4], atol=1e-5)
     for t in range(5, 12):
-        logits, state = model.step(idx[:, t], state)
+        logits = cache.step(model, idx[:, t])
         assert torch.allclose(logits, full[:, t], atol=1e-4), t
     short = idx[0, :3].tolist()
-    logits, state = model.prefill([short, idx[1, :9].tolist()], 12)
+    logits, cache = Cache.prefill(model, [short, idx[1, :9].tolist()], 3)
     assert torch.allclose(logits[0], full[0, 2], atol=1e-5) and torch.allclose(logits[1], full[1, 8], atol=1e-5)
-    logits, state = model.step(idx[:, 3], state)  # the short row's next token, at its own position
+    logits = cache.step(model, idx[:, 3])  # the short row's next token, at its own position
     assert torch.allclose(logits[0], full[0, 3], atol=1e-4)
 
 
@@ -161,7 +165,7 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
 @pytest.mark.parametrize("chunked", [True, False])  # the CPU's path, and the CUDA one (plain, for compile)
 @pytest.mark.parametrize("bias", [False, True])
 def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunked, monkeypatch):
-    from pipeline.model.model import LinearCrossEntropy
+    from pipeline.training.loss import LinearCrossEntropy
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)  # several chunks and a short last one
     torch.manual_seed(0)
@@ -170,7 +174,7 @@ def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunke
     y = torch.randint(V, (3, 10))
     plain = torch.nn.functional.cross_entropy(head(x).view(-1, V), y.view(-1))
     ref = torch.autograd.grad(plain * 2, [x, *head.parameters()])
-    from pipeline.model.model import output_layer
+    from pipeline.training.loss import output_layer
 
     logits, loss = output_layer(head, x, y, return_logits=False, chunked=chunked)
     assert logits is None and torch.allclose(loss, plain, atol=1e-6)
@@ -188,7 +192,8 @@ def test_loss_only_output_layer_equals_the_plain_loss_and_gradients(bias, chunke
 def test_ignored_targets_are_left_out_of_the_loss_and_its_gradients(bias, chunked, monkeypatch):
     """A pair's source, when the loss is on the targets only: IGNORE targets count nowhere, in both
     output paths, as in F.cross_entropy's ignore_index (a chunk of only ignored rows included)."""
-    from pipeline.model.model import IGNORE, LinearCrossEntropy, output_layer
+    from pipeline.model.model import IGNORE
+    from pipeline.training.loss import LinearCrossEntropy, output_layer
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)
     torch.manual_seed(0)
@@ -222,7 +227,8 @@ def test_the_liger_fused_loss_is_called_for_the_sum_and_divided_by_the_targets_t
     import sys
     import types
 
-    from pipeline.model.model import IGNORE, output_layer
+    from pipeline.model.model import IGNORE
+    from pipeline.training.loss import output_layer
 
     calls = []
 

@@ -2,8 +2,12 @@
 
 Every stage validates the whole file before touching anything, so a bad value anywhere stops the
 stage with `error: params.yaml: <key>: ...` and leaves earlier outputs exactly as they were.
-dvc.yaml declares every key a stage reads except the operational ones (pipeline.params.OPERATIONAL),
-which change nothing in the outputs and re-run nothing.
+dvc.yaml declares whole groups: each stage the groups it reads, and no stage an operational group
+(pipeline.core.params.OPERATIONAL: collect_run, clean_run, train_run), which changes nothing in the
+outputs and re-runs nothing.
+
+No test needs the repository's params.yaml to hold the defaults: they start from the schema's
+(conftest.default_params), so `pytest` passes after `python -m pipeline.params apply` of any preset.
 
 The checks run in this process; the command line is run where it is what is under test (the
 one-line error format, `apply` and `check`, `dvc status` and `dvc repro`).
@@ -28,6 +32,7 @@ from conftest import (
     assert_clean_error,
     call_stage,
     copy_project,
+    default_params,
     make_corpus,
     run_stage,
     set_params,
@@ -81,13 +86,15 @@ def params_copy(tmp_path: Path) -> Path:
 # --- the repository's own params ------------------------------------------------------------------
 
 
-def test_repository_params_yaml_validates():
+def test_repository_params_yaml_and_the_schema_defaults_validate():
     p = P.load(REPO / "params.yaml")
-    assert [s.name for s in p.collect.sources] == ["shakespeare", "bible_en_ru"]
     assert isinstance(p.train.lr, float) and 0 < p.train.min_lr <= p.train.lr  # "3.0e-3" read as a number
     # The command: silent on success (nothing on stdout, no warning on stderr).
     proc = run_stage("params", REPO, "check", str(REPO / "params.yaml"))
     assert proc.stdout == "" and proc.stderr == ""
+    # The defaults are a whole params file (the default corpus's sources included)
+    assert P.parse(default_params()) == P.Params()
+    assert [s.name for s in P.Params().collect.sources] == ["shakespeare", "bible_en_ru"]
 
 
 def test_repository_params_yaml_spells_out_every_group_key():
@@ -100,18 +107,20 @@ def test_repository_params_yaml_spells_out_every_group_key():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_applies_to_params_yaml_and_validates(params_copy, preset):
+    before = P.read_yaml(params_copy / "params.yaml")
+    comments = comments_of(params_copy / "params.yaml", skip_block="  sources:" if sets_sources(preset) else None)
     call_stage("params", params_copy, "apply", str(preset))
     applied = P.read_yaml(params_copy / "params.yaml")
-    expected = P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(preset))
-    assert applied == expected
+    assert applied == P.merge(before, P.read_yaml(preset))
     P.load(params_copy / "params.yaml")
-    # and the overlay really changed something
-    assert applied != P.read_yaml(REPO / "params.yaml")
     # every comment is still there, but those of a list the preset replaces whole (collect.sources)
     text = (params_copy / "params.yaml").read_text(encoding="utf-8")
-    replaced = P.read_yaml(preset).get("collect", {}) or {}
-    for line in comments_of(REPO / "params.yaml", skip_block="  sources:" if "sources" in replaced else None):
+    for line in comments:
         assert line in text, line
+
+
+def sets_sources(preset: Path) -> bool:
+    return "sources" in (P.read_yaml(preset).get("collect") or {})
 
 
 def comments_of(path: Path, skip_block: str | None = None) -> list[str]:
@@ -130,7 +139,7 @@ def comments_of(path: Path, skip_block: str | None = None) -> list[str]:
 
 
 def test_presets_combine_with_merge_and_parse():
-    base = P.read_yaml(REPO / "params.yaml")
+    base = default_params()
     data = base
     order = sorted(PRESETS, key=lambda f: f.stem in ("lstm", "tiny"))  # the two checked below last
     for preset in order:
@@ -287,31 +296,30 @@ def test_quoted_float_string_is_accepted_but_int_keys_stay_strict(good_params):
 
 
 def test_apply_overlays_nested_keys_only(params_copy):
-    (params_copy / "over.yaml").write_text("model:\n  n_layer: 3\ntrain:\n  lr: 5.0e-4\n", encoding="utf-8")
+    # keys that stay valid over any preset (lr would not: a preset may raise min_lr above it)
+    (params_copy / "over.yaml").write_text("model:\n  n_layer: 3\ntrain:\n  seed: 7\n", encoding="utf-8")
     base = P.read_yaml(params_copy / "params.yaml")
+    text = (params_copy / "params.yaml").read_text()
     proc = run_stage("params", params_copy, "apply", "over.yaml")  # the command, as the README shows it
     assert proc.stdout == "applied over.yaml to params.yaml\n" and proc.stderr == ""
     after = P.read_yaml(params_copy / "params.yaml")
     assert after["model"]["n_layer"] == 3
-    assert after["train"]["lr"] == 5.0e-4
+    assert after["train"]["seed"] == 7
     # every other key, in the touched groups too, is unchanged
     assert {k: v for k, v in after["model"].items() if k != "n_layer"} == {
         k: v for k, v in base["model"].items() if k != "n_layer"
     }
-    assert {k: v for k, v in after["train"].items() if k != "lr"} == {
-        k: v for k, v in base["train"].items() if k != "lr"
+    assert {k: v for k, v in after["train"].items() if k != "seed"} == {
+        k: v for k, v in base["train"].items() if k != "seed"
     }
-    for group in ("collect", "clean", "tokenize", "evaluate"):
+    for group in set(base) - {"model", "train"}:
         assert after[group] == base[group], group
     P.load(params_copy / "params.yaml")
     # edited in place: the two values changed, every other character (comments too) as it was
-    before, now = (
-        (REPO / "params.yaml").read_text().splitlines(),
-        (params_copy / "params.yaml").read_text().splitlines(),
-    )
+    before, now = text.splitlines(), (params_copy / "params.yaml").read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, now) if a != b]
     assert len(before) == len(now) and len(changed) == 2, changed
-    assert changed[0][1].split("#")[0].strip() == "n_layer: 3" and changed[1][1].split("#")[0].strip() == "lr: 5.0e-4"
+    assert changed[0][1].split("#")[0].strip() == "n_layer: 3" and changed[1][1].split("#")[0].strip() == "seed: 7"
     assert [a[a.index("#") :] for a, _ in changed if "#" in a] == [b[b.index("#") :] for _, b in changed if "#" in b]
 
 
@@ -326,7 +334,7 @@ def test_apply_several_presets_in_order(params_copy):
 @pytest.mark.parametrize(
     "overlay,needle",
     [
-        ("model:\n  n_head: 5\n", "model.n_embd"),
+        ("model:\n  arch: gpt\n  n_embd: 100\n  n_head: 3\n", "model.n_embd"),
         ("model:\n  n_layr: 3\n", "model.n_layr"),
         ("train:\n  max_steps: 0\n", "train.max_steps"),
         ("model:\n  arch: transformer\n", "model.arch"),
@@ -361,69 +369,93 @@ def test_apply_of_a_group_with_every_key_commented_out_changes_nothing(params_co
     assert P.read_yaml(params_copy / "params.yaml") == before
 
 
+def flat(data: dict, prefix: str = "") -> dict:
+    """A params mapping as {"group.key": value}, nested mappings (train.source_weights) opened."""
+    out = {}
+    for k, v in data.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def drift(params_file: Path) -> list[str]:
+    """The keys where a params.yaml and the code's defaults disagree, but for values some preset of
+    params/ sets (what `python -m pipeline.params apply` leaves)."""
+    defaults = flat(P.as_dict(P.Params()))
+    spelled = flat(P.as_dict(P.load(params_file)))
+    preset_values = [flat(P.as_dict(P.parse(P.merge(default_params(), P.read_yaml(f))))) for f in PRESETS]
+    return [
+        f"{key}: params.yaml {spelled.get(key)!r}, the code {defaults.get(key)!r}"
+        for key in sorted(defaults.keys() | spelled.keys())
+        if spelled.get(key) != defaults.get(key) and all(v.get(key) != spelled.get(key) for v in preset_values)
+    ]
+
+
 def test_code_defaults_agree_with_params_yaml():
-    """No hidden defaults: a key left out of a params file means what params.yaml says."""
-    from pipeline.core.params import Params, as_dict, load
-
-    spelled = as_dict(load(REPO / "params.yaml"))
-    defaults = as_dict(Params())
-    spelled["collect"]["sources"] = defaults["collect"]["sources"] = []
-    assert spelled == defaults
+    """No hidden defaults: a key left out of a params file means what params.yaml says. Every key
+    of every group (collect.sources too) holds the code's default, but where a preset was applied."""
+    assert drift(REPO / "params.yaml") == []
 
 
-# --- dvc.yaml declares exactly the params that change a stage's outputs ----------------------------
+def test_a_drifted_default_is_caught(tmp_path):
+    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    for key, value in (("split_salt", "drifted"), ("checkpoint_interval", "123")):
+        drifted = re.sub(rf"(?m)^  {key}: \S+", f"  {key}: {value}", text)
+        (tmp_path / "params.yaml").write_text(drifted, encoding="utf-8")
+        assert [p.split(":")[0] for p in drift(tmp_path / "params.yaml")] == [
+            {"split_salt": "clean.split_salt", "checkpoint_interval": "train_run.checkpoint_interval"}[key]
+        ]
 
 
-def declared_params(stage: dict) -> set[str]:
-    """The params.yaml keys a dvc.yaml stage declares, as "group.key" (a whole group: all its keys)."""
-    groups = group_keys()
-    names: list[str] = []
-    for entry in stage.get("params", []):
-        if isinstance(entry, dict):  # {params file: [keys]}
-            for file, keys in entry.items():
-                assert file == "params.yaml", file
-                names += keys
-        else:
-            names.append(entry)
-    declared = set()
-    for name in names:
-        group, _, key = name.partition(".")
-        assert group in groups, name
-        keys = {key} if key else groups[group]  # a whole group: every key of it
-        assert keys <= groups[group], name  # "group" or "group.key", nothing deeper
-        declared |= {f"{group}.{k}" for k in keys}
-    return declared
+# --- dvc.yaml declares whole groups: each stage those it reads, no stage an operational group -------
 
 
-def test_dvc_yaml_declares_what_each_stage_reads_except_operational_knobs():
-    """Read from each knob's own declaration: the stage that reads it, and whether it is operational."""
-    groups = group_keys()
-    for group, knobs in P.OPERATIONAL.items():
-        assert group in groups and knobs <= groups[group], (group, knobs)
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    assert set(stages) == set(STAGE_GROUPS)
-    expected: dict[str, set[str]] = {name: set() for name in stages}
-    for group, keys in groups.items():
-        for key in keys - P.OPERATIONAL[group]:
-            expected[P.stage_of(group, key)].add(f"{group}.{key}")
-    for name in stages:
-        declared = declared_params(stages[name])
-        assert declared == expected[name], (
-            name,
-            "undeclared:",
-            expected[name] - declared,
-            "not operational:",
-            declared - expected[name],
-        )
-    # the groups a stage reads, as the schema's metadata says
-    assert {name: {k.split(".")[0] for k in keys} for name, keys in expected.items()} == {
+def dvc_params_problems(dvc: dict) -> list[str]:
+    """What is wrong with a dvc.yaml's params: each stage must name whole groups (no "group.key"),
+    exactly the groups the schema says it reads (pipeline.core.params.STAGE_OF), and no operational
+    group (pipeline.core.params.OPERATIONAL), which changes nothing it writes."""
+    stages, problems = dvc["stages"], []
+    for name, stage in stages.items():
+        declared = stage.get("params", [])
+        problems += [f"{name}: {e!r} is not a whole group" for e in declared if not isinstance(e, str) or "." in e]
+        expected = {g for g, reader in P.STAGE_OF.items() if reader == name and g not in P.OPERATIONAL}
+        named = {e for e in declared if isinstance(e, str)}
+        problems += [f"{name}: operational group {g} declared" for g in sorted(named & P.OPERATIONAL)]
+        problems += [f"{name}: {g} not declared" for g in sorted(expected - named)]
+        problems += [f"{name}: {g} is not its group" for g in sorted(named - expected - P.OPERATIONAL)]
+    return problems
+
+
+def test_dvc_yaml_declares_whole_groups_and_no_operational_group():
+    """Read from each group's own declaration: the stage that reads it, and whether it is operational."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    assert set(dvc["stages"]) == set(STAGE_GROUPS)
+    assert dvc_params_problems(dvc) == []
+    # the groups each stage reads, as the schema's metadata says; every group is one stage's
+    assert {name: {g for g, s in P.STAGE_OF.items() if s == name} - P.OPERATIONAL for name in STAGE_GROUPS} == {
         n: set(g) for n, g in STAGE_GROUPS.items()
     }
+    assert set(P.STAGE_OF) == set(group_keys()) and P.OPERATIONAL == {"collect_run", "clean_run", "train_run"}
+
+
+@pytest.mark.parametrize(
+    "stage, params, needle",
+    [
+        ("train", ["model", "train", "train_run"], "operational group train_run"),
+        ("clean", ["clean", "clean_run"], "operational group clean_run"),
+        ("train", ["model"], "train not declared"),
+        ("train", ["model", "train.seed"], "'train.seed' is not a whole group"),
+        ("tokenize", ["tokenize", "evaluate"], "evaluate is not its group"),
+    ],
+)
+def test_a_dvc_yaml_that_breaks_the_rule_is_caught(stage, params, needle):
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    dvc["stages"][stage]["params"] = params
+    assert any(needle in p for p in dvc_params_problems(dvc)), dvc_params_problems(dvc)
 
 
 # A new value for every operational knob (valid, and different from params.yaml's and the tiny preset's).
 OPERATIONAL_CHANGES = {
-    "collect": {
+    "collect_run": {
         "cache_dir": "~/.cache/lmpipe-elsewhere",
         "download_timeout_s": 7,
         "download_retries": 0,
@@ -431,8 +463,8 @@ OPERATIONAL_CHANGES = {
         "download_deadline_s": 1800,
         "max_file_bytes": 3_000_000_000,
     },
-    "clean": {"workers": 1, "shard_bytes": 20_000},
-    "train": {
+    "clean_run": {"workers": 1, "shard_bytes": 20_000},
+    "train_run": {
         "checkpoint_interval": 7,
         "checkpoint_dir": "data/other_checkpoints",
         "resume": "never",
@@ -446,7 +478,7 @@ OPERATIONAL_CHANGES = {
 def test_operational_knobs_change_nothing_and_rerun_nothing(reproduced, tmp_path):
     """Changing any operational knob leaves `dvc status` clean; re-running train with checkpoints
     every 7 steps, and clean with one worker on small shards, writes byte-identical outputs."""
-    assert {g: set(v) for g, v in OPERATIONAL_CHANGES.items()} == {g: v for g, v in P.OPERATIONAL.items() if v}
+    assert {g: set(v) for g, v in OPERATIONAL_CHANGES.items()} == {g: group_keys()[g] for g in P.OPERATIONAL}
     repo = copy_project(reproduced, tmp_path / "lmpipe")
     default = P.read_yaml(repo / "params.yaml")
     for group, changes in OPERATIONAL_CHANGES.items():
@@ -459,17 +491,17 @@ def test_operational_knobs_change_nothing_and_rerun_nothing(reproduced, tmp_path
     # train, from scratch, checkpointing every 7 steps and reading losses every 5 (the first run:
     # checkpoint only at its end, losses read every step)
     write_params(repo, default)
-    set_params(repo, train={"checkpoint_interval": 7, "log_interval": 5})
+    set_params(repo, train_run={"checkpoint_interval": 7, "log_interval": 5})
     model = snapshot(repo, "data/model")
     assert {"data/model/best.safetensors", "data/model/last.safetensors", "data/model/config.json"} <= set(model)
-    shutil.rmtree(repo / default["train"]["checkpoint_dir"])  # no resuming the first run's last checkpoint
+    shutil.rmtree(repo / default["train_run"]["checkpoint_dir"])  # no resuming the first run's last checkpoint
     out = sh(repo, "dvc", "repro", "-f", "-s", "train").stdout
     assert "Running stage 'train'" in out and "resuming" not in out, out
-    assert (repo / default["train"]["checkpoint_dir"] / "step_0000056").is_dir()
+    assert (repo / default["train_run"]["checkpoint_dir"] / "step_0000056").is_dir()
     assert snapshot(repo, "data/model") == model
 
     # clean with one worker on shards of 20 kB (the first run: every core, 4 MB shards)
-    set_params(repo, clean={"workers": 1, "shard_bytes": 20_000})
+    set_params(repo, clean_run={"workers": 1, "shard_bytes": 20_000})
     cleaned = snapshot(repo, "data/clean")
     assert {"data/clean/train.jsonl", "data/clean/val.jsonl", "data/clean/test.jsonl"} <= set(cleaned)
     out = sh(repo, "dvc", "repro", "-f", "-s", "clean").stdout
@@ -532,7 +564,7 @@ GPU_TINY = {
 
 
 def gpu_preset(*overlays: dict) -> dict:
-    data = P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(REPO / "params" / "gpu.yaml"))
+    data = P.merge(default_params(), P.read_yaml(REPO / "params" / "gpu.yaml"))
     for overlay in overlays:
         data = P.merge(data, overlay)
     return data
@@ -544,8 +576,8 @@ def test_the_gpu_preset_holds_every_application_and_validates_with_tiny_sizes():
     other directions, each pinned and licensed; it stops early; laid under tiny.yaml's sizes it
     still validates (what CI runs of it without a GPU)."""
     gpu = P.parse(gpu_preset())
-    default = P.load(REPO / "params.yaml")
-    translate = P.parse(P.merge(P.read_yaml(REPO / "params.yaml"), P.read_yaml(REPO / "params" / "translate-gpu.yaml")))
+    default = P.Params()
+    translate = P.parse(P.merge(default_params(), P.read_yaml(REPO / "params" / "translate-gpu.yaml")))
     for source in default.collect.sources + [s for s in translate.collect.sources if s.name != "bible_en_ru"]:
         assert source in gpu.collect.sources, source.name
     assert [s.name for s in gpu.collect.sources if s.languages] == [

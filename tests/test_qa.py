@@ -120,7 +120,7 @@ def test_qa_columns_can_be_named_and_a_missing_one_is_one_line(tmp_path):
 def test_clean_keeps_short_answers_and_questions_with_passages(tmp_path):
     rows = QA + [{"question": "What is six times seven?", "answer": "42"}]
     call_stage("collect", qa_project(tmp_path, rows=rows))
-    set_params(tmp_path, clean={"workers": 1})
+    set_params(tmp_path, clean_run={"workers": 1})
     call_stage("clean", tmp_path)
     kept = [r for split in ("train", "val", "test") for r in read_split(tmp_path, split)]
     assert len(kept) == 30 * len(rows)  # "42" is shorter than min_chars; 3 characters for a long question

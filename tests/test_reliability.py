@@ -7,11 +7,11 @@ import sys
 
 import pytest
 from conftest import (
-    REPO,
     assert_clean_error,
     call_stage,
     collect_project,
     copy_project,
+    default_params,
     run_stage,
     set_params,
     snapshot,
@@ -127,9 +127,9 @@ def test_a_params_file_of_many_aliases_is_refused_before_it_expands(tmp_path):
 
 
 def test_an_ill_typed_huge_value_is_quoted_short(tmp_path):
-    from pipeline.core.params import merge, read_yaml
+    from pipeline.core.params import merge
 
-    data = merge(read_yaml(REPO / "params.yaml"), {"model": {"n_layer": "x" * 100_000}})
+    data = merge(default_params(), {"model": {"n_layer": "x" * 100_000}})
     write_params(tmp_path, data)
     proc = run_stage("params", tmp_path, "check", check=False)
     assert_clean_error(proc, "model.n_layer", "expected an integer", "(100,002 characters)")

@@ -24,12 +24,13 @@ from conftest import REPO, assert_clean_error, stage_error
 
 from pipeline import serve as serve_tool
 from pipeline.core.common import PipelineError
+from pipeline.core.params import Evaluate
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.decoding.answer import answer
 from pipeline.decoding.decode import Decoding, generate
 from pipeline.model.weights import load_model
 from pipeline.serving import engine as engine_module
-from pipeline.serving.app import Access, Limits, create_app
+from pipeline.serving.app import Access, Limits, Playground, create_app
 from pipeline.serving.card import model_card
 from pipeline.serving.engine import Engine, Request
 
@@ -123,6 +124,25 @@ def test_the_card_tells_what_the_model_is_and_how_it_scored(served):
     assert {"who_says", "quiz"} <= {q["group"] for q in metrics["qa"]}
     assert info["curves"]["train"] and info["curves"]["val"]
     assert info["limits"] == {"max_text_bytes": 8192, "max_new_tokens": 256, "max_beam_size": 8}
+
+
+def test_the_sampling_defaults_are_evaluates_here_and_in_generate(served):
+    """One declaration (pipeline.core.params.Evaluate): evaluate's samples, the playground's continue
+    mode (the page reads each mode's defaults from /api/info) and `python -m pipeline.generate`."""
+    from pipeline.generate import parser
+
+    e, defaults = Evaluate(), served.client.get("/api/info").json()["defaults"]
+    sampling = {k: v for k, v in e.sampling().items() if k != "seed"}  # the seed: not a request's setting
+    assert {k: defaults["continue"][k] for k in sampling} == sampling
+    assert defaults["continue"]["max_new_tokens"] == min(e.sample_tokens, Limits().max_new_tokens)
+    for mode in ("translate", "ask"):
+        assert defaults[mode]["temperature"] == 0 and defaults[mode]["beam_size"] == 1, mode
+    playground = Playground(served.model, served.tok, served.engine, {}, Limits())
+    assert playground.decoding({"mode": "continue"}) == Decoding(min(e.sample_tokens, 256), **e.sampling())
+    args = parser().parse_args(["ROMEO:"])  # temperature: the command's own None, evaluate's when sampling
+    assert {k: getattr(args, k) for k in ("top_k", "top_p", "repetition_penalty", "seed")} == {
+        k: getattr(e, k) for k in ("top_k", "top_p", "repetition_penalty", "seed")
+    }
 
 
 def test_a_model_not_yet_evaluated_says_so(answered, tmp_path):
@@ -234,6 +254,37 @@ def test_requests_that_arrive_while_others_decode_join_their_batch(served, gate,
     gate.set()
     assert streams.texts() == [tok.decode(a) for a in alone]
     assert streams.waves == [1]  # one batch: the three joined it
+
+
+def test_a_beam_search_advances_a_step_at_a_time_beside_the_streams(served, monkeypatch):
+    """A beam search and a stream admitted together: the beam search is a wave like the others, so
+    the stream writes its tokens while the beams decode (it waited for the whole search before),
+    and each gives what it gives alone."""
+    tok, engine = served.tok, served.engine
+    prompts = [tok.pair_prompt(ids, "ru") for ids in tok.encode(SENTENCES[1:3])]
+    beam, greedy = Decoding(40, beam_size=4), Decoding(40)
+    alone = [
+        generate(served.model, [prompts[0]], tok.eos_id, beam)[0],
+        generate(served.model, [prompts[1]], tok.eos_id, greedy)[0],
+    ]
+    seen_at_beam_done = []
+    streams = Streams(engine, monkeypatch)
+    with engine.lock:  # admitted together: the beam search first
+        streams.submit(prompts[0], beam)
+        streams.submit(prompts[1], greedy)
+        streamed = engine.pending[1]
+        sink = engine.pending[0].sink
+
+        def watched(event):
+            if event["event"] == "done":
+                seen_at_beam_done.append((len(streamed.ids), streamed.finished))
+            sink(event)
+
+        engine.pending[0].sink = watched
+    assert streams.texts() == [tok.decode(a) for a in alone]
+    assert streams.waves == [1, 1]
+    tokens, finished = seen_at_beam_done[0]
+    assert tokens > 0 or finished  # the stream went on while the beams decoded
 
 
 def test_stop_ends_the_decoding_on_the_server(served, gate):

@@ -7,6 +7,7 @@ midway.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -100,7 +101,7 @@ def torchrun(folder: Path, nproc: int) -> subprocess.CompletedProcess:
 def reference(prepared, tmp_path_factory) -> Path:
     """An uninterrupted tiny run that writes a checkpoint every 10 of its 60 steps."""
     folder = copy_project(prepared, tmp_path_factory.mktemp("engine") / "ref")
-    set_params(folder, train={"checkpoint_interval": 10})
+    set_params(folder, train_run={"checkpoint_interval": 10})
     call_stage("train", folder)
     return folder
 
@@ -133,13 +134,13 @@ def test_a_killed_run_resumes_to_bit_identical_weights_and_curves(reference, tmp
 
 
 def test_reading_losses_every_few_steps_without_dvclive_changes_nothing(reference, tmp_path, monkeypatch):
-    """Losses stay on the device and are read every train.log_interval steps (CUDA's way), and
+    """Losses stay on the device and are read every train_run.log_interval steps (CUDA's way), and
     curves are written without dvclive where it is missing (a GPU machine without DVC): the same
     weights, the same curves and the same metrics.json as reading every step through dvclive."""
     folder = copy_project(reference, tmp_path / "p")
     for d in ("data/checkpoints", "data/model", "metrics/train"):
         shutil.rmtree(folder / d)
-    set_params(folder, train={"log_interval": 7})  # not a divisor of the 10-step checkpoints
+    set_params(folder, train_run={"log_interval": 7})  # not a divisor of the 10-step checkpoints
     monkeypatch.setitem(sys.modules, "dvclive", None)  # `import dvclive` raises ImportError
     call_stage("train", folder)
     assert_same_run(folder, reference)
@@ -155,13 +156,13 @@ def test_the_plain_output_layer_trains_to_the_same_weights_as_the_chunked_one(pr
     take the same steps: its CPU form trained here, against the default on this CPU."""
     from safetensors.torch import load_file
 
-    from pipeline.model.model import GPT
+    from pipeline.training.loss import OutputLayer
 
     weights = {}
     for chunked in (True, False):
         folder = copy_project(prepared, tmp_path / str(chunked))
         set_params(folder, train={**BATCH, "batch_size": 16})
-        monkeypatch.setattr(GPT, "chunked_loss", chunked)
+        monkeypatch.setattr(OutputLayer, "chunked", chunked)
         call_stage("train", folder)
         weights[chunked] = load_file(folder / "data/model/last.safetensors")
     for name, w in weights[True].items():
@@ -169,25 +170,27 @@ def test_the_plain_output_layer_trains_to_the_same_weights_as_the_chunked_one(pr
 
 
 def test_every_knob_that_changes_nothing_computed_still_resumes(reference, tmp_path, capsys):
-    """Each train knob declared operational or resumable (pipeline.core.params, the one list the
-    checkpoint's fingerprint reads) set to another value: the run resumes its checkpoint and ends
-    bit-identical. train.log_interval once discarded the checkpoint and trained from scratch."""
+    """Every train_run knob, and each train knob declared resumable (pipeline.core.params, the one
+    list the checkpoint's fingerprint reads), set to another value: the run resumes its checkpoint
+    and ends bit-identical. train.log_interval once discarded the checkpoint and trained from scratch."""
     folder = copy_project(reference, tmp_path / "p")
     shutil.rmtree(folder / "data/checkpoints/step_0000060")  # resume from step 50
     shutil.rmtree(folder / "data/model")
     (folder / "data/checkpoints").rename(folder / "data/moved")  # where checkpoint_dir now points
-    changes = {
+    run_changes = {
         "checkpoint_interval": 7,
         "log_interval": 5,
         "resume": "strict",  # an incompatible checkpoint would be an error, not a fresh start
         "checkpoint_dir": "data/moved",
+    }
+    changes = {
         "device": "cpu",
         "compile": False,
         "threads": 0,  # OMP_NUM_THREADS (tests/conftest.py), the reference's THREADS: the same bits
         "fused_loss": "none",  # its other value, liger, runs on CUDA only (refused here, see below)
     }
-    assert set(changes) == P.RESUMABLE["train"] and P.OPERATIONAL["train"] < P.RESUMABLE["train"]
-    set_params(folder, train=changes)
+    assert set(changes) == P.RESUMABLE and set(run_changes) == {f.name for f in dataclasses.fields(P.TrainRun)}
+    set_params(folder, train=changes, train_run=run_changes)
     call_stage("train", folder)
     assert "resuming from data/moved/step_0000050" in capsys.readouterr().out
     assert_same_run(folder, reference)
@@ -197,7 +200,7 @@ def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):
     """Dropout draws from torch's global RNG, saved in each checkpoint: nothing else (such as
     measuring the CPU's peak FLOP/s for MFU) may draw from it between the restore and the steps."""
     reference = copy_project(prepared, tmp_path / "ref")
-    set_params(reference, model={"dropout": 0.1}, train={"checkpoint_interval": 10})
+    set_params(reference, model={"dropout": 0.1}, train_run={"checkpoint_interval": 10})
     call_stage("train", reference)
     folder = copy_project(reference, tmp_path / "p")
     shutil.rmtree(folder / "data/checkpoints/step_0000060")  # resume from step 50
@@ -210,7 +213,7 @@ def test_a_resumed_run_with_dropout_is_bit_identical(prepared, tmp_path):
 @pytest.mark.slow  # a training stopped by SIGTERM in a process of its own (~10 s): CI runs it
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(prepared, tmp_path):
     folder = copy_project(prepared, tmp_path / "p")
-    set_params(folder, train={"max_steps": 100000, "checkpoint_interval": 0, "eval_interval": 1000})
+    set_params(folder, train={"max_steps": 100000, "eval_interval": 1000}, train_run={"checkpoint_interval": 0})
     proc = start_train(folder)
     # training has begun: its curves are being logged (into a scratch copy, published at the end)
     wait_for(folder / "metrics" / f".train.tmp-{proc.pid}" / "plots/metrics/lr.tsv", proc)
@@ -241,12 +244,12 @@ def test_an_incompatible_checkpoint_is_not_resumed(reference, tmp_path, capsys):
         return capsys.readouterr().out
 
     folder = copy_project(reference, tmp_path / "p")
-    set_params(folder, model={"n_embd": 32}, train={"max_steps": 5, "resume": "strict"})
-    stage_error("train", folder, "cannot resume", "model.n_embd", "train.resume")
+    set_params(folder, model={"n_embd": 32}, train={"max_steps": 5}, train_run={"resume": "strict"})
+    stage_error("train", folder, "cannot resume", "model.n_embd", "train_run.resume")
     assert (folder / "data/model/last.safetensors").read_bytes() == (
         reference / "data/model/last.safetensors"
     ).read_bytes()
-    set_params(folder, train={"resume": "auto"})
+    set_params(folder, train_run={"resume": "auto"})
     out = train()
     assert "not resuming" in out and "model.n_embd" in out and "starting fresh" in out
     assert train_metrics(folder)["steps"] == 5
@@ -366,8 +369,8 @@ def test_schedules():
 
 
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings():
+    from pipeline.core.params import ModelConfig as Model
     from pipeline.core.params import Train
-    from pipeline.model.config import ModelConfig as Model
     from pipeline.model.model import build_model
     from pipeline.training.optim import make_optimizer
 
@@ -443,9 +446,9 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_check
             "min_lr": 1.0e30,
             "warmup_steps": 0,
             "grad_clip": 0.0,
-            "checkpoint_interval": 1,
             "eval_interval": 1000,
         },
+        train_run={"checkpoint_interval": 1},
     )
     proc = run_stage("train", folder, check=False)
     assert proc.returncode == 1
@@ -505,9 +508,9 @@ PATIENCE = {
     "min_lr": 0.05,
     "muon_lr": 0.3,
     "warmup_steps": 0,
-    "checkpoint_interval": 2,  # one at every evaluation: the newest two are inside the count
     "patience": 3,
 }
+PATIENCE_RUN = {"checkpoint_interval": 2}  # one at every evaluation: the newest two are inside the count
 
 
 def test_patience_stops_training_where_the_val_loss_stopped_improving_and_resumes_exactly(prepared, tmp_path):
@@ -516,7 +519,7 @@ def test_patience_stops_training_where_the_val_loss_stopped_improving_and_resume
     metrics/train.json, and a run resumed from a checkpoint taken while the count was under way
     (or from the one it ended with) ends bit-identical: the count is part of the checkpoint."""
     reference = copy_project(prepared, tmp_path / "ref")
-    set_params(reference, train=PATIENCE)
+    set_params(reference, train=PATIENCE, train_run=PATIENCE_RUN)
     call_stage("train", reference)
     val = [(int(r[0]), float(r[1])) for r in curves(reference)[f"{CURVES}/val/loss.tsv"][1:]]
     best, since, expected = float("inf"), 0, None

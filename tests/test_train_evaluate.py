@@ -18,6 +18,7 @@ from conftest import assert_clean_error, call_stage, copy_project, run_stage, se
 from safetensors.torch import load_file
 
 from pipeline.core.common import PipelineError
+from pipeline.core.params import Evaluate
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.decoding.decode import Decoding, generate
 from pipeline.model.weights import load_model, load_weights
@@ -155,7 +156,7 @@ def test_generate_command_streams_the_seeded_continuation(trained, trained_model
     args = ("Shall I compare", "--max-new-tokens", "20", "--seed", "3")
     out = run_stage("generate", trained, *args)
     prompt = [tok.eos_id, *tok.encode(["Shall I compare"])[0]]
-    sampled = Decoding(max_new_tokens=20, temperature=0.8, top_k=50, seed=3)  # the command's defaults
+    sampled = Decoding(max_new_tokens=20, **{**Evaluate().sampling(), "seed": 3})  # the command's defaults: evaluate's
     (new,) = generate(model, [prompt], tok.eos_id, sampled)
     assert len(new) > 0
     assert out.stdout == "Shall I compare" + tok.decode(new) + "\n"

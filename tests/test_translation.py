@@ -121,18 +121,24 @@ def test_mixture_draws_windows_by_weighted_token_share():
     assert len(window_starts(4001, 16, 64, 1, 0, 5)) == 64
 
 
-def test_source_weights_train_only_on_the_weighted_sources(prepared, tmp_path):
+def test_source_weights_train_only_on_the_weighted_sources(prepared, tmp_path, capsys):
+    """A weight for a source the train split lacks is ignored whatever its value (params.yaml's own
+    for the default corpus, or any other), and train says so once, in one line naming the key."""
     folder = copy_project(prepared, tmp_path / "p")
-    set_params(folder, train={"source_weights": {"nope": 1}})
-    stage_error("train", folder, "train.source_weights.nope", "no such source", "sonnets, pairs")
     set_params(folder, train={"source_weights": {"sonnets": 0, "pairs": 0}})
     stage_error("train", folder, "train.source_weights", "weight 0")
     set_params(folder, train={"source_weights": {"sonnets": -1}})
     stage_error("train", folder, "train.source_weights.sonnets", ">= 0")
-    set_params(folder, train={"source_weights": {"sonnets": 0}, "max_steps": 3})
+    weights = {"sonnets": 0.0, "nope": 3.5, "bible_en_ru": 3.0}  # no nope, no bible_en_ru in this corpus
+    set_params(folder, train={"source_weights": weights, "max_steps": 3})
+    capsys.readouterr()
     call_stage("train", folder)
+    out = capsys.readouterr().out
+    for name in ("nope", "bible_en_ru"):
+        line = f"train: train.source_weights.{name}: no source of that name in data/tokens/train.json; ignored\n"
+        assert out.count(line) == 1, out
     config = json.loads((folder / "data/model/config.json").read_text())
-    assert config["train"]["source_weights"] == {"sonnets": 0.0}
+    assert config["train"]["source_weights"] == weights
 
 
 def test_evaluate_chooses_the_beam_on_val_and_reports_it(prepared, tmp_path):

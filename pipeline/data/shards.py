@@ -87,11 +87,12 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
 
 class Pool:
     """Shards to workers and results back in order, at most 2 per worker in flight (bounded memory).
-    One worker: everything runs in this process."""
+    One worker: everything runs in this process. `run` (clean_run) sizes the shards and the pool."""
 
-    def __init__(self, settings: P.Clean, heldout_ngrams: np.ndarray | None = None):
+    def __init__(self, settings: P.Clean, run: P.CleanRun, heldout_ngrams: np.ndarray | None = None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.workers = settings.workers or cores
+        self.workers = run.workers or cores
+        self.shard_bytes = run.shard_bytes
         self.pool = None
         if self.workers == 1:
             _init_worker(settings, heldout_ngrams)

@@ -1,14 +1,12 @@
 """Decoding: greedy, sampled (temperature, top-k, top-p) and beam search, for every use of a model
-that writes text (translation, question answering, samples, `python -m pipeline.generate`).
+that writes text (translation, question answering, samples, `python -m pipeline.generate`, the
+playground).
 
-Any prompts decode together: `generate` sorts them by length (so little is padded) and decodes
-up to batch_size at a time, a GPT's rows left-padded and masked, each at its own positions, a
-recurrent model's packed. A GPT's key/value cache is allocated once per batch (prompt plus new
-tokens) and written in place; when a row's context reaches block_size, its last half is
-re-encoded and decoding goes on, that row alone. A finished row (eos, or its own limit of new
-tokens) stops costing compute: the batch is compacted once a quarter of it is done. Beam search
-decodes prompts x beams rows the same way; a beam follows its parent by index into the cache,
-copying only the columns written after the prompt. The device is asked whether to stop every
+One step loop (`Decoder`) serves them all. Any prompts decode together: `generate` sorts them by
+length (so little is padded) and decodes up to batch_size at a time; the model's cache
+(pipeline.decoding.cache) holds each row at its own positions. A finished row (eos, or its own limit
+of new tokens) stops costing compute: the batch is compacted once a quarter of it is done. Beam
+search decodes prompts x beams rows the same way. The device is asked whether to stop every
 `check_every` steps (1 on a CPU, where asking is free; 8 on CUDA). Batched results equal decoding
 each prompt alone, but for the last bits of float sums (a padded row's attention is masked).
 """
@@ -24,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.common import PipelineError, first_line
+from pipeline.decoding.cache import cache_for, next_logits
 
 
 @dataclass
@@ -123,32 +122,19 @@ COMPACT = 4  # a batch drops its finished rows once 1 / COMPACT of them are
 
 
 class Batch:
-    """Prompts of any lengths being decoded together: the model's state, the tokens written so
-    far, each row's limit of new tokens and whether it is done. `rows` maps each row to its
-    prompt's index in the batch as given (rows go when the batch is compacted)."""
+    """Prompts of any lengths being decoded together: the model's cache (pipeline.decoding.cache),
+    the tokens written so far, each row's limit of new tokens and whether it is done. `rows` maps
+    each row to its prompt's index in the batch as given (rows go when the batch is compacted)."""
 
     def __init__(self, model, prompts: list[list[int]], eos_id: int, decoding: Decoding, limits=None, step=None):
         self.model, self.eos_id = model, eos_id
-        self.step = step or model.step  # a CompiledStep: static shapes, and no compaction (a new shape)
-        self.compact = step is None
+        self.step = step  # a CompiledStep: static shapes, and no compaction (a new shape)
         prompts = [keep_end(model, p) for p in prompts]
         n_new = decoding.max_new_tokens
-        longest = max(map(len, prompts))
-        width = longest + n_new
-        if model.bounded_context and width > 2 * model.block_size:  # a long generation: a window that slides
-            width = 2 * model.block_size
-        if step is not None:  # one width of two, so that few shapes are compiled
-            width = model.block_size if width <= model.block_size else 2 * model.block_size
-        self.logits, self.state = model.prefill(prompts, width, static=step is not None)
+        self.logits, self.cache = cache_for(model).prefill(model, prompts, n_new, static=step is not None)
         device = self.logits.device
         self.prompt_ids = _prompt_ids(prompts, decoding, device)
         self.limit = torch.tensor(limits or [n_new] * len(prompts), device=device)
-        # every token so far, column by column as in a GPT's cache: re-encoded when a window slides
-        self.history = None
-        if model.bounded_context and longest + n_new > model.block_size:
-            self.history = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-            for i, p in enumerate(prompts):
-                self.history[i, longest - len(p) : longest] = torch.as_tensor(p)
         self.rows = torch.arange(len(prompts))
         self.begin = torch.zeros(len(prompts), dtype=torch.long)  # the column of out where each row's tokens begin
         self.out = torch.empty(len(self.rows), n_new, dtype=torch.long, device=device)
@@ -158,10 +144,10 @@ class Batch:
     def select(self, rows: torch.Tensor) -> None:
         """Keep these rows (in this order): finished rows dropped, or each prompt's beams."""
         cpu = rows.cpu()
-        self.state = self.model.select(self.state, rows)
+        self.cache = self.cache.select(rows)
         self.logits, self.rows, self.begin = self.logits.index_select(0, rows), self.rows[cpu], self.begin[cpu]
         self.limit = self.limit.index_select(0, rows)
-        for name in ("prompt_ids", "history", "out", "done"):
+        for name in ("prompt_ids", "out", "done"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).index_select(0, rows))
 
@@ -172,25 +158,12 @@ class Batch:
         self.n += 1
         self.done |= (tokens == self.eos_id) | (self.n >= self.limit)
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        """Feed the newest tokens to the model: the logits of the next ones. A GPT's row whose
-        context is full re-encodes its last half context instead; a cache with no room left drops
-        the columns every row has slid past."""
-        model, state = self.model, self.state
-        full = None
-        if self.history is not None:
-            if state.length == state.width:
-                n = int(state.start.min())
-                state.shift(n)
-                self.history[:, : state.length] = self.history[:, n : n + state.length].clone()
-            self.history[:, state.length] = tokens
-            if state.length >= model.block_size:
-                full = (model.context_lengths(state) >= model.block_size).nonzero().squeeze(1)
-        self.logits, self.state = self.step(tokens, state)
-        if full is not None and full.numel():
-            half = model.block_size // 2
-            window = self.history[full, state.length - half : state.length]
-            self.logits[full] = model.slide(state, full, window)
+    def advance(self) -> None:
+        """Feed the newest tokens to the model: the logits of the next ones."""
+        tokens = self.out[:, self.n - 1]
+        self.logits = (
+            self.cache.step(self.model, tokens, self.step) if self.step else self.cache.step(self.model, tokens)
+        )
 
     def ids(self, row: int) -> list[int]:
         """A row's new tokens, up to its eos."""
@@ -198,31 +171,16 @@ class Batch:
         return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
 
     def fits(self, prompt: list[int], limit: int) -> bool:
-        """Whether join() can take this prompt: a GPT's eager cache with no window to slide and no
-        repetition penalty, the prompt no longer than the columns written, room for its tokens."""
-        state = self.state
-        if not hasattr(state, "keys") or state.static or self.history is not None or self.prompt_ids is not None:
-            return False
-        return 0 < len(prompt) <= state.length and state.length + limit <= state.width
+        """Whether join() can take this prompt: the cache can (a GPT's, eager, no window to slide),
+        and there is no repetition penalty (whose prompt ids have the batch's width)."""
+        return self.prompt_ids is None and self.cache.fits(len(prompt), limit)
 
     def join(self, prompts: list[list[int]], limits: list[int], first_index: int) -> None:
-        """Continuous batching: add prompts (each of which fits()) to the batch as it decodes, between
-        a step's advance() and the next write() (when every row's logits are of its next token).
-        They are encoded on their own, and their keys and values written so that each ends at the
-        column the batch writes next, as if it had been left-padded from the start; their limits
-        of new tokens count from now. Their rows map to prompts first_index, first_index + 1, ..."""
-        model, state, n_new = self.model, self.state, len(prompts)
-        logits, sub = model.prefill(prompts, max(map(len, prompts)))
-        L, n = state.length, sub.length
-        for tensors, theirs in ((state.keys, sub.keys), (state.values, sub.values)):
-            for layer, t in enumerate(tensors):
-                grown = t.new_zeros((t.size(0) + n_new, *t.shape[1:]))
-                grown[: t.size(0), :, :L] = t[:, :, :L]
-                grown[t.size(0) :, :, L - n : L] = theirs[layer][:, :, :n]
-                tensors[layer] = grown
-        state.start = torch.cat([state.start, sub.start + (L - n)])
-        state.padded = True
-        device = self.out.device
+        """Continuous batching: add prompts (each of which fits()) to the batch as it decodes, once
+        every row's logits are of its next token (KVCache.join); their limits of new tokens count
+        from now. Their rows map to prompts first_index, first_index + 1, ..."""
+        n_new, device = len(prompts), self.out.device
+        logits = self.cache.join(self.model, prompts)
         limits_now = torch.tensor(limits, device=device) + self.n
         width = max(self.out.size(1), int(limits_now.max()))
         out = torch.full((len(self.out) + n_new, width), self.eos_id, dtype=torch.long, device=device)
@@ -232,6 +190,120 @@ class Batch:
         self.done = torch.cat([self.done, torch.zeros(n_new, dtype=torch.bool, device=device)])
         self.rows = torch.cat([self.rows, torch.arange(first_index, first_index + n_new)])
         self.begin = torch.cat([self.begin, torch.full((n_new,), self.n, dtype=torch.long)])
+
+
+class Decoder:
+    """The one step loop: prompts decoded together, greedy, sampled or by beam search, one token
+    per row at each step(), for generate() and beam_search(), stream() and the playground's engine.
+
+    A step chooses each row's next token (choose()), then settles (settle()): every `every` steps
+    it asks the device which prompts are done (all their beams at eos or their limit), ranks them
+    (`results`, by prompt index; `finished`: those of this step) and drops them from the batch once
+    a quarter of it is done (`compact`); then it feeds the newest tokens (Batch.advance).
+
+    Beam search keeps prompts x beams rows. A finished beam can only be extended by eos at no cost,
+    so it keeps its score and competes with the live beams; a prompt's beams are ranked by
+    length-normalised score, log-probability / length ** length_penalty, for each of
+    `length_penalties` (default: decoding's), as the search itself never reads it.
+    """
+
+    def __init__(self, model, prompts, eos_id: int, decoding: Decoding, limits=None, gen=None, step=None, **options):
+        self.batch = Batch(model, prompts, eos_id, decoding, limits, step)
+        self.decoding, self.gen, self.eos_id = decoding, gen, eos_id
+        self.beams = decoding.beam_size  # rows per prompt
+        self.length_penalties = options.get("length_penalties")  # given: beam search, even of one beam
+        self.search = decoding.beam_size > 1 or self.length_penalties is not None  # else greedy or sampled
+        self.length_penalties = self.length_penalties or (decoding.length_penalty,)
+        self.compact = options.get("compact", True) and step is None
+        self.every = options.get("every") or check_every(self.batch.logits.device)
+        self.scores = self.lengths = None  # beam search: each row's log-probability and length
+        self.results: dict[int, list[int] | tuple] = {}
+        self.finished: list[int] = []
+
+    def step(self) -> bool:
+        """One token more in every row; False once every prompt has its result."""
+        self.choose()
+        return self.settle()
+
+    def choose(self) -> None:
+        """Write each row's next token."""
+        if not self.search:
+            self.batch.write(next_tokens(self.batch, self.decoding, self.gen))
+        elif self.batch.n == 0:
+            self._first_beams()
+        else:
+            self._extend_beams()
+
+    def _first_beams(self) -> None:
+        """Each prompt's best first tokens start its beams (its cache computed once, its prompt's
+        columns shared)."""
+        batch = self.batch
+        logp = torch.log_softmax(_adjust(batch.logits, batch, self.decoding).float(), dim=-1)
+        scores, first = logp.topk(min(self.beams, logp.size(-1)), dim=-1)
+        K = self.beams = scores.size(1)
+        batch.select(torch.arange(len(batch.rows), device=batch.out.device).repeat_interleave(K))
+        batch.cache.share(K)
+        batch.write(first.reshape(-1))
+        self.scores, self.lengths = scores.reshape(-1), torch.ones(len(batch.rows), device=batch.out.device)
+
+    def _extend_beams(self) -> None:
+        """Each prompt's K best continuations of its K beams become its beams (a finished beam:
+        eos at no cost); every row becomes a copy of its parent so far, then takes its token."""
+        batch, d, K = self.batch, self.decoding, self.beams
+        logp = torch.log_softmax(_adjust(batch.logits, batch, d).float(), dim=-1)
+        logp = _ban_repeats(logp, batch.out[:, : batch.n], d.no_repeat_ngram)
+        done, V, B = batch.done, logp.size(-1), len(batch.rows) // K
+        logp[done] = float("-inf")
+        logp[done, self.eos_id] = 0.0
+        top, pos = (self.scores[:, None] + logp).view(B, K * V).topk(K, dim=-1)
+        parent = (torch.arange(B, device=logp.device)[:, None] * K + pos // V).view(-1)
+        self.lengths = self.lengths[parent] + (~done[parent]).float()
+        self.scores = top.view(-1)
+        batch.cache.follow(parent)
+        batch.out[:, : batch.n] = batch.out[parent, : batch.n]
+        batch.done = done[parent]
+        batch.write((pos % V).view(-1))  # a beam at its prompt's limit is done: frozen until the prompt is ranked
+
+    def settle(self) -> bool:
+        """Rank the prompts that are done, drop them once enough are, and feed the newest tokens
+        (the logits of the next ones: where Batch.join can add prompts); False once all are done."""
+        batch, K = self.batch, self.beams
+        self.finished = []
+        if batch.n % self.every == 0 or batch.n >= self.decoding.max_new_tokens:
+            ended = batch.done.view(-1, K).all(1).cpu()
+            for b in ended.nonzero().squeeze(1).tolist():
+                prompt = int(batch.rows[b * K])
+                if prompt not in self.results:
+                    self.results[prompt] = self._ranked(b) if self.search else batch.ids(b)
+                    self.finished.append(prompt)
+            if bool(ended.all()):
+                return False
+            if self.compact and int(ended.sum()) * COMPACT >= len(ended):  # the prompts still decoding
+                keep = (~ended).nonzero().squeeze(1).to(batch.out.device)
+                rows = (keep[:, None] * K + torch.arange(K, device=keep.device)).reshape(-1)
+                batch.select(rows)
+                if self.search:
+                    self.scores, self.lengths = self.scores.index_select(0, rows), self.lengths.index_select(0, rows)
+        batch.advance()
+        return True
+
+    def _ranked(self, b: int) -> tuple[list[int], ...]:
+        """Prompt b's best beam under each length penalty."""
+        beams = slice(b * self.beams, (b + 1) * self.beams)
+        scores, lengths = self.scores[beams], self.lengths[beams]
+        return tuple(
+            self.batch.ids(b * self.beams + int((scores / lengths.pow(lp)).argmax())) for lp in self.length_penalties
+        )
+
+    def stop(self, rows: list[int]) -> None:
+        """End these rows now (their prompts asked to stop): done, as if at their limit."""
+        self.batch.done[torch.tensor(rows, device=self.batch.done.device)] = True
+
+    def run(self) -> list:
+        """Decode to the end: each prompt's result, in the order given."""
+        while self.step():
+            pass
+        return [self.results[i] for i in range(len(self.results))]
 
 
 class TextStream:
@@ -262,20 +334,23 @@ class TextStream:
 
 
 class CompiledStep:
-    """A GPT's decode step compiled (torch.compile; on CUDA, mode "reduce-overhead": CUDA graphs),
-    over a static cache: every step has the same shapes, and the cache is written at a column the
-    device holds. Where compiling fails it says why, once, and steps eagerly."""
+    """A GPT's decode step (pipeline.decoding.cache.next_logits) compiled (torch.compile; on CUDA,
+    mode "reduce-overhead": CUDA graphs), over a static cache: every step has the same shapes, and
+    the cache is written at a column the device holds. Where compiling fails it says why, once,
+    and steps eagerly."""
 
     def __init__(self, model, **options):
         self.model = model
         self.options = options or {"mode": "reduce-overhead"}
-        self.compiled = torch.compile(model.next_logits, fullgraph=True, dynamic=False, **self.options)
+        self.compiled = torch.compile(
+            lambda tokens, cache: next_logits(model, tokens, cache), fullgraph=True, dynamic=False, **self.options
+        )
         self.failed: str | None = None
 
     @classmethod
     def of(cls, model, **options):
         """The model's compiled step (compiled once per model and options); None for a recurrent model."""
-        if not hasattr(model, "next_logits"):
+        if not model.bounded_context:
             return None
         key = repr(sorted(options.items()))
         steps = model.__dict__.setdefault("_compiled_steps", {})
@@ -283,18 +358,14 @@ class CompiledStep:
             steps[key] = cls(model, **options)
         return steps[key]
 
-    def __call__(self, tokens: torch.Tensor, kv):
-        logits = None
+    def __call__(self, model, tokens: torch.Tensor, cache) -> torch.Tensor:
         if self.failed is None:
             try:
-                logits = self.compiled(tokens, kv).clone()  # a CUDA graph's output is overwritten by its next replay
+                return self.compiled(tokens, cache).clone()  # a CUDA graph's output is overwritten by its next replay
             except Exception as e:  # no compiler, an unsupported operation: decoding goes on, eagerly
                 self.failed = first_line(e)
                 print(f"decoding: not compiled ({self.failed}); decoding eagerly", file=sys.stderr, flush=True)
-        if logits is None:
-            logits = self.model.next_logits(tokens, kv)
-        kv.advance(1)
-        return logits, kv
+        return next_logits(model, tokens, cache)
 
 
 def compiles(setting, device) -> bool:
@@ -312,15 +383,12 @@ def stream(model, prompts, eos_id: int, decoding: Decoding, gen=None) -> Iterato
     """Sample or pick greedily, one step at a time: yields the next token of every row (prompts:
     token lists of any lengths, or a tensor of rows). Rows that are done yield eos; the stream ends
     when all are, or at max_new_tokens."""
-    batch = Batch(model, _as_lists(prompts), eos_id, decoding)
-    every = check_every(batch.logits.device)
-    for step in range(decoding.max_new_tokens):
-        nxt = next_tokens(batch, decoding, gen)
-        batch.write(nxt)
-        yield batch.out[:, step]
-        if step + 1 == decoding.max_new_tokens or ((step + 1) % every == 0 and bool(batch.done.all())):
+    decoder = Decoder(model, _as_lists(prompts), eos_id, decoding, gen=gen, compact=False)
+    while True:
+        running = decoder.step()
+        yield decoder.batch.out[:, decoder.batch.n - 1]
+        if not running:
             return
-        batch.advance(batch.out[:, step])
 
 
 def next_tokens(batch: Batch, decoding: Decoding, gen) -> torch.Tensor:
@@ -330,110 +398,6 @@ def next_tokens(batch: Batch, decoding: Decoding, gen) -> torch.Tensor:
     if decoding.no_repeat_ngram and batch.n >= decoding.no_repeat_ngram:
         logits = _ban_repeats(logits, batch.out[:, : batch.n], decoding.no_repeat_ngram)
     return _pick(_adjust(logits, batch, decoding), decoding, gen)
-
-
-@torch.inference_mode()
-def _decode(
-    model, prompts: list[list[int]], eos_id: int, decoding: Decoding, limits: list[int], gen, step=None
-) -> list[list[int]]:
-    """Greedy or sampled decoding of a batch of prompts; finished rows leave the batch."""
-    batch = Batch(model, prompts, eos_id, decoding, limits, step)
-    results: list[list[int]] = [[] for _ in prompts]
-    every = check_every(batch.logits.device)
-    for step in range(decoding.max_new_tokens):
-        batch.write(next_tokens(batch, decoding, gen))
-        last = step + 1 == decoding.max_new_tokens
-        if last or (step + 1) % every == 0:
-            done = batch.done.cpu()
-            all_done = bool(done.all())
-            if last or all_done or (batch.compact and len(done) > 1 and int(done.sum()) * COMPACT >= len(done)):
-                for row in done.nonzero().squeeze(1).tolist() if not last else range(len(done)):
-                    results[int(batch.rows[row])] = batch.ids(row)
-                if last or all_done:
-                    break
-                batch.select((~done).nonzero().squeeze(1).to(batch.out.device))
-        batch.advance(batch.out[:, step])
-    return results
-
-
-@torch.inference_mode()
-def _beam_search(
-    model, prompts: list[list[int]], eos_id: int, decoding: Decoding, limits=None, step=None, length_penalties=None
-) -> list[tuple[list[int], ...]]:
-    """Beam search for a batch of prompts of any lengths (prompts x beams rows).
-
-    A finished beam can only be extended by eos at no cost, so it keeps its score and competes
-    with the live beams; a prompt ends when all its beams have, or at its limit of new tokens, and
-    its beams are ranked by length-normalised score: log-probability / length ** length_penalty,
-    for each of `length_penalties` (default: decoding's), as the search itself never reads it.
-    Returns each prompt's best beam under each.
-    """
-    length_penalties = length_penalties or (decoding.length_penalty,)
-    K = decoding.beam_size
-    batch = Batch(model, prompts, eos_id, decoding, limits, step)
-    logp = torch.log_softmax(_adjust(batch.logits, batch, decoding).float(), dim=-1)
-    V = logp.size(-1)
-    scores, first = logp.topk(min(K, V), dim=-1)
-    K = scores.size(1)
-    batch = _beams_of(batch, K)
-    device = batch.out.device
-    batch.write(first.reshape(-1))
-    scores, lengths = scores.reshape(-1), torch.ones(len(batch.rows), device=device)
-    results: list[tuple | None] = [None] * len(prompts)
-    every = check_every(device)
-    while True:
-        B = len(batch.rows) // K
-        # A prompt ends when all its beams are done (at eos, or at its limit): asked every few
-        # steps, as its beams stay as they were (extended by eos at no cost) until it is ranked
-        if batch.n % every and batch.n < decoding.max_new_tokens:
-            ended = torch.zeros(B, dtype=torch.bool)
-        else:
-            ended = batch.done.view(B, K).all(1).cpu()
-        for b in ended.nonzero().squeeze(1).tolist():
-            prompt = int(batch.rows[b * K])
-            if results[prompt] is None:
-                beams = slice(b * K, (b + 1) * K)
-                results[prompt] = tuple(
-                    batch.ids(b * K + int((scores[beams] / lengths[beams].pow(lp)).argmax())) for lp in length_penalties
-                )
-        if bool(ended.all()):
-            return results
-        if batch.compact and int(ended.sum()) * COMPACT >= B:  # compact: the prompts still decoding
-            keep = (~ended).nonzero().squeeze(1).to(device)
-            rows = (keep[:, None] * K + torch.arange(K, device=device)).reshape(-1)
-            batch.select(rows)
-            scores, lengths = scores.index_select(0, rows), lengths.index_select(0, rows)
-            B = len(keep)
-        batch.advance(batch.out[:, batch.n - 1])
-        logp = torch.log_softmax(_adjust(batch.logits, batch, decoding).float(), dim=-1)
-        logp = _ban_repeats(logp, batch.out[:, : batch.n], decoding.no_repeat_ngram)
-        done = batch.done
-        logp[done] = float("-inf")
-        logp[done, eos_id] = 0.0
-        top, pos = (scores[:, None] + logp).view(B, K * V).topk(K, dim=-1)
-        parent = (torch.arange(B, device=device)[:, None] * K + pos // V).view(-1)
-        token = (pos % V).view(-1)
-        lengths = lengths[parent] + (~done[parent]).float()
-        scores = top.view(-1)
-        _follow(batch, parent)
-        batch.done = done[parent]
-        batch.write(token)  # a beam at its prompt's limit is done: frozen until the prompt is ranked
-
-
-def _beams_of(batch: Batch, K: int) -> Batch:
-    """Each prompt's row repeated K times (its cache computed once, its prompt columns shared)."""
-    batch.select(torch.arange(len(batch.rows), device=batch.out.device).repeat_interleave(K))
-    if hasattr(batch.state, "shared"):
-        batch.state.shared, batch.state.group = batch.state.length, K
-    return batch
-
-
-def _follow(batch: Batch, parent: torch.Tensor) -> None:
-    """Every row becomes a copy of its parent row so far: the model's state, the tokens written."""
-    batch.state = batch.model.follow(batch.state, parent)
-    batch.out[:, : batch.n] = batch.out[parent, : batch.n]
-    if batch.history is not None:  # (a prompt's beams share its prompt_ids: nothing to follow there)
-        batch.history = batch.history.index_select(0, parent)
 
 
 @torch.inference_mode()
@@ -460,11 +424,7 @@ def generate(
         return beam_search(model, prompts, eos_id, decoding, [lp], batch_size, device, progress, compile)[lp]
     decoding.check()
     gen = torch.Generator(device=device).manual_seed(decoding.seed) if decoding.temperature > 0 else None
-
-    def decode(batch, limits, step):
-        return _decode(model, batch, eos_id, decoding, limits, gen, step)
-
-    return _in_batches(model, prompts, decoding, batch_size, progress, compile, decode)
+    return _in_batches(model, prompts, eos_id, decoding, batch_size, progress, compile, gen=gen)
 
 
 @torch.inference_mode()
@@ -483,17 +443,14 @@ def beam_search(
     search never reads the length penalty (only the final ranking does), so one search serves them
     all, as evaluate's tuning on val asks. Returns {length penalty: the new ids of each prompt}."""
     decoding.check()
-
-    def search(batch, limits, step):
-        return _beam_search(model, batch, eos_id, decoding, limits, step, length_penalties)
-
-    ranked = _in_batches(model, prompts, decoding, batch_size, progress, compile, search)
+    ranked = _in_batches(
+        model, prompts, eos_id, decoding, batch_size, progress, compile, length_penalties=length_penalties
+    )
     return {lp: [r[i] for r in ranked] for i, lp in enumerate(length_penalties)}
 
 
-def _in_batches(model, prompts, decoding: Decoding, batch_size: int, progress, compile: bool, decode) -> list:
-    """decode(prompts, limits, step) over batches of prompts sorted by length; its results in the
-    prompts' order."""
+def _in_batches(model, prompts, eos_id: int, decoding: Decoding, batch_size: int, progress, compile: bool, **options):
+    """The Decoder's results over batches of prompts sorted by length, in the prompts' order."""
     for p in prompts:
         if not len(p):
             raise PipelineError("generate: empty prompt (give at least one token)")
@@ -509,7 +466,7 @@ def _in_batches(model, prompts, decoding: Decoding, batch_size: int, progress, c
             batch += batch[-1:] * (batch_size - len(batch))
             limits += limits[-1:] * (batch_size - len(limits))
         try:
-            rows = decode(batch, limits, step)
+            rows = Decoder(model, batch, eos_id, decoding, limits, step=step, **options).run()
         except torch.cuda.OutOfMemoryError:
             beams = f" x {decoding.beam_size} beams" if decoding.beam_size > 1 else ""
             raise PipelineError(

@@ -19,14 +19,7 @@ def sample_prompts(
         p = [tok.eos_id, *ids]
         prompts += [p] * e.samples_per_prompt  # generate() keeps the end of an over-long prompt
         labels += [text] * e.samples_per_prompt
-    decoding = Decoding(
-        e.sample_tokens,
-        temperature=e.temperature,
-        top_k=e.top_k,
-        top_p=e.top_p,
-        repetition_penalty=e.repetition_penalty,
-        seed=e.seed,
-    )
+    decoding = Decoding(e.sample_tokens, **e.sampling())
     out = generate(
         model, prompts, tok.eos_id, decoding, e.decode_batch_size, device, compile=compiles(e.compile, device)
     )

@@ -1,2 +1,2 @@
-"""The networks (model: a GPT and recurrent baselines), their config (config), and their weights on
-disk (weights)."""
+"""The networks (model: a GPT and recurrent baselines) and their weights on disk (weights); their
+config, params.yaml's model group, is pipeline.core.params.ModelConfig."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.core.common import PipelineError, first_line, sha256_file
-from pipeline.model.config import ModelConfig
+from pipeline.core.params import ModelConfig
 from pipeline.model.model import build_model
 
 

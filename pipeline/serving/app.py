@@ -42,6 +42,7 @@ else:
     MISSING = None
 
 from pipeline.core.common import PipelineError
+from pipeline.core.params import Evaluate
 from pipeline.data.qa import question_text
 from pipeline.decoding.answer import ANSWER_TOKENS, question_prompts
 from pipeline.decoding.decode import Decoding, keep_end
@@ -69,6 +70,7 @@ FIELDS = {
     "beam_size": int,
     "length_penalty": float,
 }
+SETTINGS = tuple(k for k in FIELDS if k not in ("mode", "text", "context", "to"))  # a request's decoding
 
 
 @dataclass
@@ -236,16 +238,18 @@ class Playground:
     def __init__(self, model, tok, engine: Engine, card: dict, limits: Limits):
         self.model, self.tok, self.engine, self.card, self.limits = model, tok, engine, card, limits
 
+    def defaults(self, mode: str) -> Decoding:
+        """A mode's decoding before a request's own settings: to continue, evaluate's sampling
+        (pipeline.core.params.Evaluate, as `python -m pipeline.generate`'s); greedy to translate or answer."""
+        e, cap = Evaluate(), self.limits.max_new_tokens
+        if mode == "continue":
+            return Decoding(min(e.sample_tokens, cap), **e.sampling())
+        return Decoding(ANSWER_TOKENS if mode == "ask" else min(e.sample_tokens, cap))
+
     def decoding(self, data: dict) -> Decoding:
-        """The request's decoding: the mode's defaults (greedy to translate or answer, sampled
-        to continue), its own settings, the server's caps."""
-        mode, lim = data["mode"], self.limits
-        default_new = ANSWER_TOKENS if mode == "ask" else min(200, lim.max_new_tokens)
-        decoding = Decoding(
-            default_new, temperature=0.8 if mode == "continue" else 0.0, top_k=50 if mode == "continue" else 0
-        )
-        settings = {k: data[k] for k in FIELDS if k in data and k not in ("mode", "text", "context", "to")}
-        decoding = replace(decoding, **settings)
+        """The request's decoding: the mode's defaults, its own settings, the server's caps."""
+        lim = self.limits
+        decoding = replace(self.defaults(data["mode"]), **{k: data[k] for k in SETTINGS if k in data})
         if not 0 < decoding.max_new_tokens <= lim.max_new_tokens:
             raise BadRequest(
                 f"max_new_tokens: must be 1 to {lim.max_new_tokens} (the server's cap), got {decoding.max_new_tokens}"
@@ -308,7 +312,8 @@ class Playground:
 
     async def info(self, request: HttpRequest) -> JSONResponse:
         limits = {k: getattr(self.limits, k) for k in ("max_text_bytes", "max_new_tokens", "max_beam_size")}
-        return JSONResponse({**self.card, "limits": limits, "load": self.engine.load})
+        defaults = {mode: {k: getattr(self.defaults(mode), k) for k in SETTINGS} for mode in MODES}
+        return JSONResponse({**self.card, "limits": limits, "defaults": defaults, "load": self.engine.load})
 
     async def generate(self, request: HttpRequest) -> Response:
         try:

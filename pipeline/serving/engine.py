@@ -3,12 +3,12 @@
 A request that arrives while others decode joins their batch at its next step (continuous
 batching: `Batch.join`) when it decodes alike (greedy, or sampled with the same settings) and the
 batch has room (its cache's columns; a GPT with no sliding window and no repetition penalty).
-Otherwise the requests that arrived together start a batch of their own (pipeline.decoding's
-Batch: prompts of any lengths, a cache written in place, finished rows compacted away), and every
-batch in flight takes one step in turn, so a new request starts at the next step instead of
-waiting for the others to finish.
-Beam search, which is not streamed, runs whole between two steps. At most `max_rows` rows decode
-at once; at most `max_queue` requests wait for room; one more is told the server is busy.
+Otherwise the requests that arrived together start a batch of their own (a wave: pipeline.decoding's
+Decoder, the step loop every decoding uses), and every wave in flight takes one step in turn, so a
+new request starts at the next step instead of waiting for the others to finish. Beam search is a
+wave too: it advances a step at a time like the others (its text comes whole, when it is ranked).
+At most `max_rows` rows (a beam search: its beams) decode at once; at most `max_queue` requests
+wait for room; one more is told the server is busy.
 
 Each request streams events to its `sink` (called on the engine's thread): `start`, `token`
 (the new text, whole characters only), then `done` (why: eos, length, stopped) or `error`.
@@ -28,7 +28,7 @@ import torch
 
 from pipeline.core.common import first_line
 from pipeline.decoding.answer import first_answer
-from pipeline.decoding.decode import COMPACT, Batch, Decoding, TextStream, generate, next_tokens
+from pipeline.decoding.decode import Decoder, Decoding, TextStream
 
 
 class Busy(Exception):
@@ -94,55 +94,80 @@ def _kind(decoding: Decoding) -> tuple:
 
 
 class Wave:
-    """Requests that started together, decoding as one batch."""
+    """Requests that started together, decoding as one batch (a Decoder), a step at a time."""
 
     def __init__(self, model, jobs: list[Job], eos_id: int, gen: torch.Generator | None):
         limits = [j.request.decoding.max_new_tokens for j in jobs]
         self.decoding = replace(jobs[0].request.decoding, max_new_tokens=max(limits))
         self.kind = _kind(self.decoding)
-        self.jobs, self.eos_id, self.gen = jobs, eos_id, gen
-        self.batch = Batch(model, [j.request.prompt for j in jobs], eos_id, self.decoding, limits)
+        self.jobs, self.eos_id = jobs, eos_id
+        prompts = [j.request.prompt for j in jobs]
+        self.decoder = Decoder(
+            model, prompts, eos_id, self.decoding, limits, gen, every=1
+        )  # (its tokens are read every step)
 
     def fits(self, job: Job) -> bool:
-        return _kind(job.request.decoding) == self.kind and self.batch.fits(
-            job.request.prompt, job.request.decoding.max_new_tokens
+        return (
+            not self.decoder.search
+            and _kind(job.request.decoding) == self.kind
+            and self.decoder.batch.fits(job.request.prompt, job.request.decoding.max_new_tokens)
         )
 
     def join(self, jobs: list[Job]) -> bool:
         """Requests that arrive while this batch decodes join it at its next step."""
         limits = [j.request.decoding.max_new_tokens for j in jobs]
-        self.batch.join([j.request.prompt for j in jobs], limits, len(self.jobs))
+        self.decoder.batch.join([j.request.prompt for j in jobs], limits, len(self.jobs))
         self.jobs += jobs
         return True
 
     @property
+    def batch(self):
+        return self.decoder.batch
+
+    @property
     def rows(self) -> int:
-        return sum(not j.finished for j in self.jobs)
+        return sum(j.request.decoding.beam_size for j in self.jobs if not j.finished)
 
     def step(self) -> bool:
         """One token for every row; False once every request has finished."""
-        batch = self.batch
-        batch.write(next_tokens(batch, self.decoding, self.gen))
-        tokens, done = batch.out[:, batch.n - 1].tolist(), batch.done.tolist()
-        for row, (token, row_done) in enumerate(zip(tokens, done)):
-            job = self.jobs[int(batch.rows[row])]
-            if job.finished:
-                continue
-            if job.stopped:
-                job.finish("stopped")
-            elif token == self.eos_id:
-                job.finish("eos")
-            elif job.add(token):
-                job.finish("eos")
-            elif row_done:
-                job.finish("length")
-        live = [row for row in range(len(tokens)) if not self.jobs[int(batch.rows[row])].finished]
-        if not live:
-            return False
-        if (len(tokens) - len(live)) * COMPACT >= len(tokens):  # drop the finished rows
-            batch.select(torch.tensor(live, device=batch.out.device))
-        batch.advance(batch.out[:, batch.n - 1])
-        return True
+        decoder, batch = self.decoder, self.decoder.batch
+        decoder.choose()
+        ended = []  # rows whose request has finished while its row decodes on: stopped, or an answer's line ended
+        if not decoder.search:
+            tokens, done = batch.out[:, batch.n - 1].tolist(), batch.done.tolist()
+            for row, (token, row_done) in enumerate(zip(tokens, done)):
+                job = self.jobs[int(batch.rows[row])]
+                if not job.finished:
+                    reason = self._streamed(job, token, row_done)
+                    if reason:
+                        job.finish(reason)
+                if job.finished and not row_done:
+                    ended.append(row)
+        else:
+            ended = [row for row in range(len(batch.rows)) if self.jobs[int(batch.rows[row])].stopped]
+        if ended:
+            decoder.stop(ended)
+        running = decoder.settle()
+        if decoder.search:
+            for prompt in decoder.finished:
+                self._ranked(self.jobs[prompt], decoder.results[prompt][0])
+        return running
+
+    def _streamed(self, job: Job, token: int, row_done: bool) -> str:
+        """Stream a request's new token; why it has finished ("" while it goes on)."""
+        if job.stopped:
+            return "stopped"
+        if token == self.eos_id or job.add(token):  # (an answer ends at its line break)
+            return "eos"
+        return "length" if row_done else ""
+
+    def _ranked(self, job: Job, out: list[int]) -> None:
+        """A beam search's request, ranked: its best beam's text, whole."""
+        if job.finished:
+            return
+        ended = any(job.add(token) for token in out)  # (stops at an answer's line break)
+        limit = job.request.decoding.max_new_tokens
+        job.finish("stopped" if job.stopped else "eos" if ended or len(out) < limit else "length")
 
 
 class Engine:
@@ -227,16 +252,12 @@ class Engine:
         return admitted
 
     def _start(self, jobs: list[Job]) -> None:
-        """Group the admitted requests by how they decode: a wave each, or a beam search each group."""
+        """Group the admitted requests by how they decode: each group joins a wave or starts one."""
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             groups.setdefault(_kind(job.request.decoding), []).append(job)
         for group in groups.values():
-            decoding = group[0].request.decoding
-            if decoding.beam_size > 1:
-                self._guarded(group, self._beam_search, group)
-            else:
-                self._guarded(group, self._new_wave, group)
+            self._guarded(group, self._new_wave, group)
 
     def _new_wave(self, jobs: list[Job]) -> None:
         """The requests join a batch in flight that decodes alike and has room for them (continuous
@@ -253,14 +274,6 @@ class Engine:
         if jobs[0].request.decoding.temperature > 0:
             gen = torch.Generator(device=self.device).manual_seed(next(self.seeds))
         self.waves.append(Wave(self.model, jobs, self.tok.eos_id, gen))
-
-    def _beam_search(self, jobs: list[Job]) -> None:
-        decoding = jobs[0].request.decoding
-        prompts = [j.request.prompt for j in jobs]
-        outs = generate(self.model, prompts, self.tok.eos_id, decoding, len(jobs), str(self.device))
-        for job, out in zip(jobs, outs):
-            ended = any(job.add(token) for token in out)  # (stops at an answer's line break)
-            job.finish("stopped" if job.stopped else "eos" if ended or len(out) < decoding.max_new_tokens else "length")
 
     def _step(self, wave: Wave) -> None:
         if not self._guarded(wave.jobs, wave.step):

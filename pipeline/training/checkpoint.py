@@ -1,4 +1,4 @@
-"""Resumable checkpoints: train.checkpoint_dir/step_NNNNNNN/ holds the weights (safetensors,
+"""Resumable checkpoints: train_run.checkpoint_dir/step_NNNNNNN/ holds the weights (safetensors,
 pipeline.model.weights), the best weights so far, and state.pt (optimizer, `Progress`, RNG states,
 the run's fingerprint) in a form that loads with torch.load(weights_only=True). `Checkpoints`
 saves them atomically, keeps the newest few, and resumes from the newest one when it was made by a
@@ -19,7 +19,7 @@ import torch
 
 from pipeline.core import params as P
 from pipeline.core.common import PipelineError, first_line, remove_stale
-from pipeline.model.config import ModelConfig
+from pipeline.core.params import ModelConfig
 from pipeline.model.weights import load_weights, save_weights
 from pipeline.training.curves import CURVES
 from pipeline.training.distributed import Processes, barrier, full_state, gather_objects, load_full_state
@@ -46,7 +46,7 @@ class Progress:
 
 def fingerprint(m: ModelConfig, t: P.Train, vocab_size: int, data_sha: str, world: int) -> dict:
     """What must match for a checkpoint to resume: model, data, and every training param that matters."""
-    train = {k: v for k, v in P.as_dict(t).items() if k not in P.RESUMABLE["train"]}
+    train = {k: v for k, v in P.as_dict(t).items() if k not in P.RESUMABLE}
     return {"model": P.as_dict(m), "vocab_size": vocab_size, "data": data_sha, "train": train, "processes": world}
 
 
@@ -154,7 +154,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict
         fp = json.loads(state["fingerprint"])
     except Exception as e:  # truncated, corrupt or foreign files: one line, never a torch traceback
         raise PipelineError(
-            f"{path}: not a readable checkpoint ({first_line(e)}); delete it, or set train.resume: never"
+            f"{path}: not a readable checkpoint ({first_line(e)}); delete it, or set train_run.resume: never"
         ) from None
     return weights, best, state["optimizer"], progress, fp
 
@@ -165,6 +165,7 @@ class Checkpoints:
 
     model_cfg: ModelConfig
     train_cfg: P.Train
+    train_run: P.TrainRun  # where the checkpoints go, and whether to resume
     vocab_size: int
     fingerprint: dict
     procs: Processes
@@ -174,14 +175,14 @@ class Checkpoints:
 
     @property
     def folder(self) -> Path:
-        return Path(self.train_cfg.checkpoint_dir)
+        return Path(self.train_run.checkpoint_dir)
 
     def resume(self, model, optimizer) -> tuple[Progress, dict | None]:
         """Load the newest compatible checkpoint into `model` and `optimizer` (and the RNG state);
-        return its progress and best weights. A fresh start (nothing compatible, or train.resume:
+        return its progress and best weights. A fresh start (nothing compatible, or train_run.resume:
         never) returns a new Progress; the old checkpoints go when its first checkpoint is saved
         (a fresh run that fails before, on a full disk, leaves them as they were)."""
-        found = list_checkpoints(self.folder) if self.train_cfg.resume != "never" else []
+        found = list_checkpoints(self.folder) if self.train_run.resume != "never" else []
         progress, best_weights, resumed = Progress(), None, False
         if found:
             weights, saved_best, opt_state, saved, saved_fp = read_checkpoint(found[0])
@@ -200,10 +201,10 @@ class Checkpoints:
                         f"train: resuming from {found[0]} (step {progress.step} of {self.train_cfg.max_steps})",
                         flush=True,
                     )
-            elif self.train_cfg.resume == "strict":
+            elif self.train_run.resume == "strict":
                 raise PipelineError(
-                    f"{found[0]}: cannot resume, it was made with {why} (train.resume: strict); "
-                    f"delete {self.folder} or set train.resume: auto to start fresh"
+                    f"{found[0]}: cannot resume, it was made with {why} (train_run.resume: strict); "
+                    f"delete {self.folder} or set train_run.resume: auto to start fresh"
                 )
             elif self.procs.main:
                 print(f"train: not resuming {found[0]}: it was made with {why}; starting fresh", flush=True)

@@ -13,8 +13,8 @@ import torch
 
 from pipeline.core import params as P
 from pipeline.core.common import PipelineError
+from pipeline.core.params import ModelConfig
 from pipeline.core.paths import MODEL_DIR, TOKENS_DIR
-from pipeline.model.config import ModelConfig
 from pipeline.training.curves import log_step
 from pipeline.training.distributed import Processes, mean_over_ranks
 
@@ -39,25 +39,17 @@ def check_long_enough(cfg: ModelConfig, **splits) -> None:
             )
 
 
-def source_mixture(t: P.Train, sources: dict[str, dict]) -> tuple[dict, dict] | None:
-    """What step_batches needs to draw windows by train.source_weights (None: uniformly).
-
-    A weight for a source the train split lacks is an error (a misspelt name), except params.yaml's
-    own weights for the default corpus's sources (the default QA set, the en->ru Bible): on another
-    corpus, or one that yields no questions, they do not apply."""
-    default = P.Train().source_weights
-    weights = {k: w for k, w in t.source_weights.items() if k in sources or default.get(k) != w}
+def source_mixture(t: P.Train, sources: dict[str, dict]) -> tuple[tuple[dict, dict] | None, list[str]]:
+    """What step_batches needs to draw windows by train.source_weights (None: uniformly), and the
+    weighted names the train split lacks: whatever its value, such a weight is ignored (the default
+    corpus's own on another corpus, or a misspelt name), and train says so."""
+    absent = [name for name in t.source_weights if name not in sources]
+    weights = {k: w for k, w in t.source_weights.items() if k in sources}
     if not weights:
-        return None
-    for name in weights:
-        if name not in sources:
-            raise PipelineError(
-                f"train.source_weights.{name}: no such source in {TOKENS_DIR}/train.json "
-                f"(sources: {', '.join(sources)})"
-            )
+        return None, absent
     if not any(weights.get(name, 1.0) > 0 for name in sources):
         raise PipelineError("train.source_weights: every source of the train split has weight 0")
-    return sources, weights
+    return (sources, weights), absent
 
 
 def batch_plan(cfg: ModelConfig, t: P.Train, procs: Processes) -> tuple[int, int]:
@@ -86,9 +78,9 @@ def stop_reason(step: int, t: P.Train, time_up: bool, spent: bool) -> str:
     return "patience" if spent else ""
 
 
-def checkpoint_due(step: int, t: P.Train) -> bool:
-    """Whether `step` ends a train.checkpoint_interval (0: only the final checkpoint)."""
-    return bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
+def checkpoint_due(step: int, r: P.TrainRun) -> bool:
+    """Whether `step` ends a train_run.checkpoint_interval (0: only the final checkpoint)."""
+    return bool(r.checkpoint_interval) and step % r.checkpoint_interval == 0
 
 
 class PendingSteps:
@@ -100,8 +92,9 @@ class PendingSteps:
     exactly their computation, is added to the training time and shared among them for tokens/s.
     """
 
-    def __init__(self, interval: int, global_tokens: int, flops_tok: int, peak: float | None):
+    def __init__(self, interval: int, global_tokens: int, flops_tok: int, peak: float | None, checkpoint_dir: str):
         self.interval, self.global_tokens, self.flops_tok, self.peak = interval, global_tokens, flops_tok, peak
+        self.checkpoint_dir = checkpoint_dir  # named when the loss is lost
         self.steps: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
         self.t0: float | None = None
 
@@ -133,7 +126,7 @@ class PendingSteps:
             if not math.isfinite(loss):
                 raise PipelineError(
                     f"train: loss became {loss} at step {step}; lower train.lr (now {t.lr}) or "
-                    f"raise train.warmup_steps; the last good checkpoint in {t.checkpoint_dir} "
+                    f"raise train.warmup_steps; the last good checkpoint in {self.checkpoint_dir} "
                     f"and {MODEL_DIR} were left as they were"
                 )
             if live:

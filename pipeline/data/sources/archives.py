@@ -27,7 +27,7 @@ def check_member(archive: Path, name: str, link: bool = False) -> None:
 
 def too_large(what: str, limit: int) -> PipelineError:
     return PipelineError(
-        f"{what} holds more than collect.max_file_bytes ({limit:,} bytes) once decompressed; refused "
+        f"{what} holds more than collect_run.max_file_bytes ({limit:,} bytes) once decompressed; refused "
         "(a decompression bomb? raise the limit for a real file this large)"
     )
 

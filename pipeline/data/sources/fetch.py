@@ -113,7 +113,7 @@ def _download(src: Source, part: Path, timeout: float, retries: int, min_rate: f
     def check_deadline() -> None:
         """Fail the download once it has run past `deadline`."""
         if too_late():
-            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s)")
+            raise failed(f"not downloaded within collect_run.download_deadline_s ({deadline:g} s)")
 
     for attempt in range(retries + 1):
         if attempt:
@@ -137,11 +137,11 @@ def _download(src: Source, part: Path, timeout: float, retries: int, min_rate: f
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             last_error = _network_error(e)
         if too_late():
-            raise failed(f"not downloaded within collect.download_deadline_s ({deadline:g} s): {last_error}")
+            raise failed(f"not downloaded within collect_run.download_deadline_s ({deadline:g} s): {last_error}")
     else:
         raise failed(
             f"{last_error} after {retries + 1} attempts "
-            f"(collect.download_timeout_s {timeout:g}, download_retries {retries})"
+            f"(collect_run.download_timeout_s {timeout:g}, download_retries {retries})"
         )
 
 
@@ -167,7 +167,9 @@ def _receive(
                 if time.monotonic() - window_start >= timeout:
                     rate = window_got / (time.monotonic() - window_start)
                     if rate < min_rate:
-                        raise TimeoutError(f"too slow: {rate:,.0f} bytes/s (collect.download_min_rate {min_rate:g})")
+                        raise TimeoutError(
+                            f"too slow: {rate:,.0f} bytes/s (collect_run.download_min_rate {min_rate:g})"
+                        )
                     window_start, window_got = time.monotonic(), 0
     return got, expected
 

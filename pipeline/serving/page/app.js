@@ -3,11 +3,13 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const DEFAULTS = {
-  continue: { label: "Text to continue", placeholder: "ROMEO:", temperature: 0.8, max_new_tokens: 200 },
-  translate: { label: "Sentence to translate", placeholder: "And God said, Let there be light.", temperature: 0, max_new_tokens: 200 },
-  ask: { label: "Question", placeholder: "Which book contains: 'Jesus wept.'?", temperature: 0, max_new_tokens: 32 },
+// each mode's decoding settings come from the server (/api/info's defaults: evaluate's sampling to continue)
+const MODES = {
+  continue: { label: "Text to continue", placeholder: "ROMEO:" },
+  translate: { label: "Sentence to translate", placeholder: "And God said, Let there be light." },
+  ask: { label: "Question", placeholder: "Which book contains: 'Jesus wept.'?" },
 };
+const SETTINGS = ["temperature", "top_k", "top_p", "repetition_penalty", "beam_size", "length_penalty", "max_new_tokens"];
 // The server's token, where it has one (bound beyond loopback): given in the URL it printed, sent on every API call
 const TOKEN = new URLSearchParams(location.search).get("token");
 const AUTH = TOKEN ? { Authorization: "Bearer " + TOKEN } : {};
@@ -39,14 +41,9 @@ function setMode(next) {
   for (const m of ["continue", "translate", "ask"]) {
     for (const node of document.querySelectorAll(".mode-" + m)) node.hidden = !node.className.split(" ").includes("mode-" + mode);
   }
-  const d = DEFAULTS[mode];
-  $("text-label").textContent = d.label;
-  $("text").placeholder = d.placeholder;
-  $("temperature").value = d.temperature;
-  $("max_new_tokens").value = Math.min(d.max_new_tokens, card ? card.limits.max_new_tokens : d.max_new_tokens);
-  $("beam_size").value = 1;
-  $("length_penalty").value = 1;
-  $("repetition_penalty").value = 1;
+  $("text-label").textContent = MODES[mode].label;
+  $("text").placeholder = MODES[mode].placeholder;
+  if (card) for (const id of SETTINGS) $(id).value = card.defaults[mode][id];
   showChosen();
   const askable = !card || card.answers_questions;
   $("run").disabled = (mode === "ask" && !askable) || current !== null;
