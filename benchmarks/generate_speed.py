@@ -6,11 +6,14 @@ Hugging Face transformers' `generate()` on the same weights.
 
 - Prompts: the translation prompts of the first --prompts pairs of the first pair source in
   data/clean/test.jsonl (en->ru by default): mixed lengths, as evaluate decodes them.
-- Greedy, up to --new-tokens new tokens; eos ends a row. "batch 1": the first 8 prompts one at a
+- Greedy, up to --new-tokens new tokens; eos ends a row (--no-eos: no row ends before, as with a
+  model that never writes its end token, for every implementation). "batch 1": the first 8 prompts one at a
   time; "batch N": all N prompts in one call (one batch).
-- This project: pipeline.decoding.decode.generate. The old decoding: the code at --old-rev (before
-  issue 24: only prompts of equal length shared a batch, the cache grew by torch.cat), taken from
-  git and run in a subprocess over the same checkpoint and prompts. transformers: the checkpoint
+- This project: pipeline.decoding.decode.generate. The old decoding: the code at --old-rev (by
+  default a31a7a5, before issue 24: only prompts of equal length shared a batch, the cache grew by
+  torch.cat; 0404d2e: before the cache moved to pipeline.decoding.cache), taken from git and run in
+  a process of its own over the same checkpoint and prompts, beside this checkout's code run the
+  same way ("own process": the like-for-like ratio). transformers: the checkpoint
   exported by `python -m pipeline.export --format hf`, `generate()` with left padding and an
   attention mask (what its documentation prescribes for batches).
 - tokens/s: new tokens written (eos excluded) per second of decoding, the median of --repeats,
@@ -48,7 +51,9 @@ from pipeline.model.weights import load_model  # noqa: E402
 
 SINGLE = 8  # prompts decoded one at a time for "batch 1"
 
-# The old decoding, run by a subprocess with the old code first on its path; it prints JSON.
+# The old decoding, run by a subprocess with the old code first on its path; it prints JSON. With
+# --old-rev, this project's code is run the same way too ("this project, own process"), so that the
+# two compare like for like.
 OLD = """
 import json, sys, time
 import torch
@@ -72,7 +77,7 @@ def run(batch):
     if device == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
-generate(model, prompts[:2], eos, d, batch_size=2, device=device)  # warm-up
+run(1), run(len(prompts))  # warm-up: the same shapes as timed
 out1, t1 = run(1)
 outn, tn = run(len(prompts))
 print(json.dumps({"batch_1": [out1, t1], "batch_n": [outn, tn]}))
@@ -139,7 +144,10 @@ def hf(model, prompts, eos, n, device):
 
 
 def old(rev: str, checkpoint: Path, prompts, eos, n, device, threads, folder: Path):
-    if not (folder / "pipeline").is_dir():
+    """Decode in a process of its own with the code of commit `rev` ('': this checkout's)."""
+    if not rev:
+        folder = ROOT
+    elif not (folder / "pipeline").is_dir():
         archive = subprocess.run(["git", "archive", rev, "pipeline"], cwd=ROOT, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     env = {**os.environ, "PYTHONPATH": str(folder)}
@@ -200,16 +208,10 @@ def main() -> None:
         if args.compile:  # compiled once per shape, in the warm-up below
             runners["compiled"] = lambda: ours(model, prompts, eos, args.new_tokens, args.device, compile=True)
         if args.old_rev:
-            runners["old decoding"] = lambda: old(
-                args.old_rev,
-                args.checkpoint.resolve(),
-                prompts,
-                eos,
-                args.new_tokens,
-                args.device,
-                args.threads,
-                Path(tmp),
-            )
+            for name, rev in (("old decoding", args.old_rev), ("own process", "")):
+                runners[name] = lambda rev=rev: old(
+                    rev, args.checkpoint.resolve(), prompts, eos, args.new_tokens, args.device, args.threads, Path(tmp)
+                )
         if not args.no_hf:
             hf_lm = hf_model(args.checkpoint.resolve(), Path(tmp) / "hf", args.device)
             runners["transformers"] = lambda: hf(hf_lm, prompts, eos, args.new_tokens, args.device)
@@ -237,12 +239,12 @@ def main() -> None:
             for j, (a, b) in enumerate(zip(outs, ref)):
                 if a != b:
                     print(f"      prompt {j} differs at {explain(model, prompts[j], a, b, args.device)}")
-    for other in ("transformers", "old decoding", "compiled"):
+    pairs = [("this project", "transformers"), ("this project", "compiled"), ("own process", "old decoding")]
+    for ours_, other in pairs:
         if (other, "batch 1") in rates:
-            ratios = [
-                rates[("this project", label)] / rates[(other, label)] for label in ("batch 1", f"batch {len(prompts)}")
-            ]
-            print(f"  this project / {other}: {ratios[0]:.2f}x at batch 1, {ratios[1]:.2f}x at batch {len(prompts)}")
+            labels = ("batch 1", f"batch {len(prompts)}")
+            ratios = [rates[(ours_, label)] / rates[(other, label)] for label in labels]
+            print(f"  {ours_} / {other}: {ratios[0]:.2f}x at batch 1, {ratios[1]:.2f}x at batch {len(prompts)}")
 
 
 if __name__ == "__main__":

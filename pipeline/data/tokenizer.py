@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pipeline.core.paths import TOKENS_DIR
 from pipeline.core.common import PipelineError, read_json
 from pipeline.core.languages import tag
+from pipeline.core.paths import TOKENS_DIR
 
 SRC, TGT = "<src>", "<tgt>"
 ENCODE_BATCH = 20000  # records per multithreaded encode call

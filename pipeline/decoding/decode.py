@@ -27,7 +27,9 @@ from pipeline.decoding.cache import cache_for, next_logits
 
 @dataclass
 class Decoding:
-    """How to pick tokens. temperature 0 is greedy; beam_size > 1 is beam search (deterministic)."""
+    """How to pick tokens. temperature 0 is greedy; beam_size > 1 is beam search (deterministic).
+    These defaults decode greedily with no filtering; the sampling defaults a user sees are
+    evaluate's (pipeline.core.params.Evaluate.sampling()), which generate and the playground take."""
 
     max_new_tokens: int = 128
     max_ratio: float = 0.0  # also at most this many new tokens per prompt token (0: no such cap)
@@ -271,6 +273,9 @@ class Decoder:
         self.finished = []
         if batch.n % self.every == 0 or batch.n >= self.decoding.max_new_tokens:
             ended = batch.done.view(-1, K).all(1).cpu()
+            if not bool(ended.any()):  # (the usual step: one question to the device)
+                batch.advance()
+                return True
             for b in ended.nonzero().squeeze(1).tolist():
                 prompt = int(batch.rows[b * K])
                 if prompt not in self.results:

@@ -87,7 +87,7 @@ def understanding_section(tasks: dict, qa: dict | None = None, answered: list[di
 
 
 def _esc(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _qa_table(qa: dict) -> list[str]:

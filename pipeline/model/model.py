@@ -48,6 +48,12 @@ def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[torc
     return angles.cos(), angles.sin()
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, not even called where it does nothing (p 0, or not training): decoding's steps are
+    short, and each call costs as much as a small operation."""
+    return F.dropout(x, p, training) if p and training else x
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head's channels, (B, H, T, D), by the angles of its positions."""
     a, b = x.float().chunk(2, dim=-1)
@@ -62,7 +68,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache=None):
         B, T, C = x.shape
@@ -78,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         else:  # decoding: the cache keeps these keys and values and attends over each row's context
             y = cache.attend(self.layer, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        return dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -93,7 +98,7 @@ class MLP(nn.Module):
             hidden = -(-(8 * cfg.n_embd // 3) // 64) * 64
         self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x):
         h = self.fc(x)
@@ -104,7 +109,7 @@ class MLP(nn.Module):
             h = F.relu(h).square()
         else:
             h = F.gelu(h)
-        return self.dropout(self.proj(h))
+        return dropout(self.proj(h), self.dropout, self.training)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -140,7 +145,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
@@ -181,7 +186,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:  # (rows, 1, T, D/2): each row's own angles, broadcast over the heads
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
-        x = self.drop(x)
+        x = dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x, rope, cache)
         return self.ln_f(x)
@@ -217,12 +222,12 @@ class RecurrentLM(nn.Module):
             batch_first=True,
             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.head = nn.Linear(cfg.n_hidden, vocab_size)
 
     def forward(self, idx, targets=None, return_logits: bool = True):
-        x, _ = self.rnn(self.drop(self.embed(idx)))
-        x = self.drop(x)
+        x, _ = self.rnn(dropout(self.embed(idx), self.dropout, self.training))
+        x = dropout(x, self.dropout, self.training)
         if targets is None:
             return self.head(x), None
         return self.loss(self.head, x, targets, return_logits)

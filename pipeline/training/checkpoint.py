@@ -152,11 +152,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict | None, dict, Progress, dict
         best = load_weights(path / "best.safetensors")[0].state_dict() if (path / "best.safetensors").exists() else None
         progress = Progress(**state["progress"])
         fp = json.loads(state["fingerprint"])
+        optimizer = state["optimizer"]
     except Exception as e:  # truncated, corrupt or foreign files: one line, never a torch traceback
         raise PipelineError(
             f"{path}: not a readable checkpoint ({first_line(e)}); delete it, or set train_run.resume: never"
         ) from None
-    return weights, best, state["optimizer"], progress, fp
+    return weights, best, optimizer, progress, fp
 
 
 @dataclass
