@@ -1,7 +1,6 @@
 """Run the train stage on given params in a scratch project that links this repository's
 data/tokens, as a user's `python -m pipeline.train` would; shared by the benchmarks that train
-through the stage (speedrun.py, train_throughput.py --compare and --stage,
-translation_recipes.py)."""
+through the stage (speedrun.py, speed/train_throughput.py --stage, research/translation_recipes.py)."""
 
 from __future__ import annotations
 

@@ -54,9 +54,10 @@ RECIPES: dict[str, dict] = {
     "gpt2-192-muon": P.merge(GPT2_192, MUON),
     "gpt2-128": P.merge(GPT2_192, WIDTH_128),
     "gpt2-128-muon": P.merge(P.merge(GPT2_192, WIDTH_128), MUON),
-    # the recurrent baselines: params/lstm.yaml (Adam 1e-3, constant), and its tanh RNN
+    # the recurrent baselines: params/lstm.yaml (Adam 1e-3, constant), its tanh RNN and its GRU
     "lstm": LSTM,
     "rnn": P.merge(LSTM, {"model": {"arch": "rnn"}}),
+    "gru": P.merge(LSTM, {"model": {"arch": "gru"}}),
 }
 
 

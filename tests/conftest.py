@@ -106,7 +106,7 @@ def make_corpus(folder: Path, n_docs: int = 120, n_pairs: int = 300) -> dict:
 
 def default_params() -> dict:
     """The schema's defaults, as a params file (equal to the repository's params.yaml before any
-    preset is applied to it: tests/test_params.py; the tests never read that file's values)."""
+    preset is applied to it: tests/core/test_params.py; the tests never read that file's values)."""
     from pipeline.core.params import Params, as_dict
 
     return as_dict(Params())

@@ -3,8 +3,8 @@ the token stream, so most pairs are seen after other documents (attention crosse
 boundaries); at test time a pair is prompted alone (`</s> <src> ... <tgt>`). This translates the
 same val pairs both ways, greedily, with the trained model:
 
-    python benchmarks/cross_document_context.py            # data/model/best.safetensors, 300 val pairs
-    python benchmarks/cross_document_context.py --pairs 500
+    python benchmarks/research/cross_document_context.py            # data/model/best.safetensors, 300 val pairs
+    python benchmarks/research/cross_document_context.py --pairs 500
 
 - alone: the prompt evaluate uses;
 - after another pair: the previous val pair of the same source, in full (`<src> ... <tgt> ... </s>`),
@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.common import read_jsonl  # noqa: E402

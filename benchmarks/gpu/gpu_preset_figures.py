@@ -1,11 +1,11 @@
 """Every figure issue 25 names for params/gpu.yaml, read from the pipeline's outputs, beside its target.
 
-    python benchmarks/gpu_preset_figures.py                       # metrics/ and data/clean/ of this folder
-    python benchmarks/gpu_preset_figures.py --baseline cpu.json   # val bits/byte beside the CPU default's
+    python benchmarks/gpu/gpu_preset_figures.py                       # metrics/ and data/clean/ of this folder
+    python benchmarks/gpu/gpu_preset_figures.py --baseline cpu.json   # val bits/byte beside the CPU default's
 
 Reads metrics/eval.json, metrics/train.json (and metrics/timing/train.json), and counts the test
 pairs of each translation source in data/clean/test.jsonl, so a score on a prefix of the test split
-is said to be one. The baseline is the CPU default's metrics/eval.json (benchmarks/gpu_preset.sh
+is said to be one. The baseline is the CPU default's metrics/eval.json (benchmarks/gpu/gpu_preset.sh
 passes the committed one, from git); without it the CPU default's val bits/byte is not shown.
 Prints nothing it did not read: a figure that is missing is said to be missing.
 """

@@ -1,6 +1,6 @@
 """Generation speed: the key/value cache against recomputing the whole context every step.
 
-    python benchmarks/cache_speed.py [--checkpoint data/model/best.safetensors] [--repeats 3]
+    python benchmarks/speed/cache_speed.py [--checkpoint data/model/best.safetensors] [--repeats 3]
 
 Greedy decoding of 256 new tokens after a 64-token prompt (batch 1), on the CPU in float32:
 1. with the cache (pipeline.decoding.decode.stream: prefill once, then one token per step);
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.core import params as P  # noqa: E402
 from pipeline.decoding.decode import Decoding, stream  # noqa: E402

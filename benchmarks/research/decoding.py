@@ -2,8 +2,8 @@
 source under each decoding given, as evaluate prompts them, and prints chrF, BLEU (the tokenizer
 that fits the references) and the output's length over the references' (characters):
 
-    python benchmarks/decoding.py                       # data/model/best.safetensors, 300 val pairs
-    python benchmarks/decoding.py --pairs 500 '{}' '{"repetition_penalty": 1.3}' \\
+    python benchmarks/research/decoding.py                       # data/model/best.safetensors, 300 val pairs
+    python benchmarks/research/decoding.py --pairs 500 '{}' '{"repetition_penalty": 1.3}' \\
         '{"beam_size": 4, "length_penalty": 1.4, "no_repeat_ngram": 3}'
 
 Each decoding is a JSON object of pipeline.decoding.decode.Decoding's fields (default: greedy, greedy
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.common import read_jsonl  # noqa: E402

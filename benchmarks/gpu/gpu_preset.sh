@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # params/gpu.yaml end to end on one GPU (issue 25): train (at most 10 minutes, stopped earlier by
 # train.patience), evaluate on the whole test split, then print every figure the issue names beside
-# its target (benchmarks/gpu_preset_figures.py), in about 12 minutes.
+# its target (benchmarks/gpu/gpu_preset_figures.py), in about 12 minutes.
 #
 # Prepare on any machine (a CPU is enough: 19 s on 2 cores once the archives are cached), in a checkout:
 #   python -m pipeline.params apply params/gpu.yaml
 #   python -m pipeline.collect && python -m pipeline.clean && python -m pipeline.tokenize
 # then, on the GPU machine, with data/tokens, data/clean/{train,val,test}.jsonl, data/raw/manifest.json
 # and metrics/tokenize.json beside the code (about 60 MB):
-#   bash benchmarks/gpu_preset.sh          # OUT=folder: metrics/ and the logs copied there
+#   bash benchmarks/gpu/gpu_preset.sh          # OUT=folder: metrics/ and the logs copied there
 # PREPARE=1 runs those three stages here first (needs PyPI), so the times cover the whole pipeline from
 # raw data (issue 25: at most 15 minutes); SKIP_TRAIN=1 evaluates the model already in data/model;
 # BASELINE=file names the CPU default's metrics/eval.json (default: the committed one, from git).
@@ -65,7 +65,7 @@ stage evaluate "^evaluate: "
 done_at=$(date +%s)
 
 echo "== params/gpu.yaml: every figure of issue 25"
-python benchmarks/gpu_preset_figures.py ${baseline:+--baseline "$baseline"}
+python benchmarks/gpu/gpu_preset_figures.py ${baseline:+--baseline "$baseline"}
 echo "evaluate, seconds per part: $(tr -d '\n ' <metrics/timing/evaluate.json)"
 total=$((done_at - start))
 echo "FIGURE seconds: prepare $((prepared - start)), train $((trained - prepared)), evaluate $((done_at - trained));" \

@@ -1,8 +1,8 @@
 """Load on the playground: N concurrent streaming requests against `python -m pipeline.serve` on
 127.0.0.1 (the default model), then the same requests one at a time, in the same run.
 
-    python benchmarks/serve_load.py                      # 20 requests, after dvc repro
-    python benchmarks/serve_load.py --requests 40 --max-rows 64
+    python benchmarks/speed/serve_load.py                      # 20 requests, after dvc repro
+    python benchmarks/speed/serve_load.py --requests 40 --max-rows 64
 
 Half the requests continue text (sampled), half translate (greedy), their prompts of different
 lengths, Russian and Chinese among them. Prints, for each way: the time to the first token (p50,
@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [
     ("continue", "ROMEO:"),
     ("translate", "Jesus wept."),

@@ -6,7 +6,7 @@
 # then, on the GPU machine, with data/tokens, data/clean/{val,test}.jsonl, data/raw/manifest.json
 # and metrics/tokenize.json beside the code
 # (about 25 MB; a CUDA build of torch, and dvclive, which train writes its curves with):
-#   bash benchmarks/translate_gpu.sh           # OUT=folder to copy metrics/ into (default: none)
+#   bash benchmarks/gpu/translate_gpu.sh           # OUT=folder to copy metrics/ into (default: none)
 # Prints train's and evaluate's summaries: per direction, chrF and BLEU (greedy and beam) with
 # their intervals, beside copying the source, and evaluate's seconds per part (metrics/timing/
 # evaluate.json). Figures to reach (issue 12): en->ru test BLEU >= 15 and chrF >= 40; en->zh above

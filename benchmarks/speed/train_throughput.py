@@ -1,9 +1,9 @@
-"""Training speed against the hardware limit (MFU), and architectures compared at equal time.
+"""Training speed against the hardware limit (MFU). (Architectures compared at equal time:
+benchmarks/speedrun.py, the one entry point for equal-time races.)
 
-    python benchmarks/train_throughput.py                  # MFU of params.yaml's model, eager and compiled
-    python benchmarks/train_throughput.py --compare 300    # + GPT, LSTM, GRU, RNN each trained 300 s
-    python benchmarks/train_throughput.py --n-layer 12 --n-embd 768 --n-head 12 --block-size 1024 \\
-        --vocab 50304 --batch-size 16 --steps 300          # GPT-2 small (benchmarks/gpu.sh, on CUDA)
+    python benchmarks/speed/train_throughput.py                  # MFU of params.yaml's model, eager and compiled
+    python benchmarks/speed/train_throughput.py --n-layer 12 --n-embd 768 --n-head 12 --block-size 1024 \\
+        --vocab 50304 --batch-size 16 --steps 300          # GPT-2 small (benchmarks/gpu/gpu.sh, on CUDA)
 
 MFU = model FLOPs per token (6 per multiplying parameter plus attention, pipeline.model.model.
 flops_per_token) x tokens per second / peak. On CPU the peak is this machine's float32 matrix
@@ -24,10 +24,6 @@ measuring a bfloat16 matmul against float32 on this CPU and warns where bfloat16
 optimizer, train.time_budget_s SECONDS) in a scratch copy that links data/tokens, between two
 measurements of the plain PyTorch loop, and prints the stage's tokens/s (metrics/timing/train.json:
 training time, evaluations left out) against the loop's.
-
---compare runs the train stage itself (`python -m pipeline.train`) for each architecture with
-train.time_budget_s set, in a scratch copy of the project that links data/tokens (run `dvc repro
-tokenize` first), then scores the best checkpoint's bits per byte on the whole val split.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -44,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # scratch_train
 
 from pipeline.core import params as P  # noqa: E402
 from pipeline.model.model import build_model, count_parameters, flops_per_token  # noqa: E402
@@ -60,19 +56,6 @@ from pipeline.training.loss import OutputLayer  # noqa: E402
 from pipeline.training.optim import make_optimizer, train_step  # noqa: E402
 
 # Equal-time comparison: overlays on params.yaml (the recurrent ones are params/lstm.yaml's).
-LSTM = P.read_yaml(ROOT / "params" / "lstm.yaml")
-COMPARE = {
-    "gpt": {},
-    # GPT widths at 4 layers, heads of 64 channels where possible (for choosing the default)
-    "gpt-128": {"model": {"n_embd": 128, "n_head": 4}, "train": {"lr": 3.0e-3, "min_lr": 3.0e-4}},
-    "gpt-192": {"model": {"n_embd": 192, "n_head": 3}, "train": {"lr": 2.5e-3, "min_lr": 2.5e-4}},
-    "gpt-256": {"model": {"n_embd": 256, "n_head": 4}, "train": {"lr": 2.0e-3, "min_lr": 2.0e-4}},
-    "lstm": LSTM,
-    "gru": P.merge(LSTM, {"model": {"arch": "gru"}}),
-    "rnn": P.merge(LSTM, {"model": {"arch": "rnn"}}),
-}
-
-
 GPT2_BLOCK = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": False}  # nanoGPT's
 
 
@@ -320,7 +303,7 @@ def measure_cuda(args, m, t, vocab, batch_sizes, variants, fpt) -> None:
             f"sheet's {sheet / 1e12:.0f} TFLOP/s, {fpt * tok_s / rate:.1%} of the measured {rate / 1e12:.0f}; "
             f"peak memory {memory:.1f} GiB ({args.steps} steps, one synchronisation)"
         )
-        # for benchmarks/gpu.sh's table of every variant against the highest rate measured in its run
+        # for benchmarks/gpu/gpu.sh's table of every variant against the highest rate measured in its run
         row = {"variant": f"{name}{' cudnn attention' if args.attention == 'cudnn' else ''}", "batch": B}
         row |= {"tokens_per_second": tok_s, "flops_per_token": fpt, "sheet": sheet, "measured": measured}
         print("RESULT_JSON " + json.dumps(row), flush=True)
@@ -372,46 +355,6 @@ def stage_beside_plain(seconds: float, rounds: int = 10, steps: int = 10) -> Non
     )
 
 
-def compare(seconds: float, names: list[str]) -> None:
-    """Each architecture through the train stage with the same time_budget_s; val bits per byte."""
-    import numpy as np
-    from scratch_train import train_in_scratch
-
-    from pipeline.evaluation.scoring import nats_of_range
-
-    tokens = ROOT / "data" / "tokens"
-    if not (tokens / "train.bin").exists():
-        sys.exit("error: data/tokens/train.bin missing; run `dvc repro tokenize` first")
-    val_meta = json.loads((tokens / "val.json").read_text())
-    val = np.memmap(tokens / "val.bin", dtype=np.dtype(val_meta["dtype"]), mode="r")
-    print(
-        f"\nequal-time comparison: {seconds:g} s of training each, val split {val_meta['tokens']:,} tokens, "
-        f"{val_meta['bytes']:,} bytes"
-    )
-    base = P.read_yaml(ROOT / "params.yaml")
-    for name in names:
-        data = P.merge(
-            P.merge(base, COMPARE[name]),
-            {"train": {"max_steps": 10**9, "time_budget_s": seconds}, "train_run": {"checkpoint_interval": 0}},
-        )
-        P.parse(data)
-        model, m, wall = train_in_scratch(data, name)
-        nats, _ = nats_of_range(model, val, 1, len(val), 32)
-        bpb = nats / math.log(2) / val_meta["bytes"]
-        cfg = data["model"]
-        size = (
-            f"{cfg['n_layer']}x{cfg['n_embd']}"
-            if cfg["arch"] == "gpt"
-            else f"{cfg['n_layer']}x{cfg['n_hidden']} (embedding {cfg['n_embd']})"
-        )
-        print(
-            f"RESULT {name} {size}: {m['parameters']:,} parameters, {m['steps']} steps, "
-            f"{m['tokens_seen']:,} tokens, {m['tokens_per_second']:,.0f} tok/s, MFU {m['mfu']:.1%}, "
-            f"best val loss {m['best_val_loss']:.4f}, val {bpb:.3f} bits/byte (stage wall {wall:.0f} s)",
-            flush=True,
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -441,28 +384,18 @@ def main() -> None:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, help="override params.yaml")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[], help="micro-batches to measure (params.yaml's)")
     ap.add_argument(
-        "--compare",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="also train each architecture for SECONDS with the train stage",
-    )
-    ap.add_argument(
         "--stage",
         type=float,
         default=0,
         metavar="SECONDS",
         help="also run the train stage for SECONDS beside the plain PyTorch loop (tokens/s of each)",
     )
-    ap.add_argument("--only", nargs="*", default=["gpt", "lstm", "gru", "rnn"], choices=list(COMPARE))
     ap.add_argument("--skip-mfu", action="store_true")
     args = ap.parse_args()
     if not args.skip_mfu:
         measure(args)
     if args.stage:
         stage_beside_plain(args.stage)
-    if args.compare:
-        compare(args.compare, args.only)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ and the bigram two ways:
 - partial (evaluate's): the speech's likelihood after each name (Winogrande's partial scoring);
 - joint: the likelihood of name and speech together, so the name's own likelihood counts too.
 
-    python benchmarks/who_speaks_scoring.py                  # test and val, every speech
-    python benchmarks/who_speaks_scoring.py --splits val --items 400
-    python benchmarks/who_speaks_scoring.py --by-speeches    # distractors as often as each speaks
+    python benchmarks/research/who_speaks_scoring.py                  # test and val, every speech
+    python benchmarks/research/who_speaks_scoring.py --splits val --items 400
+    python benchmarks/research/who_speaks_scoring.py --by-speeches    # distractors as often as each speaks
 
 If the bigram gains as much as the model from the joint scoring, the gain is the names' own
 frequency (true speakers come with their speeches, distractors uniformly), not understanding.
@@ -21,7 +21,7 @@ import random
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.common import read_jsonl  # noqa: E402

@@ -603,11 +603,11 @@ def test_the_gpu_preset_holds_every_application_and_validates_with_tiny_sizes():
 @pytest.mark.network
 def test_the_gpu_preset_runs_end_to_end_with_tiny_sizes_and_every_figure_is_printed(tmp_path):
     """Every stage of params/gpu.yaml under tiny sizes on the real sources (about 20 s once they are
-    cached), then benchmarks/gpu_preset_figures.py, which prints each figure issue 25 names."""
+    cached), then benchmarks/gpu/gpu_preset_figures.py, which prints each figure issue 25 names."""
     write_params(tmp_path, gpu_preset(P.read_yaml(REPO / "params" / "tiny.yaml"), GPU_TINY))
     for stage in ("collect", "clean", "tokenize", "train", "evaluate"):
         call_stage(stage, tmp_path)
-    proc = sh(REPO, sys.executable, "benchmarks/gpu_preset_figures.py", "--root", str(tmp_path))
+    proc = sh(REPO, sys.executable, "benchmarks/gpu/gpu_preset_figures.py", "--root", str(tmp_path))
     figures = proc.stdout
     for needle in (
         "training: 30 steps",

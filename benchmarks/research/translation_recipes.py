@@ -1,9 +1,9 @@
 """Training recipes for translation and question answering, compared on val: each variant is
 params.yaml with an overlay.
 
-    python benchmarks/translation_recipes.py              # train.pair_loss all against target
-    python benchmarks/translation_recipes.py --max-steps 300 --pairs 200
-    python benchmarks/translation_recipes.py --variant 'base={}' \
+    python benchmarks/research/translation_recipes.py              # train.pair_loss all against target
+    python benchmarks/research/translation_recipes.py --max-steps 300 --pairs 200
+    python benchmarks/research/translation_recipes.py --variant 'base={}' \
         --variant 'pairs_x4={"train": {"source_weights": {"bible_en_ru": 4}}}'
 
 Runs the train stage (`python -m pipeline.train`) once per variant in a scratch copy of the
@@ -22,8 +22,9 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # scratch_train
 
 from scratch_train import train_in_scratch  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Time `dvc repro` of the default pipeline from a clean clone, downloads included.
 
-    python benchmarks/repro_time.py [--preset params/tiny.yaml] [--keep]
+    python benchmarks/speed/repro_time.py [--preset params/tiny.yaml] [--keep]
 
 Clones this repository (HEAD) into a temporary folder, points the download cache at an empty
 folder (so the PyPI archives are fetched again), runs the stages one by one with
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("collect", "clean", "tokenize", "train", "evaluate")
 
 

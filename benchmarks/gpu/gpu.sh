@@ -13,7 +13,7 @@
 # 3. the real stages on CUDA with params.yaml's model (short): `python -m pipeline.train`
 #    stopped by SIGTERM after a checkpoint, resumed to the end, then `python -m pipeline.evaluate`.
 #
-#   bash benchmarks/gpu.sh          # OUT=folder: the log, train.json, eval.json, report.md copied there
+#   bash benchmarks/gpu/gpu.sh          # OUT=folder: the log, train.json, eval.json, report.md copied there
 #
 # Needs only this folder, a CUDA build of torch, the packages the stages import (no DVC: without
 # dvclive the curves are written by pipeline.training.curves' TsvLive) and the default data/tokens; step 3
@@ -56,21 +56,21 @@ echo "== training speed, GPT-2 small shape"
 speed=$(mktemp)
 # each part within its own time limit, so that a slow compilation cannot starve the stages
 # shellcheck disable=SC2086
-timeout 240 python benchmarks/train_throughput.py $GPT2 --batch-size 16 64 --compile both --steps "$STEPS" \
+timeout 240 python benchmarks/speed/train_throughput.py $GPT2 --batch-size 16 64 --compile both --steps "$STEPS" \
     --warmup 5 | tee -a "$speed" || echo "error: the GPT-2 small measurement failed or ran past 240 s"
 # shellcheck disable=SC2086
-timeout 120 python benchmarks/train_throughput.py $GPT2 --attention cudnn --batch-size 16 64 --compile compiled \
+timeout 120 python benchmarks/speed/train_throughput.py $GPT2 --attention cudnn --batch-size 16 64 --compile compiled \
     --steps "$STEPS" --warmup 5 | tee -a "$speed" || echo "error: the cuDNN attention measurement failed or ran past 120 s"
 if python -c "import liger_kernel.transformers.fused_linear_cross_entropy" 2>/dev/null; then
     # train.fused_loss: liger (the [gpu] extra), eager and compiled
     # shellcheck disable=SC2086
-    timeout 240 python benchmarks/train_throughput.py $GPT2 --loss liger --batch-size 16 64 --compile both \
+    timeout 240 python benchmarks/speed/train_throughput.py $GPT2 --loss liger --batch-size 16 64 --compile both \
         --steps "$STEPS" --warmup 5 | tee -a "$speed" || echo "error: the Liger fused-loss measurement failed or ran past 240 s"
 else
     echo "no train.fused_loss: liger variant: Liger-Kernel is not importable here (pip install -e \".[gpu]\")"
 fi
 # shellcheck disable=SC2086
-timeout 45 python benchmarks/train_throughput.py $GPT2 --batch-size 16 --compile eager --loss chunked \
+timeout 45 python benchmarks/speed/train_throughput.py $GPT2 --batch-size 16 --compile eager --loss chunked \
     --steps "$STEPS" --warmup 3 | tee -a "$speed" || echo "error: the chunked-loss measurement failed or ran past 45 s"
 python - "$speed" <<'EOF'
 # Every variant measured above, against the data sheet's peak and the highest bf16 matmul rate of this run

@@ -682,7 +682,7 @@ def test_the_page_in_a_real_browser(answered, tmp_path):
     """Headless Chromium, the server asking for a token (as beyond loopback): the page opened
     without it says so; with the URL the server printed, type a prompt, see text stream in and end; translate.
     Saves a screenshot (to $LMPIPE_SCREENSHOT too, where set). The README's:
-    LMPIPE_PLAYGROUND_PROJECT=. LMPIPE_SCREENSHOT=docs/playground.png pytest tests/test_serve.py -k browser"""
+    LMPIPE_PLAYGROUND_PROJECT=. LMPIPE_SCREENSHOT=docs/playground.png pytest tests/serving/test_serve.py -k browser"""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     folder = os.environ.get("LMPIPE_PLAYGROUND_PROJECT") or answered  # the README's: the repository's model

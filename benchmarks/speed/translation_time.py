@@ -3,8 +3,8 @@
 sacrebleu's scoring; then each direction's test prompts decoded greedily and by beam search at
 several batch sizes (prompts decoded together), with a hash of the outputs to show which agree.
 
-    python benchmarks/translation_time.py                        # after dvc repro
-    python benchmarks/translation_time.py --batches 32 128 --repeats 1
+    python benchmarks/speed/translation_time.py                        # after dvc repro
+    python benchmarks/speed/translation_time.py --batches 32 128 --repeats 1
 
 Nothing else should run meanwhile: the seconds are wall-clock (docs/LOG.md).
 """
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core import params as P  # noqa: E402

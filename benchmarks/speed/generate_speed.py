@@ -1,7 +1,7 @@
 """Decoding speed side by side, in one run: this project's decoding, the decoding it replaced, and
 Hugging Face transformers' `generate()` on the same weights.
 
-    python benchmarks/generate_speed.py [--checkpoint data/model/best.safetensors] [--prompts 64]
+    python benchmarks/speed/generate_speed.py [--checkpoint data/model/best.safetensors] [--prompts 64]
         [--new-tokens 64] [--repeats 3] [--threads 2] [--device cpu] [--old-rev a31a7a5] [--compile]
 
 - Prompts: the translation prompts of the first --prompts pairs of the first pair source in
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.common import read_jsonl  # noqa: E402

@@ -1,6 +1,6 @@
 """Data stages at scale: clean + tokenize at 10 MB, 100 MB and 1 GB, against sentencepiece's bare encode.
 
-    python benchmarks/data_scale.py [--sizes 10 100 1000] [--near-dup] [--quality] [--decontaminate 13]
+    python benchmarks/speed/data_scale.py [--sizes 10 100 1000] [--near-dup] [--quality] [--decontaminate 13]
 
 Needs the default corpora in data/raw (`dvc repro collect`). For each size it builds the input
 (two local JSON lines files, read by the collect stage, whose time and memory are printed too)
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from pipeline.data.tokenizer import ENCODE_BATCH, Tokenizer  # noqa: E402
