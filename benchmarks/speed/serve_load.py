@@ -3,11 +3,17 @@
 
     python benchmarks/speed/serve_load.py                      # 20 requests, after dvc repro
     python benchmarks/speed/serve_load.py --requests 40 --max-rows 64
+    python benchmarks/speed/serve_load.py --beams 4 --old-rev 0404d2e --rounds 3   # beside older code
 
 Half the requests continue text (sampled), half translate (greedy), their prompts of different
-lengths, Russian and Chinese among them. Prints, for each way: the time to the first token (p50,
-p95), the time to the last, new tokens per second in all, errors (which must be 0), and the
-server's peak resident memory (VmHWM).
+lengths, Russian and Chinese among them; --beams N of the translations are beam searches of 4
+(the page's one click), which used to run whole on the decoding thread. Prints, for each way: the
+time to the first token of the streamed requests (p50, p95), the time to the last, new tokens per
+second in all, errors (which must be 0), and the server's peak resident memory (VmHWM).
+
+--old-rev REV also serves the same requests with the code of commit REV (its pipeline/ taken from
+git, in a process of its own), the two servers taking turns for --rounds rounds, so that both see
+the same machine: compare their medians.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,10 +45,12 @@ PROMPTS = [
 ]
 
 
-def one(port: int, mode: str, text: str, new_tokens: int, out: dict) -> None:
+def one(port: int, mode: str, text: str, new_tokens: int, out: dict, beams: int = 1) -> None:
     """One streaming request; fills `out` with the seconds to its first token and to its end."""
     start = time.perf_counter()
     body = {"mode": mode, "text": text, "max_new_tokens": new_tokens}
+    if beams > 1:
+        body["beam_size"] = out["beams"] = beams
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
@@ -68,9 +78,12 @@ def one(port: int, mode: str, text: str, new_tokens: int, out: dict) -> None:
         out["error"] = f"{type(e).__name__}: {e}"
 
 
-def load(port: int, n: int, new_tokens: int, concurrent: bool) -> tuple[list[dict], float]:
+def load(port: int, n: int, new_tokens: int, concurrent: bool, beams: int = 0) -> tuple[list[dict], float]:
+    """n requests; the first `beams` translations are beam searches of 4."""
     results = [{} for _ in range(n)]
     jobs = [(port, *PROMPTS[i % len(PROMPTS)], new_tokens, results[i]) for i in range(n)]
+    translations = [i for i, job in enumerate(jobs) if job[1] == "translate"][:beams]
+    jobs = [job + ((4,) if i in translations else ()) for i, job in enumerate(jobs)]
     start = time.perf_counter()
     if concurrent:
         threads = [threading.Thread(target=one, args=job) for job in jobs]
@@ -92,7 +105,7 @@ def percentile(values: list[float], q: float) -> float:
 def report(name: str, results: list[dict], wall: float) -> None:
     errors = [r["error"] for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
-    first = [r["first"] for r in ok if "first" in r]
+    first = [r["first"] for r in ok if "first" in r and "beams" not in r]  # streamed requests
     tokens = sum(r.get("tokens", 0) for r in ok)
     print(
         f"{name:>12}: time to first token p50 {statistics.median(first):.3f} s, p95 {percentile(first, 0.95):.3f} s; "
@@ -110,32 +123,61 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class Server:
+    """`python -m pipeline.serve` on a free port of 127.0.0.1, with this checkout's code or commit `rev`'s."""
+
+    def __init__(self, args, rev: str, folder: Path):
+        env = None
+        if rev:
+            archive = subprocess.run(["git", "archive", rev, "pipeline"], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+            env = {**os.environ, "PYTHONPATH": str(folder)}
+        self.cmd = [sys.executable, "-m", "pipeline.serve", "--port", "0", "--checkpoint", args.checkpoint]
+        self.cmd += ["--max-rows", str(args.max_rows)]
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if not line.startswith("serving "):
+            self.close()
+            sys.exit(f"error: the server did not start: {line.strip()}")
+        self.port = int(line.split(" at ", 1)[1].split()[0].rsplit(":", 1)[1].strip("/"))
+        load(self.port, 2, 8, concurrent=False)  # warm-up
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--max-rows", type=int, default=32)
+    ap.add_argument("--beams", type=int, default=0, help="this many translations are beam searches of 4")
+    ap.add_argument("--old-rev", default="", help="also serve with this commit's code, taking turns")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--checkpoint", default="data/model/best.safetensors")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "pipeline.serve", "--port", "0", "--checkpoint", args.checkpoint]
-    server = subprocess.Popen(cmd + ["--max-rows", str(args.max_rows)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        if not line.startswith("serving "):
-            sys.exit(f"error: the server did not start: {line.strip()}")
-        port = int(line.split(" at ", 1)[1].split()[0].rsplit(":", 1)[1].strip("/"))
-        print(
-            f"server: {' '.join(cmd[1:])} (port {port}); {args.requests} requests, {args.new_tokens} new tokens at most"
-        )
-        load(port, 2, 8, concurrent=False)  # warm-up
-        results, wall = load(port, args.requests, args.new_tokens, concurrent=True)
-        report("concurrent", results, wall)
-        results, wall = load(port, args.requests, args.new_tokens, concurrent=False)
-        report("one by one", results, wall)
-        print(f"server peak resident memory: {peak_rss_mb(server.pid):,.0f} MB")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {"this checkout": Server(args, "", Path(tmp))}
+        try:
+            if args.old_rev:
+                servers[args.old_rev] = Server(args, args.old_rev, Path(tmp))
+            print(
+                f"servers: {' '.join(servers['this checkout'].cmd[1:])}; {args.requests} requests "
+                f"({args.beams} beam searches), {args.new_tokens} new tokens at most"
+            )
+            for r in range(args.rounds):
+                for name, server in servers.items():
+                    print(f"round {r + 1}, {name}:")
+                    results, wall = load(server.port, args.requests, args.new_tokens, True, args.beams)
+                    report("concurrent", results, wall)
+                    results, wall = load(server.port, args.requests, args.new_tokens, False, args.beams)
+                    report("one by one", results, wall)
+            for name, server in servers.items():
+                print(f"{name}: server peak resident memory {peak_rss_mb(server.proc.pid):,.0f} MB")
+        finally:
+            for server in servers.values():
+                server.close()
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def cpu_bfloat16_slowdown(rows: int = 128, cols: int = 512, repeats: int = 20) -
     Muon's Newton-Schulz step for a 128x512 matrix (median of `repeats`). About 0.5 where the CPU
     multiplies bfloat16 natively (AVX512-BF16, AMX); tens where it does not (AVX2 only: most
     laptops). The pipeline runs float32 on every CPU (pipeline.training.optim.orthogonalization_dtype,
-    and inference loads weights as float32); benchmarks/train_throughput.py prints this figure and
+    and inference loads weights as float32); benchmarks/speed/train_throughput.py prints this figure and
     warns where bfloat16 would be slow."""
     generator = torch.Generator().manual_seed(0)
     times = {}

@@ -7,11 +7,11 @@ computes the same loss, faster or in less memory where it can:
   Liger-Kernel's fused linear cross-entropy (`liger_cross_entropy`);
 - on a CPU (chunked None, or True): `LinearCrossEntropy`, a chunk of rows at a time, which never
   holds the logits of the whole batch and keeps the softmax in cache (faster on a CPU,
-  benchmarks/train_throughput.py --loss both, docs/LOG.md);
+  benchmarks/speed/train_throughput.py --loss both, docs/LOG.md);
 - on CUDA (or chunked False): the plain head and cross-entropy, which torch.compile fuses and which
-  runs without a Python loop or a host synchronisation (benchmarks/gpu.sh).
+  runs without a Python loop or a host synchronisation (benchmarks/gpu/gpu.sh).
 Only a loss without logits (return_logits=False, what a training step asks for) takes the first
-two; the loss is the same either way (tests/test_model.py).
+two; the loss is the same either way (tests/training/test_loss.py).
 """
 
 from __future__ import annotations
