@@ -6,8 +6,9 @@
     python benchmarks/speed/serve_load.py --beams 4 --old-rev 0404d2e --rounds 3   # beside older code
 
 Half the requests continue text (sampled), half translate (greedy), their prompts of different
-lengths, Russian and Chinese among them; --beams N of the translations are beam searches of 4
-(the page's one click), which used to run whole on the decoding thread. Prints, for each way: the
+lengths, Russian and Chinese among them; --beams N of the continuations are beam searches of 4
+(to --new-tokens: long ones), which used to run whole on the decoding thread while the streams
+waited. Prints, for each way: the
 time to the first token of the streamed requests (p50, p95), the time to the last, new tokens per
 second in all, errors (which must be 0), and the server's peak resident memory (VmHWM).
 
@@ -79,11 +80,11 @@ def one(port: int, mode: str, text: str, new_tokens: int, out: dict, beams: int 
 
 
 def load(port: int, n: int, new_tokens: int, concurrent: bool, beams: int = 0) -> tuple[list[dict], float]:
-    """n requests; the first `beams` translations are beam searches of 4."""
+    """n requests; the first `beams` that continue text are beam searches of 4 (a long one each)."""
     results = [{} for _ in range(n)]
     jobs = [(port, *PROMPTS[i % len(PROMPTS)], new_tokens, results[i]) for i in range(n)]
-    translations = [i for i, job in enumerate(jobs) if job[1] == "translate"][:beams]
-    jobs = [job + ((4,) if i in translations else ()) for i, job in enumerate(jobs)]
+    searches = [i for i, job in enumerate(jobs) if job[1] == "continue"][:beams]
+    jobs = [job + ((4,) if i in searches else ()) for i, job in enumerate(jobs)]
     start = time.perf_counter()
     if concurrent:
         threads = [threading.Thread(target=one, args=job) for job in jobs]
@@ -152,7 +153,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--max-rows", type=int, default=32)
-    ap.add_argument("--beams", type=int, default=0, help="this many translations are beam searches of 4")
+    ap.add_argument("--beams", type=int, default=0, help="this many continuations are beam searches of 4")
     ap.add_argument("--old-rev", default="", help="also serve with this commit's code, taking turns")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--checkpoint", default="data/model/best.safetensors")
