@@ -64,6 +64,19 @@ TRANSLATIONS = [
 ]
 
 
+TASKS_HEADER = [
+    "task",
+    "model",
+    "bigram",
+    "chance",
+    "items",
+    "scoring",
+    "per byte",
+    "unnormalised",
+    "context-normalised",
+]
+
+
 def test_translation_table_is_a_table_per_direction_in_first_seen_order_with_the_text_intact():
     lines = translation_table(TRANSLATIONS)
     assert lines[:2] == ["## Translations", ""]
@@ -138,17 +151,7 @@ def test_the_understanding_section_shows_the_tasks_scores_as_given():
     assert lines[:2] == ["## Understanding and QA", ""]
     (table,) = tables(lines)
     header, next_line, mine = table
-    assert header == [
-        "task",
-        "model",
-        "bigram",
-        "chance",
-        "items",
-        "scoring",
-        "per byte",
-        "unnormalised",
-        "context-normalised",
-    ]
+    assert header == TASKS_HEADER
     assert next_line == [
         "next_line",
         "0.66 [0.59, 0.72]",  # the headline: the scoring chosen on val
@@ -402,17 +405,7 @@ def test_the_report_shows_every_figure_given_in_its_sections(tmp_path, monkeypat
         ["held_out_text", "0.45", "0.8", "0.01", "42.5", "6"],
     ]
     assert ("template", "greedy", "beam", "majority answer", "test items", "train items") in found
-    assert (
-        "task",
-        "model",
-        "bigram",
-        "chance",
-        "items",
-        "scoring",
-        "per byte",
-        "unnormalised",
-        "context-normalised",
-    ) in found
+    assert tuple(TASKS_HEADER) in found
 
 
 def test_the_samples_section_keeps_each_prompts_first_sample_up_to_600_characters(tmp_path, monkeypatch):
