@@ -209,15 +209,30 @@ class Decoder:
     `length_penalties` (default: decoding's), as the search itself never reads it.
     """
 
-    def __init__(self, model, prompts, eos_id: int, decoding: Decoding, limits=None, gen=None, step=None, **options):
+    def __init__(
+        self,
+        model,
+        prompts,
+        eos_id: int,
+        decoding: Decoding,
+        limits=None,
+        gen=None,
+        step=None,
+        *,
+        length_penalties=None,
+        compact: bool = True,
+        every: int = 0,
+    ):
+        """`step`: a CompiledStep; `length_penalties` given: a beam search (even of one beam) ranked
+        under each; `compact`: drop finished rows (stream() keeps them); `every`: steps between
+        asking the device which rows are done (0: check_every's)."""
         self.batch = Batch(model, prompts, eos_id, decoding, limits, step)
         self.decoding, self.gen, self.eos_id = decoding, gen, eos_id
         self.beams = decoding.beam_size  # rows per prompt
-        self.length_penalties = options.get("length_penalties")  # given: beam search, even of one beam
-        self.search = decoding.beam_size > 1 or self.length_penalties is not None  # else greedy or sampled
-        self.length_penalties = self.length_penalties or (decoding.length_penalty,)
-        self.compact = options.get("compact", True) and step is None
-        self.every = options.get("every") or check_every(self.batch.logits.device)
+        self.search = decoding.beam_size > 1 or length_penalties is not None  # else greedy or sampled
+        self.length_penalties = length_penalties or (decoding.length_penalty,)
+        self.compact = compact and step is None
+        self.every = every or check_every(self.batch.logits.device)
         self.scores = self.lengths = None  # beam search: each row's log-probability and length
         self.results: dict[int, list[int] | tuple] = {}
         self.finished: list[int] = []

@@ -200,7 +200,7 @@ class Engine:
     def stop(self, job_id: str) -> bool:
         """Ask a request to stop (it ends at its next step); False if none decodes by that id."""
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or job.finished:  # (a finished one leaves `jobs` after its step: no race with that)
             return False
         job.stopped = True
         with self.lock:
