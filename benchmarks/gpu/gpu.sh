@@ -22,7 +22,7 @@
 # 473k tokens/s compiled at micro-batch 16 and 500k at 64; targets: >= 500k at 16, >= 575k at some
 # micro-batch up to 64.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS=${STEPS:-30}
 GPT2="--n-layer 12 --n-embd 768 --n-head 12 --block-size 1024 --vocab 50304 --gpt2-block --optimizer adamw"

@@ -17,7 +17,7 @@
 # Needs no DVC (without dvclive, train writes its curves with pipeline.training.curves' TsvLive) and
 # takes the torch that is installed (a CUDA build, any version >= 2.4): it installs nothing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 grep -q "name: milton" params.yaml || {
     echo "error: params.yaml is not params/gpu.yaml applied (python -m pipeline.params apply params/gpu.yaml)" >&2

@@ -13,7 +13,7 @@
 # copying the source; (issue 24) evaluate on the whole test split, default tuning, within 60 s.
 # SKIP_TRAIN=1 evaluates the model already in data/model.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 grep -q "bible_en_fr" params.yaml || { echo "error: params.yaml is not params/translate-gpu.yaml applied" >&2; exit 2; }
 for f in data/tokens/train.bin data/clean/val.jsonl data/clean/test.jsonl data/raw/manifest.json metrics/tokenize.json; do
     [ -f "$f" ] || { echo "error: $f missing; prepare it first (see the top of this file)" >&2; exit 2; }
