@@ -127,7 +127,7 @@ def setup(cfg: ModelConfig, t: P.Train, train_run: P.TrainRun, procs: Processes,
             f"{tokenizer.vocab_size} pieces; re-run the tokenize stage"
         )
     mixture, absent = source_mixture(t, train_meta["sources"])
-    for name in absent if procs.main else []:
+    for name in absent if procs.main else ():  # said once, by the main process
         print(
             f"train: train.source_weights.{name}: no source of that name in {TOKENS_DIR}/train.json; ignored",
             flush=True,

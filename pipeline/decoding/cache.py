@@ -123,9 +123,7 @@ class KVCache:
         if static:
             width = block if width <= block else 2 * block
         logits, cache = cls._encode(model, prompts, width, static)
-        if (
-            longest + new_tokens > block
-        ):  # every token so far, as the columns hold them: re-encoded when a window slides
+        if longest + new_tokens > block:  # the window will slide: every token so far, column by column
             cache.history = torch.zeros(len(prompts), width, dtype=torch.long, device=logits.device)
             for i, p in enumerate(prompts):
                 cache.history[i, longest - len(p) : longest] = torch.as_tensor(p)
@@ -352,6 +350,7 @@ class RecurrentState:
 
     @torch.inference_mode()
     def step(self, model, tokens: torch.Tensor, logits_of=None) -> torch.Tensor:
+        """Feed each row's newest token: the logits of the next (`logits_of`: a GPT's only)."""
         logits, self.state = model.decode(tokens[:, None], self.state)
         return logits
 

@@ -130,7 +130,7 @@ class Batch:
 
     def __init__(self, model, prompts: list[list[int]], eos_id: int, decoding: Decoding, limits=None, step=None):
         self.model, self.eos_id = model, eos_id
-        self.step = step  # a CompiledStep: static shapes, and no compaction (a new shape)
+        self.logits_of = step or next_logits  # a CompiledStep: static shapes, and no compaction (a new shape)
         prompts = [keep_end(model, p) for p in prompts]
         n_new = decoding.max_new_tokens
         self.logits, self.cache = cache_for(model).prefill(model, prompts, n_new, static=step is not None)
@@ -162,10 +162,7 @@ class Batch:
 
     def advance(self) -> None:
         """Feed the newest tokens to the model: the logits of the next ones."""
-        tokens = self.out[:, self.n - 1]
-        self.logits = (
-            self.cache.step(self.model, tokens, self.step) if self.step else self.cache.step(self.model, tokens)
-        )
+        self.logits = self.cache.step(self.model, self.out[:, self.n - 1], self.logits_of)
 
     def ids(self, row: int) -> list[int]:
         """A row's new tokens, up to its eos."""

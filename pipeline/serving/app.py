@@ -232,24 +232,26 @@ def _checked_fields(data: dict) -> dict:
     return data
 
 
+def mode_defaults(mode: str, limits: Limits) -> Decoding:
+    """A mode's decoding before a request's own settings: to continue, evaluate's sampling
+    (pipeline.core.params.Evaluate, as `python -m pipeline.generate`'s); greedy to translate or answer."""
+    e, cap = Evaluate(), limits.max_new_tokens
+    if mode == "continue":
+        return Decoding(min(e.sample_tokens, cap), **e.sampling())
+    return Decoding(ANSWER_TOKENS if mode == "ask" else min(e.sample_tokens, cap))
+
+
 class Playground:
     """The routes over one model, its tokenizer and its engine."""
 
     def __init__(self, model, tok, engine: Engine, card: dict, limits: Limits):
         self.model, self.tok, self.engine, self.card, self.limits = model, tok, engine, card, limits
-
-    def defaults(self, mode: str) -> Decoding:
-        """A mode's decoding before a request's own settings: to continue, evaluate's sampling
-        (pipeline.core.params.Evaluate, as `python -m pipeline.generate`'s); greedy to translate or answer."""
-        e, cap = Evaluate(), self.limits.max_new_tokens
-        if mode == "continue":
-            return Decoding(min(e.sample_tokens, cap), **e.sampling())
-        return Decoding(ANSWER_TOKENS if mode == "ask" else min(e.sample_tokens, cap))
+        self.defaults = {mode: mode_defaults(mode, limits) for mode in MODES}
 
     def decoding(self, data: dict) -> Decoding:
         """The request's decoding: the mode's defaults, its own settings, the server's caps."""
         lim = self.limits
-        decoding = replace(self.defaults(data["mode"]), **{k: data[k] for k in SETTINGS if k in data})
+        decoding = replace(self.defaults[data["mode"]], **{k: data[k] for k in SETTINGS if k in data})
         if not 0 < decoding.max_new_tokens <= lim.max_new_tokens:
             raise BadRequest(
                 f"max_new_tokens: must be 1 to {lim.max_new_tokens} (the server's cap), got {decoding.max_new_tokens}"
@@ -312,7 +314,7 @@ class Playground:
 
     async def info(self, request: HttpRequest) -> JSONResponse:
         limits = {k: getattr(self.limits, k) for k in ("max_text_bytes", "max_new_tokens", "max_beam_size")}
-        defaults = {mode: {k: getattr(self.defaults(mode), k) for k in SETTINGS} for mode in MODES}
+        defaults = {mode: {k: getattr(d, k) for k in SETTINGS} for mode, d in self.defaults.items()}
         return JSONResponse({**self.card, "limits": limits, "defaults": defaults, "load": self.engine.load})
 
     async def generate(self, request: HttpRequest) -> Response:

@@ -102,9 +102,8 @@ class Wave:
         self.kind = _kind(self.decoding)
         self.jobs, self.eos_id = jobs, eos_id
         prompts = [j.request.prompt for j in jobs]
-        self.decoder = Decoder(
-            model, prompts, eos_id, self.decoding, limits, gen, every=1
-        )  # (its tokens are read every step)
+        # every=1: its tokens are read on the host every step anyway
+        self.decoder = Decoder(model, prompts, eos_id, self.decoding, limits, gen, every=1)
 
     def fits(self, job: Job) -> bool:
         return (
