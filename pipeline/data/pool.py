@@ -1,0 +1,57 @@
+"""Pool: a function over a stream of items by worker processes, the results given back in input
+order with a bounded number in flight, so memory does not grow with the input. The data stages'
+per-file and per-shard work runs through it (clean's shards, collect's web pages); deciding what
+depends on earlier items stays with the caller, in order."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Pool:
+    """fn(item, *extra) for each item, in input order, by `workers` processes (0: one per core)
+    that ran initializer(*initargs) first; at most 2 items per worker are in flight. One worker:
+    everything runs in this process. On Linux the workers are forked, so large initargs are shared
+    copy-on-write."""
+
+    def __init__(self, workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+        self.workers = workers or cores()
+        self.pool = None
+        if self.workers == 1:
+            if initializer is not None:
+                initializer(*initargs)
+        else:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.pool = ctx.Pool(self.workers, initializer=initializer, initargs=initargs)
+
+    def map(self, fn: Callable, items: Iterable, *extra) -> Iterator:
+        if self.pool is None:
+            yield from (fn(item, *extra) for item in items)
+            return
+        pending: deque = deque()
+        for item in items:
+            pending.append(self.pool.apply_async(fn, (item, *extra)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
