@@ -10,8 +10,12 @@ never changes when the corpus grows, and no test pair's source can appear in tra
 
 Optional, with params: PII scrubbing (e-mail addresses, phone numbers, IP addresses become
 [EMAIL], [PHONE], [IP]; on by default), Gopher/C4-style quality rules for documents, near-duplicate
-removal with MinHash LSH (datasketch, fixed seed; the source side of pairs), and decontamination:
-a train document that shares an n-word sequence with val or test is removed from train and listed.
+removal with MinHash LSH (datasketch, fixed seed; the source side of pairs), decontamination:
+a train document that shares an n-word sequence with val or test is removed from train and listed;
+language identification (py3langid: each document gets its "lang" and "lang_score"; a source that
+names languages keeps only documents in one of them, and pairs whose sides are each in theirs),
+and the web's filters for documents (a URL blocklist, lines of JavaScript and cookie notices
+removed, lorem ipsum, too few lines ending in punctuation). Off, each changes nothing in the output.
 
 Writes data/clean/{train,val,test}.jsonl (records carry their "source"), data/clean/
 decontaminated.jsonl (train documents removed for overlap), metrics/clean.json and
@@ -32,7 +36,8 @@ Keys wait in a small dict (at most 2**17) before becoming a sorted run; runs mer
 
 This module is the step: main() loads the params, reads each source of data/raw in shards, has
 workers prepare them, decides keep/drop/duplicate in input order, and writes the splits, the
-metrics and the report. The per-document rules are in pipeline.data.rules, hashing and the duplicate
+metrics and the report. The per-document rules are in pipeline.data.rules (the web's in
+pipeline.data.web_rules, language identification in pipeline.data.language), hashing and the duplicate
 indexes in pipeline.data.dedup, the shards, the workers and what they send back in pipeline.data.shards.
 """
 
@@ -41,6 +46,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,48 +65,65 @@ from pipeline.core.common import (
 )
 from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, DECONTAMINATED, RAW_DIR
 from pipeline.data.dedup import KeyIndex, NearDuplicates
+from pipeline.data.language import check_codes
 from pipeline.data.qa import DEFAULT_QA_SOURCE, default_items
 from pipeline.data.rules import PII, QUALITY_REASONS, normalize
-from pipeline.data.shards import Candidate, Dropped, Pool, ngram_shard, prepare_shard, read_shards
+from pipeline.data.shards import (
+    Candidate,
+    Dropped,
+    Pool,
+    PreparedShard,
+    ngram_shard,
+    prepare_shard,
+    read_shards,
+)
+from pipeline.data.web_rules import LINE_KINDS, Blocklist
 
 SPLITS = ("train", "val", "test")
-DROP_REASONS = (
+DROP_REASONS = (  # in the order the rules apply
     "empty",
     "too_short",
     "too_long",
     "length_ratio",
+    "url_blocked",
+    "lorem_ipsum",
+    "punctuated_lines",
     *QUALITY_REASONS,
+    "language",
     "duplicate",
     "near_duplicate",
     "contaminated",
 )
+# Reasons counted (and shown) only when their knob is on: the clean.<knob> that turns each on.
+OPTIONAL_REASONS = {
+    "url_blocked": "url_blocklist",
+    "lorem_ipsum": "drop_lorem_ipsum",
+    "punctuated_lines": "min_punctuated_lines",
+    "language": "language_id",
+}
+
+
+def drop_reasons(settings: P.Clean) -> tuple[str, ...]:
+    """The reasons a clean with these settings counts: all of DROP_REASONS but the optional ones that are off."""
+    return tuple(r for r in DROP_REASONS if r not in OPTIONAL_REASONS or getattr(settings, OPTIONAL_REASONS[r]))
 
 
 def main() -> None:
     params = P.load()
     settings = params.clean
     manifest = read_json(RAW_DIR / "manifest.json")
-    per_source = {}
+    blocklist = Blocklist.read(settings.url_blocklist) if settings.url_blocklist else None
+    if settings.language_id:
+        check_codes(manifest["sources"])  # loads the model here, before the workers fork: they share it
     state = State(settings)
     with atomic_dir(CLEAN_DIR) as out:
         # With decontamination, train goes to a scratch file first: which documents to drop is
         # known only once val and test are complete.
         scratch = out / ("train.scratch.jsonl" if settings.decontaminate_ngram else "train.jsonl")
         writers = {"train": open(scratch, "wb"), **{s: open(out / f"{s}.jsonl", "wb") for s in ("val", "test")}}
-        pool = Pool(settings, params.clean_run)
+        pool = Pool(settings, params.clean_run, blocklist=blocklist)
         try:
-            for src in manifest["sources"]:
-                per_source[src["name"]] = clean_source(
-                    src["name"],
-                    src["pairs"],
-                    settings,
-                    state,
-                    pool,
-                    writers,
-                    (src.get("languages") or ["", ""])[1],
-                    src.get("task", ""),
-                    keep_origin="titles" in src,  # the default QA set asks for a play's title
-                )
+            per_source = {src["name"]: clean_source(src, settings, state, pool, writers) for src in manifest["sources"]}
         finally:
             pool.close()
             for w in writers.values():
@@ -115,37 +138,8 @@ def main() -> None:
             split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
             for split in SPLITS
         }
-        if totals["train"] == 0:
-            documents_in = sum(source_metrics["documents_in"] for source_metrics in per_source.values())
-            dropped = {reason: n for reason, n in _sum_dropped(per_source).items() if n} or "none"
-            kept = sum(totals.values())
-            hint = (
-                f"the {kept} kept went to val/test: the corpus is too small to split (add text, or split "
-                "it into more documents: a source's `split`/`chunk_chars`)"
-                if kept
-                else "check clean.min_chars/max_chars and the sources"
-            )
-            raise PipelineError(
-                f"clean: no training documents left after cleaning (in: {documents_in}, dropped: {dropped}); {hint}"
-            )
-        for split in ("val", "test"):
-            if totals[split] == 0:
-                raise PipelineError(
-                    f"clean: the {split} split is empty; the corpus is too small for "
-                    f"clean.{split}_fraction, raise it or add text"
-                )
-    near = state.near
-    metrics = {
-        "documents_kept": sum(source_metrics["documents_kept"] for source_metrics in per_source.values()),
-        "bytes_kept": sum(source_metrics["bytes_kept"] for source_metrics in per_source.values()),
-        "dropped": _sum_dropped(per_source),
-        "pii_replaced": {k: state.pii[k] for k in PII},
-        "near_duplicate_clusters": len(near.cluster_of) if near else 0,
-        "contaminated_removed_from_train": contaminated,
-        "splits": totals,
-        "sources": per_source,
-        "default_qa": qa_counts,
-    }
+        check_splits(totals, per_source, state.reasons)
+    metrics = clean_metrics(per_source, state, contaminated, totals, qa_counts)
     write_json(CLEAN_METRICS, metrics)
     atomic_write_text(CLEAN_REPORT, clean_report(metrics, state.lengths, state.examples.kept))
     print(
@@ -153,6 +147,52 @@ def main() -> None:
         f"dropped {dict((k, v) for k, v in metrics['dropped'].items() if v)}, splits {totals} -> {CLEAN_DIR} "
         f"({pool.workers} worker{'s' if pool.workers > 1 else ''})"
     )
+
+
+def check_splits(totals: dict, per_source: dict, reasons: tuple[str, ...]) -> None:
+    """Train, val and test must each keep documents: if one is empty, a one-line error says why."""
+    if totals["train"] == 0:
+        documents_in = sum(source_metrics["documents_in"] for source_metrics in per_source.values())
+        dropped = {reason: n for reason, n in _sum_dropped(per_source, reasons).items() if n} or "none"
+        kept = sum(totals.values())
+        hint = (
+            f"the {kept} kept went to val/test: the corpus is too small to split (add text, or split "
+            "it into more documents: a source's `split`/`chunk_chars`)"
+            if kept
+            else "check clean.min_chars/max_chars and the sources"
+        )
+        raise PipelineError(
+            f"clean: no training documents left after cleaning (in: {documents_in}, dropped: {dropped}); {hint}"
+        )
+    for split in ("val", "test"):
+        if totals[split] == 0:
+            raise PipelineError(
+                f"clean: the {split} split is empty; the corpus is too small for "
+                f"clean.{split}_fraction, raise it or add text"
+            )
+
+
+def clean_metrics(per_source: dict, state: State, contaminated: int, totals: dict, qa_counts: dict) -> dict:
+    """metrics/clean.json: the totals, then each source's counts. Lines removed and the languages
+    kept (per source, documents per language, most frequent first) only when their knobs are on."""
+    near = state.near
+    languages = {
+        name: {code: n for code, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if n > 0}
+        for name, counts in state.languages.items()
+    }
+    return {
+        "documents_kept": sum(source_metrics["documents_kept"] for source_metrics in per_source.values()),
+        "bytes_kept": sum(source_metrics["bytes_kept"] for source_metrics in per_source.values()),
+        "dropped": _sum_dropped(per_source, state.reasons),
+        "pii_replaced": {k: state.pii[k] for k in PII},
+        **({"lines_removed": {k: state.lines_removed[k] for k in LINE_KINDS}} if state.removes_lines else {}),
+        "near_duplicate_clusters": len(near.cluster_of) if near else 0,
+        "contaminated_removed_from_train": contaminated,
+        "splits": totals,
+        **({"languages": languages} if state.identifies else {}),
+        "sources": per_source,
+        "default_qa": qa_counts,
+    }
 
 
 def add_default_qa(out: Path, settings: P.Clean, manifest: dict) -> dict:
@@ -185,6 +225,7 @@ class State:
     """What cleaning carries from document to document: indexes, counts, samples."""
 
     def __init__(self, settings: P.Clean):
+        self.reasons = drop_reasons(settings)
         self.exact = KeyIndex()
         self.documents = 0  # kept, numbering them for the exact index
         self.near = NearDuplicates(settings) if settings.near_dup else None
@@ -192,6 +233,11 @@ class State:
         self.examples = Examples(settings.report_examples)
         self.lengths: dict[str, dict[str, Counter]] = defaultdict(lambda: {"in": Counter(), "kept": Counter()})
         self.pii: Counter = Counter()
+        self.removes_lines = settings.drop_javascript_lines or settings.drop_cookie_lines
+        self.lines_removed: Counter = Counter()  # kind: lines removed from documents
+        self.identifies = settings.language_id
+        self.languages: dict[str, Counter] = {}  # source whose language is identified: code: documents kept
+        self.pair_languages: dict[str, tuple[str, ...]] = {}  # such a source of pairs: its (source, target)
 
 
 class Examples:
@@ -213,24 +259,42 @@ class Examples:
                 self.kept[reason][j] = item
 
 
-def clean_source(
-    name: str,
-    pairs: bool,
-    settings: P.Clean,
-    state: State,
-    pool: Pool,
-    writers: dict,
-    tgt_lang: str = "",
-    task: str = "",
-    keep_origin: bool = False,
-) -> dict:
-    """Clean one source's records into the split writers (train: a scratch file); return its counts.
-    Pairs of a source with languages carry their target's ("tgt_lang"); those of a QA source, "task"."""
-    kept = Counter()
-    kept_bytes = Counter()
-    dropped = Counter({r: 0 for r in DROP_REASONS})
-    documents_in = bytes_in = 0
-    pii = Counter()
+class SourceCounts:
+    """One source's counts, as its shards come back."""
+
+    def __init__(self, reasons: tuple[str, ...]):
+        self.documents_in = self.bytes_in = 0
+        self.kept: Counter = Counter()  # split: documents
+        self.kept_bytes: Counter = Counter()  # split: bytes of text
+        self.dropped = Counter(dict.fromkeys(reasons, 0))
+        self.pii: Counter = Counter()
+
+    def metrics(self) -> dict:
+        """The source's entry of metrics/clean.json's "sources"."""
+        return {
+            "documents_in": self.documents_in,
+            "bytes_in": self.bytes_in,
+            "documents_kept": sum(self.kept.values()),
+            "bytes_kept": sum(self.kept_bytes.values()),
+            "dropped": dict(self.dropped),
+            "pii_replaced": {k: self.pii[k] for k in PII},
+            "splits": {s: {"documents": self.kept[s], "bytes": self.kept_bytes[s]} for s in SPLITS},
+        }
+
+
+def clean_source(src: dict, settings: P.Clean, state: State, pool: Pool, writers: dict) -> dict:
+    """Clean one source (its manifest entry) into the split writers (train: a scratch file); return
+    its counts. Pairs of a source with languages carry their target's ("tgt_lang"); those of a QA
+    source, "task". With language_id, each document's language is identified (and must be one of
+    its source's languages, if it names any), and each side of a pair of a source with languages."""
+    name, pairs = src["name"], src["pairs"]
+    languages = tuple(src.get("languages") or ())
+    tgt_lang = languages[1] if pairs and len(languages) == 2 else ""  # only pairs have a target
+    if settings.language_id and (languages or not pairs):
+        state.languages[name] = Counter()
+        if pairs:
+            state.pair_languages[name] = languages
+    counts = SourceCounts(state.reasons)
     lengths = state.lengths[name]
     for shard in pool.map(
         prepare_shard,
@@ -238,61 +302,63 @@ def clean_source(
         name,
         pairs,
         tgt_lang,
-        task,
-        keep_origin,
+        src.get("task", ""),
+        "titles" in src,  # keep_origin: the default QA set asks for a play's title
+        languages,
     ):
-        documents_in += shard.documents_in
-        bytes_in += shard.bytes_in
+        counts.documents_in += shard.documents_in
+        counts.bytes_in += shard.bytes_in
         lengths["in"].update(shard.lengths_in)
-        pii.update(shard.pii)
-        candidates = [record for record in shard.records if isinstance(record, Candidate)]
-        exact = state.exact.lookup([record.keys for record in candidates]).tolist() if candidates else None
-        near = state.near.bands.lookup(shard.bands) if candidates and state.near else None
-        heldout_ends, heldout_rows = shard.heldout_ends, []
-        row = 0  # of this record among the candidates
-        for record in shard.records:
-            if isinstance(record, Dropped):  # by a rule, in the worker
-                dropped[record.reason] += 1
-                state.examples.add(record.reason, name, record.texts)
-                continue
-            reason = None
-            if any(v >= 0 for v in exact[row]) or any(k in state.exact.recent for k in record.keys):
-                reason = "duplicate"
-            elif state.near is not None and state.near.seen(shard.bands[row], near[row], shard.signatures[row]):
-                reason = "near_duplicate"
-            row += 1
-            if reason:
-                dropped[reason] += 1
-                rec = json.loads(record.line)
-                state.examples.add(reason, name, [rec[k] for k in text_fields(rec)])
-                continue
-            for k in record.keys:
-                state.exact.add(k, state.documents)
-            state.documents += 1
-            if heldout_ends is not None and record.split != "train":
-                heldout_rows.append(row - 1)
-            writers[record.split].write(record.line)
-            kept[record.split] += 1
-            kept_bytes[record.split] += record.text_bytes
-            lengths["kept"][record.chars] += 1
-        if heldout_rows:
-            starts = np.concatenate(([0], heldout_ends[:-1]))
-            state.heldout_ngrams.append(
-                np.concatenate([shard.heldout_ngrams[starts[k] : heldout_ends[k]] for k in heldout_rows])
-            )
-        state.exact.flush()
-        if state.near:
-            state.near.bands.flush()
-    state.pii.update(pii)
-    return {
-        "documents_in": documents_in,
-        "bytes_in": bytes_in,
-        "documents_kept": sum(kept.values()),
-        "bytes_kept": sum(kept_bytes.values()),
-        "dropped": dict(dropped),
-        "pii_replaced": {k: pii[k] for k in PII},
-        "splits": {s: {"documents": kept[s], "bytes": kept_bytes[s]} for s in SPLITS},
-    }
+        counts.pii.update(shard.pii)
+        state.lines_removed.update(shard.lines_removed)
+        take_shard(shard, name, state, counts, writers)
+    state.pii.update(counts.pii)
+    return counts.metrics()
+
+
+def take_shard(shard: PreparedShard, name: str, state: State, counts: SourceCounts, writers: dict) -> None:
+    """Decide, in order, which of a prepared shard's records are kept (written to their split) and
+    which are dropped: by a rule in the worker, or as an exact or near duplicate of an earlier one."""
+    candidates = [record for record in shard.records if isinstance(record, Candidate)]
+    exact = state.exact.lookup([record.keys for record in candidates]).tolist() if candidates else None
+    near = state.near.bands.lookup(shard.bands) if candidates and state.near else None
+    heldout_ends, heldout_rows = shard.heldout_ends, []
+    row = 0  # of this record among the candidates
+    for record in shard.records:
+        if isinstance(record, Dropped):  # by a rule, in the worker
+            counts.dropped[record.reason] += 1
+            state.examples.add(record.reason, name, record.texts)
+            continue
+        reason = None
+        if any(v >= 0 for v in exact[row]) or any(k in state.exact.recent for k in record.keys):
+            reason = "duplicate"
+        elif state.near is not None and state.near.seen(shard.bands[row], near[row], shard.signatures[row]):
+            reason = "near_duplicate"
+        row += 1
+        if reason:
+            counts.dropped[reason] += 1
+            rec = json.loads(record.line)
+            state.examples.add(reason, name, [rec[k] for k in text_fields(rec)])
+            continue
+        for k in record.keys:
+            state.exact.add(k, state.documents)
+        state.documents += 1
+        if heldout_ends is not None and record.split != "train":
+            heldout_rows.append(row - 1)
+        writers[record.split].write(record.line)
+        counts.kept[record.split] += 1
+        counts.kept_bytes[record.split] += record.text_bytes
+        state.lengths[name]["kept"][record.chars] += 1
+        if record.languages:
+            state.languages[name].update(record.languages)
+    if heldout_rows:
+        starts = np.concatenate(([0], heldout_ends[:-1]))
+        state.heldout_ngrams.append(
+            np.concatenate([shard.heldout_ngrams[starts[k] : heldout_ends[k]] for k in heldout_rows])
+        )
+    state.exact.flush()
+    if state.near:
+        state.near.bands.flush()
 
 
 def decontaminate(scratch: Path, out: Path, settings: P.Clean, run: P.CleanRun, state: State, per_source: dict) -> int:
@@ -320,6 +386,10 @@ def decontaminate(scratch: Path, out: Path, settings: P.Clean, run: P.CleanRun, 
                     source_metrics["bytes_kept"] -= size
                     source_metrics["splits"]["train"]["documents"] -= 1
                     source_metrics["splits"]["train"]["bytes"] -= size
+                    if rec["source"] in state.languages:
+                        state.languages[rec["source"]].subtract(
+                            [rec["lang"]] if "lang" in rec else state.pair_languages[rec["source"]]
+                        )
                     state.examples.add("contaminated", rec["source"], [rec[k] for k in text_fields(rec)])
                     listed.write(line)
     finally:
@@ -378,11 +448,7 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
     lines = [
         "# Cleaning report",
         "",
-        f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
-        f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
-        f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
-        f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
-        f"{DECONTAMINATED}).",
+        _summary(metrics),
         "",
         "## Per source",
         "",
@@ -392,6 +458,7 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
         "",
         table(drops) if len(drops) else "Nothing was dropped.",
         "",
+        *(_languages_section(metrics["languages"], table) if "languages" in metrics else []),
         "## Length in characters (quantiles), before and after",
         "",
         table(pd.DataFrame(qrows).T) if qrows else "No documents.",
@@ -406,8 +473,35 @@ def clean_report(metrics: dict, lengths: dict, examples: dict) -> str:
     return "\n".join(lines)
 
 
-def _sum_dropped(per_source: dict) -> dict:
-    total = Counter({r: 0 for r in DROP_REASONS})
+def _summary(metrics: dict) -> str:
+    """The report's first paragraph: what was kept, replaced, removed and clustered."""
+    removed = metrics.get("lines_removed")
+    return (
+        f"{metrics['documents_kept']:,} documents ({metrics['bytes_kept']:,} bytes) kept; "
+        f"PII replaced: {', '.join(f'{k} {v}' for k, v in metrics['pii_replaced'].items())}; "
+        + (f"lines removed: {', '.join(f'{k} {v}' for k, v in removed.items())}; " if removed else "")
+        + f"near-duplicate clusters: {metrics['near_duplicate_clusters']}; train documents removed for "
+        f"overlap with val/test: {metrics['contaminated_removed_from_train']} (listed in "
+        f"{DECONTAMINATED})."
+    )
+
+
+def _languages_section(languages: dict, table: Callable) -> list[str]:
+    """The report's "Languages" section: per source, documents kept per identified language (a
+    pair counts once for each side's language), most frequent first."""
+    import pandas as pd
+
+    rows = {
+        f"{name}, {code}": {"documents": n, "share": f"{n / sum(counts.values()):.1%}"}
+        for name, counts in languages.items()
+        for code, n in counts.items()
+    }
+    body = table(pd.DataFrame(rows).T) if rows else "No document's language was identified."
+    return ["## Languages (identified, documents kept)", "", body, ""]
+
+
+def _sum_dropped(per_source: dict, reasons: tuple[str, ...]) -> dict:
+    total = Counter(dict.fromkeys(reasons, 0))
     for source_metrics in per_source.values():
         total.update(source_metrics["dropped"])
     return dict(total)

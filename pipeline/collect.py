@@ -5,14 +5,15 @@ checked against their sha256, and read as archives (tar, zip, SQLite inside them
 them is installed or imported. Local sources are files, globs or archives of plain text, JSON
 lines, CSV/TSV, Parquet, or two aligned files of sentence pairs; .gz, .bz2, .xz and .zst files are
 decompressed on the fly. Archive members that would land outside the archive's folder (absolute
-paths, `..`, links) are refused.
+paths, `..`, links) are refused. Web pages (HTML files, WARC files) give their main text, extracted
+by worker processes (collect_run.workers); a page without any is dropped and counted.
 
 Text is decoded as UTF-8: invalid bytes become U+FFFD, NUL bytes are removed, a BOM is dropped,
 and each is counted per source in the manifest and metrics/collect.json; a file that looks
 binary stops the stage with an error naming it.
 
-Writes data/raw/<source>.jsonl (records {"text"} or {"src", "tgt"}, plus "origin"), a
-data/raw/manifest.json with each source's lineage, and metrics/collect.json.
+Writes data/raw/<source>.jsonl (records {"text"} or {"src", "tgt"}, plus "origin"; a WARC's pages
+"meta" {"url", "date"} too), a data/raw/manifest.json with each source's lineage, and metrics/collect.json.
 
 This module is the step; how a source is fetched and read is in pipeline/data/sources.
 """
@@ -37,6 +38,7 @@ from pipeline.data.sources.fetch import fetch_pypi, fetch_url
 from pipeline.data.sources.files import Limits, local_files
 from pipeline.data.sources.hf import records_from_hf
 from pipeline.data.sources.read import read_documents
+from pipeline.data.sources.web import DROP_COUNTS, WARC_COUNTS, WEB_COUNTS, drop_summary
 
 # What the manifest and the metrics count of each source's input; gettext sources count more.
 INPUT_COUNTS = (
@@ -77,7 +79,7 @@ def main() -> None:
 
 def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
     """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
-    limits = Limits(c.max_document_bytes, run.max_file_bytes)
+    limits = Limits(c.max_document_bytes, run.max_file_bytes, c.max_page_bytes)
     files, lineage = open_source(src, run, limits.file_bytes)
     max_documents = c.max_documents
     documents = size = 0
@@ -86,6 +88,7 @@ def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
     first: list[dict] = []  # the first pairs, to check their sides against the source's languages
     titles: dict[str, str] = {}  # text files: each file's first line, its title (the default QA set asks for it)
     empty_sides: Counter = Counter()  # pairs whose source (src) or target (tgt) is empty
+    dropped: dict[str, str] = {}  # web pages: the first page dropped for each reason
     with (
         tempfile.TemporaryDirectory(dir=out) as scratch,
         open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f,
@@ -94,7 +97,7 @@ def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
         contextlib.closing(
             records_from_hf(src, stats)
             if src.kind == "hf"
-            else read_documents(src, files, Path(scratch), stats, limits)
+            else read_documents(src, files, Path(scratch), stats, limits, run.workers, dropped)
         ) as records,
     ):
         for rec in records:
@@ -118,29 +121,27 @@ def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
             if max_documents and documents >= max_documents:
                 break
     if documents == 0:
-        skipped = {k: stats[k] for k in GETTEXT_COUNTS if stats[k]} if src.format == "gettext" else {}
-        if skipped:  # a catalog with entries, none of them translated
-            counts = ", ".join(f"{k.removeprefix('gettext_').replace('_', ' ')} {v}" for k, v in skipped.items())
-            raise PipelineError(f"source '{src.name}': no translated entries in {src.members or src.path} ({counts})")
-        raise PipelineError(
-            f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
-        )
+        raise no_documents(src, stats, dropped)
     for side, name in (("src", "source"), ("tgt", "target")):
         if pairs and empty_sides[side] == documents:
             columns = f" (column '{src.pair_columns[side == 'tgt']}')" if src.pair_columns else ""
             raise PipelineError(f"source '{src.name}': the {name} side{columns} is empty in all {documents} pairs")
-    if src.languages:
+    if src.languages and pairs:  # documents' languages are those clean keeps
         key = f"source '{src.name}': languages"
-        if not pairs:
-            raise PipelineError(f"{key}: set for a source of text documents; languages name the sides of pairs")
+        if len(src.languages) != 2:
+            raise PipelineError(f"{key}: pairs need [source, target], got {src.languages}")
         check_sides(first, src.languages, key)
-    input_stats = {k: stats[k] for k in INPUT_COUNTS + (GETTEXT_COUNTS if src.format == "gettext" else ())}
-    noted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files")
+    input_stats = {k: stats[k] for k in input_counts(src.format)}
+    noted = ", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files" and k not in DROP_COUNTS
+    )
     print(
         f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
         f"{f' ({noted})' if noted else ''}",
         flush=True,
     )
+    if dropped:
+        print(f"collect: {src.name}: {drop_summary(stats, dropped)}", flush=True)
     return {
         "name": src.name,
         "kind": src.kind,
@@ -154,6 +155,25 @@ def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
         "bytes": size,
         "input": input_stats,
     }
+
+
+def no_documents(src: Source, stats: Counter, dropped: dict[str, str]) -> PipelineError:
+    """The error for a source that gave no document, saying why where it can."""
+    if dropped:  # web pages, none with main text
+        return PipelineError(f"source '{src.name}': no documents: {drop_summary(stats, dropped)}")
+    skipped = {k: stats[k] for k in GETTEXT_COUNTS if stats[k]} if src.format == "gettext" else {}
+    if skipped:  # a catalog with entries, none of them translated
+        counts = ", ".join(f"{k.removeprefix('gettext_').replace('_', ' ')} {v}" for k, v in skipped.items())
+        return PipelineError(f"source '{src.name}': no translated entries in {src.members or src.path} ({counts})")
+    return PipelineError(
+        f"source '{src.name}': no documents found ({src.members or src.path} matched nothing or only empty files)"
+    )
+
+
+def input_counts(fmt: str) -> tuple[str, ...]:
+    """What the manifest and the metrics count of a source's input, by its format."""
+    extra = {"gettext": GETTEXT_COUNTS, "html": WEB_COUNTS, "warc": WEB_COUNTS + WARC_COUNTS}
+    return INPUT_COUNTS + extra.get(fmt, ())
 
 
 def open_source(src: Source, run: CollectRun, limit: int = 0) -> tuple[Iterator[tuple[str, bytes | Path]], dict]:

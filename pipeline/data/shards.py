@@ -1,8 +1,9 @@
 """The shard protocol of the clean stage: JSON lines read in shards of whole lines (read_shards), a
 pool of worker processes that prepares them and gives the results back in input order (Pool), the
-work done on a shard (prepare_shard: normalise, scrub, filter, split, hash; ngram_shard: which
-train documents share an n-gram with val/test), and the small named types that cross between the
-processes (Shard, Dropped, Candidate, PreparedShard, CheckedTrainShard).
+work done on a shard (prepare_shard: normalise, remove lines, scrub, filter, identify the
+language, split, hash; ngram_shard: which train documents share an n-gram with val/test), and the
+small named types that cross between the processes (Shard, Dropped, Candidate, PreparedShard,
+CheckedTrainShard).
 
 Workers decide nothing that depends on another document: the main process does, in input order.
 """
@@ -21,7 +22,9 @@ from pipeline.core import params as P
 from pipeline.core.common import PipelineError, json_line, text_fields
 from pipeline.data import pool
 from pipeline.data.dedup import MinHasher, Words, text_key
+from pipeline.data.language import identify
 from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
+from pipeline.data.web_rules import Blocklist, has_lorem_ipsum, punctuated_share, remove_lines
 
 
 class Shard(NamedTuple):
@@ -47,6 +50,7 @@ class Candidate(NamedTuple):
     keys: tuple[int, ...]  # exact-duplicate keys: of the text; for pairs, of the pair and of the source side
     text_bytes: int  # bytes of its texts in UTF-8
     chars: int  # characters of its texts
+    languages: tuple[str, ...]  # with language_id: a document's identified language, a pair's two; else ()
 
 
 class PreparedShard(NamedTuple):
@@ -56,6 +60,7 @@ class PreparedShard(NamedTuple):
     bytes_in: int
     lengths_in: Counter  # characters of a document's texts: documents
     pii: Counter  # PII kind: replacements
+    lines_removed: Counter  # "javascript" / "cookie": lines removed from documents
     records: list[Dropped | Candidate]  # in input order
     # Row k is the k-th Candidate of records (None when not computed):
     bands: np.ndarray | None  # (candidates, bands) LSH band keys of the source side, with near_dup
@@ -84,11 +89,18 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
 
 
 class Pool(pool.Pool):
-    """Shards to workers that know the clean settings (and val/test's n-grams, for decontamination),
-    results back in order; `run` (clean_run) sizes the shards and the pool."""
+    """Shards to workers that know the clean settings (and val/test's n-grams, for decontamination;
+    the URL blocklist read from clean.url_blocklist, for prepare_shard), results back in order;
+    `run` (clean_run) sizes the shards and the pool."""
 
-    def __init__(self, settings: P.Clean, run: P.CleanRun, heldout_ngrams: np.ndarray | None = None):
-        super().__init__(run.workers, _init_worker, (settings, heldout_ngrams))
+    def __init__(
+        self,
+        settings: P.Clean,
+        run: P.CleanRun,
+        heldout_ngrams: np.ndarray | None = None,
+        blocklist: Blocklist | None = None,
+    ):
+        super().__init__(run.workers, _init_worker, (settings, heldout_ngrams, blocklist))
         self.shard_bytes = run.shard_bytes
 
 
@@ -100,9 +112,12 @@ _json_str = (
 )  # a str as a JSON string literal, as json.dumps(ensure_ascii=False) writes it
 
 
-def _init_worker(settings: P.Clean, heldout_ngrams: np.ndarray | None) -> None:
+def _init_worker(settings: P.Clean, heldout_ngrams: np.ndarray | None, blocklist: Blocklist | None) -> None:
     _WORKER.update(
-        settings=settings, minhash=MinHasher(settings) if settings.near_dup else None, heldout_ngrams=heldout_ngrams
+        settings=settings,
+        minhash=MinHasher(settings) if settings.near_dup else None,
+        heldout_ngrams=heldout_ngrams,
+        blocklist=blocklist,
     )
 
 
@@ -113,34 +128,45 @@ def _lines(shard: Shard) -> Iterator[tuple[int, bytes, dict]]:
 
 
 def prepare_shard(
-    shard: Shard, name: str, pairs: bool, tgt_lang: str = "", task: str = "", keep_origin: bool = False
+    shard: Shard,
+    name: str,
+    pairs: bool,
+    tgt_lang: str = "",
+    task: str = "",
+    keep_origin: bool = False,
+    languages: tuple[str, ...] = (),
 ) -> PreparedShard:
     """Normalise, scrub, filter and hash one shard of a source's records: counts, the records in
     order (Dropped, or Candidate with its line, split and keys), and for the candidates, row by row:
     LSH band keys and 1-byte signatures, and the n-gram hashes of val and test. A record keeps its
     "meta" and, with `keep_origin`, its "origin" file (the default QA set asks about them); a QA
-    pair (`task`) keeps the lines of its passage and question."""
+    pair (`task`) keeps the lines of its passage and question. With clean.language_id, the
+    source's `languages` are those its documents (any of them) or pairs (source, target) must be in."""
     settings, minhash = _WORKER["settings"], _WORKER["minhash"]
     documents_in = bytes_in = 0
-    lengths_in, pii, records = Counter(), Counter(), []
+    lengths_in, pii, lines_removed, records = Counter(), Counter(), Counter(), []
     passed = []  # (split, texts) of the documents that pass the filters
     for i, _, rec in _lines(shard):
         raw_texts = _raw_texts(rec, pairs, shard.path, i)
         documents_in += 1
         bytes_in += sum(len(t.encode("utf-8")) for t in raw_texts)
         lengths_in[sum(map(len, raw_texts))] += 1
-        texts, reason = _filtered(raw_texts, settings, pairs, task, pii)
+        texts, reason = _filtered(rec, raw_texts, settings, pairs, task, pii, lines_removed)
+        identified = None  # a document's (language, score)
+        if reason is None and settings.language_id and not task:
+            identified, reason = _language(texts, pairs, languages, settings.min_language_score)
         if reason:
             records.append(Dropped(reason, [t[:300] for t in (texts if any(texts) else raw_texts)]))
             continue
         split = split_of(texts[0], settings)
         records.append(
             Candidate(
-                _clean_line(rec, texts, name, pairs, tgt_lang, task, keep_origin),
+                _clean_line(rec, texts, name, pairs, tgt_lang, task, keep_origin, identified),
                 split,
                 _exact_keys(texts, pairs, tgt_lang, task),
                 sum(len(t.encode("utf-8")) for t in texts),
                 sum(map(len, texts)),
+                (identified[0],) if identified else tuple(languages) if pairs and settings.language_id else (),
             )
         )
         passed.append((split, texts))
@@ -150,6 +176,7 @@ def prepare_shard(
         bytes_in=bytes_in,
         lengths_in=lengths_in,
         pii=pii,
+        lines_removed=lines_removed,
         records=records,
         bands=bands,
         signatures=signatures,
@@ -167,22 +194,69 @@ def _raw_texts(rec: dict, pairs: bool, path: str, i: int) -> list[str]:
 
 
 def _filtered(
-    raw_texts: list[str], settings: P.Clean, pairs: bool, task: str, pii: Counter
+    rec: dict, raw_texts: list[str], settings: P.Clean, pairs: bool, task: str, pii: Counter, removed: Counter
 ) -> tuple[list[str], str | None]:
-    """A record's texts normalised and scrubbed (counting PII in `pii`), and the rule that drops them, if any."""
+    """A record's texts normalised, stripped of the lines the web's filters remove (a document's;
+    counted in `removed`) and scrubbed (counting PII in `pii`), and the rule that drops them, if any:
+    the length rules, then for documents the web's (URL, lorem ipsum, punctuation), then quality."""
     texts = [normalize(t, settings.normalization, pairs and not task) for t in raw_texts]
+    if not pairs and (settings.drop_javascript_lines or settings.drop_cookie_lines):
+        texts = [remove_lines(texts[0], settings.drop_javascript_lines, settings.drop_cookie_lines, removed)]
     if settings.scrub_pii:
         texts = [scrub_pii(t, pii) for t in texts]
     reason = drop_reason(texts, settings, qa=bool(task))
+    if reason is None and not pairs:
+        reason = _web_reason(rec, texts[0], settings)
     if reason is None and settings.quality_filters and not pairs:
         reason = quality_reason(texts[0], settings)
     return texts, reason
 
 
+def _web_reason(rec: dict, text: str, settings: P.Clean) -> str | None:
+    """The first of the web's rules that drops a document: its meta url is blocked, it holds lorem
+    ipsum, too few of its lines end in terminal punctuation."""
+    blocklist = _WORKER["blocklist"]
+    if blocklist is not None:
+        url = rec["meta"].get("url") if isinstance(rec.get("meta"), dict) else None
+        if isinstance(url, str) and url and blocklist.blocks(url):
+            return "url_blocked"
+    if settings.drop_lorem_ipsum and has_lorem_ipsum(text):
+        return "lorem_ipsum"
+    if settings.min_punctuated_lines and punctuated_share(text) < settings.min_punctuated_lines:
+        return "punctuated_lines"
+    return None
+
+
+def _language(
+    texts: list[str], pairs: bool, languages: tuple[str, ...], min_score: float
+) -> tuple[tuple[str, float] | None, str | None]:
+    """Language identification: a document's (language, score), and "language" when a record is not
+    in its source's languages with at least `min_score` (a document: any of them; a pair: each side
+    its own). Pairs of a source without languages are not identified."""
+    if pairs:
+        for text, code in zip(texts, languages):
+            found, score = identify(text)
+            if found != code or score < min_score:
+                return None, "language"
+        return None, None
+    found, score = identify(texts[0])
+    if languages and (found not in languages or score < min_score):
+        return None, "language"
+    return (found, score), None
+
+
 def _clean_line(
-    rec: dict, texts: list[str], name: str, pairs: bool, tgt_lang: str, task: str, keep_origin: bool
+    rec: dict,
+    texts: list[str],
+    name: str,
+    pairs: bool,
+    tgt_lang: str,
+    task: str,
+    keep_origin: bool,
+    identified: tuple[str, float] | None = None,
 ) -> bytes:
-    """A passing record's line of data/clean/<split>.jsonl, newline included."""
+    """A passing record's line of data/clean/<split>.jsonl, newline included; a document whose
+    language was identified carries it ("lang") and its score ("lang_score")."""
     # json.dumps({"source": name, "text": ...}, ensure_ascii=False), without building the dict
     fields = (
         f'"src": {_json_str(texts[0])}, "tgt": {_json_str(texts[1])}' if pairs else f'"text": {_json_str(texts[0])}'
@@ -191,6 +265,8 @@ def _clean_line(
         fields += f', "tgt_lang": {_json_str(tgt_lang)}'
     if task:
         fields += f', "task": {_json_str(task)}'
+    if identified:
+        fields += f', "lang": {_json_str(identified[0])}, "lang_score": {json.dumps(identified[1])}'
     if keep_origin and isinstance(rec.get("origin"), str):
         fields += f', "origin": {_json_str(rec["origin"])}'
     if isinstance(rec.get("meta"), dict):

@@ -8,5 +8,6 @@
 - tables: CSV/TSV/Parquet a chunk of rows at a time, SQLite queries
 - gettext: .po and .mo catalogs as pairs
 - hf: Hugging Face datasets, streamed
+- web: HTML and WARC files, each page's main text extracted (trafilatura) by worker processes
 - read: read_documents, a source's files as records by its format
 """

@@ -30,10 +30,12 @@ CORRUPT_FILE_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.
 class Limits(NamedTuple):
     """What one read may hold in memory (0: no limit), so a decompression bomb (a 1 MB zip of
     4 GB) is cut or refused rather than read whole: a document or line (collect.max_document_bytes),
-    and a file or archive member read whole (collect_run.max_file_bytes)."""
+    a file or archive member read whole (collect_run.max_file_bytes), and a web page (a larger one
+    is dropped, counted: collect.max_page_bytes)."""
 
     document_bytes: int = 0
     file_bytes: int = 0
+    page_bytes: int = 0
 
 
 def open_local(path: str | Path) -> BinaryIO:

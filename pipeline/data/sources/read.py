@@ -19,14 +19,25 @@ from pipeline.data.sources.gettext import records_from_catalog
 from pipeline.data.sources.records import named_columns, records_from_aligned, records_from_jsonl
 from pipeline.data.sources.tables import records_from_sqlite, records_from_table
 from pipeline.data.sources.text import decode_text, documents, text_lines
+from pipeline.data.sources.web import WEB_FORMATS, records_from_pages
 
 
 def read_documents(
-    src: Source, files: Iterator[tuple[str, bytes | Path]], scratch: Path, stats: Counter, limits: Limits = Limits()
+    src: Source,
+    files: Iterator[tuple[str, bytes | Path]],
+    scratch: Path,
+    stats: Counter,
+    limits: Limits = Limits(),
+    workers: int = 1,
+    dropped: dict[str, str] | None = None,
 ) -> Iterator[dict]:
     """Records of each file. Text, JSON lines, CSV/TSV and Parquet are streamed (memory: a document
-    or a chunk of rows, each within `limits`); the other formats read a file (or archive member) at
-    a time, refused beyond `limits.file_bytes`."""
+    or a chunk of rows, each within `limits`); web pages (html, warc) too, their main text extracted
+    by `workers` processes, the first page dropped for each reason in `dropped`; the other formats
+    read a file (or archive member) at a time, refused beyond `limits.file_bytes`."""
+    if src.format in WEB_FORMATS:
+        yield from records_from_pages(src, files, stats, limits, workers, dropped)
+        return
     columns = named_columns(src)
     for name, data in files:
         stats["files"] += 1

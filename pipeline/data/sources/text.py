@@ -12,14 +12,22 @@ from typing import BinaryIO
 from pipeline.core.common import PipelineError
 
 
-def looks_binary(data: bytes) -> bool:
+def looks_binary(data: bytes, utf8: bool = True) -> bool:
     """Over 30% of the first 64 KB are control bytes (other than tab, newline, FF, CR) or not UTF-8.
 
     Latin-1 or damaged text stays well under that (its odd bytes are letters); executables,
     images, archives and UTF-16 are far over it.
+
+    utf8=False, for text in an unknown encoding (a web page): over 5% are control bytes (ESC, which
+    ISO-2022 shifts with, allowed too). Text in any ASCII-based encoding (UTF-8, cp1251, Shift-JIS,
+    GB2312...) has next to none, even where most of its bytes are not UTF-8; random, compressed and
+    executable bytes have 10% or more (27 of the 256 values).
     """
     head = data[:65536]
-    controls = sum(head.count(bytes([b])) for b in range(32) if b not in (9, 10, 12, 13))
+    allowed = (9, 10, 12, 13) if utf8 else (9, 10, 12, 13, 27)
+    controls = sum(head.count(bytes([b])) for b in range(32) if b not in allowed)
+    if not utf8:
+        return controls > 0.05 * len(head)
     undecodable = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
     return controls + undecodable > 0.3 * len(head)
 
