@@ -22,7 +22,9 @@ from conftest import (
     call_stage,
     collect_project,
     raw_records,
+    read_split,
     run_stage,
+    set_params,
     snapshot,
     stage_error,
 )
@@ -222,6 +224,31 @@ def test_a_warc_gives_the_texts_of_the_same_pages_with_their_url_and_date(tmp_pa
     assert manifest["sources"][1]["input"] == {k: v for k, v in m["crawl"].items() if k not in ("documents", "bytes")}
 
 
+def test_a_crawl_in_four_languages_keeps_the_languages_its_source_names(tmp_path):
+    """collect then clean: a WARC of English, Russian, Chinese and Japanese pages (each language's
+    paragraphs in six orders, six pages), its source naming [ru, ja]; with clean.language_id only
+    the Russian and Japanese pages are kept, each labelled, and counted per language."""
+    import itertools
+
+    pages, language_of = [], {}
+    for code, paragraphs in (("en", ARTICLE_TEXT), ("ru", RUSSIAN), ("zh", CHINESE), ("ja", JAPANESE)):
+        for k, order in enumerate(itertools.permutations(paragraphs)):
+            name = f"{code}{k}.html"
+            pages.append((name, page(code, list(order), '<meta charset="utf-8">').encode("utf-8")))
+            language_of[f"https://example.org/{name}"] = code
+    write_warc(tmp_path / "crawl.warc.gz", pages, others=False)
+    collect_project(tmp_path, [web_source("crawl", "warc", "crawl.warc.gz", languages=["ru", "ja"])])
+    call_stage("collect", tmp_path)
+    set_params(tmp_path, clean={"language_id": True, "val_fraction": 0.25, "test_fraction": 0.25, "qa_templates": []})
+    call_stage("clean", tmp_path)
+    kept = [r for split in ("train", "val", "test") for r in read_split(tmp_path, split)]
+    assert sorted(r["lang"] for r in kept) == ["ja"] * 6 + ["ru"] * 6
+    assert all(r["lang"] == language_of[r["meta"]["url"]] and r["lang_score"] >= 0.5 for r in kept)
+    m = json.loads((tmp_path / "metrics/clean.json").read_text())
+    assert m["languages"] == {"crawl": {"ja": 6, "ru": 6}} and m["sources"]["crawl"]["dropped"]["language"] == 12
+    assert "## Languages" in (tmp_path / "metrics/clean_report.md").read_text()
+
+
 def test_any_number_of_workers_writes_the_same_data_raw(tmp_path):
     pages = [(f"{i:03d}-{name}", data) for i in range(12) for name, data, _ in PAGES] + [("empty.html", NO_MAIN_TEXT)]
     write_warc(tmp_path / "crawl.warc", pages)
@@ -268,6 +295,21 @@ def test_a_page_over_the_limit_is_never_parsed(tmp_path, monkeypatch):
     assert parsed == [len(ARTICLE.encode())]
     assert metrics(tmp_path)["crawl"]["web_too_large"] == 1
     assert [r["meta"]["url"] for r in raw_records(tmp_path, "crawl")] == ["https://example.org/article.html"]
+
+
+def test_a_50_mb_page_is_dropped_at_the_default_limit_unparsed(tmp_path, monkeypatch):
+    """The default collect.max_page_bytes (10 MB): a 50 MB page is read no further than that."""
+    parsed = []
+    extract = trafilatura.extract
+    monkeypatch.setattr(trafilatura, "extract", lambda data, **kw: parsed.append(len(data)) or extract(data, **kw))
+    write_pages(tmp_path / "pages", PAGES[:1])
+    with open(tmp_path / "pages/huge.html", "wb") as f:
+        f.write(ARTICLE.encode().replace(b"</article>", b"<p>" + b"word " * 10_000_000 + b"</p></article>"))
+    collect_project(tmp_path, [web_source("web", "html", "pages/*.html")], run={"workers": 1})
+    call_stage("collect", tmp_path)
+    assert parsed == [len(PAGES[0][1])]
+    assert metrics(tmp_path)["web"]["web_too_large"] == 1
+    assert [r["origin"] for r in raw_records(tmp_path, "web")] == ["article.html"]
 
 
 def test_a_page_the_extractor_fails_on_is_dropped_and_counted(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,9 @@ with the WARC.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import random
 import re
 import statistics
@@ -32,7 +34,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
-from io import BytesIO
 from pathlib import Path
 
 import yaml
@@ -100,13 +101,13 @@ def write_warc(path: Path, pages: list[bytes], repeat_to_bytes: int = 0) -> int:
     n = 0
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=path.suffix == ".gz")
-        while n < len(pages) or (repeat_to_bytes and f.tell() < repeat_to_bytes):
+        while (n < len(pages) and not repeat_to_bytes) or f.tell() < repeat_to_bytes:
             page = pages[n % len(pages)]
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
             record = writer.create_warc_record(
                 f"https://site{n % 97}.example/page/{n}",
                 "response",
-                payload=BytesIO(page),
+                payload=io.BytesIO(page),
                 http_headers=headers,
                 warc_headers_dict={"WARC-Date": (start + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%SZ")},
             )
@@ -129,7 +130,8 @@ def bare(pages: list[bytes]) -> float:
 def through_collect(src: P.Source, workers: int, out: Path) -> tuple[float, int]:
     run = dataclasses.replace(P.CollectRun(), workers=workers)
     t0 = time.perf_counter()
-    entry = collect_source(src, P.Collect(sources=[src]), run, out)
+    with contextlib.redirect_stdout(io.StringIO()):
+        entry = collect_source(src, P.Collect(sources=[src]), run, out)
     return time.perf_counter() - t0, entry["documents"]
 
 
@@ -146,6 +148,7 @@ def speed(pages: list[bytes], repeats: int, tmp: Path) -> None:
     out.mkdir()
     runs: dict[str, list[float]] = {"bare": [], "html": [], "warc": [], "warc, 2 workers": []}
     documents = {}
+    bare(pages[:8])  # trafilatura's first call loads its settings
     for r in range(repeats):
         runs["bare"].append(bare(pages))
         for name, src, workers in (("html", html_src, 1), ("warc", warc_src, 1), ("warc, 2 workers", warc_src, 2)):
@@ -198,7 +201,7 @@ def main() -> None:
         print(f"\n{args.pages} varied pages:")
         speed(varied(pages, args.pages), args.repeats, many)
         if args.warc_mb:
-            memory(varied(pages, 2000, seed=1), args.warc_mb, Path(tmp))
+            memory(varied(pages, 400, seed=1), args.warc_mb, Path(tmp))
 
 
 if __name__ == "__main__":
