@@ -121,7 +121,7 @@ def main() -> None:
         # known only once val and test are complete.
         scratch = out / ("train.scratch.jsonl" if settings.decontaminate_ngram else "train.jsonl")
         writers = {"train": open(scratch, "wb"), **{s: open(out / f"{s}.jsonl", "wb") for s in ("val", "test")}}
-        pool = Pool(settings, params.clean_run, blocklist=blocklist)
+        pool = Pool(settings, params.clean_run, blocklist=blocklist, executor=params.data_run)
         try:
             per_source = {src["name"]: clean_source(src, settings, state, pool, writers) for src in manifest["sources"]}
         finally:
@@ -130,7 +130,7 @@ def main() -> None:
                 w.close()
         contaminated = 0
         if settings.decontaminate_ngram:
-            contaminated = decontaminate(scratch, out, settings, params.clean_run, state, per_source)
+            contaminated = decontaminate(scratch, out, settings, params, state, per_source)
         else:
             (out / DECONTAMINATED.name).touch()
         qa_counts = add_default_qa(out, settings, manifest)
@@ -361,7 +361,7 @@ def take_shard(shard: PreparedShard, name: str, state: State, counts: SourceCoun
         state.near.bands.flush()
 
 
-def decontaminate(scratch: Path, out: Path, settings: P.Clean, run: P.CleanRun, state: State, per_source: dict) -> int:
+def decontaminate(scratch: Path, out: Path, settings: P.Clean, params: P.Params, state: State, per_source: dict) -> int:
     """Copy train from the scratch file, moving documents that share an n-gram with val/test to
     decontaminated.jsonl (and out of the counts)."""
     held = np.concatenate(state.heldout_ngrams) if state.heldout_ngrams else np.empty(0, np.uint64)
@@ -369,7 +369,7 @@ def decontaminate(scratch: Path, out: Path, settings: P.Clean, run: P.CleanRun, 
     held.sort()
     held = held[np.concatenate(([True], held[1:] != held[:-1]))] if len(held) else held
     removed = 0
-    pool = Pool(settings, run, held)
+    pool = Pool(settings, params.clean_run, held, executor=params.data_run)
     try:
         with open(out / "train.jsonl", "wb") as train, open(out / DECONTAMINATED.name, "wb") as listed:
             for checked in pool.map(ngram_shard, read_shards(scratch, pool.shard_bytes)):

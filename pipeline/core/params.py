@@ -8,8 +8,9 @@ so DVC re-runs only what a change affects.
 Two kinds of group, one declaration per knob (its type, default and range here):
 - a stage's own group (`collect`, `clean`, `tokenize`, `model` and `train` for train, `evaluate`):
   every key changes what the stage computes, and dvc.yaml declares the group whole under it;
-- a stage's `<stage>_run` group (`collect_run`, `clean_run`, `train_run`): how the stage runs
-  (download settings, workers, checkpoints), never what it writes (a test proves it). No stage
+- a stage's `<stage>_run` group (`collect_run`, `clean_run`, `train_run`; `data_run` for the three
+  data stages: local processes or a Ray cluster): how the stage runs (download settings, workers,
+  checkpoints, executor), never what it writes (a test proves it). No stage
   declares one, so changing it re-runs nothing; data/model/config.json leaves train_run out, and
   a checkpoint made under other train_run values resumes. Each sits beside its stage's group in
   params.yaml, so a key is still `group.key`, and a stage's knobs are read in one place.
@@ -211,6 +212,16 @@ class CleanRun:
 
 
 @dataclass
+class DataRun:
+    """Where collect, clean and tokenize run their per-file and per-shard work: this machine's
+    processes, or tasks on a Ray cluster. Their outputs are byte-identical for either."""
+
+    executor: Literal["local", "ray"] = "local"  # ray: tasks on a Ray cluster (pip install -e ".[cluster]")
+    address: str = ""  # ray: the cluster ("": $RAY_ADDRESS, else a Ray started for the stage; "auto": the running one)
+    connect_timeout_s: float = 30.0  # ray: how long an address may take to answer
+
+
+@dataclass
 class Tokenize:
     model_type: Literal["bpe", "unigram", "char", "word"] = "bpe"
     vocab_size: int = 4096
@@ -344,6 +355,7 @@ class Params:
     collect_run: CollectRun = run_group(CollectRun, "collect")
     clean: Clean = stage_group(Clean, "clean")
     clean_run: CleanRun = run_group(CleanRun, "clean")
+    data_run: DataRun = run_group(DataRun, "data")
     tokenize: Tokenize = stage_group(Tokenize, "tokenize")
     model: ModelConfig = stage_group(ModelConfig, "train")
     train: Train = stage_group(Train, "train")
@@ -456,6 +468,7 @@ def _check(p: Params) -> None:
     _check_collect_run(p.collect_run)
     _check_clean(p.clean)
     _check_clean_run(p.clean_run)
+    _check_data_run(p.data_run)
     _check_tokenize(p.tokenize)
     _check_model(p.model)
     _check_train(p.train, p.model)
@@ -562,6 +575,10 @@ def _check_clean(c: Clean) -> None:
 def _check_clean_run(r: CleanRun) -> None:
     need(r.shard_bytes >= 1, f"clean_run.shard_bytes: must be >= 1, got {r.shard_bytes}")
     need(r.workers >= 0, f"clean_run.workers: must be >= 0 (0: all cores), got {r.workers}")
+
+
+def _check_data_run(r: DataRun) -> None:
+    need(r.connect_timeout_s > 0, f"data_run.connect_timeout_s: must be > 0, got {r.connect_timeout_s:g}")
 
 
 def _check_tokenize(t: Tokenize) -> None:

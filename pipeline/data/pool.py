@@ -1,7 +1,8 @@
-"""Pool: a function over a stream of items by worker processes, the results given back in input
-order with a bounded number in flight, so memory does not grow with the input. The data stages'
-per-file and per-shard work runs through it (clean's shards, collect's web pages); deciding what
-depends on earlier items stays with the caller, in order."""
+"""Pool: a function over a stream of items by worker processes, or by tasks on a Ray cluster
+(data_run.executor), the results given back in input order with a bounded number in flight, so
+memory does not grow with the input. The data stages' per-file and per-shard work runs through it
+(clean's shards, collect's web pages); deciding what depends on earlier items stays with the
+caller, in order, so the outputs are the same for any executor and number of workers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+
+from pipeline.core.params import DataRun
+from pipeline.data.ray_pool import RayBackend
 
 
 def cores() -> int:
@@ -21,11 +25,18 @@ class Pool:
     """fn(item, *extra) for each item, in input order, by `workers` processes (0: one per core)
     that ran initializer(*initargs) first; at most 2 items per worker are in flight. One worker:
     everything runs in this process. On Linux the workers are forked, so large initargs are shared
-    copy-on-write."""
+    copy-on-write. With `executor` ray (data_run), Ray tasks do it instead (0 workers: 2 tasks in
+    flight per CPU of the cluster; pipeline.data.ray_pool)."""
 
-    def __init__(self, workers: int, initializer: Callable | None = None, initargs: tuple = ()):
+    def __init__(
+        self, workers: int, initializer: Callable | None = None, initargs: tuple = (), executor: DataRun | None = None
+    ):
+        self.pool = self.ray = None
+        if executor is not None and executor.executor == "ray":
+            self.ray = RayBackend(workers, initializer, initargs, executor)
+            self.workers = self.ray.workers
+            return
         self.workers = workers or cores()
-        self.pool = None
         if self.workers == 1:
             if initializer is not None:
                 initializer(*initargs)
@@ -34,6 +45,9 @@ class Pool:
             self.pool = ctx.Pool(self.workers, initializer=initializer, initargs=initargs)
 
     def map(self, fn: Callable, items: Iterable, *extra) -> Iterator:
+        if self.ray is not None:
+            yield from self.ray.map(fn, items, *extra)
+            return
         if self.pool is None:
             yield from (fn(item, *extra) for item in items)
             return
@@ -46,6 +60,8 @@ class Pool:
             yield pending.popleft().get()
 
     def close(self) -> None:
+        if self.ray is not None:
+            self.ray.close()
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()

@@ -91,7 +91,7 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
 class Pool(pool.Pool):
     """Shards to workers that know the clean settings (and val/test's n-grams, for decontamination;
     the URL blocklist read from clean.url_blocklist, for prepare_shard), results back in order;
-    `run` (clean_run) sizes the shards and the pool."""
+    `run` (clean_run) sizes the shards and the pool, `executor` (data_run) says where it runs."""
 
     def __init__(
         self,
@@ -99,8 +99,9 @@ class Pool(pool.Pool):
         run: P.CleanRun,
         heldout_ngrams: np.ndarray | None = None,
         blocklist: Blocklist | None = None,
+        executor: P.DataRun | None = None,
     ):
-        super().__init__(run.workers, _init_worker, (settings, heldout_ngrams, blocklist))
+        super().__init__(run.workers, _init_worker, (settings, heldout_ngrams, blocklist), executor)
         self.shard_bytes = run.shard_bytes
 
 

@@ -3,7 +3,7 @@
 Every stage validates the whole file before touching anything, so a bad value anywhere stops the
 stage with `error: params.yaml: <key>: ...` and leaves earlier outputs exactly as they were.
 dvc.yaml declares whole groups: each stage the groups it reads, and no stage an operational group
-(pipeline.core.params.OPERATIONAL: collect_run, clean_run, train_run), which changes nothing in the
+(pipeline.core.params.OPERATIONAL: collect_run, clean_run, data_run, train_run), which changes nothing in the
 outputs and re-runs nothing.
 
 No test needs the repository's params.yaml to hold the defaults: they start from the schema's
@@ -434,7 +434,7 @@ def test_dvc_yaml_declares_whole_groups_and_no_operational_group():
     assert {name: {g for g, s in P.STAGE_OF.items() if s == name} - P.OPERATIONAL for name in STAGE_GROUPS} == {
         n: set(g) for n, g in STAGE_GROUPS.items()
     }
-    assert set(P.STAGE_OF) == set(group_keys()) and P.OPERATIONAL == {"collect_run", "clean_run", "train_run"}
+    assert set(P.STAGE_OF) == set(group_keys()) and P.OPERATIONAL == {"collect_run", "clean_run", "data_run", "train_run"}
 
 
 @pytest.mark.parametrize(
@@ -462,7 +462,9 @@ OPERATIONAL_CHANGES = {
         "download_min_rate": 500,
         "download_deadline_s": 1800,
         "max_file_bytes": 3_000_000_000,
+        "workers": 1,
     },
+    "data_run": {"executor": "ray", "address": "auto", "connect_timeout_s": 10},
     "clean_run": {"workers": 1, "shard_bytes": 20_000},
     "train_run": {
         "checkpoint_interval": 7,
