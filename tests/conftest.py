@@ -18,8 +18,10 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +433,94 @@ def answered(tmp_path_factory):
     for stage in ("collect", "clean", "tokenize", "train", "evaluate"):
         call_stage(stage, folder)
     return folder
+
+
+# --- a real Ray cluster on this machine (data_run.executor: ray) --------------------------------
+
+
+class RayCluster:
+    """`ray start --block` processes on this machine: a head and worker nodes of one CPU each.
+    Ray registers the machine's own address (it ignores 127.0.0.1), so every address here is this
+    machine's; each node is stopped by its process id (SIGTERM: `--block` stops the node's processes)."""
+
+    def __init__(self, root: Path):
+        import ray
+
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, head: bool = False) -> subprocess.Popen:
+        ray = str(Path(sys.executable).parent / "ray")
+        where = (
+            ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        log = open(self.root / f"node{len(self.nodes)}.log", "wb")
+        node = subprocess.Popen(
+            [ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats", *where],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"},
+            start_new_session=True,
+        )
+        self.nodes.append(node)
+        return node
+
+    def wait_for(self, nodes: int, timeout: float = 60.0) -> None:
+        """Until `nodes` nodes are alive (asked from a process of its own, which leaves at once)."""
+        for k, node in enumerate(self.nodes):
+            if node.poll() is not None:
+                raise RuntimeError(f"ray node {k} exited: {(self.root / f'node{k}.log').read_text()[-2000:]}")
+        host, port = self.address.rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while True:  # the head's port answers first
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        code = (
+            "import ray, sys, time\n"
+            f"ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
+            f"deadline = time.time() + {timeout}\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) < {nodes}:\n"
+            "    time.sleep(0.2)\n"
+            "    if time.time() > deadline: sys.exit(1)\n"
+        )
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the token `ray start` wrote in ~/.ray
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout + 30, capture_output=True, env=env)
+
+    def stop(self, node: subprocess.Popen) -> None:
+        if node.poll() is None:
+            node.terminate()
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, 9)
+                node.wait()
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            self.stop(node)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A head and one worker node on this machine (1 CPU each), shared by the session's tests (a
+    test that stops a node starts another); yields the RayCluster."""
+    pytest.importorskip("ray", reason="the [cluster] extra is not installed")
+    cluster = RayCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        cluster.start(head=True)
+        cluster.wait_for(1)
+        cluster.start()
+        cluster.wait_for(2)
+        yield cluster
+    finally:
+        cluster.close()

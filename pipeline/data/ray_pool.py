@@ -60,6 +60,13 @@ def check_answers(address: str, timeout: float) -> None:
         raise PipelineError(f"data_run.address: nothing answers at {address} ({e.strerror or e})") from None
 
 
+def has_token() -> bool:
+    """Whether this machine holds a Ray cluster token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or the
+    ~/.ray/auth_token that `ray start` writes)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
 class RayBackend:
     """fn(item, *extra) for each item as Ray tasks, in input order, at most 2 per CPU in flight."""
 
@@ -70,6 +77,8 @@ class RayBackend:
         if self.started:
             check_answers(self.address, run.connect_timeout_s)
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+            if self.address and "RAY_AUTH_MODE" not in os.environ and has_token():
+                os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` clusters want the token it wrote
             try:
                 if self.address:
                     ray.init(address=self.address, **options)
