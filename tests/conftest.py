@@ -451,7 +451,8 @@ class RayCluster:
             s.bind(("", 0))
             self.port = s.getsockname()[1]
         self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
-        self.nodes: list[subprocess.Popen] = []
+        self.nodes: list[subprocess.Popen] = []  # those running, head first
+        self.started = 0
 
     def start(self, head: bool = False) -> subprocess.Popen:
         ray = str(Path(sys.executable).parent / "ray")
@@ -459,7 +460,8 @@ class RayCluster:
             ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
         )
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        log = open(self.root / f"node{len(self.nodes)}.log", "wb")
+        self.started += 1
+        log = open(self.root / f"node{self.started}.log", "wb")
         node = subprocess.Popen(
             [ray, "start", "--block", "--num-cpus=1", "--disable-usage-stats", *where],
             stdout=log,
@@ -472,9 +474,9 @@ class RayCluster:
 
     def wait_for(self, nodes: int, timeout: float = 60.0) -> None:
         """Until `nodes` nodes are alive (asked from a process of its own, which leaves at once)."""
-        for k, node in enumerate(self.nodes):
+        for node in self.nodes:
             if node.poll() is not None:
-                raise RuntimeError(f"ray node {k} exited: {(self.root / f'node{k}.log').read_text()[-2000:]}")
+                raise RuntimeError(f"a ray node exited: {node.args} (logs in {self.root})")
         host, port = self.address.rsplit(":", 1)
         deadline = time.monotonic() + timeout
         while True:  # the head's port answers first
@@ -496,7 +498,18 @@ class RayCluster:
         env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the token `ray start` wrote in ~/.ray
         subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout + 30, capture_output=True, env=env)
 
+    def kill(self, node: subprocess.Popen) -> None:
+        """The node's processes killed at once (SIGKILL to its process group), as a machine that dies."""
+        if node in self.nodes:
+            self.nodes.remove(node)
+        if node.poll() is None:
+            os.killpg(node.pid, 9)
+            node.wait()
+
     def stop(self, node: subprocess.Popen) -> None:
+        """The node stopped as `ray stop` would (SIGTERM: it drains its tasks, then stops its processes)."""
+        if node in self.nodes:
+            self.nodes.remove(node)
         if node.poll() is None:
             node.terminate()
             try:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pipeline.core.common import PipelineError, first_line
 from pipeline.core.params import DataRun
 
+PROBE_S = 2.0  # while waiting for a task, how often the head is asked whether it still answers
 RETRIES = 3  # a task whose worker or node died runs again, elsewhere, up to this many times
 _READY: dict[str, bool] = {}  # in a worker process: the pools whose initializer has run here
 
@@ -71,24 +72,26 @@ class RayBackend:
     """fn(item, *extra) for each item as Ray tasks, in input order, at most 2 per CPU in flight."""
 
     def __init__(self, workers: int, initializer: Callable | None, initargs: tuple, run: DataRun):
-        ray = self.ray = _ray()
         self.address = address_of(run)
+        if self.address and "RAY_AUTH_MODE" not in os.environ and has_token():
+            os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` clusters want its token; read when ray is imported
+        ray = self.ray = _ray()
         self.started = not ray.is_initialized()
         if self.started:
             check_answers(self.address, run.connect_timeout_s)
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
-            if self.address and "RAY_AUTH_MODE" not in os.environ and has_token():
-                os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` clusters want the token it wrote
             try:
                 if self.address:
                     ray.init(address=self.address, **options)
                 else:
-                    ray.init(num_cpus=workers or None, **options)
+                    ray.init(address="local", num_cpus=workers or None, **options)  # a new one, not a running one
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = self.address or "a Ray started here"
                 raise PipelineError(
                     f"data_run.address: cannot join the Ray cluster at {where} ({first_line(e)})"
                 ) from None
+        self.gcs = ray.get_runtime_context().gcs_address  # host:port of the head, whatever the address said
+        self.lost = False
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or cpus
         self.setup = ray.put((uuid.uuid4().hex, initializer, initargs))
@@ -108,10 +111,16 @@ class RayBackend:
                 self.ray.cancel(ref, force=True)
 
     def result(self, ref, item):
-        """A task's result; its failure as one line naming what it worked on."""
+        """A task's result; its failure as one line naming what it worked on. While it waits, the
+        head is asked every PROBE_S seconds whether it still answers (Ray itself waits a minute for
+        a lost head, then ends the process without a word this stage could say)."""
         ray = self.ray
         try:
-            return ray.get(ref)
+            while True:
+                try:
+                    return ray.get(ref, timeout=PROBE_S)
+                except ray.exceptions.GetTimeoutError:
+                    self.probe()
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, PipelineError):
@@ -124,6 +133,16 @@ class RayBackend:
         except ray.exceptions.RayError as e:
             where = self.address or "the Ray started here"
             raise PipelineError(f"data_run.address: lost the Ray cluster at {where} ({first_line(e)})") from None
+
+    def probe(self) -> None:
+        """Raise the one-line error if the cluster's head (its GCS) no longer takes a connection."""
+        host, _, port = self.gcs.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=PROBE_S).close()
+        except OSError as e:
+            self.lost = True
+            where = self.address if self.address not in ("", "auto") else self.gcs
+            raise PipelineError(f"data_run.address: lost the Ray cluster at {where} ({e.strerror or e})") from None
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():
