@@ -57,16 +57,16 @@ from pipeline.core.common import (
     atomic_dir,
     atomic_write_text,
     read_json,
-    read_jsonl,
     run_main,
     text_fields,
     utf8_bytes,
     write_json,
 )
 from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, DECONTAMINATED, RAW_DIR
+from pipeline.data import pool
 from pipeline.data.dedup import KeyIndex, NearDuplicates
 from pipeline.data.language import check_codes
-from pipeline.data.qa import DEFAULT_QA_SOURCE, default_items
+from pipeline.data.qa import DEFAULT_QA_SOURCE, choose_items
 from pipeline.data.rules import PII, QUALITY_REASONS, normalize
 from pipeline.data.shards import (
     Candidate,
@@ -75,6 +75,7 @@ from pipeline.data.shards import (
     PreparedShard,
     ngram_shard,
     prepare_shard,
+    qa_shard,
     read_shards,
 )
 from pipeline.data.web_rules import LINE_KINDS, Blocklist
@@ -133,7 +134,7 @@ def main() -> None:
             contaminated = decontaminate(scratch, out, settings, params, state, per_source)
         else:
             (out / DECONTAMINATED.name).touch()
-        qa_counts = add_default_qa(out, settings, manifest)
+        qa_counts = add_default_qa(out, settings, manifest, params)
         totals = {
             split: sum(source_metrics["splits"][split]["documents"] for source_metrics in per_source.values())
             for split in SPLITS
@@ -195,9 +196,10 @@ def clean_metrics(per_source: dict, state: State, contaminated: int, totals: dic
     }
 
 
-def add_default_qa(out: Path, settings: P.Clean, manifest: dict) -> dict:
+def add_default_qa(out: Path, settings: P.Clean, manifest: dict, params: P.Params) -> dict:
     """Append the default QA set (pipeline.data.qa) to the split files, each item in the split of its
-    passage; return the items per template and split."""
+    passage; return the items per template and split. The passages are read in shards by the pool
+    (its workers, or Ray tasks); only their candidate items come back, in order."""
     if not settings.qa_templates or not settings.qa_items:
         return {}
     titles = {
@@ -205,8 +207,19 @@ def add_default_qa(out: Path, settings: P.Clean, manifest: dict) -> dict:
         for src in manifest["sources"]
         for origin, title in src.get("titles", {}).items()
     }
-    splits = {split: [r for r in read_jsonl(out / f"{split}.jsonl") if "task" not in r] for split in SPLITS}
-    items = default_items(splits, titles, settings.qa_templates, settings.qa_items, settings.split_salt)
+    with pool.Pool(params.clean_run.workers, executor=params.data_run) as workers:
+        candidates = [
+            (split, item)
+            for split in SPLITS
+            for offered in workers.map(
+                qa_shard,
+                read_shards(out / f"{split}.jsonl", params.clean_run.shard_bytes),
+                titles,
+                settings.qa_templates,
+            )
+            for item in offered
+        ]
+    items = choose_items(candidates, list(SPLITS), settings.qa_templates, settings.qa_items, settings.split_salt)
     counts = {template: dict.fromkeys(SPLITS, 0) for template in settings.qa_templates}
     for split, split_items in items.items():
         with open(out / f"{split}.jsonl", "a", encoding="utf-8") as f:

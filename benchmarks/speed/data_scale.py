@@ -1,6 +1,7 @@
 """Data stages at scale: clean + tokenize at 10 MB, 100 MB and 1 GB, against sentencepiece's bare encode.
 
     python benchmarks/speed/data_scale.py [--sizes 10 100 1000] [--near-dup] [--quality] [--decontaminate 13]
+        [--executors local ray] [--driver-share]
 
 Needs the default corpora in data/raw (`dvc repro collect`). For each size it builds the input
 (two local JSON lines files, read by the collect stage, whose time and memory are printed too)
@@ -14,7 +15,12 @@ sampling every 0.2 s the proportional set size (PSS: shared pages counted once) 
 stage's processes, and times sentencepiece's multithreaded `encode` of the same input text with
 the tokenizer the run trained (encode calls only). It prints, per size, the seconds per MB, the
 throughput of clean + tokenize and of the bare encode, and the peak memory; then the three
-ratios the scale issue asks for. Decontamination is off unless --decontaminate is given: every
+ratios the scale issue asks for. With --executors local ray, each size runs collect, clean and
+tokenize once per executor (data_run.executor; ray: a Ray started by each stage on this machine),
+and a table compares their throughput, the driver's own peak memory (the stage's process alone)
+and a digest of every output (timing files apart). --driver-share runs clean once more in this
+process with one worker, timing the shard work (what workers or Ray tasks do) against the rest,
+the driver's, and counting the bytes of the shards' results. Decontamination is off unless --decontaminate is given: every
 document here is made of the same lines, so most train documents share a 13-word sequence with
 val or test and would be removed, which would leave the tokenizer little to do.
 """
@@ -22,6 +28,7 @@ val or test and would be removed, which would leave the tokenizer little to do.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import os
@@ -106,8 +113,9 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
-    """Run `python -m pipeline.<stage>`; return (seconds, peak PSS of its process tree in MB)."""
+def run_stage(stage: str, cwd: Path) -> tuple[float, float, float]:
+    """Run `python -m pipeline.<stage>`; return (seconds, peak PSS of its process tree in MB, peak
+    PSS of the stage's own process, the driver, in MB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", f"pipeline.{stage}"],
@@ -117,12 +125,13 @@ def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    peak = 0
+    peak = driver = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, driver
         while not done.is_set():
+            driver = max(driver, _pss_kb(proc.pid))
             tree, todo = [], [proc.pid]
             while todo:
                 pid = todo.pop()
@@ -140,7 +149,7 @@ def run_stage(stage: str, cwd: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         sys.exit(f"{stage} failed:\n{out[-3000:]}")
     print("   ", out.strip().splitlines()[-1][:200], flush=True)
-    return seconds, peak / 1024
+    return seconds, peak / 1024, driver / 1024
 
 
 def bare_encode(corpus: Path, model: Path, threads: int) -> float:
@@ -157,6 +166,92 @@ def bare_encode(corpus: Path, model: Path, threads: int) -> float:
     return seconds
 
 
+def outputs(project: Path) -> str:
+    """A digest of every file under data/ and metrics/ but the timing files: equal digests, equal bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in ("data", "metrics"):
+        for f in sorted((project / folder).rglob("*")):
+            if f.is_file() and "timing" not in f.parts and ".dvc" not in f.parts:
+                digest.update(str(f.relative_to(project)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def driver_share(project: Path) -> dict:
+    """clean once more, in this process with one worker (every shard prepared here, in order): the
+    seconds in the shard work (prepare_shard, ngram_shard: what workers or Ray tasks do) against the
+    whole stage; the rest is the driver's (reading shards, deciding duplicates in order, writing,
+    the QA set and the report). Also the pickled bytes of the shards' results, what crosses to
+    the driver, per input byte."""
+    import contextlib
+    import pickle
+
+    import pipeline.clean as clean
+
+    spent = {"tasks_s": 0.0, "result_bytes": 0, "shards": 0}
+
+    def timed(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            result = fn(*a, **k)
+            spent["tasks_s"] += time.perf_counter() - t0
+            spent["result_bytes"] += len(pickle.dumps(result, protocol=5))
+            spent["shards"] += 1
+            return result
+
+        return run
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    saved = (project / "params.yaml").read_text(encoding="utf-8")
+    params["clean_run"]["workers"] = 1
+    params["data_run"]["executor"] = "local"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    originals = clean.prepare_shard, clean.ngram_shard
+    clean.prepare_shard, clean.ngram_shard = map(timed, originals)
+    try:
+        with contextlib.chdir(project), contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            clean.main()
+            total = time.perf_counter() - t0
+    finally:
+        clean.prepare_shard, clean.ngram_shard = originals
+        (project / "params.yaml").write_text(saved, encoding="utf-8")
+    raw = sum(f.stat().st_size for f in (project / "data/raw").glob("*.jsonl"))
+    return {"total_s": total, **spent, "driver_s": total - spent["tasks_s"], "raw_bytes": raw}
+
+
+def print_executors(compared: dict, rows: dict, executors: list[str]) -> None:
+    """Each executor's collect + clean + tokenize beside the first's; the driver's share and peak."""
+    first = executors[0]
+    print(
+        f"\n| input | executor | collect s | clean s | tokenize s | MB/s | vs {first} | driver peak MB (clean / tokenize) | outputs |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, runs in compared.items():
+        base = sum(runs[first][s][0] for s in ("collect", "clean", "tokenize"))
+        for executor, run in runs.items():
+            seconds = sum(run[s][0] for s in ("collect", "clean", "tokenize"))
+            same = "identical" if run["outputs"] == runs[first]["outputs"] else "DIFFERENT"
+            print(
+                f"| {rows[size]['mb']:,.0f} MB | {executor} | {run['collect'][0]:.1f} | {run['clean'][0]:.1f} | "
+                f"{run['tokenize'][0]:.1f} | {rows[size]['mb'] / seconds:.2f} | {base / seconds:.2f}x | "
+                f"{run['clean'][2]:,.0f} / {run['tokenize'][2]:,.0f} | {same} |"
+            )
+    for size, runs in compared.items():
+        d = runs[first].get("driver")
+        if d:
+            print(
+                f"\n{rows[size]['mb']:,.0f} MB, clean with one worker in one process: {d['total_s']:.1f} s, of which "
+                f"shard work {d['tasks_s']:.1f} s ({d['shards']} shards, {d['tasks_s'] / d['shards'] * 1000:.0f} ms each) "
+                f"and the driver {d['driver_s']:.1f} s: driver share {d['driver_s'] / d['total_s']:.1%}; "
+                f"results {d['result_bytes'] / d['raw_bytes']:.2f} bytes per input byte"
+            )
+        if "ray" in runs and first == "local" and d:
+            overhead = (runs["ray"]["clean"][0] - runs["local"]["clean"][0]) / d["shards"]
+            print(f"  ray's clean minus the local pool's, per shard: {overhead * 1000:+.0f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="input sizes in MB")
@@ -165,7 +260,12 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true", help="clean.quality_filters: true")
     ap.add_argument("--decontaminate", type=int, default=0, help="clean.decontaminate_ngram (0: off)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
+    ap.add_argument(
+        "--executors", nargs="+", default=["local"], choices=["local", "ray"], help="data_run.executor, side by side"
+    )
+    ap.add_argument("--driver-share", action="store_true", help="clean's driver share, measured in this process")
     args = ap.parse_args()
+    compared: dict[int, dict] = {}
     lines, verses = corpora(REPO / "data/raw")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["clean"].update(near_dup=args.near_dup, quality_filters=args.quality, decontaminate_ngram=args.decontaminate)
@@ -187,9 +287,20 @@ def main() -> None:
         (project / "params.yaml").write_text(
             yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
-        collect_s, collect_mb = run_stage("collect", project)
-        clean_s, clean_mb = run_stage("clean", project)
-        tok_s, tok_mb = run_stage("tokenize", project)
+        runs = {}
+        for executor in args.executors:  # the first one's outputs are the reference, and its row below
+            params["data_run"]["executor"] = executor
+            (project / "params.yaml").write_text(
+                yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8"
+            )
+            runs[executor] = {stage: run_stage(stage, project) for stage in ("collect", "clean", "tokenize")}
+            runs[executor]["outputs"] = outputs(project)
+            if executor == args.executors[0] and args.driver_share:
+                runs[executor]["driver"] = driver_share(project)
+        (collect_s, collect_mb, _), (clean_s, clean_mb, _), (tok_s, tok_mb, _) = (
+            runs[args.executors[0]][stage] for stage in ("collect", "clean", "tokenize")
+        )
+        compared[size] = runs
         encode_s = bare_encode(project / "corpus", project / "data/tokens/tokenizer.model", threads)
         kept = json.loads((project / "metrics/clean.json").read_text())["documents_kept"]
         mb = nbytes / 1e6
@@ -217,6 +328,8 @@ def main() -> None:
         )
         if not args.keep:
             shutil.rmtree(project, ignore_errors=True)
+    if len(args.executors) > 1 or args.driver_share:
+        print_executors(compared, rows, args.executors)
     print(
         "\n| input | collect s (peak MB) | clean s | tokenize s | clean+tokenize s/MB | clean+tokenize MB/s | "
         "bare encode MB/s | ratio | clean peak MB | tokenize peak MB | documents kept |"

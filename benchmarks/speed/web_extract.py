@@ -175,7 +175,7 @@ def memory(pages: list[bytes], sizes_mb: list[int], tmp: Path) -> None:
             "collect_run": {"workers": 2},
         }
         (project / "params.yaml").write_text(yaml.safe_dump(params))
-        seconds, peak = run_stage("collect", project)
+        seconds, peak, _ = run_stage("collect", project)
         size = warc.stat().st_size
         print(
             f"  {size / 1e6:7.0f} MB, {records} records: {seconds:.0f} s ({records / seconds:.0f} pages/s), peak {peak:.0f} MB"

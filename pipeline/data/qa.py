@@ -84,6 +84,12 @@ def default_items(splits: dict[str, list[dict]], titles: dict, templates, cap: i
         for r in records
         for item in passage_items(r, titles, templates)
     ]
+    return choose_items(candidates, list(splits), templates, cap, salt)
+
+
+def choose_items(candidates: list[tuple[str, dict]], splits: list[str], templates, cap: int, salt: str) -> dict:
+    """From every (split, item) the passages offer, in split then passage order: {split: [item...]},
+    at most `cap` per template in all, a question asked in train too kept only there."""
     in_train = {item["src"] for split, item in candidates if split == "train"}
     seen: set = set()
     kept = []

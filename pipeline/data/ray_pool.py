@@ -76,8 +76,7 @@ class RayBackend:
         if self.address and "RAY_AUTH_MODE" not in os.environ and has_token():
             os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` clusters want its token; read when ray is imported
         ray = self.ray = _ray()
-        self.started = not ray.is_initialized()
-        if self.started:
+        if not ray.is_initialized():  # the stage's first pool: join the cluster (or start one) for the stage
             check_answers(self.address, run.connect_timeout_s)
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             try:
@@ -145,8 +144,8 @@ class RayBackend:
             raise PipelineError(f"data_run.address: lost the Ray cluster at {where} ({e.strerror or e})") from None
 
     def close(self) -> None:
-        if self.started and self.ray.is_initialized():
-            self.ray.shutdown()
+        """Nothing to stop: the stage's later pools use the same connection (or the Ray started for
+        it), which ends with the process."""
 
 
 def describe(item) -> str:

@@ -23,6 +23,7 @@ from pipeline.core.common import PipelineError, json_line, text_fields
 from pipeline.data import pool
 from pipeline.data.dedup import MinHasher, Words, text_key
 from pipeline.data.language import identify
+from pipeline.data.qa import passage_items
 from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
 from pipeline.data.web_rules import Blocklist, has_lorem_ipsum, punctuated_share, remove_lines
 
@@ -311,6 +312,12 @@ def _shard_hashes(
             counts = np.bincount(row_of_text[owner[mine] - len(sources)], minlength=len(passed))
             heldout_ends = np.cumsum(counts)
     return bands, signatures, heldout_ngrams, heldout_ends
+
+
+def qa_shard(shard: Shard, titles: dict, templates: list[str]) -> list[dict]:
+    """The default QA set's candidate items that one shard of a split file offers, in order (the
+    records of QA sources offer none)."""
+    return [item for _, _, rec in _lines(shard) if "task" not in rec for item in passage_items(rec, titles, templates)]
 
 
 def ngram_shard(shard: Shard) -> CheckedTrainShard:
