@@ -8,6 +8,11 @@ decompressed on the fly. Archive members that would land outside the archive's f
 paths, `..`, links) are refused. Web pages (HTML files, WARC files) give their main text, extracted
 by worker processes (collect_run.workers); a page without any is dropped and counted.
 
+With data_run.executor ray, Ray tasks extract the web pages, and read the files (or archive
+members) of a source of several in text, JSON lines, CSV/TSV or Parquet, unless collect.max_documents
+cuts it short: there a file is the unit of work, and a task holds one file's records in memory
+(pipeline.data.sources.read). data/raw, the manifest and the metrics are the same as here.
+
 Text is decoded as UTF-8: invalid bytes become U+FFFD, NUL bytes are removed, a BOM is dropped,
 and each is counted per source in the manifest and metrics/collect.json; a file that looks
 binary stops the stage with an error naming it.
@@ -21,23 +26,23 @@ This module is the step; how a source is fetched and read is in pipeline/data/so
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.common import PipelineError, atomic_dir, run_main, utf8_bytes, write_json
-from pipeline.core.languages import CHECKED_PAIRS, check_sides
-from pipeline.core.params import Collect, CollectRun, Source
+from pipeline.core.common import PipelineError, atomic_dir, run_main, write_json
+from pipeline.core.languages import check_sides
+from pipeline.core.params import Collect, CollectRun, DataRun, Source
 from pipeline.core.params import load as load_params
 from pipeline.core.paths import COLLECT_METRICS, RAW_DIR
 from pipeline.data.sources.archives import archive_members
 from pipeline.data.sources.fetch import fetch_pypi, fetch_url
 from pipeline.data.sources.files import Limits, local_files
 from pipeline.data.sources.hf import records_from_hf
-from pipeline.data.sources.read import read_documents
+from pipeline.data.sources.read import FileRecords, read_documents
+from pipeline.data.sources.records import Tally, json_line
 from pipeline.data.sources.web import DROP_COUNTS, WARC_COUNTS, WEB_COUNTS, drop_summary
 
 # What the manifest and the metrics count of each source's input; gettext sources count more.
@@ -52,7 +57,6 @@ INPUT_COUNTS = (
     "truncated_lines",
     "truncated_documents",
 )
-TITLE_CHARS = 100
 GETTEXT_COUNTS = ("gettext_fuzzy", "gettext_obsolete", "gettext_untranslated", "gettext_placeholder_only")
 
 
@@ -60,7 +64,8 @@ def main() -> None:
     params = load_params()
     with atomic_dir(RAW_DIR) as out:
         manifest = [
-            collect_source(source, params.collect, params.collect_run, out) for source in params.collect.sources
+            collect_source(source, params.collect, params.collect_run, out, params.data_run)
+            for source in params.collect.sources
         ]
         write_json(out / "manifest.json", {"sources": manifest})
     write_json(
@@ -77,66 +82,44 @@ def main() -> None:
     )
 
 
-def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
-    """Write data/raw/<name>.jsonl for one source; return its manifest entry."""
+def collect_source(src: Source, c: Collect, run: CollectRun, out: Path, data_run: DataRun | None = None) -> dict:
+    """Write data/raw/<name>.jsonl for one source; return its manifest entry. With `data_run`'s
+    executor ray, Ray tasks extract web pages, and read the files of a source of several
+    (pipeline.data.sources.read): data/raw and the entry are the same."""
     limits = Limits(c.max_document_bytes, run.max_file_bytes, c.max_page_bytes)
     files, lineage = open_source(src, run, limits.file_bytes)
-    max_documents = c.max_documents
-    documents = size = 0
-    pairs = None
     stats: Counter = Counter()
-    first: list[dict] = []  # the first pairs, to check their sides against the source's languages
-    titles: dict[str, str] = {}  # text files: each file's first line, its title (the default QA set asks for it)
-    empty_sides: Counter = Counter()  # pairs whose source (src) or target (tgt) is empty
+    tally = Tally(src)
     dropped: dict[str, str] = {}  # web pages: the first page dropped for each reason
     with (
         tempfile.TemporaryDirectory(dir=out) as scratch,
-        open(out / f"{src.name}.jsonl", "w", encoding="utf-8") as f,
+        open(out / f"{src.name}.jsonl", "wb") as f,
         # closed here, while its scratch files still exist (a generator left open at max_documents
         # would clean up after the folder is gone, and Python would print that error at exit)
         contextlib.closing(
             records_from_hf(src, stats)
             if src.kind == "hf"
-            else read_documents(src, files, Path(scratch), stats, limits, run.workers, dropped)
+            else read_documents(
+                src, files, Path(scratch), stats, limits, run.workers, dropped, data_run, not c.max_documents
+            )
         ) as records,
     ):
         for rec in records:
-            is_pair = "src" in rec
-            if pairs is None:
-                pairs = is_pair
-            elif pairs != is_pair:
-                raise PipelineError(
-                    f"source '{src.name}': mixes text records and src/tgt pairs "
-                    f"({rec['origin']}); split it into two sources"
-                )
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            if src.format == "text" and src.kind != "hf" and rec["origin"] not in titles:
-                titles[rec["origin"]] = rec["text"].strip().split("\n", 1)[0].strip()[:TITLE_CHARS]
-            if src.languages and len(first) < CHECKED_PAIRS:
-                first.append(rec)
-            if is_pair:
-                empty_sides.update(side for side in ("src", "tgt") if not rec[side].strip())
-            documents += 1
-            size += utf8_bytes(rec)
-            if max_documents and documents >= max_documents:
+            if isinstance(rec, FileRecords):  # a whole file's, read by a Ray task
+                tally.merge(rec.tally)
+                f.write(rec.lines)
+                continue
+            tally.add(rec)
+            f.write(json_line(rec))
+            if c.max_documents and tally.documents >= c.max_documents:
                 break
-    if documents == 0:
-        raise no_documents(src, stats, dropped)
-    for side, name in (("src", "source"), ("tgt", "target")):
-        if pairs and empty_sides[side] == documents:
-            columns = f" (column '{src.pair_columns[side == 'tgt']}')" if src.pair_columns else ""
-            raise PipelineError(f"source '{src.name}': the {name} side{columns} is empty in all {documents} pairs")
-    if src.languages and pairs:  # documents' languages are those clean keeps
-        key = f"source '{src.name}': languages"
-        if len(src.languages) != 2:
-            raise PipelineError(f"{key}: pairs need [source, target], got {src.languages}")
-        check_sides(first, src.languages, key)
+    check_records(src, tally, stats, dropped)
     input_stats = {k: stats[k] for k in input_counts(src.format)}
     noted = ", ".join(
         f"{k.replace('_', ' ')} {v}" for k, v in input_stats.items() if v and k != "files" and k not in DROP_COUNTS
     )
     print(
-        f"collect: {src.name}: {documents} {'pairs' if pairs else 'documents'}, {size:,} bytes"
+        f"collect: {src.name}: {tally.documents} {'pairs' if tally.pairs else 'documents'}, {tally.bytes:,} bytes"
         f"{f' ({noted})' if noted else ''}",
         flush=True,
     )
@@ -147,14 +130,31 @@ def collect_source(src: Source, c: Collect, run: CollectRun, out: Path) -> dict:
         "kind": src.kind,
         **lineage,
         "license": src.license,
-        "pairs": bool(pairs),
+        "pairs": bool(tally.pairs),
         **({"languages": src.languages} if src.languages else {}),
         **({"task": src.task} if src.task else {}),
-        **({"titles": titles} if titles else {}),
-        "documents": documents,
-        "bytes": size,
+        **({"titles": tally.titles} if tally.titles else {}),
+        "documents": tally.documents,
+        "bytes": tally.bytes,
         "input": input_stats,
     }
+
+
+def check_records(src: Source, tally: Tally, stats: Counter, dropped: dict[str, str]) -> None:
+    """A source must give documents; pairs must have both sides somewhere, in its languages."""
+    if tally.documents == 0:
+        raise no_documents(src, stats, dropped)
+    for side, name in (("src", "source"), ("tgt", "target")):
+        if tally.pairs and tally.empty_sides[side] == tally.documents:
+            columns = f" (column '{src.pair_columns[side == 'tgt']}')" if src.pair_columns else ""
+            raise PipelineError(
+                f"source '{src.name}': the {name} side{columns} is empty in all {tally.documents} pairs"
+            )
+    if src.languages and tally.pairs:  # documents' languages are those clean keeps
+        key = f"source '{src.name}': languages"
+        if len(src.languages) != 2:
+            raise PipelineError(f"{key}: pairs need [source, target], got {src.languages}")
+        check_sides(tally.first, src.languages, key)
 
 
 def no_documents(src: Source, stats: Counter, dropped: dict[str, str]) -> PipelineError:

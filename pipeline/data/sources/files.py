@@ -53,15 +53,17 @@ def corrupt_file_error(path: str | Path, e: BaseException) -> PipelineError:
     return PipelineError(f"{path}: truncated or corrupt {Path(path).suffix.lower()[1:]} file ({first_line(e)})")
 
 
-def read_local(path: str | Path, limit: int = 0) -> bytes:
-    """A file's bytes, decompressed (a truncated one is an error, and so is one over `limit` bytes)."""
+def read_local(path: str | Path, limit: int = 0, name: str = "") -> bytes:
+    """A file's bytes, decompressed (a truncated one is an error, and so is one over `limit` bytes);
+    errors name it `name` (default: its path)."""
+    name = name or str(path)
     try:
         with open_local(path) as f:
             data = f.read(limit + 1) if limit else f.read()
     except CORRUPT_FILE_ERRORS as e:
-        raise corrupt_file_error(path, e) from None
+        raise corrupt_file_error(name, e) from None
     if limit and len(data) > limit:
-        raise too_large(str(path), limit)
+        raise too_large(name, limit)
     return data
 
 

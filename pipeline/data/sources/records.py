@@ -1,6 +1,6 @@
 """The record schema, a document {"text"} or a pair {"src", "tgt"} plus its "origin" (a QA pair
-also "task": "qa", pipeline.qa), and the line-based record readers: JSON lines, and two aligned
-files of sentence pairs."""
+also "task": "qa", pipeline.qa), the line-based record readers (JSON lines, and two aligned files
+of sentence pairs), and the Tally collect keeps of the records it writes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from pipeline.core.common import PipelineError
+from pipeline.core.common import PipelineError, utf8_bytes
+from pipeline.core.languages import CHECKED_PAIRS
 from pipeline.core.params import Source
 from pipeline.data.qa import TASK, question_text
+
+TITLE_CHARS = 100
 
 
 def record(row, columns: tuple[str, list[str]] | None, origin: str, where: str) -> dict:
@@ -97,3 +100,62 @@ def records_from_aligned(
             yield {"src": src_line.strip(), "tgt": tgt_line.strip(), "origin": src_origin.rsplit("/", 1)[-1]}
         else:
             stats["empty_aligned_lines"] += 1
+
+
+def json_line(rec: dict) -> bytes:
+    """A record as data/raw writes it: one line of JSON, UTF-8."""
+    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class Tally:
+    """What collect keeps of a source's records as it writes them, in order: their number and text
+    bytes, whether they are pairs (a source mixing them with text records is an error), each
+    origin's title (format text: its first line; the default QA set asks for it), the first CHECKED_PAIRS records where the source
+    names languages (their sides are checked), and the pairs whose source or target side is empty.
+
+    A Ray task tallies the records of one file; merge() adds that tally to the source's as if its
+    records had been added one by one."""
+
+    def __init__(self, src: Source):
+        self.name = src.name
+        self.titled = src.format == "text" and src.kind != "hf"
+        self.checked = bool(src.languages)
+        self.documents = self.bytes = 0
+        self.pairs: bool | None = None
+        self.origin = ""  # the first record's
+        self.titles: dict[str, str] = {}
+        self.first: list[dict] = []
+        self.empty_sides: Counter = Counter()
+
+    def add(self, rec: dict) -> None:
+        is_pair = "src" in rec
+        self.kind(is_pair, rec["origin"])
+        if self.titled and rec["origin"] not in self.titles:
+            self.titles[rec["origin"]] = rec["text"].strip().split("\n", 1)[0].strip()[:TITLE_CHARS]
+        if self.checked and len(self.first) < CHECKED_PAIRS:
+            self.first.append(rec)
+        if is_pair:
+            self.empty_sides.update(side for side in ("src", "tgt") if not rec[side].strip())
+        self.documents += 1
+        self.bytes += utf8_bytes(rec)
+
+    def kind(self, pairs: bool, origin: str) -> None:
+        """Records of one kind: pairs, or texts."""
+        if self.pairs is None:
+            self.pairs, self.origin = pairs, origin
+        elif self.pairs != pairs:
+            raise PipelineError(
+                f"source '{self.name}': mixes text records and src/tgt pairs ({origin}); split it into two sources"
+            )
+
+    def merge(self, later: Tally) -> None:
+        """Add the tally of the records that follow these."""
+        if not later.documents:
+            return
+        self.kind(later.pairs, later.origin)
+        for origin, title in later.titles.items():
+            self.titles.setdefault(origin, title)
+        self.first += later.first[: max(0, CHECKED_PAIRS - len(self.first))]
+        self.empty_sides.update(later.empty_sides)
+        self.documents += later.documents
+        self.bytes += later.bytes

@@ -55,7 +55,7 @@ def table_chunks(data: bytes | Path, fmt: str, origin: str, stats: Counter, limi
         except ImportError:
             raise PipelineError(f"{origin}: reading Parquet needs pyarrow (pip install pyarrow)") from None
         if isinstance(data, Path) and data.suffix.lower() in COMPRESSED_SUFFIXES:
-            data = read_local(data, limits.file_bytes)  # Parquet needs to seek: a compressed one is read whole
+            data = read_local(data, limits.file_bytes, origin)  # Parquet needs to seek: read whole
         if isinstance(data, Path) and data.stat().st_size == 0:
             stats["empty_files"] += 1
             return

@@ -2,9 +2,9 @@
 with their URL and date), each page's main text extracted by trafilatura: no navigation,
 boilerplate, comments, scripts or links.
 
-The main process reads the pages in order and sends them in batches to worker processes
-(pipeline.data.pool), which extract them; their results come back in input order, so data/raw is
-the same for any number of workers. Memory stays flat: a WARC is read a record at a time, a page
+The main process reads the pages in order and sends them in batches to worker processes, or to
+Ray tasks with data_run.executor ray (pipeline.data.pool), which extract them; their results come
+back in input order, so data/raw is the same for any number of workers and either executor. Memory stays flat: a WARC is read a record at a time, a page
 at most collect.max_page_bytes, and a few batches are in flight.
 
 A page that gives no document is dropped and counted by reason (stats "web_<reason>"):
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from pipeline.core.common import PipelineError, first_line
-from pipeline.core.params import Source
+from pipeline.core.params import DataRun, Source
 from pipeline.data.pool import Pool
 from pipeline.data.sources.archives import too_large
 from pipeline.data.sources.files import CORRUPT_FILE_ERRORS, Limits, corrupt_file_error, open_local
@@ -67,9 +67,11 @@ def records_from_pages(
     limits: Limits = Limits(),
     workers: int = 1,
     dropped: dict[str, str] | None = None,
+    executor: DataRun | None = None,
 ) -> Iterator[dict]:
     """{"text", "origin"} (WARC: and "meta" {"url", "date"}) of each page with main text, in input
-    order, extracted by `workers` processes (0: one per core). Drops are counted in stats
+    order, extracted by `workers` processes (0: one per core), or by Ray tasks where `executor`
+    (data_run) says ray (0: two in flight per CPU of the cluster). Drops are counted in stats
     ("web_<reason>"), and `dropped` gets the first page of each reason. Stats count the pages
     reached, so they do not depend on `workers` where the reader stops early."""
     require(src)
@@ -79,7 +81,7 @@ def records_from_pages(
     pages = (page for name, data in files for page in read(name, data, limits))
     with (
         contextlib.closing(pages),
-        Pool(workers, initializer=quiet_libraries) as pool,
+        Pool(workers, initializer=quiet_libraries, executor=executor) as pool,
         contextlib.closing(pool.map(extract_batch, batches(pages), extract_options(src), limits.page_bytes)) as results,
     ):
         for batch in results:
