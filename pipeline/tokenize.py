@@ -13,7 +13,9 @@ Streaming: the tokenizer learns from a deterministic sample of train (lines of c
 chosen by a hash of their bytes, about tokenize.sample_bytes of it; everything when train is
 smaller), and each split is read and encoded in batches (sentencepiece's multithreaded batch
 encoding, the next batch encoded in a thread while the last is written), so memory does not grow
-with the corpus.
+with the corpus. With data_run.executor ray, Ray tasks parse, encode and render the batches
+(pipeline.data.encode) and this process keeps each source's token range and writes, in input order:
+the same files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,8 @@ from pipeline.core import params as P
 from pipeline.core.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
 from pipeline.core.languages import tag
 from pipeline.core.paths import CLEAN_DIR, TOKENIZE_METRICS, TOKENS_DIR
+from pipeline.data import encode
+from pipeline.data.pool import Pool
 from pipeline.data.tokenizer import ENCODE_BATCH, SRC, TGT, Tokenizer, dtype_for
 
 SPLITS = ("train", "val", "test")
@@ -220,18 +225,58 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
             pos += len(flat)
             documents += len(batch)
             batch = following
+    return split_meta(tok, dtype, pos, documents, sources)
+
+
+def encode_split_tasks(tok: Tokenizer, path_in: Path, path: Path, pool: Pool) -> dict:
+    """encode_split by the pool's tasks (pipeline.data.encode: a batch of lines parsed, encoded and
+    rendered each); here, in input order, each source's token range is kept and the tokens written."""
+    dtype = dtype_for(tok.vocab_size)
+    sources: dict[str, dict] = {}
+    pos, documents, current = 1, 0, None
+    with open(path, "wb") as f:
+        f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
+        for batch in pool.map(encode.encode_lines, encode.batches(path_in)):
+            start = 0
+            for name, end, count, size in batch.runs:
+                if name != current:
+                    if name in sources:
+                        raise PipelineError(f"{path_in}: source '{name}' is not contiguous; re-run clean")
+                    current = name
+                    sources[name] = {"start": pos + start, "end": 0, "documents": 0, "bytes": 0}
+                sources[name]["end"] = pos + end
+                sources[name]["documents"] += count
+                sources[name]["bytes"] += size
+                documents += count
+                start = end
+            f.write(batch.ids.tobytes())
+            pos += len(batch.ids)
+    return split_meta(tok, dtype, pos, documents, sources)
+
+
+def split_meta(tok: Tokenizer, dtype: np.dtype, tokens: int, documents: int, sources: dict) -> dict:
+    """A split's sidecar: its dtype, vocabulary size, token, byte and document counts, and sources."""
     return {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
-        "tokens": pos,
+        "tokens": tokens,
         "bytes": sum(s["bytes"] for s in sources.values()),
         "documents": documents,
         "sources": sources,
     }
 
 
+def encoders(run: P.DataRun, model: Path) -> Pool | nullcontext:
+    """With data_run.executor ray, the Ray tasks that encode (each worker process loads the
+    tokenizer from the model's bytes once); else nothing: this process encodes."""
+    if run.executor != "ray":
+        return nullcontext()
+    return Pool(0, encode.init_worker, (model.read_bytes(),), executor=run)
+
+
 def main() -> None:
-    t = P.load().tokenize
+    params = P.load()
+    t = params.tokenize
     paths = {s: CLEAN_DIR / f"{s}.jsonl" for s in SPLITS}
     for path in paths.values():
         if not path.is_file():
@@ -249,14 +294,18 @@ def main() -> None:
     with atomic_dir(TOKENS_DIR) as out:
         tok, metrics["character_coverage"] = train_tokenizer(records, t, out, pair_tags(paths["train"]))
         metrics["vocab_size"] = tok.vocab_size  # more than asked where character_coverage auto needed it
-        for name, path in paths.items():
-            meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)
-            write_json(out / f"{name}.json", meta)
-            metrics["splits"][name] = {
-                "tokens": meta["tokens"],
-                "bytes": meta["bytes"],
-                "bytes_per_token": round(meta["bytes"] / max(meta["tokens"], 1), 4),
-            }
+        with encoders(params.data_run, out / "tokenizer.model") as pool:
+            for name, path in paths.items():
+                if pool is None:
+                    meta = encode_split(tok, path, out / f"{name}.bin", t.num_threads)
+                else:
+                    meta = encode_split_tasks(tok, path, out / f"{name}.bin", pool)
+                write_json(out / f"{name}.json", meta)
+                metrics["splits"][name] = {
+                    "tokens": meta["tokens"],
+                    "bytes": meta["bytes"],
+                    "bytes_per_token": round(meta["bytes"] / max(meta["tokens"], 1), 4),
+                }
     metrics["train_bytes"] = metrics["splits"]["train"]["bytes"]
     write_json(TOKENIZE_METRICS, metrics)
     summary = ", ".join(

@@ -43,6 +43,18 @@ class Tokenizer:
             raise PipelineError(
                 f"{model_file}: not a sentencepiece model (damaged?); re-run the tokenize stage"
             ) from None
+        self._index()
+
+    @classmethod
+    def from_bytes(cls, model: bytes) -> Tokenizer:
+        """The tokenizer of a model's bytes (tokenizer.model's), with no file: a Ray task's."""
+        tok = cls.__new__(cls)
+        tok.sp = spm.SentencePieceProcessor(model_proto=model)
+        tok._index()
+        return tok
+
+    def _index(self) -> None:
+        """The ids this pipeline relies on: the end token, <src>, <tgt>, and each tag's."""
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
         self.src_id = self.sp.piece_to_id(SRC)
