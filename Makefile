@@ -27,4 +27,5 @@ test: env
 	ruff check .
 	ruff format --check .
 	OMP_NUM_THREADS=1 python -m pytest -q -m "slow or not slow"
-	OMP_NUM_THREADS=2 python -m pytest -q -m "slow or not slow"
+	# the clusters' tests (Ray, Slurm) once: their tasks run in processes of their own, whatever this thread count
+	OMP_NUM_THREADS=2 python -m pytest -q -m "(slow or not slow) and not cluster"

@@ -16,7 +16,8 @@ stage's processes, and times sentencepiece's multithreaded `encode` of the same 
 the tokenizer the run trained (encode calls only). It prints, per size, the seconds per MB, the
 throughput of clean + tokenize and of the bare encode, and the peak memory; then the three
 ratios the scale issue asks for. With --executors local ray, each size runs collect, clean and
-tokenize once per executor (data_run.executor; ray: a Ray started by each stage on this machine),
+tokenize once per executor (data_run.executor; ray: a Ray head started here with every core, which
+each stage joins by address, as it would a cluster's),
 and a table compares their throughput, the driver's own peak memory (the stage's process alone)
 and a digest of every output (timing files apart). --driver-share runs clean once more in this
 process with one worker, timing the shard work (what workers or Ray tasks do) against the rest,
@@ -166,6 +167,46 @@ def bare_encode(corpus: Path, model: Path, threads: int) -> float:
     return seconds
 
 
+class RayHead:
+    """A Ray head on this machine with all its cores (`ray start --head --block`), which the stages
+    join by address, as they would a cluster's; stopped by its process id."""
+
+    def __init__(self, cpus: int):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+        ray = str(Path(sys.executable).parent / "ray")
+        self.proc = subprocess.Popen(
+            [ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        host = subprocess.run(
+            [sys.executable, "-c", "import ray; print(ray.util.get_node_ip_address())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        self.address = f"{host}:{port}"
+        for _ in range(300):  # until the head answers
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(2)
+        print(f"ray head at {self.address} ({cpus} CPUs)", flush=True)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
 def outputs(project: Path) -> str:
     """A digest of every file under data/ and metrics/ but the timing files: equal digests, equal bytes."""
     import hashlib
@@ -266,6 +307,15 @@ def main() -> None:
     ap.add_argument("--driver-share", action="store_true", help="clean's driver share, measured in this process")
     args = ap.parse_args()
     compared: dict[int, dict] = {}
+    head = RayHead(len(os.sched_getaffinity(0))) if "ray" in args.executors else None
+    try:
+        run_sizes(args, compared, head)
+    finally:
+        if head:
+            head.stop()
+
+
+def run_sizes(args, compared: dict, head) -> None:
     lines, verses = corpora(REPO / "data/raw")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["clean"].update(near_dup=args.near_dup, quality_filters=args.quality, decontaminate_ngram=args.decontaminate)
@@ -290,6 +340,7 @@ def main() -> None:
         runs = {}
         for executor in args.executors:  # the first one's outputs are the reference, and its row below
             params["data_run"]["executor"] = executor
+            params["data_run"]["address"] = head.address if executor == "ray" else ""
             (project / "params.yaml").write_text(
                 yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8"
             )
