@@ -221,7 +221,7 @@ def outputs(project: Path) -> str:
 
 def driver_share(project: Path) -> dict:
     """clean once more, in this process with one worker (every shard prepared here, in order): the
-    seconds in the shard work (prepare_shard, ngram_shard: what workers or Ray tasks do) against the
+    seconds in the shard work (prepare_shard, ngram_shard, qa_shard: what workers or Ray tasks do) against the
     whole stage; the rest is the driver's (reading shards, deciding duplicates in order, writing,
     the QA set and the report). Also the pickled bytes of the shards' results, what crosses to
     the driver, per input byte."""
@@ -248,15 +248,15 @@ def driver_share(project: Path) -> dict:
     params["clean_run"]["workers"] = 1
     params["data_run"]["executor"] = "local"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    originals = clean.prepare_shard, clean.ngram_shard
-    clean.prepare_shard, clean.ngram_shard = map(timed, originals)
+    originals = clean.prepare_shard, clean.ngram_shard, clean.qa_shard
+    clean.prepare_shard, clean.ngram_shard, clean.qa_shard = map(timed, originals)
     try:
         with contextlib.chdir(project), contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
             clean.main()
             total = time.perf_counter() - t0
     finally:
-        clean.prepare_shard, clean.ngram_shard = originals
+        clean.prepare_shard, clean.ngram_shard, clean.qa_shard = originals
         (project / "params.yaml").write_text(saved, encoding="utf-8")
     raw = sum(f.stat().st_size for f in (project / "data/raw").glob("*.jsonl"))
     return {"total_s": total, **spent, "driver_s": total - spent["tasks_s"], "raw_bytes": raw}

@@ -90,7 +90,6 @@ class RayBackend:
                     f"data_run.address: cannot join the Ray cluster at {where} ({first_line(e)})"
                 ) from None
         self.gcs = ray.get_runtime_context().gcs_address  # host:port of the head, whatever the address said
-        self.lost = False
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or cpus
         self.setup = ray.put((uuid.uuid4().hex, initializer, initargs))
@@ -139,7 +138,6 @@ class RayBackend:
         try:
             socket.create_connection((host, int(port)), timeout=PROBE_S).close()
         except OSError as e:
-            self.lost = True
             where = self.address if self.address not in ("", "auto") else self.gcs
             raise PipelineError(f"data_run.address: lost the Ray cluster at {where} ({e.strerror or e})") from None
 
