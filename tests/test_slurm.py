@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_project, sh, snapshot, text_source, tiny_params, write_params
+from conftest import copy_project, repository_copy, sh, snapshot, text_source, tiny_params, write_params
 
 # A Slurm cluster, a Ray cluster and torchrun: CI runs them (once: `cluster`, Makefile)
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -331,30 +331,10 @@ def test_the_pipeline_under_slurm_writes_what_a_local_repro_writes(slurm, reprod
     print(f"the job took {took:.0f} s")
 
 
-def repository(dst: Path) -> Path:
-    """The repository's files (tracked and new, as conftest's `reproduced` copies them) in a fresh git repository."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
-    for f in ("metrics", "dvc.lock"):
-        path = dst / f
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    sh(dst, "git", "init", "-q", "-b", "main")
-    return dst
-
-
 def test_a_failing_step_fails_the_job_naming_the_step_and_stops_ray(slurm, tmp_path, job_env):
     """collect's only source is a file that is not there: the data stages fail on the job's Ray
     cluster, the job fails with one line naming the step, Ray is stopped and params.yaml put back."""
-    folder = repository(tmp_path / "lmpipe")
+    folder = repository_copy(tmp_path / "lmpipe")
     write_params(folder, tiny_params({"sources": [text_source("gone", "corpus/gone.txt")], "max_documents": 0}))
     params = (folder / "params.yaml").read_bytes()
     status, log = slurm.submit(folder, "--nodes=1", f"--cpus-per-task={slurm.cpus}", env=job_env, timeout=300)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.core.common import PipelineError, json_line
+from pipeline.data.pool import Lines, read_lines
 from pipeline.data.tokenizer import Tokenizer, dtype_for
 
 BATCH_BYTES = 1 << 20  # the most bytes of lines a task gets (about 2,000 records of the default corpus)
@@ -24,14 +25,6 @@ MIN_BATCH_BYTES = 16 << 10  # the least, but for a file's last batch
 BATCHES_PER_FILE = 16  # a file under 16 MiB is cut into about this many: it too spreads over the cluster
 
 _WORKER: dict = {}
-
-
-class Lines(NamedTuple):
-    """Whole JSON lines of one file: a task's input."""
-
-    chunk: bytes
-    first_line: int  # the line number of the chunk's first line, from 1
-    path: str
 
 
 class Encoded(NamedTuple):
@@ -45,12 +38,7 @@ def batches(path: Path) -> Iterator[Lines]:
     """A file's lines in batches of whole lines, about BATCH_BYTES each, fewer bytes for a small
     file (BATCHES_PER_FILE batches, of MIN_BATCH_BYTES at least)."""
     size = max(MIN_BATCH_BYTES, min(BATCH_BYTES, path.stat().st_size // BATCHES_PER_FILE))
-    with open(path, "rb") as f:
-        line = 1
-        while chunk := f.read(size):
-            chunk += f.readline()
-            yield Lines(chunk, line, str(path))
-            line += chunk.count(b"\n")
+    return read_lines(path, size)
 
 
 def init_worker(model: bytes) -> None:

@@ -11,9 +11,29 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.core.params import DataRun
 from pipeline.data.ray_pool import RayBackend
+
+
+class Lines(NamedTuple):
+    """Whole lines of one file (JSON lines), about a task's worth of them."""
+
+    chunk: bytes
+    first_line: int  # the line number of the chunk's first line, from 1
+    path: str
+
+
+def read_lines(path: Path, size: int) -> Iterator[Lines]:
+    """A file's lines in chunks of whole lines of about `size` bytes, for the pool's tasks."""
+    with open(path, "rb") as f:
+        line = 1
+        while chunk := f.read(size):
+            chunk += f.readline()
+            yield Lines(chunk, line, str(path))
+            line += chunk.count(b"\n")
 
 
 def cores() -> int:

@@ -27,13 +27,7 @@ from pipeline.data.qa import passage_items
 from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
 from pipeline.data.web_rules import Blocklist, has_lorem_ipsum, punctuated_share, remove_lines
 
-
-class Shard(NamedTuple):
-    """Whole JSON lines of one file, about shard_bytes of them."""
-
-    chunk: bytes
-    first_line: int  # the line number of the chunk's first line, from 1
-    path: str
+Shard = pool.Lines  # whole JSON lines of one file, about clean_run.shard_bytes of them
 
 
 class Dropped(NamedTuple):
@@ -81,12 +75,7 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
     """Shards of whole lines of about shard_bytes."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing (run the collect stage first: dvc repro)")
-    with open(path, "rb") as f:
-        line = 1
-        while chunk := f.read(shard_bytes):
-            chunk += f.readline()
-            yield Shard(chunk, line, str(path))
-            line += chunk.count(b"\n")
+    yield from pool.read_lines(path, shard_bytes)
 
 
 class Pool(pool.Pool):
