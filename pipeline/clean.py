@@ -324,7 +324,10 @@ def clean_source(src: dict, settings: P.Clean, state: State, pool: Pool, writers
         lengths["in"].update(shard.lengths_in)
         counts.pii.update(shard.pii)
         state.lines_removed.update(shard.lines_removed)
-        take_shard(shard, name, state, counts, writers)
+        if pairs or state.near is not None:
+            take_shard(shard, name, state, counts, writers)
+        else:
+            take_documents(shard, name, state, counts, writers)
     state.pii.update(counts.pii)
     return counts.metrics()
 
@@ -372,6 +375,53 @@ def take_shard(shard: PreparedShard, name: str, state: State, counts: SourceCoun
     state.exact.flush()
     if state.near:
         state.near.bands.flush()
+
+
+def take_documents(shard: PreparedShard, name: str, state: State, counts: SourceCounts, writers: dict) -> None:
+    """take_shard for documents without near-duplicate removal, the shard's records at once: a
+    document repeats an earlier one when its key is in the index or earlier in the shard (a key's
+    first occurrence was kept, or was itself in the index), so no decision waits for the one
+    before it. The same outcome as take_shard, in a fraction of the driver's time."""
+    candidates = [record for record in shard.records if isinstance(record, Candidate)]
+    keys = np.fromiter((record.keys[0] for record in candidates), np.uint64, len(candidates))
+    repeated = state.exact.lookup(keys) >= 0
+    if state.exact.recent:
+        recent = state.exact.recent
+        repeated |= np.fromiter((k in recent for k in keys.tolist()), bool, len(keys))
+    first = np.zeros(len(keys), bool)
+    first[np.unique(keys, return_index=True)[1]] = True
+    repeated |= ~first
+    row = 0
+    for record in shard.records:  # drops, in order: the examples' reservoir draws in input order
+        if isinstance(record, Dropped):
+            counts.dropped[record.reason] += 1
+            state.examples.add(record.reason, name, record.texts)
+            continue
+        if repeated[row]:
+            counts.dropped["duplicate"] += 1
+            rec = json.loads(record.line)
+            state.examples.add("duplicate", name, [rec[k] for k in text_fields(rec)])
+        row += 1
+    rows = np.flatnonzero(~repeated).tolist()
+    kept = [candidates[i] for i in rows]
+    state.exact.recent.update(zip(keys[rows].tolist(), range(state.documents, state.documents + len(kept))))
+    state.documents += len(kept)
+    for split in SPLITS:
+        mine = [record for record in kept if record.split == split]
+        writers[split].write(b"".join(record.line for record in mine))
+        counts.kept[split] += len(mine)
+        counts.kept_bytes[split] += sum(record.text_bytes for record in mine)
+    state.lengths[name]["kept"].update(record.chars for record in kept)
+    if name in state.languages:
+        state.languages[name].update(code for record in kept for code in record.languages)
+    if shard.heldout_ends is not None:
+        held = [k for k, i in enumerate(rows) if candidates[i].split != "train"]
+        if held:
+            starts = np.concatenate(([0], shard.heldout_ends[:-1]))
+            state.heldout_ngrams.append(
+                np.concatenate([shard.heldout_ngrams[starts[rows[k]] : shard.heldout_ends[rows[k]]] for k in held])
+            )
+    state.exact.flush()
 
 
 def decontaminate(scratch: Path, out: Path, settings: P.Clean, params: P.Params, state: State, per_source: dict) -> int:

@@ -434,7 +434,12 @@ def test_dvc_yaml_declares_whole_groups_and_no_operational_group():
     assert {name: {g for g, s in P.STAGE_OF.items() if s == name} - P.OPERATIONAL for name in STAGE_GROUPS} == {
         n: set(g) for n, g in STAGE_GROUPS.items()
     }
-    assert set(P.STAGE_OF) == set(group_keys()) and P.OPERATIONAL == {"collect_run", "clean_run", "data_run", "train_run"}
+    assert set(P.STAGE_OF) == set(group_keys()) and P.OPERATIONAL == {
+        "collect_run",
+        "clean_run",
+        "data_run",
+        "train_run",
+    }
 
 
 @pytest.mark.parametrize(
