@@ -240,7 +240,7 @@ CASES = [
         ["sha256"],
     ),
     ("params-url-not-http", ["collect"], change_source(kind="url", url="ftp://x", sha256="0" * 64), ["url"]),
-    ("params-one-language", ["collect"], change_source(format="jsonl", languages=["en"]), ["languages"]),
+    ("params-one-language", ["collect"], change_source(format="gettext", languages=["en"]), ["languages"]),
     ("params-language-name", ["collect"], change_source(languages=["English", "ru"]), ["'English'"]),
     ("params-qa-columns-no-task", ["collect"], change_source(qa_columns=["q", "a"]), ["qa_columns"]),
     ("params-qa-text-format", ["collect"], change_source(task="qa"), ["task"]),

@@ -73,14 +73,17 @@ def test_a_language_not_in_the_source_is_one_line_and_keeps_earlier_output(tmp_p
     assert snapshot(tmp_path, "data/raw") == before
 
 
-def test_languages_are_for_pairs_and_are_codes(tmp_path):
+def test_languages_name_a_pairs_sides_or_the_languages_documents_keep(tmp_path):
+    """Documents: any number of codes, the languages clean keeps (clean.language_id); pairs: [source, target]."""
     (tmp_path / "t.jsonl").write_text('{"text": "Shall I compare thee to a summer\'s day?"}\n')
-    collect_project(tmp_path, [jsonl_source("t", str(tmp_path / "t.jsonl"), languages=["en", "ru"])])
-    stage_error("collect", tmp_path, "source 't': languages", "text documents")
+    collect_project(tmp_path, [jsonl_source("t", str(tmp_path / "t.jsonl"), languages=["en"])])
+    call_stage("collect", tmp_path)
+    assert json.loads((tmp_path / "data/raw/manifest.json").read_text())["sources"][0]["languages"] == ["en"]
     collect_project(tmp_path, [jsonl_source("t", str(tmp_path / "t.jsonl"), languages=["English", "ru"])])
     stage_error("collect", tmp_path, "collect.sources[0] (t).languages[0]", "'English'", "ISO 639")
-    collect_project(tmp_path, [jsonl_source("t", str(tmp_path / "t.jsonl"), languages=["en"])])
-    stage_error("collect", tmp_path, "collect.sources[0] (t).languages", "[source, target]")
+    (tmp_path / "p.jsonl").write_text('{"src": "Good morning.", "tgt": "Доброе утро."}\n', encoding="utf-8")
+    collect_project(tmp_path, [jsonl_source("p", str(tmp_path / "p.jsonl"), languages=["en"])])
+    stage_error("collect", tmp_path, "source 'p': languages", "[source, target]")
 
 
 def test_the_target_tag_is_in_the_vocabulary_and_begins_each_pair(prepared):

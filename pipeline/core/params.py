@@ -38,7 +38,7 @@ from pipeline.core.common import PipelineError
 from pipeline.core.languages import check_code
 
 PARAMS_FILE = "params.yaml"
-DOCUMENT_FORMATS = ("text", "html", "warc")  # formats that only give documents (their `languages`: any number)
+PAIR_FORMATS = ("aligned", "gettext")  # formats that only give pairs: `languages` is [source, target]
 QA_TEMPLATES = ("who_says", "which_play", "which_book")  # the default QA set's questions (pipeline.data.qa)
 
 
@@ -513,7 +513,7 @@ def _check_source(s: Source, k: str) -> None:
     else:
         need(bool(s.path), f"{k}.path: required for kind 'file'")
     need(
-        len(s.languages) in (0, 2) or s.format in DOCUMENT_FORMATS,
+        len(s.languages) in (0, 2) or s.format not in PAIR_FORMATS,
         f"{k}.languages: [source, target] codes, e.g. [en, ru]",
     )
     need(len(set(s.languages)) == len(s.languages) or len(s.languages) == 2, f"{k}.languages: a code is repeated")
