@@ -18,7 +18,8 @@ throughput of clean + tokenize and of the bare encode, and the peak memory; then
 ratios the scale issue asks for. With --executors local ray, each size runs collect, clean and
 tokenize once per executor (data_run.executor; ray: a Ray head started here with every core, which
 each stage joins by address, as it would a cluster's),
-and a table compares their throughput, the driver's own peak memory (the stage's process alone)
+and a table compares their throughput, the driver's own peak memory (the stage's process alone,
+its private pages: PSS would count its share of the Ray object store's pages it maps)
 and a digest of every output (timing files apart). --driver-share runs clean once more in this
 process with one worker, timing the shard work (what workers or Ray tasks do) against the rest,
 the driver's, and counting the bytes of the shards' results. Decontamination is off unless --decontaminate is given: every
@@ -104,6 +105,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _uss_kb(pid: int) -> int:
+    """A process's own memory (private pages: its unique set size), without the shared pages it
+    maps, such as Ray's object store, whose pages are the store's."""
+    total = 0
+    try:
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
 def _pss_kb(pid: int) -> int:
     try:
         for line in open(f"/proc/{pid}/smaps_rollup"):
@@ -116,7 +130,7 @@ def _pss_kb(pid: int) -> int:
 
 def run_stage(stage: str, cwd: Path) -> tuple[float, float, float]:
     """Run `python -m pipeline.<stage>`; return (seconds, peak PSS of its process tree in MB, peak
-    PSS of the stage's own process, the driver, in MB)."""
+    unique memory (USS) of the stage's own process, the driver, in MB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", f"pipeline.{stage}"],
@@ -132,7 +146,7 @@ def run_stage(stage: str, cwd: Path) -> tuple[float, float, float]:
     def sample() -> None:
         nonlocal peak, driver
         while not done.is_set():
-            driver = max(driver, _pss_kb(proc.pid))
+            driver = max(driver, _uss_kb(proc.pid))
             tree, todo = [], [proc.pid]
             while todo:
                 pid = todo.pop()
@@ -266,7 +280,7 @@ def print_executors(compared: dict, rows: dict, executors: list[str]) -> None:
     """Each executor's collect + clean + tokenize beside the first's; the driver's share and peak."""
     first = executors[0]
     print(
-        f"\n| input | executor | collect s | clean s | tokenize s | MB/s | vs {first} | driver peak MB (clean / tokenize) | outputs |"
+        f"\n| input | executor | collect s | clean s | tokenize s | MB/s | vs {first} | driver peak USS MB (clean / tokenize) | outputs |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for size, runs in compared.items():
