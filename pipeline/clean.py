@@ -63,9 +63,9 @@ from pipeline.core.common import (
     write_json,
 )
 from pipeline.core.paths import CLEAN_DIR, CLEAN_METRICS, CLEAN_REPORT, DECONTAMINATED, RAW_DIR
-from pipeline.data import pool
 from pipeline.data.dedup import KeyIndex, NearDuplicates
 from pipeline.data.language import check_codes
+from pipeline.data.pool import Pool as TaskPool
 from pipeline.data.qa import DEFAULT_QA_SOURCE, choose_items
 from pipeline.data.rules import PII, QUALITY_REASONS, normalize
 from pipeline.data.shards import (
@@ -207,7 +207,7 @@ def add_default_qa(out: Path, settings: P.Clean, manifest: dict, params: P.Param
         for src in manifest["sources"]
         for origin, title in src.get("titles", {}).items()
     }
-    with pool.Pool(params.clean_run.workers, executor=params.data_run) as workers:
+    with TaskPool(params.clean_run.workers, executor=params.data_run) as workers:
         candidates = [
             (split, item)
             for split in SPLITS

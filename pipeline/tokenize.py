@@ -40,7 +40,7 @@ from pipeline.core import params as P
 from pipeline.core.common import PipelineError, atomic_dir, read_jsonl, run_main, text_fields, write_json
 from pipeline.core.languages import tag
 from pipeline.core.paths import CLEAN_DIR, TOKENIZE_METRICS, TOKENS_DIR
-from pipeline.data import encode
+from pipeline.data.encode import batches, encode_lines, init_worker
 from pipeline.data.pool import Pool
 from pipeline.data.tokenizer import ENCODE_BATCH, SRC, TGT, Tokenizer, dtype_for
 
@@ -236,7 +236,7 @@ def encode_split_tasks(tok: Tokenizer, path_in: Path, path: Path, pool: Pool) ->
     pos, documents, current = 1, 0, None
     with open(path, "wb") as f:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())
-        for batch in pool.map(encode.encode_lines, encode.batches(path_in)):
+        for batch in pool.map(encode_lines, batches(path_in)):
             start = 0
             for name, end, count, size in batch.runs:
                 if name != current:
@@ -271,7 +271,7 @@ def encoders(run: P.DataRun, model: Path) -> Pool | nullcontext:
     tokenizer from the model's bytes once); else nothing: this process encodes."""
     if run.executor != "ray":
         return nullcontext()
-    return Pool(0, encode.init_worker, (model.read_bytes(),), executor=run)
+    return Pool(0, init_worker, (model.read_bytes(),), executor=run)
 
 
 def main() -> None:

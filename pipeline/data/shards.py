@@ -20,14 +20,15 @@ import numpy as np
 
 from pipeline.core import params as P
 from pipeline.core.common import PipelineError, json_line, text_fields
-from pipeline.data import pool
 from pipeline.data.dedup import MinHasher, Words, text_key
 from pipeline.data.language import identify
+from pipeline.data.pool import Lines, read_lines
+from pipeline.data.pool import Pool as TaskPool
 from pipeline.data.qa import passage_items
 from pipeline.data.rules import drop_reason, normalize, quality_reason, scrub_pii, split_of
 from pipeline.data.web_rules import Blocklist, has_lorem_ipsum, punctuated_share, remove_lines
 
-Shard = pool.Lines  # whole JSON lines of one file, about clean_run.shard_bytes of them
+Shard = Lines  # whole JSON lines of one file, about clean_run.shard_bytes of them
 
 
 class Dropped(NamedTuple):
@@ -75,10 +76,10 @@ def read_shards(path: Path, shard_bytes: int) -> Iterator[Shard]:
     """Shards of whole lines of about shard_bytes."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing (run the collect stage first: dvc repro)")
-    yield from pool.read_lines(path, shard_bytes)
+    yield from read_lines(path, shard_bytes)
 
 
-class Pool(pool.Pool):
+class Pool(TaskPool):
     """Shards to workers that know the clean settings (and val/test's n-grams, for decontamination;
     the URL blocklist read from clean.url_blocklist, for prepare_shard), results back in order;
     `run` (clean_run) sizes the shards and the pool, `executor` (data_run) says where it runs."""
