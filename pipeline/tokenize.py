@@ -189,9 +189,7 @@ def encode_split(tok: Tokenizer, path_in: Path, path: Path, num_threads: int) ->
     records = read_jsonl(path_in)
 
     def encode(batch: list[dict]) -> list[list[int]]:
-        return tok.encode(
-            [t for r in batch for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))], num_threads
-        )
+        return tok.encode_records(batch, num_threads)
 
     with open(path, "wb") as f, ThreadPoolExecutor(1) as encoder:
         f.write(np.array([tok.eos_id], dtype=dtype).tobytes())

@@ -52,7 +52,7 @@ def encode_lines(batch: Lines) -> Encoded:
     tok: Tokenizer = _WORKER["tok"]
     lines = enumerate(batch.chunk.split(b"\n"), batch.first_line)
     records = [json_line(line, batch.path, i) for i, line in lines if line.strip()]
-    encoded = iter(tok.encode([t for r in records for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))], 1))
+    encoded = iter(tok.encode_records(records, 1))
     flat: list[int] = []
     runs: list[list] = []  # [source, end in flat, documents]
     for r in records:

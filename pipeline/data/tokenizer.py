@@ -73,6 +73,12 @@ class Tokenizer:
     def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads or (os.cpu_count() or 1))
 
+    def encode_records(self, records: list[dict], num_threads: int = 0) -> list[list[int]]:
+        """The ids of each record's texts, in the order render() takes them: text, or src then tgt."""
+        return self.encode(
+            [t for r in records for t in ((r["src"], r["tgt"]) if "src" in r else (r["text"],))], num_threads
+        )
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
